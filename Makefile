@@ -1,0 +1,46 @@
+# wis2-chain: the two commands a newcomer runs are `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Local copy of the WIS2 validator bundles; empty means "download them with the libraries' syncs".
+WIS2_BUNDLE_DIR ?= $(if $(wildcard ../shared/wis2-bundle/README.md),../shared/wis2-bundle,)
+export WIS2_BUNDLE_DIR
+
+.PHONY: help venv install mosquitto bundles lint test demo broker-config blocks bench clean
+
+help:
+	@echo "make demo   - start the whole chain on loopback and publish the sample Argo event"
+	@echo "make test   - set up and run the whole test suite (ruff + pytest)"
+	@echo "make bundles, make broker-config, make blocks, make lint"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV) || { apt-get update && apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+venv install: $(VENV)/.installed
+
+mosquitto:
+	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
+	  echo "mosquitto not found: installing Debian's mosquitto package"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y mosquitto; \
+	  else echo "run: sudo apt-get install -y mosquitto" >&2; exit 1; fi; }
+
+bundles: install
+	$(BIN)/wis2-chain bundles install $(if $(WIS2_BUNDLE_DIR),--from "$(WIS2_BUNDLE_DIR)")
+
+lint: install
+	$(BIN)/ruff check .
+
+test: install mosquitto bundles lint
+	$(BIN)/python -m pytest
+
+demo: install mosquitto bundles
+	@echo "make demo is not implemented yet (see the open demo issue)." >&2; exit 1
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,68 @@
+"""A Prefect server as a child process with its own home and database (SQLite by default)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import httpx
+
+from flows.runtime.processes import ManagedProcess, free_port
+
+
+def prefect_cli() -> str:
+    """The `prefect` executable of this Python environment."""
+    return str(Path(sys.executable).with_name("prefect"))
+
+
+class PrefectServer(ManagedProcess):
+    """`prefect server start` on loopback. `api_url` is what clients put in PREFECT_API_URL."""
+
+    def __init__(
+        self,
+        home: Path,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        database_url: str | None = None,
+        ui: bool = False,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.home = Path(home)
+        self.host = host
+        self.port = port or free_port(host)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update(
+            PREFECT_HOME=str(self.home),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_SERVER_UI_ENABLED="true" if ui else "false",
+            PREFECT_API_DATABASE_CONNECTION_URL=database_url
+            or f"sqlite+aiosqlite:///{self.home / 'prefect.db'}",
+            PREFECT_LOGGING_LEVEL="WARNING",
+        )
+        env.update(extra_env or {})
+        super().__init__(
+            "prefect-server",
+            [prefect_cli(), "server", "start", "--host", host, "--port", str(self.port)],
+            log_path=self.home / "server.log",
+            env=env,
+            ready=self.healthy,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.url}/api"
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def client_env(self) -> dict[str, str]:
+        """Environment for a process that talks to this server."""
+        return {"PREFECT_API_URL": self.api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}

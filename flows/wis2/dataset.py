@@ -1,0 +1,76 @@
+"""Description of one dataset published by this node: what the mapping needs beyond the event.
+
+Stored as JSON files (``data/datasets/<name>.json``) and as `Wis2Dataset` Prefect blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+CENTRE_ID_PATTERN = r"^[a-z0-9]+(-[a-z0-9.]+)+$"
+DEFAULT_DATASETS_DIR = Path(__file__).resolve().parents[2] / "data" / "datasets"
+
+
+class DatasetDescription(BaseModel):
+    """How events of one dataset become notifications.
+
+    `data_id_template` placeholders: ``{centre_id}``, ``{data_policy}``, ``{topic_path}`` (the topic
+    after ``origin/a/wis2/<centre-id>/``), ``{href_path}`` (the asset URL path, without leading
+    ``/`` and without any of `href_strip_prefixes`), ``{href_name}`` (last path segment),
+    ``{asset_key}`` and ``{item_id}``.
+    """
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="Short name, for routing")
+    centre_id: str = Field(pattern=CENTRE_ID_PATTERN, description="WIS2 centre-id")
+    data_policy: Literal["core", "recommended"] = "core"
+    topic: str = Field(description="Full WIS2 topic the notifications are published on")
+    metadata_id: str = Field(pattern=r"^urn:wmo:md:", description="WCMP2 record identifier")
+    data_id_template: str = "wis2/{centre_id}/data/{data_policy}/{href_path}"
+    href_strip_prefixes: list[str] = Field(default_factory=list)
+    data_roles: list[str] = Field(
+        default_factory=lambda: ["data"],
+        description="Asset roles that make an asset a data file (an item whose assets have no "
+        "roles at all publishes every asset)",
+    )
+    media_types: dict[str, str] = Field(
+        default_factory=dict,
+        description="File suffix -> media type, used when an asset has no `type`",
+    )
+    default_media_type: str = "application/octet-stream"
+    inline_content: bool = Field(
+        default=False, description="Embed the data in the message when it is small enough"
+    )
+
+    @model_validator(mode="after")
+    def _topic_belongs_to_dataset(self) -> DatasetDescription:
+        prefix = f"origin/a/wis2/{self.centre_id}/data/{self.data_policy}/"
+        if not self.topic.startswith(prefix):
+            raise ValueError(f"topic {self.topic!r} must start with {prefix!r}")
+        if re.search(r"[#+]", self.topic):
+            raise ValueError("topic must not contain MQTT wildcards")
+        return self
+
+    @property
+    def topic_path(self) -> str:
+        return self.topic.removeprefix(f"origin/a/wis2/{self.centre_id}/")
+
+
+def load_dataset(name_or_path: str | Path, datasets_dir: Path | None = None) -> DatasetDescription:
+    """Load a dataset description by name (from `datasets_dir`) or from a JSON file path."""
+    path = Path(name_or_path)
+    if path.suffix != ".json":
+        path = (datasets_dir or DEFAULT_DATASETS_DIR) / f"{name_or_path}.json"
+    return DatasetDescription.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+def list_datasets(datasets_dir: Path | None = None) -> list[DatasetDescription]:
+    directory = datasets_dir or DEFAULT_DATASETS_DIR
+    return [
+        DatasetDescription.model_validate(json.loads(p.read_text(encoding="utf-8")))
+        for p in sorted(directory.glob("*.json"))
+    ]

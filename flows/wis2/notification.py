@@ -1,0 +1,92 @@
+"""The outgoing WIS2 Notification Message (WNM 1.x) as a pydantic model."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+WNM_CONFORMANCE = "http://wis.wmo.int/spec/wnm/1/conf/core"
+IntegrityMethod = Literal["sha256", "sha384", "sha512", "sha3-256", "sha3-384", "sha3-512"]
+LinkRel = Literal["canonical", "update", "deletion"]
+MAX_MESSAGE_BYTES = 8192
+MAX_INLINE_CONTENT_CHARS = 4096
+
+
+def rfc3339(value: datetime) -> str:
+    """Format a datetime as RFC 3339 in UTC with a `Z` suffix (naive values are taken as UTC)."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    value = value.astimezone(UTC)
+    text = value.isoformat(timespec="microseconds" if value.microsecond else "seconds")
+    return text.replace("+00:00", "Z")
+
+
+class Integrity(BaseModel):
+    method: IntegrityMethod
+    value: str  # base64
+
+
+class Content(BaseModel):
+    encoding: Literal["utf-8", "base64", "gzip"]
+    value: str
+    size: int
+
+
+class Link(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    href: str
+    rel: str
+    type: str | None = None
+    length: int | None = None
+    title: str | None = None
+
+
+class NotificationProperties(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    data_id: str
+    metadata_id: str | None = None
+    pubtime: str
+    datetime: str | None = None
+    start_datetime: str | None = None
+    end_datetime: str | None = None
+    integrity: Integrity | None = None
+    content: Content | None = None
+
+
+class Notification(BaseModel):
+    """A WIS2 Notification Message. Timestamps are kept as RFC 3339 strings exactly as published."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    id: str
+    conforms_to: list[str] = Field(default_factory=lambda: [WNM_CONFORMANCE], alias="conformsTo")
+    type: Literal["Feature"] = "Feature"
+    geometry: dict[str, Any] | None = None
+    properties: NotificationProperties
+    links: list[Link]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The message as JSON-ready data (absent optional fields omitted, geometry kept)."""
+        data = self.model_dump(by_alias=True, exclude_none=True)
+        data["geometry"] = self.geometry
+        order = ["id", "conformsTo", "type", "geometry", "properties", "links"]
+        return {key: data[key] for key in order if key in data} | {
+            k: v for k, v in data.items() if k not in order
+        }
+
+    def to_json(self) -> str:
+        """Compact JSON as published on the broker."""
+        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
+
+    @property
+    def rel(self) -> str | None:
+        """The one canonical/update/deletion relation of this message."""
+        for link in self.links:
+            if link.rel in ("canonical", "update", "deletion"):
+                return link.rel
+        return None
