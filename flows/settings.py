@@ -1,0 +1,54 @@
+"""Settings of the chain's own processes (CLI, flows on a worker): env vars `WIS2_*` and `.env`."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from flows.wis2.dataset import DEFAULT_DATASETS_DIR
+
+
+class ChainSettings(BaseSettings):
+    """Configuration of the publishing chain (flows, CLI, block registration)."""
+
+    model_config = SettingsConfigDict(env_prefix="WIS2_", env_file=".env", extra="ignore")
+
+    bundle_dir: Path | None = Field(
+        default=None,
+        description="Local copy of the WIS2 validator bundles (laid out like shared/wis2-bundle); "
+        "unset: download them with the libraries' online syncs",
+    )
+    datasets_dir: Path = Field(
+        default=DEFAULT_DATASETS_DIR, description="Dataset descriptions (<name>.json)"
+    )
+    default_dataset: str = Field(default="argo", description="Dataset used when none is named")
+    verify_data: bool = Field(
+        default=True, description="Download each canonical link and check length and integrity"
+    )
+    verify_timeout: float = Field(default=30.0, description="Seconds allowed to download a file")
+    results_dir: Path = Field(
+        default=Path.home() / ".wis2-chain" / "results",
+        description="Where cached task results and the publication ledger are persisted",
+    )
+    wnm_kpi: bool = Field(default=False, description="Also run pywis-pubsub's KPI (needs network)")
+    wcmp2_kpi: bool = Field(default=False, description="Also run pywcmp's KPI (needs network)")
+
+    # Defaults for the `MqttBroker` block created by `wis2-chain blocks register`.
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    mqtt_transport: Literal["tcp", "websockets"] = "tcp"
+    mqtt_ws_path: str = "/mqtt"
+    mqtt_tls: bool = False
+    mqtt_ca_certs: str | None = None
+    mqtt_username: str | None = "publisher"
+    mqtt_password: SecretStr | None = None
+    mqtt_client_id_prefix: str = "wis2-chain"
+
+
+@lru_cache
+def get_settings() -> ChainSettings:
+    return ChainSettings()
