@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.fixtures.paths",
     "tests.fixtures.prefect_api",
+    "tests.fixtures.broker",
 ]
