@@ -39,6 +39,10 @@ lint: install
 test: install mosquitto bundles lint
 	$(BIN)/python -m pytest
 
+# Render the broker's mosquitto.conf, acl and passwd into run/broker from WIS2_BROKER_* (.env).
+broker-config: install mosquitto
+	$(BIN)/wis2-broker --run-dir run/broker --render-only
+
 demo: install mosquitto bundles
 	@echo "make demo is not implemented yet (see the open demo issue)." >&2; exit 1
 
