@@ -36,6 +36,13 @@ class ChainSettings(BaseSettings):
     )
     wnm_kpi: bool = Field(default=False, description="Also run pywis-pubsub's KPI (needs network)")
     wcmp2_kpi: bool = Field(default=False, description="Also run pywcmp's KPI (needs network)")
+    # Retries of the flows' network tasks (verify data, publish): exponential backoff + jitter.
+    publish_retries: int = Field(default=5, ge=0, description="Retries of verify/publish tasks")
+    retry_base_delay: float = Field(
+        default=2.0, ge=0, description="Seconds before the first retry; doubles on each retry"
+    )
+    retry_jitter_factor: float = Field(default=0.5, ge=0, description="Random extra delay factor")
+    broker_block: str = Field(default="wis2-broker", description="Name of the MqttBroker block")
 
     # Defaults for the `MqttBroker` block created by `wis2-chain blocks register`.
     mqtt_host: str = "127.0.0.1"
