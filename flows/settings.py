@@ -43,6 +43,13 @@ class ChainSettings(BaseSettings):
     )
     retry_jitter_factor: float = Field(default=0.5, ge=0, description="Random extra delay factor")
     broker_block: str = Field(default="wis2-broker", description="Name of the MqttBroker block")
+    # Discovery metadata (publish-metadata flow): where records are served from, if by this node.
+    metadata_dir: Path | None = Field(
+        default=None, description="Directory the published WCMP2 records are written to"
+    )
+    metadata_base_url: str | None = Field(
+        default=None, description="Public URL of metadata_dir (records: <url>/<record-id>.json)"
+    )
 
     # Defaults for the `MqttBroker` block created by `wis2-chain blocks register`.
     mqtt_host: str = "127.0.0.1"
