@@ -1,0 +1,121 @@
+"""Prefect artifacts of the publishing flows: what was published, how it was checked, what failed.
+
+Keys are lowercase-dashes and derived from the handled file (`artifact_key`), so the UI's
+Artifacts page keeps the history of each file. Nothing here ever contains a password: only the
+notification, the topic, the validation report, the data link and the event as received.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
+
+from flows.wis2.errors import FieldError
+from flows.wis2.notification import Notification
+
+MAX_KEY = 80
+
+
+def artifact_key(*parts: str) -> str:
+    """A valid artifact key (lowercase letters, digits, dashes) from free text."""
+    text = "-".join(p for p in parts if p)
+    key = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return key[:MAX_KEY].rstrip("-") or "wis2"
+
+
+def _json_block(value: Any) -> str:
+    return "```json\n" + json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n```"
+
+
+def notification_artifact(
+    topic: str, notifications: Sequence[Notification], *, key: str, published: Sequence[bool]
+) -> None:
+    """Markdown: the topic and each notification's JSON exactly as published."""
+    lines = [f"# WIS2 notification(s) on `{topic}`", ""]
+    for note, fresh in zip(notifications, published, strict=True):
+        status = "published" if fresh else "already published earlier (cached, not sent again)"
+        lines += [
+            f"## `{note.properties.data_id}`",
+            f"- id: `{note.id}`",
+            f"- rel: `{note.rel}`",
+            f"- status: {status}",
+            "",
+            _json_block(note.to_dict()),
+            "",
+        ]
+    create_markdown_artifact(
+        markdown="\n".join(lines), key=key, description=f"WIS2 notification(s) on {topic}"
+    )
+
+
+def validation_table_artifact(rows: Sequence[dict[str, Any]], *, key: str, ok: bool) -> None:
+    """Table: one row per validation check."""
+    table = [{k: ("" if v is None else str(v)) for k, v in row.items()} for row in rows]
+    create_table_artifact(
+        table=table or [{"check": "none", "status": "no checks ran"}],
+        key=key,
+        description="Validation of the notification(s): " + ("passed" if ok else "FAILED"),
+    )
+
+
+def data_link_artifacts(notifications: Iterable[Notification], *, key: str) -> None:
+    """Link: the announced data file (canonical or update link) of each notification."""
+    for note in notifications:
+        for link in note.links:
+            if link.rel in ("canonical", "update", "deletion"):
+                create_link_artifact(
+                    link=link.href,
+                    link_text=link.href.rsplit("/", 1)[-1] or link.href,
+                    key=key,
+                    description=f"Data of {note.properties.data_id} (rel={link.rel})",
+                )
+                break
+
+
+def failure_artifact(
+    *,
+    key: str,
+    error: BaseException | str,
+    event: Any,
+    field_errors: Sequence[FieldError] = (),
+    deployment: str = "publish-notification/default",
+) -> None:
+    """Markdown: what failed, the field errors, and the exact event JSON to fix and replay."""
+    kind = type(error).__name__ if isinstance(error, BaseException) else "Error"
+    lines = [
+        "# Publication failed",
+        "",
+        f"**{kind}**: {error}",
+        "",
+    ]
+    if field_errors:
+        lines += ["| field | problem |", "|---|---|"]
+        lines += [
+            f"| `{e.path}` | {e.message.replace('|', '/')} |" for e in field_errors
+        ]
+        lines.append("")
+    lines += [
+        "## Event as received",
+        "",
+        "Fix it and start a custom run of the "
+        f"`{deployment}` deployment with this JSON as the `event` parameter "
+        "(Prefect UI: Deployments > publish-notification > Run > Custom run), or with the CLI:",
+        "",
+        "```sh",
+        "prefect deployment run 'publish-notification/default' "
+        "--params \"$(jq -n --argjson e \"$(cat event.json)\" '{event:$e}')\"",
+        "```",
+        "",
+        _json_block(event),
+    ]
+    create_markdown_artifact(
+        markdown="\n".join(lines), key=key, description=f"Failed: {error}"[:500]
+    )

@@ -1,0 +1,62 @@
+"""Task: build the WIS2 notifications of one event (cached: one event -> one set of messages).
+
+The link relation comes from the event and from the publication ledger: a file whose ``data_id``
+was already published with a different checksum is announced with ``rel=update``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from prefect import task
+from prefect.logging import get_run_logger
+
+from flows.ledger import Ledger, relation_for
+from flows.wis2.cloudevent import CloudEvent
+from flows.wis2.dataset import DatasetDescription
+from flows.wis2.mapping import build_notifications
+from flows.wis2.notification import Notification
+
+from .caching import BUILD_CACHE
+
+
+def checksum_of(notification: Notification) -> str | None:
+    """The ledger's checksum of a notification: ``<method>:<base64 digest>``."""
+    integrity = notification.properties.integrity
+    return f"{integrity.method}:{integrity.value}" if integrity else None
+
+
+def notifications_for(
+    event: CloudEvent, dataset: DatasetDescription, ledger: Ledger, pubtime: datetime
+) -> list[Notification]:
+    """Notifications for the event, with ``rel=update`` where the ledger says the file changed."""
+    built = build_notifications(event, dataset, pubtime=pubtime)
+    needs_update = [
+        note.rel == "canonical"
+        and relation_for(ledger.get(note.properties.data_id), checksum_of(note), False) == "update"
+        for note in built
+    ]
+    if not any(needs_update):
+        return built
+    updates = build_notifications(event, dataset, operation="update", pubtime=pubtime)
+    return [
+        update if flag else note
+        for note, update, flag in zip(built, updates, needs_update, strict=True)
+    ]
+
+
+@task(name="build-notifications", cache_policy=BUILD_CACHE, persist_result=True, retries=0)
+def build_notifications_task(
+    event: CloudEvent, dataset: DatasetDescription, ledger_path: str
+) -> list[Notification]:
+    """Build (once per event identity) the notifications announcing the event's data files."""
+    notifications = notifications_for(
+        event, dataset, Ledger(Path(ledger_path)), pubtime=datetime.now(UTC)
+    )
+    logger = get_run_logger()
+    for note in notifications:
+        logger.info(
+            "built notification %s for %s (rel=%s)", note.id, note.properties.data_id, note.rel
+        )
+    return notifications

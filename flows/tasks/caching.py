@@ -1,0 +1,93 @@
+"""Cache keys, result storage and retry settings of the publishing tasks.
+
+Idempotency rests on Prefect's cache: results are persisted under ``ChainSettings.results_dir``
+(a `LocalFileSystem`), keyed by
+
+- the build: ``wnm-build-<sha256(event identity, dataset name)>`` -- the event identity covers its
+  source, id and asset checksums, so a retried run, a re-run from the UI or a redelivered event
+  gets the SAME notifications (same ``id``, same ``pubtime``), while a changed file gets new ones;
+- the publication: ``wnm-published-<notification id>`` -- a notification already acknowledged by
+  the broker is never sent again.
+
+Both use SERIALIZABLE isolation with file locks under ``<results_dir>/locks``: two concurrent runs
+for one event wait for each other instead of building two different notifications.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import Task
+from prefect.cache_policies import CacheKeyFnPolicy
+from prefect.filesystems import LocalFileSystem
+from prefect.locking.filesystem import FileSystemLockManager
+from prefect.tasks import exponential_backoff
+
+from flows.settings import ChainSettings
+
+
+def build_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Event identity (source + id + asset checksums) and dataset name."""
+    event = parameters["event"]
+    dataset = parameters["dataset"]
+    text = f"{event.identity_key()}\n{dataset.name}"
+    return "wnm-build-" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def publish_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """One publication per notification id (and topic)."""
+    notification = parameters["notification"]
+    text = f"{notification.id}\n{parameters['topic']}"
+    return "wnm-published-" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+BUILD_CACHE = CacheKeyFnPolicy(cache_key_fn=build_cache_key)
+PUBLISH_CACHE = CacheKeyFnPolicy(cache_key_fn=publish_cache_key)
+
+
+def result_storage(settings: ChainSettings) -> LocalFileSystem:
+    results = Path(settings.results_dir).expanduser().resolve()
+    results.mkdir(parents=True, exist_ok=True)
+    return LocalFileSystem(basepath=str(results))
+
+
+def lock_manager(settings: ChainSettings) -> FileSystemLockManager:
+    return FileSystemLockManager(Path(settings.results_dir).expanduser() / "locks")
+
+
+@dataclass(frozen=True)
+class ConfiguredTasks:
+    build: Task
+    verify: Task
+    publish: Task
+
+
+def configured_tasks(settings: ChainSettings) -> ConfiguredTasks:
+    """The cached and retried tasks with this run's settings (storage, retries, delays)."""
+    from .build import build_notifications_task
+    from .publish import publish_notification_task
+    from .verify import verify_data_task
+
+    storage = result_storage(settings)
+    locks = lock_manager(settings)
+    retries = {
+        "retries": settings.publish_retries,
+        "retry_delay_seconds": exponential_backoff(backoff_factor=settings.retry_base_delay),
+        "retry_jitter_factor": settings.retry_jitter_factor,
+    }
+    build = build_notifications_task.with_options(
+        cache_policy=BUILD_CACHE.configure(lock_manager=locks, isolation_level="SERIALIZABLE"),
+        result_storage=storage,
+        persist_result=True,
+    )
+    publish = publish_notification_task.with_options(
+        cache_policy=PUBLISH_CACHE.configure(lock_manager=locks, isolation_level="SERIALIZABLE"),
+        result_storage=storage,
+        persist_result=True,
+        **retries,
+    )
+    verify = verify_data_task.with_options(**retries)
+    return ConfiguredTasks(build=build, verify=verify, publish=publish)

@@ -1,0 +1,66 @@
+"""Task: publish one notification with MQTT 5 / QoS 1 and wait for the broker's PUBACK.
+
+Cached by notification id: a notification the broker acknowledged is never sent twice (retried
+runs, re-runs and redelivered events reuse the receipt). Connection failures and refusals are
+retried with exponential backoff.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from prefect import task
+from prefect.logging import get_run_logger
+from pydantic import BaseModel
+
+from blocks.mqtt_broker import MqttBroker
+from blocks.register import broker_block_from_settings
+from flows.mqtt import MqttConnection, Publisher
+from flows.settings import ChainSettings
+from flows.wis2.notification import Notification
+
+from .caching import PUBLISH_CACHE
+
+
+class PublishReceipt(BaseModel):
+    """What the broker acknowledged."""
+
+    notification_id: str
+    data_id: str
+    topic: str
+    rel: str | None
+    published_at: str
+    bytes: int
+
+
+def load_broker_connection(settings: ChainSettings) -> tuple[MqttConnection, str]:
+    """The `MqttBroker` block named in the settings (else the WIS2_MQTT_* settings) and where
+    the connection came from."""
+    try:
+        block = MqttBroker.load(settings.broker_block)
+    except ValueError as exc:
+        if "Unable to find block document" not in str(exc):
+            raise
+        return broker_block_from_settings(settings).connection(), "WIS2_MQTT_* settings"
+    return block.connection(), f"block mqtt-broker/{settings.broker_block}"
+
+
+@task(name="publish-notification", cache_policy=PUBLISH_CACHE, persist_result=True)
+def publish_notification_task(
+    notification: Notification, topic: str, connection: MqttConnection, timeout: float = 10.0
+) -> PublishReceipt:
+    """Publish one notification (QoS 1) and return the receipt once the broker acknowledged it."""
+    payload = notification.to_json().encode("utf-8")
+    with Publisher(connection, timeout=timeout) as publisher:
+        publisher.publish(topic, payload, qos=1)
+    get_run_logger().info(
+        "published %s on %s via %s", notification.id, topic, connection.describe()
+    )
+    return PublishReceipt(
+        notification_id=notification.id,
+        data_id=notification.properties.data_id,
+        topic=topic,
+        rel=notification.rel,
+        published_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        bytes=len(payload),
+    )

@@ -1,0 +1,28 @@
+"""Task: record what was published in the publication ledger (for later update decisions)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flows.ledger import Ledger
+from flows.wis2.notification import Notification
+
+from .build import checksum_of
+
+
+@task(name="record-publication", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def record_publication_task(notifications: list[Notification], ledger_path: str) -> int:
+    """Record each notification against its data_id; returns how many were recorded."""
+    ledger = Ledger(Path(ledger_path))
+    for note in notifications:
+        ledger.record(
+            note.properties.data_id,
+            notification_id=note.id,
+            rel=note.rel or "canonical",
+            checksum=checksum_of(note),
+            pubtime=note.properties.pubtime,
+        )
+    return len(notifications)

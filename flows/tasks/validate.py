@@ -1,0 +1,38 @@
+"""Task: validate each notification strictly (WNM schema + the checks pywis-pubsub skips).
+
+A failure raises at once (never retried: the same message would fail again), after saving the
+report as a table artifact so the operator sees which check failed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from flows.artifacts import validation_table_artifact
+from flows.wis2.notification import Notification
+from flows.wis2.validation import validate_notification
+
+
+@task(name="validate-notifications", cache_policy=NO_CACHE, retries=0)
+def validate_notifications_task(
+    notifications: list[Notification], topic: str, artifact_key: str
+) -> list[dict[str, Any]]:
+    """Validate every notification; returns the report rows (one per check and message)."""
+    rows: list[dict[str, Any]] = []
+    reports = []
+    for note in notifications:
+        report = validate_notification(note.to_dict(), topic=topic, profile="publish")
+        reports.append(report)
+        rows.extend({"notification": note.id, **row} for row in report.rows())
+    validation_table_artifact(rows, key=artifact_key, ok=all(r.ok for r in reports))
+    logger = get_run_logger()
+    for note, report in zip(notifications, reports, strict=True):
+        if not report.ok:
+            logger.error("notification %s is not valid", note.id)
+            report.raise_for_failures()
+    logger.info("%d notification(s) valid for %s", len(notifications), topic)
+    return rows
