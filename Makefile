@@ -46,5 +46,9 @@ broker-config: install mosquitto
 demo: install mosquitto bundles
 	@echo "make demo is not implemented yet (see the open demo issue)." >&2; exit 1
 
+# Register the MqttBroker / Wis2Dataset block types and their documents (WIS2_MQTT_*, data/datasets).
+blocks: install
+	$(BIN)/wis2-chain blocks register
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
