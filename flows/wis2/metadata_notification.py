@@ -30,6 +30,7 @@ from flows.wis2.errors import FieldError, InvalidInput
 from flows.wis2.multihash import integrity_of
 from flows.wis2.notification import (
     WNM_CONFORMANCE,
+    IntegrityMethod,
     Link,
     LinkRel,
     Notification,
@@ -186,7 +187,7 @@ def build_metadata_notification(
     rel: LinkRel,
     pubtime: datetime | None = None,
     message_id: str | None = None,
-    integrity_method: str = "sha512",
+    integrity_method: IntegrityMethod = "sha512",
 ) -> Notification:
     """The WNM announcing `record` served at `href` with the bytes `served`.
 
