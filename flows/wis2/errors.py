@@ -50,6 +50,9 @@ def field_errors_from(exc: ValidationError, prefix: Iterable[int | str] = ()) ->
     """Convert a pydantic ValidationError into FieldErrors with JSON paths."""
     prefix = tuple(prefix)
     return [
-        FieldError(path=json_path(prefix + tuple(err["loc"])), message=err["msg"])
+        FieldError(
+            path=json_path(prefix + tuple(err["loc"])),
+            message=err["msg"].removeprefix("Value error, "),
+        )
         for err in exc.errors(include_url=False)
     ]

@@ -1,0 +1,229 @@
+"""The incoming file-diffusion event: a CloudEvent 1.0 envelope whose `data` is a STAC 1.1 item
+with the `file` extension. `parse_event` turns raw bytes into a `CloudEvent` or raises
+`InvalidInput` listing every bad field with its JSON path."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from flows.wis2.errors import FieldError, InvalidInput, field_errors_from
+from flows.wis2.multihash import decode_multihash, integrity_from_multihash
+from flows.wis2.notification import Integrity
+
+Operation = Literal["create", "update", "delete"]
+_DELETE_WORDS = {"delete", "deleted", "deletion", "removed", "remove"}
+_UPDATE_WORDS = {"update", "updated", "modified", "changed", "modify"}
+_URL_SCHEMES = {"http", "https", "ftp", "sftp"}
+
+
+def _check_position(position: Any, where: str) -> None:
+    if not isinstance(position, list | tuple) or len(position) not in (2, 3):
+        raise ValueError(f"{where}: a position is [longitude, latitude(, altitude)]")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in position):
+        raise ValueError(f"{where}: position values must be numbers")
+    lon, lat = position[0], position[1]
+    if not -180 <= lon <= 180:
+        raise ValueError(f"{where}: longitude {lon} out of range [-180, 180]")
+    if not -90 <= lat <= 90:
+        raise ValueError(f"{where}: latitude {lat} out of range [-90, 90]")
+
+
+class Geometry(BaseModel):
+    """GeoJSON geometry accepted by WNM: Point or Polygon."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["Point", "Polygon"]
+    coordinates: list[Any]
+
+    @model_validator(mode="after")
+    def _valid_coordinates(self) -> Geometry:
+        if self.type == "Point":
+            _check_position(self.coordinates, "coordinates")
+            return self
+        if not self.coordinates:
+            raise ValueError("coordinates: a Polygon needs at least one ring")
+        for r, ring in enumerate(self.coordinates):
+            where = f"coordinates[{r}]"
+            if not isinstance(ring, list) or len(ring) < 4:
+                raise ValueError(f"{where}: a linear ring needs at least 4 positions")
+            for p, position in enumerate(ring):
+                _check_position(position, f"{where}[{p}]")
+            if list(ring[0]) != list(ring[-1]):
+                raise ValueError(f"{where}: a linear ring must end at its first position")
+        return self
+
+
+class StacAsset(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    href: str
+    type: str | None = None
+    title: str | None = None
+    roles: list[str] = Field(default_factory=list)
+    created: AwareDatetime | None = None
+    file_size: int | None = Field(default=None, alias="file:size", ge=0)
+    file_checksum: str | None = Field(default=None, alias="file:checksum")
+
+    @field_validator("href")
+    @classmethod
+    def _absolute_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in _URL_SCHEMES or not parts.netloc:
+            raise ValueError(f"href {value!r} is not an absolute http(s)/ftp URL")
+        return value
+
+    @field_validator("file_checksum")
+    @classmethod
+    def _multihash(cls, value: str | None) -> str | None:
+        if value is not None:
+            decode_multihash(value)
+        return value
+
+    @property
+    def integrity(self) -> Integrity | None:
+        return integrity_from_multihash(self.file_checksum) if self.file_checksum else None
+
+    @property
+    def file_name(self) -> str:
+        return urlsplit(self.href).path.rstrip("/").rsplit("/", 1)[-1]
+
+
+class StacProperties(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    datetime: AwareDatetime | None = None
+    start_datetime: AwareDatetime | None = None
+    end_datetime: AwareDatetime | None = None
+
+    @model_validator(mode="after")
+    def _has_time(self) -> StacProperties:
+        start, end = self.start_datetime, self.end_datetime
+        if self.datetime is None and start is None and end is None:
+            raise ValueError("no time: give datetime, or start_datetime and end_datetime")
+        if (start is None) != (end is None):
+            raise ValueError("start_datetime and end_datetime go together")
+        if start is not None and end is not None and start > end:
+            raise ValueError("start_datetime is after end_datetime")
+        return self
+
+
+class StacItem(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["Feature"]
+    stac_version: str = Field(pattern=r"^1\.")
+    stac_extensions: list[str] = Field(default_factory=list)
+    id: str = Field(min_length=1)
+    geometry: Geometry | None
+    bbox: list[float] | None = None
+    properties: StacProperties
+    links: list[dict[str, Any]] = Field(default_factory=list)
+    assets: dict[str, StacAsset] = Field(min_length=1)
+
+    @field_validator("bbox")
+    @classmethod
+    def _bbox(cls, value: list[float] | None) -> list[float] | None:
+        if value is None:
+            return value
+        if len(value) not in (4, 6):
+            raise ValueError("bbox has 4 (2D) or 6 (3D) numbers")
+        half = len(value) // 2
+        for lat in (value[1], value[half + 1]):
+            if not -90 <= lat <= 90:
+                raise ValueError(f"bbox latitude {lat} out of range [-90, 90]")
+        return value
+
+
+class CloudEvent(BaseModel):
+    """A CloudEvent 1.0 announcing data files; extension attributes are kept.
+
+    The optional extension attribute `operation` (create, update or delete) says explicitly what
+    happened to the files; without it the event `type` decides (see `operation`).
+    """
+
+    specversion: Literal["1.0"]
+    id: str = Field(min_length=1)
+    source: str = Field(min_length=1)
+    type: str = Field(min_length=1)
+    subject: str | None = None
+    time: AwareDatetime | None = None
+    datacontenttype: str | None = None
+    dataschema: str | None = None
+    data: StacItem
+    operation_: Operation | None = Field(default=None, alias="operation")
+
+    model_config = ConfigDict(
+        extra="allow", populate_by_name=True, title="CloudEvent with a STAC item"
+    )
+
+    @property
+    def operation(self) -> Operation:
+        if self.operation_ is not None:
+            return self.operation_
+        word = self.type.rsplit(".", 1)[-1].lower()
+        if word in _DELETE_WORDS:
+            return "delete"
+        if word in _UPDATE_WORDS:
+            return "update"
+        return "create"
+
+    def identity_key(self) -> str:
+        """Same event (redelivered) -> same key; same file with a new checksum -> new key."""
+        checksums = sorted((k, a.file_checksum or "") for k, a in self.data.assets.items())
+        material = json.dumps([self.source, self.id, checksums], separators=(",", ":"))
+        return hashlib.sha256(material.encode()).hexdigest()
+
+    def file_label(self) -> str:
+        """Short label of the file(s) handled, for flow-run names."""
+        assets = [a for a in self.data.assets.values() if "data" in a.roles] or list(
+            self.data.assets.values()
+        )
+        label = assets[0].file_name or self.data.id
+        return label if len(assets) == 1 else f"{label}+{len(assets) - 1}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def parse_event(raw: bytes | str | Mapping[str, Any]) -> CloudEvent:
+    """Parse and check an event; raise `InvalidInput` (what="event") with every problem found."""
+    if isinstance(raw, bytes | bytearray):
+        try:
+            raw = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(
+                [FieldError(path="$", message=f"not UTF-8 text (byte {exc.start})")], "event"
+            ) from None
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            message = f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            raise InvalidInput([FieldError(path="$", message=message)], "event") from None
+        except RecursionError:
+            message = "JSON nested too deeply"
+            raise InvalidInput([FieldError(path="$", message=message)], "event") from None
+    if not isinstance(raw, Mapping):
+        message = f"a CloudEvent is a JSON object, not {type(raw).__name__}"
+        raise InvalidInput([FieldError(path="$", message=message)], "event")
+    try:
+        return CloudEvent.model_validate(dict(raw))
+    except ValidationError as exc:
+        raise InvalidInput(field_errors_from(exc), "event") from None
+    except (RecursionError, TypeError, ValueError) as exc:  # defensive: never anything else
+        raise InvalidInput([FieldError(path="$", message=str(exc))], "event") from None
