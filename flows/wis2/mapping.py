@@ -1,0 +1,131 @@
+"""STAC item -> WIS2 Notification Messages: one notification per data asset."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import PurePosixPath
+from urllib.parse import unquote, urlsplit
+from uuid import UUID, uuid4
+
+from flows.wis2.cloudevent import CloudEvent, Operation, StacAsset, StacItem
+from flows.wis2.dataset import DatasetDescription
+from flows.wis2.errors import FieldError, InvalidInput
+from flows.wis2.notification import (
+    MAX_INLINE_CONTENT_CHARS,
+    Content,
+    Link,
+    Notification,
+    NotificationProperties,
+    rfc3339,
+)
+
+REL_FOR_OPERATION: dict[str, str] = {
+    "create": "canonical", "update": "update", "delete": "deletion",
+}
+
+
+def data_assets(item: StacItem, dataset: DatasetDescription) -> list[tuple[str, StacAsset]]:
+    """The assets that are data files: roles intersect the dataset's data roles; an item whose
+    assets carry no roles at all publishes every asset."""
+    assets = list(item.assets.items())
+    if not any(asset.roles for _, asset in assets):
+        return assets
+    wanted = set(dataset.data_roles)
+    return [(key, asset) for key, asset in assets if wanted & set(asset.roles)]
+
+
+def data_id_for(
+    dataset: DatasetDescription, item: StacItem, asset_key: str, asset: StacAsset
+) -> str:
+    """The stable, meaningful `data_id` of one file, from the dataset's template."""
+    href_path = unquote(urlsplit(asset.href).path).lstrip("/")
+    for prefix in dataset.href_strip_prefixes:
+        if href_path.startswith(prefix):
+            href_path = href_path.removeprefix(prefix)
+            break
+    data_id = dataset.data_id_template.format(
+        centre_id=dataset.centre_id,
+        data_policy=dataset.data_policy,
+        topic_path=dataset.topic_path,
+        href_path=href_path,
+        href_name=PurePosixPath(href_path).name,
+        asset_key=asset_key,
+        item_id=item.id,
+    )
+    return data_id.removeprefix("origin/")
+
+
+def media_type_for(dataset: DatasetDescription, asset: StacAsset) -> str:
+    if asset.type:
+        return asset.type
+    suffix = PurePosixPath(urlsplit(asset.href).path).suffix
+    return dataset.media_types.get(suffix) or dataset.media_types.get(suffix.lower()) or (
+        dataset.default_media_type
+    )
+
+
+def inline_content(data: bytes) -> Content | None:
+    """The `content` object for small data, or None when its encoded value is too long."""
+    try:
+        content = Content(encoding="utf-8", value=data.decode("utf-8"), size=len(data))
+    except UnicodeDecodeError:
+        content = Content(
+            encoding="base64", value=base64.b64encode(data).decode("ascii"), size=len(data)
+        )
+    return content if len(content.value) <= MAX_INLINE_CONTENT_CHARS else None
+
+
+def build_notifications(
+    event: CloudEvent,
+    dataset: DatasetDescription,
+    *,
+    operation: Operation | None = None,
+    pubtime: datetime | None = None,
+    contents: Mapping[str, bytes] | None = None,
+    new_id: Callable[[], UUID] = uuid4,
+) -> list[Notification]:
+    """One notification per data asset of the event's item."""
+    item = event.data
+    assets = data_assets(item, dataset)
+    if not assets:
+        roles = ", ".join(dataset.data_roles)
+        raise InvalidInput(
+            [FieldError(path="$.data.assets", message=f"no asset with a data role ({roles})")],
+            "event",
+        )
+    rel = REL_FOR_OPERATION[operation or event.operation]
+    published = rfc3339(pubtime or datetime.now(UTC))
+    props = item.properties
+    if props.start_datetime is not None and props.end_datetime is not None:
+        times = {"start_datetime": rfc3339(props.start_datetime),
+                 "end_datetime": rfc3339(props.end_datetime)}
+    else:
+        times = {"datetime": rfc3339(props.datetime)}  # type: ignore[arg-type]
+    geometry = item.geometry.model_dump() if item.geometry else None
+
+    notifications = []
+    for key, asset in assets:
+        content = None
+        if dataset.inline_content and contents and key in contents and rel != "deletion":
+            content = inline_content(contents[key])
+        notifications.append(
+            Notification(
+                id=str(new_id()),
+                geometry=geometry,
+                properties=NotificationProperties(
+                    data_id=data_id_for(dataset, item, key, asset),
+                    metadata_id=dataset.metadata_id,
+                    pubtime=published,
+                    integrity=asset.integrity,
+                    content=content,
+                    **times,
+                ),
+                links=[
+                    Link(href=asset.href, rel=rel, type=media_type_for(dataset, asset),
+                         length=asset.file_size)
+                ],
+            )
+        )
+    return notifications
