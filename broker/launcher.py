@@ -10,11 +10,13 @@ itself with mosquitto in the foreground (for systemd or a container).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import pwd
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,7 +40,7 @@ Transport = Literal["tcp", "websockets"]
 _USERNAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 _CENTRE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}[a-z0-9]$")
 _EXPIRY = re.compile(r"^[1-9][0-9]*[hdwmy]$")
-_LOOPBACK_FOR = {"", "0.0.0.0", "::", "*"}
+_LOOPBACK_FOR = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # how local clients reach "any"
 
 
 class BrokerUser(BaseModel):
@@ -114,6 +116,18 @@ class BrokerConfig(BaseSettings):
                 f"centre_id {value!r} is not a WIS2 centre-id "
                 "(lower-case letters, digits, '-' or '_', 2 to 64 characters)"
             )
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(
+                f"host {value!r} must be an IP address (mosquitto's websockets listeners cannot "
+                "bind to a host name): 127.0.0.1, 0.0.0.0, ::1, ..."
+            ) from None
         return value
 
     @field_validator("persistent_session_expiry")
@@ -257,6 +271,10 @@ def _render_passwd(config: BrokerConfig, path: Path) -> None:
         raise
 
 
+def _socket_domain_line(host: str) -> str:
+    return f"socket_domain ipv{ipaddress.ip_address(host).version}"
+
+
 def _hand_over(run_dir: Path, run_as: str | None) -> None:
     """Started as root with another `run_as` user: mosquitto reads and writes as that user."""
     if os.geteuid() != 0 or not run_as or run_as == "root":
@@ -299,6 +317,7 @@ def render_config(config: BrokerConfig, run_dir: Path) -> Path:
         "host": config.host,
         "mqtt_port": config.mqtt_port,
         "ws_port": config.ws_port,
+        "socket_domain_line": _socket_domain_line(config.host),
     }
     text = _template("mosquitto.conf.tmpl").substitute(values)
     if config.tls_enabled:
@@ -312,6 +331,7 @@ def render_config(config: BrokerConfig, run_dir: Path) -> Path:
             wss_port=config.wss_port,
             certfile=Path(config.certfile).absolute(),  # type: ignore[arg-type]
             keyfile=Path(config.keyfile).absolute(),  # type: ignore[arg-type]
+            socket_domain_line=_socket_domain_line(config.host),
             cafile_line=f"cafile {Path(config.cafile).absolute()}\n" if config.cafile else "",
         )
     else:
@@ -329,7 +349,7 @@ class RunningBroker:
         self.config = config
         self.run_dir = Path(run_dir).absolute()
         self.conf_path = self.run_dir / "mosquitto.conf"
-        self.host = "127.0.0.1" if config.host in _LOOPBACK_FOR else config.host
+        self.host = _LOOPBACK_FOR.get(config.host, config.host)
         self.port = config.mqtt_port
         self.ws_port = config.ws_port
         self.tls_port: int | None = config.tls_port if config.tls_enabled else None
@@ -384,6 +404,12 @@ class RunningBroker:
     def restart(self, timeout: float = 30.0) -> None:
         self.stop()
         self.start(timeout)
+
+    def reload(self) -> None:
+        """SIGHUP: mosquitto rereads its password file and ACL (after `render_config`)."""
+        if self.process.proc is None or not self.running:
+            raise BrokerError("mosquitto is not running")
+        os.kill(self.process.proc.pid, signal.SIGHUP)
 
     def kill(self) -> None:
         """SIGKILL: a crash; what was not autosaved is lost."""
