@@ -1,0 +1,124 @@
+"""`wis2-chain`: dry-run builds, validation, bundles and Prefect blocks from the command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from flows.settings import ChainSettings
+
+app = typer.Typer(help="WIS2 node publishing chain", no_args_is_help=True)
+bundles_app = typer.Typer(help="WIS2 validator bundles", no_args_is_help=True)
+app.add_typer(bundles_app, name="bundles")
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        typer.echo(f"error: cannot read {path}: {exc.strerror}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def build(
+    event: Annotated[Path, typer.Argument(help="CloudEvent JSON file")],
+    dataset: Annotated[str | None, typer.Option(help="dataset name or JSON file")] = None,
+) -> None:
+    """Print the notification(s) an event would produce, without publishing (dry run)."""
+    from flows.wis2.cloudevent import parse_event
+    from flows.wis2.dataset import load_dataset
+    from flows.wis2.errors import InvalidInput
+    from flows.wis2.mapping import build_notifications
+
+    settings = ChainSettings()
+    try:
+        parsed = parse_event(_read(event))
+        description = load_dataset(dataset or settings.default_dataset, settings.datasets_dir)
+        notifications = build_notifications(parsed, description)
+    except InvalidInput as exc:
+        typer.echo(f"{event}: invalid {exc.what}:", err=True)
+        for error in exc.errors:
+            typer.echo(f"  {error.path}: {error.message}", err=True)
+        raise typer.Exit(1) from None
+    except (OSError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    output = [n.to_dict() for n in notifications]
+    typer.echo(json.dumps(output[0] if len(output) == 1 else output, indent=2))
+    typer.echo(f"# topic: {description.topic}", err=True)
+
+
+@app.command()
+def validate(
+    file: Annotated[Path, typer.Argument(help="a WIS2 notification or a WCMP2 record (JSON)")],
+    profile: Annotated[
+        str, typer.Option(help="publish: what this node enforces; spec: WNM conformance")
+    ] = "publish",
+    topic: Annotated[str | None, typer.Option(help="topic the message is published on")] = None,
+    kpi: Annotated[bool, typer.Option(help="also run the KPI (needs the network)")] = False,
+) -> None:
+    """Validate a WNM or a WCMP2 record (detected from conformsTo) and print the report."""
+    from flows.wis2.validation import load_json_document, validate_notification
+    from flows.wis2.wcmp2 import validate_wcmp2
+
+    if profile not in ("publish", "spec"):
+        typer.echo("error: --profile is publish or spec", err=True)
+        raise typer.Exit(2)
+    raw = _read(file)
+    document, _ = load_json_document(raw)
+    conforms = document.get("conformsTo", []) if isinstance(document, dict) else []
+    if any("/wcmp/2" in str(c) for c in conforms or []):
+        report = validate_wcmp2(raw, kpi=kpi)
+    else:
+        chosen: Literal["publish", "spec"] = "spec" if profile == "spec" else "publish"
+        report = validate_notification(raw, topic=topic, profile=chosen, kpi=kpi)
+    width = max((len(c.id) for c in report.checks), default=5)
+    typer.echo(f"{file}: {report.kind} {report.subject}")
+    for check in report.checks:
+        typer.echo(f"  {check.result:<8} {check.id:<{width}}  {check.message}")
+    typer.echo(report.summary())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@bundles_app.command("install")
+def bundles_install(
+    source: Annotated[
+        Path | None,
+        typer.Option("--from", help="local bundle directory (default: WIS2_BUNDLE_DIR)"),
+    ] = None,
+) -> None:
+    """Install the pywis-pubsub, pywcmp and pywis-topics bundles."""
+    from flows.wis2.bundles import BundleError, install_bundles
+
+    source = source or ChainSettings().bundle_dir
+    try:
+        targets = install_bundles(source)
+    except BundleError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    origin = source if source else "the online syncs"
+    typer.echo(f"WIS2 bundles installed from {origin}: {', '.join(map(str, targets))}")
+
+
+@bundles_app.command("status")
+def bundles_status() -> None:
+    """Say which bundles are installed."""
+    from flows.wis2.bundles import bundle_status
+
+    status = bundle_status()
+    for name, installed in status.items():
+        typer.echo(f"{name}: {'installed' if installed else 'MISSING'}")
+    if not all(status.values()):
+        raise typer.Exit(1)
