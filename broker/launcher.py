@@ -76,10 +76,14 @@ class BrokerConfig(BaseSettings):
     ws_port: int = Field(default=8081, ge=1, le=65535, description="MQTT over websockets")
     tls_port: int = Field(default=8883, ge=1, le=65535, description="MQTTS (with cert+key)")
     wss_port: int = Field(default=8084, ge=1, le=65535, description="Secure websockets (cert+key)")
-    certfile: Path | None = Field(default=None, description="PEM server certificate (chain)")
+    certfile: Path | None = Field(
+        default=None, description="PEM server certificate followed by its intermediate CAs"
+    )
     keyfile: Path | None = Field(default=None, description="PEM private key of certfile")
     cafile: Path | None = Field(
-        default=None, description="CA bundle sent with the chain / given to clients in tests"
+        default=None,
+        description="CA that signed certfile, given to local clients to verify the broker "
+        "(not used by mosquitto itself)",
     )
     centre_id: str = Field(default="fr-ifremer-argo", description="WIS2 centre-id of the node")
     persistent_session_expiry: str = Field(
@@ -332,7 +336,6 @@ def render_config(config: BrokerConfig, run_dir: Path) -> Path:
             certfile=Path(config.certfile).absolute(),  # type: ignore[arg-type]
             keyfile=Path(config.keyfile).absolute(),  # type: ignore[arg-type]
             socket_domain_line=_socket_domain_line(config.host),
-            cafile_line=f"cafile {Path(config.cafile).absolute()}\n" if config.cafile else "",
         )
     else:
         log.info("no WIS2_BROKER_CERTFILE/KEYFILE: MQTTS and WSS listeners are off")
