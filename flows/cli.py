@@ -122,3 +122,40 @@ def bundles_status() -> None:
         typer.echo(f"{name}: {'installed' if installed else 'MISSING'}")
     if not all(status.values()):
         raise typer.Exit(1)
+
+
+@app.command("send-event")
+def send_event(
+    event: Annotated[Path, typer.Argument(help="CloudEvent JSON file")],
+    topic: Annotated[
+        str, typer.Option(help="file-diffusion topic")
+    ] = "diffusion/files/coriolis/argo/csv",
+    check: Annotated[bool, typer.Option(help="refuse an invalid event before sending")] = True,
+) -> None:
+    """Publish an event on the node broker as a file server would (QoS 1, WIS2_MQTT_* settings)."""
+    from flows.mqtt import MqttConnection, MqttError, publish_once
+    from flows.wis2.cloudevent import parse_event
+    from flows.wis2.errors import InvalidInput
+
+    raw = _read(event)
+    if check:
+        try:
+            parse_event(raw)
+        except InvalidInput as exc:
+            typer.echo(f"{event}: invalid {exc.what} (use --no-check to send it anyway):", err=True)
+            for error in exc.errors:
+                typer.echo(f"  {error.path}: {error.message}", err=True)
+            raise typer.Exit(1) from None
+    settings = ChainSettings()
+    conn = MqttConnection(
+        host=settings.mqtt_host, port=settings.mqtt_port, transport=settings.mqtt_transport,
+        ws_path=settings.mqtt_ws_path, tls=settings.mqtt_tls, ca_certs=settings.mqtt_ca_certs,
+        username=settings.mqtt_username, password=settings.mqtt_password,
+        client_id_prefix=settings.mqtt_client_id_prefix,
+    )
+    try:
+        publish_once(conn, topic, raw, qos=1)
+    except MqttError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"sent {event} on {topic} ({conn.describe()})")
