@@ -133,7 +133,7 @@ def send_event(
     check: Annotated[bool, typer.Option(help="refuse an invalid event before sending")] = True,
 ) -> None:
     """Publish an event on the node broker as a file server would (QoS 1, WIS2_MQTT_* settings)."""
-    from flows.mqtt import MqttConnection, MqttError, publish_once
+    from flows.mqtt import MqttError, publish_once
     from flows.wis2.cloudevent import parse_event
     from flows.wis2.errors import InvalidInput
 
@@ -146,13 +146,7 @@ def send_event(
             for error in exc.errors:
                 typer.echo(f"  {error.path}: {error.message}", err=True)
             raise typer.Exit(1) from None
-    settings = ChainSettings()
-    conn = MqttConnection(
-        host=settings.mqtt_host, port=settings.mqtt_port, transport=settings.mqtt_transport,
-        ws_path=settings.mqtt_ws_path, tls=settings.mqtt_tls, ca_certs=settings.mqtt_ca_certs,
-        username=settings.mqtt_username, password=settings.mqtt_password,
-        client_id_prefix=settings.mqtt_client_id_prefix,
-    )
+    conn = ChainSettings().mqtt_connection()
     try:
         publish_once(conn, topic, raw, qos=1)
     except MqttError as exc:

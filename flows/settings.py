@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from flows.mqtt import MqttConnection
 from flows.wis2.dataset import DEFAULT_DATASETS_DIR
 
 
@@ -61,6 +62,16 @@ class ChainSettings(BaseSettings):
     mqtt_username: str | None = "publisher"
     mqtt_password: SecretStr | None = None
     mqtt_client_id_prefix: str = "wis2-chain"
+
+
+    def mqtt_connection(self) -> MqttConnection:
+        """The broker connection described by the `WIS2_MQTT_*` settings."""
+        return MqttConnection(
+            host=self.mqtt_host, port=self.mqtt_port, transport=self.mqtt_transport,
+            ws_path=self.mqtt_ws_path, tls=self.mqtt_tls, ca_certs=self.mqtt_ca_certs,
+            username=self.mqtt_username, password=self.mqtt_password,
+            client_id_prefix=self.mqtt_client_id_prefix,
+        )
 
 
 @lru_cache
