@@ -63,7 +63,6 @@ class ChainSettings(BaseSettings):
     mqtt_password: SecretStr | None = None
     mqtt_client_id_prefix: str = "wis2-chain"
 
-
     def mqtt_connection(self) -> MqttConnection:
         """The broker connection described by the `WIS2_MQTT_*` settings."""
         return MqttConnection(
