@@ -1,7 +1,7 @@
 """Cache keys, result storage and retry settings of the publishing tasks.
 
 Idempotency rests on Prefect's cache: results are persisted under ``ChainSettings.results_dir``
-(a `LocalFileSystem`), keyed by
+(a local directory), keyed by
 
 - the build: ``wnm-build-<sha256(event identity, dataset name)>`` -- the event identity covers its
   source, id and asset checksums, so a retried run, a re-run from the UI or a redelivered event
@@ -22,7 +22,6 @@ from typing import Any
 
 from prefect import Task
 from prefect.cache_policies import CacheKeyFnPolicy
-from prefect.filesystems import LocalFileSystem
 from prefect.locking.filesystem import FileSystemLockManager
 from prefect.tasks import exponential_backoff
 
@@ -48,10 +47,11 @@ BUILD_CACHE = CacheKeyFnPolicy(cache_key_fn=build_cache_key)
 PUBLISH_CACHE = CacheKeyFnPolicy(cache_key_fn=publish_cache_key)
 
 
-def result_storage(settings: ChainSettings) -> LocalFileSystem:
+def result_storage(settings: ChainSettings) -> Path:
+    """The results directory (Prefect reads a `Path` as an unsaved LocalFileSystem storage)."""
     results = Path(settings.results_dir).expanduser().resolve()
     results.mkdir(parents=True, exist_ok=True)
-    return LocalFileSystem(basepath=str(results))
+    return results
 
 
 def lock_manager(settings: ChainSettings) -> FileSystemLockManager:
