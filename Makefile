@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 WIS2_BUNDLE_DIR ?= $(if $(wildcard ../shared/wis2-bundle/README.md),../shared/wis2-bundle,)
 export WIS2_BUNDLE_DIR
 
-.PHONY: help venv install mosquitto bundles lint test demo broker-config blocks bench clean
+.PHONY: help venv install mosquitto bundles lint test demo demo-event broker-config blocks bench clean
 
 help:
 	@echo "make demo   - start the whole chain on loopback and publish the sample Argo event"
@@ -44,7 +44,12 @@ broker-config: install mosquitto
 	$(BIN)/wis2-broker --run-dir run/broker --render-only
 
 demo: install mosquitto bundles
-	@echo "make demo is not implemented yet (see the open demo issue)." >&2; exit 1
+	$(BIN)/python -m flows.runtime.demo run
+
+# Send another event to the running demo node: make demo-event EVENT=path/to/event.json
+demo-event: install
+	@test -n "$(EVENT)" || { echo "usage: make demo-event EVENT=path/to/event.json" >&2; exit 2; }
+	$(BIN)/python -m flows.runtime.demo send "$(EVENT)" $(if $(TOPIC),--topic "$(TOPIC)")
 
 # Register the MqttBroker / Wis2Dataset block types and their documents (WIS2_MQTT_*, data/datasets).
 blocks: install

@@ -1,0 +1,90 @@
+"""`make demo`: start the node on loopback, publish the demo metadata record and the sample Argo
+event, print the notification, the flow run and the Prefect UI address, run until Ctrl-C.
+
+`python -m flows.runtime.demo send EVENT.json [--topic T]` (`make demo-event EVENT=...`) sends
+another event to the running demo node as its file server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from flows.mqtt import MqttError, publish_once
+from flows.runtime.node import LocalNode, NodeSettings, NodeState, PortTaken
+
+log = logging.getLogger("demo")
+
+
+def run(settings: NodeSettings) -> int:
+    node = LocalNode(settings)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        state = node.start()
+        print(f"node running: broker mqtt://{state.host}:{state.broker_port}, "
+              f"Prefect UI {state.ui_url}, data {state.files_url}", flush=True)
+        print("publishing the demo WCMP2 record (metadata before data)...", flush=True)
+        node.publish_metadata(settings.metadata_record)
+        print(f"sending {settings.event} on {settings.event_topic}...", flush=True)
+        received = node.send_and_wait(settings.event, settings.event_topic, settings.timeout)
+        print(f"\nWIS2 notification received on {received['topic']}:")
+        print(json.dumps(received["message"], indent=2))
+        print(f"\nflow run:   {node.latest_flow_run_url()}")
+        print(f"Prefect UI: {state.ui_url}")
+        print(f"logs:       {settings.run_dir / 'logs'}")
+        print("another event: make demo-event EVENT=path/to/event.json")
+        print("Ctrl-C stops every process of the demo.", flush=True)
+        stop.wait()
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    except PortTaken as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        print(f"error: the demo failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        print("\nstopping the demo node...", flush=True)
+        node.stop()
+
+
+def send(settings: NodeSettings, event: Path, topic: str) -> int:
+    state_file = settings.run_dir / "node.json"
+    if not state_file.exists():
+        print(f"error: no running demo node ({state_file} missing): run `make demo` first",
+              file=sys.stderr)
+        return 2
+    state = NodeState.load(state_file)
+    node = LocalNode(settings)
+    try:
+        publish_once(state.connection("fileserver"), topic, node.event_payload(event))
+    except (MqttError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"sent {event} on {topic}; watch the runs at {state.ui_url}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m flows.runtime.demo")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("run", help="start the demo node (default)")
+    send_parser = sub.add_parser("send", help="send an event to the running demo node")
+    send_parser.add_argument("event", type=Path)
+    send_parser.add_argument("--topic", default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    settings = NodeSettings()
+    if args.command == "send":
+        sys.exit(send(settings, args.event, args.topic or settings.event_topic))
+    sys.exit(run(settings))
+
+
+if __name__ == "__main__":
+    main()

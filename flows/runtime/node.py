@@ -1,0 +1,287 @@
+"""The whole node on loopback, as `make demo` runs it: broker, Prefect server (with UI), work pool,
+worker, blocks, deployments, listener and a small HTTP file server for the demo data.
+
+`LocalNode.start()` brings everything up in order and `stop()` stops every process it started.
+Its state (ports and the generated broker passwords) is written to `<run_dir>/node.json` (mode 0600)
+so that `make demo-event` can send another event to the running node."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from broker.launcher import BrokerConfig, RunningBroker, start_broker
+from flows.mqtt import MqttConnection, connect, publish_once
+from flows.runtime.prefect_server import PrefectServer, prefect_cli
+from flows.runtime.processes import ManagedProcess, port_is_open
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+WORK_POOL = "wis2-pool"
+DEMO_FILES_PORT = 8765  # the port written in data/demo-event.json's asset href
+
+
+class NodeSettings(BaseSettings):
+    """Ports and paths of the local node (`WIS2_DEMO_*`)."""
+
+    model_config = SettingsConfigDict(env_prefix="WIS2_DEMO_", env_file=".env", extra="ignore")
+
+    run_dir: Path = Field(default=REPO / "run" / "demo", description="State, logs, databases")
+    host: str = "127.0.0.1"
+    broker_port: int = Field(default=18830, description="MQTT port of the demo broker")
+    broker_ws_port: int = Field(default=18081, description="MQTT over websockets port")
+    prefect_port: int = Field(default=4200, description="Prefect server and UI")
+    files_port: int = Field(default=DEMO_FILES_PORT, description="HTTP server of the demo data")
+    metrics_port: int = Field(default=9464, description="Listener /healthz and /metrics")
+    centre_id: str = "fr-ifremer-argo"
+    event: Path = REPO / "data" / "demo-event.json"
+    event_topic: str = "diffusion/files/coriolis/argo/csv"
+    metadata_record: Path = REPO / "data" / "demo-metadata.json"
+    verify_data: bool = Field(default=True, description="Flows download and check the data")
+    timeout: float = Field(default=240.0, description="Seconds to wait for the notification")
+
+
+class NodeState(BaseModel):
+    """What a second command needs to talk to the running node."""
+
+    host: str
+    broker_port: int
+    prefect_api_url: str
+    ui_url: str
+    files_url: str
+    passwords: dict[str, SecretStr]
+
+    def connection(self, role: str) -> MqttConnection:
+        return MqttConnection(host=self.host, port=self.broker_port, username=role,
+                              password=self.passwords[role], client_id_prefix=f"demo-{role}")
+
+    def save(self, path: Path) -> None:
+        data = self.model_dump(mode="json")
+        data["passwords"] = {k: v.get_secret_value() for k, v in self.passwords.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2)
+
+    @classmethod
+    def load(cls, path: Path) -> NodeState:
+        return cls.model_validate_json(path.read_text())
+
+
+class PortTaken(RuntimeError):
+    pass
+
+
+class LocalNode:
+    def __init__(self, settings: NodeSettings | None = None) -> None:
+        self.settings = settings or NodeSettings()
+        self.run_dir = self.settings.run_dir
+        self.processes: list[ManagedProcess] = []
+        self.broker: RunningBroker | None = None
+        self.server: PrefectServer | None = None
+        self.passwords = {role: SecretStr(secrets.token_urlsafe(18))
+                          for role in ("fileserver", "listener", "publisher", "monitor")}
+        self.passwords["everyone"] = SecretStr("everyone")
+
+    # ---- addresses -------------------------------------------------------------------------
+    @property
+    def files_url(self) -> str:
+        return f"http://{self.settings.host}:{self.settings.files_port}"
+
+    @property
+    def state(self) -> NodeState:
+        assert self.server is not None
+        return NodeState(host=self.settings.host, broker_port=self.settings.broker_port,
+                         prefect_api_url=self.server.api_url, ui_url=self.server.url,
+                         files_url=self.files_url, passwords=self.passwords)
+
+    def check_ports(self) -> None:
+        s = self.settings
+        wanted = {
+            "WIS2_DEMO_BROKER_PORT": s.broker_port, "WIS2_DEMO_BROKER_WS_PORT": s.broker_ws_port,
+            "WIS2_DEMO_PREFECT_PORT": s.prefect_port, "WIS2_DEMO_FILES_PORT": s.files_port,
+            "WIS2_DEMO_METRICS_PORT": s.metrics_port,
+        }
+        taken = [f"{port} ({name})" for name, port in wanted.items() if port_is_open(s.host, port)]
+        if taken:
+            raise PortTaken(
+                f"port(s) already in use on {s.host}: {', '.join(taken)}. Stop what uses them "
+                "(an earlier `make demo`?) or choose other ports, e.g. "
+                "`WIS2_DEMO_PREFECT_PORT=4300 make demo`."
+            )
+
+    def child_env(self) -> dict[str, str]:
+        """Environment of every chain process: Prefect client, broker, paths."""
+        assert self.server is not None
+        s = self.settings
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "WIS2_"))}
+        env.update(self.server.client_env())
+        env.update({
+            "PREFECT_LOGGING_LEVEL": "INFO",
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "WIS2_MQTT_HOST": s.host,
+            "WIS2_MQTT_PORT": str(s.broker_port),
+            "WIS2_MQTT_USERNAME": "publisher",
+            "WIS2_MQTT_PASSWORD": self.passwords["publisher"].get_secret_value(),
+            "WIS2_RESULTS_DIR": str(self.run_dir / "results"),
+            "WIS2_VERIFY_DATA": "true" if s.verify_data else "false",
+            "WIS2_METADATA_DIR": str(self.run_dir / "www" / "metadata"),
+            "WIS2_METADATA_BASE_URL": f"{self.files_url}/metadata",
+            "WIS2_PROJECT_DIR": str(REPO),
+        })
+        if os.environ.get("WIS2_BUNDLE_DIR"):
+            env["WIS2_BUNDLE_DIR"] = os.environ["WIS2_BUNDLE_DIR"]
+        return env
+
+    def listener_env(self) -> dict[str, str]:
+        s = self.settings
+        env = self.child_env()
+        env.update({
+            "WIS2_LISTENER_HOST": s.host,
+            "WIS2_LISTENER_PORT": str(s.broker_port),
+            "WIS2_LISTENER_USERNAME": "listener",
+            "WIS2_LISTENER_PASSWORD": self.passwords["listener"].get_secret_value(),
+            "WIS2_LISTENER_CLIENT_ID": "wis2-chain-demo-listener",
+            "WIS2_LISTENER_DEADLETTER_DIR": str(self.run_dir / "deadletters"),
+            "WIS2_LISTENER_METRICS_PORT": str(s.metrics_port),
+        })
+        return env
+
+    # ---- start / stop ----------------------------------------------------------------------
+    def _run(self, argv: list[str], env: dict[str, str], what: str) -> None:
+        log.info("%s: %s", what, " ".join(argv))
+        done = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True,
+                              timeout=300, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{what} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str], ready=None,
+               timeout: float = 60.0) -> ManagedProcess:
+        proc = ManagedProcess(name, argv, self.run_dir / "logs" / f"{name}.log", env=env,
+                              cwd=REPO, ready=ready)
+        self.processes.append(proc)
+        proc.start(timeout)
+        return proc
+
+    def start(self) -> NodeState:
+        s = self.settings
+        self.check_ports()
+        if self.run_dir.exists():
+            shutil.rmtree(self.run_dir)
+        (self.run_dir / "www" / "metadata").mkdir(parents=True)
+        (self.run_dir / "www" / "argo").symlink_to(REPO / "data" / "files" / "argo")
+        py = sys.executable
+
+        log.info("starting the broker on %s:%s", s.host, s.broker_port)
+        config = BrokerConfig(
+            _env_file=None, host=s.host, mqtt_port=s.broker_port, ws_port=s.broker_ws_port,
+            centre_id=s.centre_id, run_dir=self.run_dir / "broker",
+            **{f"{role}_password": pw for role, pw in self.passwords.items()},
+        )
+        self.broker = start_broker(config, self.run_dir / "broker")
+
+        log.info("starting the Prefect server (UI) on port %s", s.prefect_port)
+        self.server = PrefectServer(self.run_dir / "prefect", port=s.prefect_port, host=s.host,
+                                    ui=True)
+        self.processes.append(self.server)
+        self.server.start(timeout=180)
+        env = self.child_env()
+
+        self._spawn("files", [py, "-m", "http.server", str(s.files_port), "--bind", s.host,
+                              "--directory", str(self.run_dir / "www")], env,
+                    ready=lambda: port_is_open(s.host, s.files_port))
+        prefect = prefect_cli()
+        self._run([prefect, "work-pool", "create", WORK_POOL, "--type", "process", "--overwrite"],
+                  env, "create work pool")
+        self._run([str(Path(py).with_name("wis2-chain")), "blocks", "register"], env,
+                  "register blocks")
+        self._run([prefect, "--no-prompt", "deploy", "--all"], env, "deploy")
+        self._spawn("worker", [prefect, "worker", "start", "--pool", WORK_POOL], env)
+        self._spawn("listener", [py, "-m", "listener"], self.listener_env(),
+                    ready=lambda: port_is_open(s.host, s.metrics_port), timeout=90)
+        state = self.state
+        state.save(self.run_dir / "node.json")
+        return state
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+        self.processes.clear()
+        if self.broker is not None:
+            self.broker.stop()
+            self.broker = None
+
+    # ---- using it --------------------------------------------------------------------------
+    def event_payload(self, path: Path) -> bytes:
+        """The event, with the demo file server's address if its port was changed."""
+        text = path.read_text(encoding="utf-8")
+        return text.replace(f"127.0.0.1:{DEMO_FILES_PORT}",
+                            f"{self.settings.host}:{self.settings.files_port}").encode()
+
+    def send_and_wait(self, event: Path, topic: str, timeout: float) -> dict[str, Any]:
+        """Publish `event` as the file server and return the first data notification received
+        on the origin topics (subscribed as `everyone`, like a Global Broker)."""
+        received: list[dict[str, Any]] = []
+        got = threading.Event()
+        state = self.state
+
+        def on_message(client, userdata, message):
+            if "/data/" in message.topic:
+                received.append({"topic": message.topic, "message": json.loads(message.payload)})
+                got.set()
+
+        subscriber = connect(state.connection("everyone"))
+        subscriber.on_message = on_message
+        subscriber.subscribe(f"origin/a/wis2/{self.settings.centre_id}/#", qos=1)
+        try:
+            time.sleep(0.5)
+            publish_once(state.connection("fileserver"), topic, self.event_payload(event))
+            if not got.wait(timeout):
+                raise TimeoutError(
+                    f"no notification within {timeout:.0f}s; see the logs in "
+                    f"{self.run_dir / 'logs'} and the runs at {state.ui_url}"
+                )
+        finally:
+            subscriber.disconnect()
+            subscriber.loop_stop()
+        return received[0]
+
+    def publish_metadata(self, record: Path) -> None:
+        """Run the publish-metadata deployment for `record` and wait for it (metadata first)."""
+        params = json.dumps({"record_location": str(record.resolve()), "operation": "create"})
+        self._run([prefect_cli(), "deployment", "run", "publish-metadata/default",
+                   "--params", params, "--watch", "--watch-timeout", "180"],
+                  self.child_env(), "publish metadata")
+
+    def latest_flow_run_url(self, flow_name: str = "publish-notification") -> str | None:
+        import asyncio
+
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+        from prefect.client.schemas.sorting import FlowRunSort
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        async def latest() -> str | None:
+            async with get_client() as client:
+                runs = await client.read_flow_runs(
+                    flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+                    sort=FlowRunSort.START_TIME_DESC, limit=1)
+                return str(runs[0].id) if runs else None
+
+        assert self.server is not None
+        with temporary_settings(updates={PREFECT_API_URL: self.server.api_url}):
+            run_id = asyncio.run(latest())
+        return f"{self.server.url}/runs/flow-run/{run_id}" if run_id else None
