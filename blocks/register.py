@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 
-from flows.mqtt import MqttConnection
 from flows.settings import ChainSettings
 from flows.wis2.dataset import list_datasets
 
@@ -19,19 +18,8 @@ log = logging.getLogger(__name__)
 
 
 def broker_block_from_settings(settings: ChainSettings) -> MqttBroker:
-    return MqttBroker.from_connection(
-        MqttConnection(
-            host=settings.mqtt_host,
-            port=settings.mqtt_port,
-            transport=settings.mqtt_transport,
-            ws_path=settings.mqtt_ws_path,
-            tls=settings.mqtt_tls,
-            ca_certs=settings.mqtt_ca_certs,
-            username=settings.mqtt_username,
-            password=settings.mqtt_password,
-            client_id_prefix=settings.mqtt_client_id_prefix,
-        )
-    )
+    """The MqttBroker block described by the `WIS2_MQTT_*` settings."""
+    return MqttBroker.from_connection(settings.mqtt_connection())
 
 
 def register_blocks(settings: ChainSettings | None = None) -> list[str]:

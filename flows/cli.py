@@ -153,3 +153,22 @@ def send_event(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"sent {event} on {topic} ({conn.describe()})")
+
+
+blocks_app = typer.Typer(help="Prefect blocks of the chain", no_args_is_help=True)
+app.add_typer(blocks_app, name="blocks")
+
+
+@blocks_app.command("register")
+def blocks_register() -> None:
+    """Register MqttBroker/Wis2Dataset and save `wis2-broker` (WIS2_MQTT_*) and one Wis2Dataset
+    per data/datasets/*.json (overwrites: safe to run again)."""
+    from blocks.register import register_blocks
+
+    try:
+        saved = register_blocks(ChainSettings())
+    except Exception as exc:  # API unreachable, invalid dataset file...
+        typer.echo(f"error: cannot register blocks: {exc}", err=True)
+        raise typer.Exit(1) from None
+    for slug in saved:
+        typer.echo(f"saved block {slug}")

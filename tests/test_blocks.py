@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -81,3 +85,19 @@ def test_broker_block_connects_and_publishes(prefect_api, session_broker) -> Non
     finally:
         monitor.loop_stop()
         monitor.disconnect()
+
+
+def test_cli_blocks_register(prefect_api, tmp_path) -> None:
+    """`wis2-chain blocks register` (what `make blocks` runs) saves the documents."""
+    name = f"cli-{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "WIS2_"))}
+    env.update(prefect_api.client_env(), WIS2_BROKER_BLOCK=name, WIS2_MQTT_PORT="1999",
+               WIS2_MQTT_PASSWORD="cli-secret", PREFECT_HOME=str(tmp_path / "home"))
+    cli = str(Path(sys.executable).with_name("wis2-chain"))
+    done = subprocess.run([cli, "blocks", "register"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"saved block mqtt-broker/{name}" in done.stdout
+    assert "saved block wis2-dataset/argo" in done.stdout
+    assert "cli-secret" not in done.stdout + done.stderr
+    assert MqttBroker.load(name).port == 1999
