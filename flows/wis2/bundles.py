@@ -92,15 +92,29 @@ def install_bundles(source: Path | None = None) -> list[Path]:
             raise BundleError(f"bundle directory {source} does not exist (WIS2_BUNDLE_DIR)")
         return _install_from(source)
     failures = []
+    targets = _targets()
     for name, sync in _online_syncs():
+        # Some syncs (pywis-topics 0.4) delete the installed bundle before downloading: keep a
+        # copy and put it back when the download fails, so an offline attempt breaks nothing.
+        target = targets[name][0]
+        backup = Path(tempfile.mkdtemp(prefix=f"{name}-backup-"))
         try:
+            if target.is_dir():
+                shutil.copytree(target, backup, dirs_exist_ok=True)
             log.info("downloading the %s bundle", name)
-            sync()
-        except Exception as exc:  # any network or library failure
-            failures.append(f"{name}: {exc}")
+            try:
+                sync()
+            except Exception as exc:  # any network or library failure
+                failures.append(f"{name}: {exc}")
+                if any(backup.iterdir()):
+                    shutil.rmtree(target, ignore_errors=True)
+                    shutil.copytree(backup, target)
+                    log.warning("kept the previously installed %s bundle in %s", name, target)
+        finally:
+            shutil.rmtree(backup, ignore_errors=True)
     if failures:
         raise BundleError(
             "online bundle sync failed (" + "; ".join(failures) + "). Without network access, set "
             "WIS2_BUNDLE_DIR (or --from) to a local copy laid out like shared/wis2-bundle."
         )
-    return [target for target, _ in _targets().values()]
+    return [target for target, _ in targets.values()]

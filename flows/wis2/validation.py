@@ -114,7 +114,16 @@ def _wnm_validator() -> Draft202012Validator:
 
 
 def schema_errors(validator: Draft202012Validator, document: Any) -> list[str]:
-    return [f"{e.json_path}: {e.message}" for e in validator.iter_errors(document)]
+    """Each schema error as `<JSON path>: <message>`; a failed oneOf/anyOf lists its branches'
+    errors so the message names the missing or wrong field."""
+    messages = []
+    for error in validator.iter_errors(document):
+        message = f"{error.json_path}: {error.message}"
+        if error.context:
+            details = dict.fromkeys(f"{sub.json_path}: {sub.message}" for sub in error.context)
+            message += " (" + "; ".join(list(details)[:8]) + ")"
+        messages.append(message)
+    return messages
 
 
 def _check_integrity(
@@ -276,8 +285,12 @@ def validate_notification(
         if problem is None and topic.split("/")[4:5] == ["data"]:
             centre = centre_id_of_topic(topic)
             metadata_id = props.get("metadata_id")
+            data_id = props.get("data_id")
             if isinstance(metadata_id, str) and centre and f":{centre}:" not in metadata_id:
                 problem = f"metadata_id {metadata_id!r} is not a record of centre {centre!r}"
+            elif (isinstance(data_id, str) and data_id.startswith("wis2/")
+                  and data_id.split("/")[1:2] != [centre]):
+                problem = f"data_id {data_id!r} is not under wis2/{centre}/ of topic {topic!r}"
         report.add("topic", problem is None, problem or f"publishable on {topic}")
     if kpi:
         _run_kpi(report, document)
@@ -292,7 +305,7 @@ def _run_ets(report: ValidationReport, document: Mapping[str, Any]) -> None:
     except ValueError as exc:
         report.add("ets", False, f"ETS stopped: schema validation failed ({exc.args[0][0]})")
         return
-    except (KeyError, TypeError, AttributeError) as exc:
+    except Exception as exc:  # the ETS must never crash the caller
         report.add("ets", False, f"ETS could not run on this message: {exc!r}")
         return
     for test in results["ets-report"]["tests"]:

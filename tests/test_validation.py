@@ -1,0 +1,280 @@
+"""Strict WNM validation: spec examples, the original chain's defects, the chain's own output, and
+one mutation per check (each failure must name the field and the problem)."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flows.wis2.validation import (
+    CheckResult,
+    ValidationFailed,
+    ValidationReport,
+    validate_notification,
+)
+from tests.fixtures.paths import BUFR_EVENT, NETCDF_EVENT, ORIGINAL_NOTIFICATIONS, WNM_EXAMPLES
+
+ARGO_TOPIC = (
+    "origin/a/wis2/fr-ifremer-argo/data/core/ocean/surface-based-observations/"
+    "drifting-ocean-profilers"
+)
+ORIGINAL_DATA = ORIGINAL_NOTIFICATIONS / "IOPX01_LFVX_251403-msg-notification.json"
+
+
+def _failed(report: ValidationReport) -> dict[str, str]:
+    return {c.id: c.message for c in report.failures}
+
+
+def _good() -> dict[str, Any]:
+    """A strict, valid message of this node (the original chain's, with its two defects fixed)."""
+    message = json.loads(ORIGINAL_DATA.read_text())
+    digest = hashlib.sha512(b"argo profile").digest()
+    message["properties"]["integrity"] = {
+        "method": "sha512", "value": base64.b64encode(digest).decode()
+    }
+    message["properties"]["data_id"] = message["properties"]["data_id"].replace(
+        "/core/data/", "/data/core/"
+    )
+    return message
+
+
+def test_good_message_passes_publish_profile() -> None:
+    report = validate_notification(_good(), topic=ARGO_TOPIC)
+    assert report.ok, report.summary()
+    assert not report.warnings
+    ids = {c.id for c in report.checks}
+    assert {"schema", "ets:links", "integrity-encoding", "single-link-relation", "size",
+            "data-id", "topic", "timestamps-utc", "temporal-form"} <= ids
+    assert "kpi" not in ids
+
+
+@pytest.mark.parametrize("path", sorted(WNM_EXAMPLES.glob("*.json")), ids=lambda p: p.name)
+def test_every_spec_example_passes_spec_profile(path: Path) -> None:
+    report = validate_notification(path.read_bytes(), profile="spec")
+    assert report.ok, report.summary()
+    assert all(w.id in {"integrity-encoding", "content-size", "data-id"} for w in report.warnings)
+
+
+def test_spec_example_hex_integrity_is_an_error_for_publication() -> None:
+    path = WNM_EXAMPLES / "eumetsat-msg-seviri-core-notification.json"
+    report = validate_notification(path.read_bytes())
+    assert not report.ok
+    assert "looks like hex" in _failed(report)["integrity-encoding"]
+
+
+def test_original_chain_notification_fails_publish_profile_naming_both_defects() -> None:
+    report = validate_notification(ORIGINAL_DATA.read_bytes())
+    failed = _failed(report)
+    assert set(failed) == {"integrity-encoding", "data-id"}, report.summary()
+    assert "looks like hex" in failed["integrity-encoding"]
+    assert "base64 sha512" in failed["integrity-encoding"]
+    assert "'core/data' order" in failed["data-id"]
+    with pytest.raises(ValidationFailed) as raised:
+        report.raise_for_failures()
+    assert isinstance(raised.value, ValueError)
+    assert "integrity-encoding" in str(raised.value) and "data-id" in str(raised.value)
+    assert "looks like hex" in str(raised.value)
+
+    spec = validate_notification(ORIGINAL_DATA.read_bytes(), profile="spec")
+    assert spec.ok
+    assert {w.id for w in spec.warnings} == {"integrity-encoding", "data-id"}
+
+
+@pytest.mark.parametrize("event", [BUFR_EVENT, NETCDF_EVENT], ids=lambda p: p.stem)
+def test_the_chain_builds_strict_messages(event: Path) -> None:
+    from flows.settings import ChainSettings
+    from flows.wis2.cloudevent import parse_event
+    from flows.wis2.dataset import load_dataset
+    from flows.wis2.mapping import build_notifications
+
+    settings = ChainSettings()
+    dataset = load_dataset(settings.default_dataset, settings.datasets_dir)
+    notifications = build_notifications(parse_event(event.read_bytes()), dataset)
+    assert notifications
+    for notification in notifications:
+        report = validate_notification(notification.to_dict(), topic=dataset.topic)
+        assert report.ok, report.summary()
+        assert report.raise_for_failures() is report
+
+
+def _mutate(**changes: Any) -> dict[str, Any]:
+    message = _good()
+    for dotted, value in changes.items():
+        target = message
+        *parents, leaf = dotted.split("__")
+        for key in parents:
+            target = target[key]
+        if value is _DELETE:
+            del target[leaf]
+        else:
+            target[leaf] = value
+    return message
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    ("message", "check", "words"),
+    [
+        (_mutate(id="not-a-uuid"), "schema", ["$.id", "uuid"]),
+        (_mutate(properties__pubtime="yesterday"), "schema", ["$.properties.pubtime"]),
+        (_mutate(properties__pubtime="2025-03-14T03:00:00+02:00"), "timestamps-utc",
+         ["properties.pubtime", "UTC"]),
+        (_mutate(properties__pubtime=_DELETE), "timestamps-utc", ["pubtime is missing"]),
+        (_mutate(properties__start_datetime="2025-03-14T00:00:00Z",
+                 properties__end_datetime="2025-03-14T01:00:00Z"), "temporal-form", ["not both"]),
+        (_mutate(properties__datetime=_DELETE), "temporal-form", ["missing time"]),
+        (_mutate(properties__integrity={"method": "sha512", "value": "A2KNxvks...S8qfSCw=="}),
+         "integrity-encoding", ["not valid base64"]),
+        (_mutate(properties__integrity={"method": "sha256",
+                                        "value": base64.b64encode(b"x" * 20).decode()}),
+         "integrity-encoding", ["20 bytes", "32 bytes"]),
+        (_mutate(properties__integrity={"method": "md5", "value": "AAAA"}),
+         "integrity-encoding", ["md5"]),
+        (_mutate(properties__data_id="origin/a/wis2/fr-ifremer-argo/data/core/x"), "data-id",
+         ["must not start with a channel"]),
+        (_mutate(properties__data_id=_DELETE), "data-id", ["data_id missing"]),
+    ],
+    ids=["uuid", "pubtime-format", "pubtime-offset", "no-pubtime", "both-times", "no-time",
+         "placeholder-integrity", "short-digest", "bad-method", "data-id-channel", "no-data-id"],
+)
+def test_each_defect_names_its_field(message: dict[str, Any], check: str, words: list[str]) -> None:
+    report = validate_notification(message)
+    assert not report.ok
+    failed = _failed(report)
+    assert check in failed, report.summary()
+    for word in words:
+        assert word in failed[check]
+
+
+def test_link_relations_exactly_one() -> None:
+    message = _good()
+    update = copy.deepcopy(message["links"][0]) | {"rel": "update"}
+    message["links"].append(update)
+    failed = _failed(validate_notification(message))
+    relation = failed["single-link-relation"]
+    assert "canonical" in relation and "update" in relation
+
+    message["links"] = [link for link in message["links"] if link["rel"] not in
+                        ("canonical", "update")] + [{"href": "https://x.org/a", "rel": "item"}]
+    failed = _failed(validate_notification(message))
+    assert "found none" in failed["single-link-relation"]
+
+
+def test_message_size_limit() -> None:
+    message = _good()
+    message["properties"]["title"] = "x" * 9000
+    failed = _failed(validate_notification(message))
+    assert "at most 8192" in failed["size"]
+
+
+def test_inline_content_limits() -> None:
+    message = _good()
+    raw = b"a" * 4000
+    message["properties"]["content"] = {
+        "encoding": "base64", "value": base64.b64encode(raw).decode(), "size": len(raw)
+    }
+    failed = _failed(validate_notification(message))
+    assert "content.value" in failed["content-size"] and "4096" in failed["content-size"]
+
+    message["properties"]["content"] = {"encoding": "base64", "value": "!!notbase64", "size": 3}
+    assert "not base64" in _failed(validate_notification(message))["content-size"]
+
+    message["properties"]["content"] = {"encoding": "utf-8", "value": "hello", "size": 6}
+    assert "decoded size 5" in _failed(validate_notification(message))["content-size"]
+
+    message["properties"]["content"]["size"] = 5
+    report = validate_notification(message)
+    assert report.ok, report.summary()
+
+
+def test_topic_checks() -> None:
+    message = _good()
+    assert validate_notification(message, topic=ARGO_TOPIC).ok
+
+    wrong_order = ARGO_TOPIC.replace("/data/core/", "/core/data/")
+    failed = _failed(validate_notification(message, topic=wrong_order))
+    assert "topic" in failed and "'core'" in failed["topic"]
+
+    other_centre = ARGO_TOPIC.replace("fr-ifremer-argo", "fr-meteofrance")
+    failed = _failed(validate_notification(message, topic=other_centre))
+    assert "metadata_id" in failed["topic"] and "fr-meteofrance" in failed["topic"]
+
+    failed = _failed(validate_notification(message, topic=ARGO_TOPIC + "/#"))
+    assert "wildcard" in failed["topic"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [(b"\xff\xfe", "not UTF-8"), ("{", "not JSON"), ("[1, 2]", "JSON object"), ("", "not JSON")],
+)
+def test_bad_input_is_a_failed_check_not_an_exception(raw: bytes | str, words: str) -> None:
+    report = validate_notification(raw)
+    assert not report.ok
+    assert words in _failed(report)["json"]
+    assert report.subject == "?"
+
+
+def test_empty_object_says_which_fields_are_required() -> None:
+    failed = _failed(validate_notification({}))
+    assert "'id' is a required property" in failed["schema"]
+    assert "'links' is a required property" in failed["schema"]
+
+
+def test_report_rows_summary_and_kpi_flag() -> None:
+    report = validate_notification(ORIGINAL_DATA.read_bytes(), profile="spec")
+    rows = report.rows()
+    assert all(set(row) == {"check", "result", "message"} for row in rows)
+    results = {row["check"]: row["result"] for row in rows}
+    assert results["integrity-encoding"] == "WARNING"
+    assert results["schema"] == "PASSED"
+    assert "valid" in report.summary() and "2 warnings" in report.summary()
+    failing = ValidationReport(subject="s", kind="wnm", checks=[
+        CheckResult(id="size", passed=False, severity="error", message="too big")])
+    assert "size: too big" in failing.summary()
+
+    with_kpi = validate_notification(_good(), kpi=True)
+    kpi = [c for c in with_kpi.checks if c.id == "kpi"]
+    assert len(kpi) == 1 and kpi[0].severity == "warning"  # never blocks publication
+    assert with_kpi.ok
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+_wnm_keys = st.sampled_from(["id", "type", "geometry", "properties", "links", "conformsTo"])
+_prop_keys = st.sampled_from(["pubtime", "datetime", "integrity", "data_id", "content",
+                              "metadata_id", "start_datetime", "end_datetime"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    top=st.dictionaries(_wnm_keys, _json, max_size=6),
+    props=st.dictionaries(_prop_keys, _json, max_size=8),
+    links=_json,
+)
+def test_validation_never_raises(top: dict[str, Any], props: dict[str, Any], links: Any) -> None:
+    top = top | {"properties": props} if props else top
+    if links is not None:
+        top["links"] = links
+    report = validate_notification(top, topic="origin/a/wis2/x")
+    assert isinstance(report, ValidationReport)
+    assert report.summary()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=64))
+def test_arbitrary_bytes_never_raise(raw: bytes) -> None:
+    assert not validate_notification(raw).ok
