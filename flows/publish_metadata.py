@@ -388,8 +388,8 @@ def publish_metadata(
     """Publish (or delete) one WCMP2 discovery metadata record.
 
     Args:
-        record: the WCMP2 record (paste the JSON), or
-        record_location: a path or http(s) URL of the record.
+        record: the WCMP2 record (paste its JSON here), or else:
+        record_location: a path or http(s) URL of the record (instead of `record`).
         public_url: where the record is (or will be) served. Optional when the node serves its
             records (WIS2_METADATA_DIR and WIS2_METADATA_BASE_URL set).
         operation: create/update (the relation is canonical the first time this node publishes

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +22,10 @@ from flows.wis2.metadata_notification import (
     record_id_of,
     relation_for,
 )
-from tests.fixtures.paths import ARGO_METADATA, DATA
+from flows.wis2.topics import metadata_topic
+from flows.wis2.validation import validate_notification
+from flows.wis2.wcmp2 import validate_wcmp2
+from tests.fixtures.paths import ARGO_METADATA, DATA, WCMP2_EXAMPLES
 
 DEMO = DATA / "demo-metadata.json"
 
@@ -147,3 +151,27 @@ def test_pasted_record_round_trips_without_added_members() -> None:
     # extras are kept
     argo = json.loads(ARGO_METADATA.read_text(encoding="utf-8"))
     assert Wcmp2Record.model_validate(argo).to_dict()["linkTemplates"] == argo["linkTemplates"]
+
+
+RECORDS = [*sorted(WCMP2_EXAMPLES.glob("*.json")), ARGO_METADATA, DEMO]
+
+
+@pytest.mark.parametrize("path", RECORDS, ids=[p.name for p in RECORDS])
+def test_reference_records_validate_and_yield_valid_notifications(
+    path: Path, reference_dir: Path
+) -> None:
+    """Every WCMP2 spec example (all from valid centres), the Argo record and the demo record."""
+    raw = path.read_bytes()
+    record = parse_record(raw, path.name)
+    report = validate_wcmp2(record)
+    assert report.ok, report.summary()
+    msg = build_metadata_notification(
+        record, raw, href=f"https://node.example.org/md/{path.name}", rel="canonical"
+    )
+    topic = metadata_topic(centre_id_of(record))
+    wnm = validate_notification(msg.to_dict(), topic=topic, profile="publish")
+    assert wnm.ok, wnm.summary()
+    deletion = build_metadata_notification(
+        record, None, href="https://x.org/a.json", rel="deletion"
+    )
+    assert validate_notification(deletion.to_dict(), topic=topic, profile="publish").ok

@@ -24,7 +24,7 @@ from flows.mqtt import connect
 from flows.publish_metadata import publish_metadata, republish_metadata
 from flows.wis2.metadata_notification import Wcmp2Record
 from flows.wis2.validation import validate_notification
-from tests.fixtures.paths import ARGO_METADATA, DATA
+from tests.fixtures.paths import ARGO_METADATA, DATA, REPO
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -169,18 +169,21 @@ def test_pasted_record_served_elsewhere(node, subscriber, monkeypatch) -> None:
 @pytest.mark.parametrize(
     ("change", "named"),
     [
-        (lambda r: r.__setitem__("id", "urn:wmo:md:fr-ifremer-argo"), "id"),
+        (
+            lambda r: r.__setitem__("id", "urn:wmo:md:fr-ifremer-argo"),
+            "identifier 'urn:wmo:md:fr-ifremer-argo'",
+        ),
         (
             lambda r: r["links"][0].__setitem__(
                 "channel", "origin/a/wis2/de-dwd/data/core/weather/surface-based-observations/synop"
             ),
-            "channel",
+            "channel 'origin/a/wis2/de-dwd/data/core/weather/surface-based-observations/synop'",
         ),
         (
             lambda r: r["links"][0].__setitem__(
                 "channel", "origin/a/wis2/fr-ifremer-argo/data/core/not-a-discipline/x"
             ),
-            "channel",
+            "origin/a/wis2/fr-ifremer-argo/data/core/not-a-discipline/x",
         ),
     ],
     ids=["broken-identifier", "other-centre-channel", "invalid-channel"],
@@ -226,3 +229,19 @@ def test_republish_sends_an_update_for_each_current_record(node, subscriber) -> 
         assert msg["properties"]["integrity"]["value"] == _sha512_b64(data)
     time.sleep(1)
     assert len(subscriber.messages) == 6, "the deleted record is not republished"
+
+
+def test_prefect_yaml_declares_the_metadata_deployments() -> None:
+    """publish-metadata/default on demand; republish-metadata/daily at 03:00 UTC."""
+    import yaml
+    from prefect.flows import load_flow_from_entrypoint
+
+    project = yaml.safe_load((REPO / "prefect.yaml").read_text(encoding="utf-8"))
+    by_flow = {}
+    for deployment in project["deployments"]:
+        flow_obj = load_flow_from_entrypoint(str(REPO / deployment["entrypoint"]))
+        by_flow[f"{flow_obj.name}/{deployment['name']}"] = deployment
+    assert "publish-metadata/default" in by_flow
+    daily = by_flow["republish-metadata/daily"]
+    assert daily["schedules"] == [{"cron": "0 3 * * *", "timezone": "UTC", "active": True}]
+    assert daily["work_pool"]["name"] == by_flow["publish-metadata/default"]["work_pool"]["name"]
