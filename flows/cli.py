@@ -28,6 +28,9 @@ def _read(path: Path) -> bytes:
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # the validators log what the printed reports already say
+        for name in ("pywis_pubsub", "pywcmp", "pywis_topics"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 @app.command()
@@ -51,6 +54,10 @@ def build(
         for error in exc.errors:
             typer.echo(f"  {error.path}: {error.message}", err=True)
         raise typer.Exit(1) from None
+    except FileNotFoundError as exc:
+        typer.echo(f"error: dataset {dataset or settings.default_dataset!r} not found "
+                   f"({exc.filename}); datasets live in {settings.datasets_dir}", err=True)
+        raise typer.Exit(2) from None
     except (OSError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

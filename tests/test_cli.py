@@ -1,0 +1,165 @@
+"""The `wis2-chain` command line: what an operator sees on stdout/stderr and the exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib import import_module
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.wis2.validation import validate_notification
+from tests.fixtures.paths import (
+    ARGO_METADATA,
+    BUFR_EVENT,
+    BUNDLE_DIR,
+    NETCDF_EVENT,
+    ORIGINAL_NOTIFICATIONS,
+    REPO,
+    WNM_EXAMPLES,
+)
+
+ORIGINAL_DATA = ORIGINAL_NOTIFICATIONS / "IOPX01_LFVX_251403-msg-notification.json"
+ARGO_TOPIC = (
+    "origin/a/wis2/fr-ifremer-argo/data/core/ocean/surface-based-observations/"
+    "drifting-ocean-profilers"
+)
+runner = CliRunner()
+
+
+def _write(tmp_path: Path, name: str, document: Any) -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps(document) if not isinstance(document, str) else document)
+    return path
+
+
+@pytest.mark.parametrize("event", [BUFR_EVENT, NETCDF_EVENT], ids=lambda p: p.stem)
+def test_build_prints_a_valid_notification(event: Path) -> None:
+    result = runner.invoke(app, ["build", str(event)])
+    assert result.exit_code == 0, result.output
+    message = json.loads(result.stdout)
+    report = validate_notification(message, topic=ARGO_TOPIC)
+    assert report.ok, report.summary()
+    assert f"# topic: {ARGO_TOPIC}" in result.stderr
+
+
+def test_build_reports_each_field_error_on_stderr(tmp_path: Path) -> None:
+    event = json.loads(BUFR_EVENT.read_text())
+    del event["specversion"]
+    asset = next(iter(event["data"]["assets"].values()))
+    asset["href"] = "not a url"
+    path = _write(tmp_path, "bad.json", event)
+    result = runner.invoke(app, ["build", str(path)])
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert "$.specversion" in result.stderr
+    assert "invalid" in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("  $")]
+    assert lines and all(": " in line for line in lines)
+
+
+def test_build_on_non_json_and_missing_file(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["build", str(_write(tmp_path, "x.json", "{oops"))])
+    assert result.exit_code == 1
+    assert "$" in result.stderr
+
+    result = runner.invoke(app, ["build", str(tmp_path / "missing.json")])
+    assert result.exit_code == 2
+    assert "cannot read" in result.stderr
+
+
+def test_build_with_unknown_dataset(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["build", str(BUFR_EVENT), "--dataset", "no-such-dataset"])
+    assert result.exit_code == 2
+    assert "dataset 'no-such-dataset' not found" in result.stderr
+
+
+def test_validate_original_notification_publish_vs_spec() -> None:
+    result = runner.invoke(app, ["validate", str(ORIGINAL_DATA)])
+    assert result.exit_code == 1
+    assert "FAILED" in result.stdout and "integrity-encoding" in result.stdout
+    assert "looks like hex" in result.stdout and "'core/data' order" in result.stdout
+
+    result = runner.invoke(app, ["validate", str(ORIGINAL_DATA), "--profile", "spec"])
+    assert result.exit_code == 0, result.stdout
+    assert "WARNING" in result.stdout and "valid" in result.stdout
+
+
+def test_validate_spec_example_and_topic(tmp_path: Path) -> None:
+    example = WNM_EXAMPLES / "example3.json"
+    result = runner.invoke(app, ["validate", str(example), "--profile", "spec"])
+    assert result.exit_code == 0, result.stdout
+
+    result = runner.invoke(app, ["validate", str(example), "--profile", "spec",
+                                 "--topic", "origin/a/wis2/fr-ifremer-argo/core/data"])
+    assert result.exit_code == 1
+    assert "topic" in result.stdout and "FAILED" in result.stdout
+
+    result = runner.invoke(app, ["validate", str(example), "--profile", "strict"])
+    assert result.exit_code == 2
+
+
+def test_validate_detects_wcmp2() -> None:
+    result = runner.invoke(app, ["validate", str(ARGO_METADATA)])
+    assert result.exit_code == 0, result.stdout
+    assert "wcmp2 urn:wmo:md:fr-ifremer-argo:cor:msg:argo" in result.stdout
+    assert "channels" in result.stdout
+
+
+def test_validate_bad_json(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["validate", str(_write(tmp_path, "x.json", "not json"))])
+    assert result.exit_code == 1
+    assert "not JSON" in result.stdout
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setattr(import_module("pywis_pubsub.schema"), "USERDIR", home / ".pywis-pubsub")
+    monkeypatch.setattr(import_module("pywcmp.util"), "get_userdir", lambda: home / ".pywcmp")
+    monkeypatch.setattr(import_module("pywis_topics.util"), "get_userdir",
+                        lambda: home / ".pywis-topics")
+    return home
+
+
+def test_bundles_status_and_install(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    result = runner.invoke(app, ["bundles", "status"])
+    assert result.exit_code == 1
+    assert "pywcmp: MISSING" in result.stdout
+
+    monkeypatch.setenv("WIS2_BUNDLE_DIR", str(BUNDLE_DIR))  # the default for --from
+    result = runner.invoke(app, ["bundles", "install"])
+    assert result.exit_code == 0, result.output
+    assert str(BUNDLE_DIR) in result.stdout
+
+    result = runner.invoke(app, ["bundles", "status"])
+    assert result.exit_code == 0
+    assert result.stdout.count("installed") == 3
+
+
+def test_bundles_install_from_a_wrong_directory(home: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["bundles", "install", "--from", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "missing pywis-pubsub/" in result.stderr
+
+
+def test_real_subprocess_installs_bundles_into_home(tmp_path: Path) -> None:
+    """What `make bundles` runs, as a real process with its own HOME."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WIS2_")}
+    env["HOME"] = str(tmp_path)
+    command = [str(Path(sys.executable).with_name("wis2-chain")), "bundles"]
+    done = subprocess.run([*command, "install", "--from", str(BUNDLE_DIR)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / ".pywis-topics" / "wis2-topic-hierarchy" / "centre-id.csv").exists()
+    done = subprocess.run([*command, "status"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "pywis-pubsub: installed" in done.stdout
