@@ -254,6 +254,24 @@ def test_changed_file_is_published_as_update(on_session_broker: Subscriber, chai
     assert (entry.notification_id, entry.rel) == (second.ids[0], "update")
 
 
+def test_deletion_event_publishes_a_deletion(on_session_broker: Subscriber, chain) -> None:
+    first = run(bufr_event()).result()
+    deletion = bufr_event()
+    deletion["id"] = "IOPX01_LFVX_251403-deleted"
+    deletion["operation"] = "delete"
+    state = run(deletion)
+    assert state.is_completed(), state.message
+    second: PublishResult = state.result()
+    assert second.notifications[0].rel == "deletion"
+    assert second.notifications[0].data_id == first.notifications[0].data_id
+    messages = on_session_broker.wait_for(2)
+    assert [m["id"] for _, m in messages] == first.ids + second.ids
+    assert [lk["rel"] for lk in messages[1][1]["links"]] == ["deletion"]
+    assert validate_notification(messages[1][1], topic=ARGO.topic).ok
+    entry = Ledger.in_dir(chain.results).get(second.notifications[0].data_id)
+    assert entry is not None and entry.rel == "deletion"
+
+
 # --------------------------------------------------------------------------------------------
 # bad input
 
@@ -285,6 +303,34 @@ def test_event_that_is_not_a_cloudevent_fails_cleanly(on_session_broker: Subscri
     message = read_flow_run(state.state_details.flow_run_id).state.message
     assert "specversion" in message or "$.data" in message
     assert on_session_broker.settle(0.5) == []
+
+
+def test_invalid_notification_fails_once_without_retry(
+    on_session_broker: Subscriber, tmp_path: Path
+) -> None:
+    """A dataset that yields invalid messages (policy before `data` in data_id, the original
+    chain's defect): the run fails at validation, never retries, publishes nothing."""
+    template = "wis2/{centre_id}/{data_policy}/data/{href_path}"
+    dataset = ARGO.model_copy(update={"name": "argo-bad", "data_id_template": template})
+    path = tmp_path / "argo-bad.json"
+    path.write_text(dataset.model_dump_json(), encoding="utf-8")
+
+    state = run(bufr_event(), dataset=str(path))
+    assert state.is_failed()
+    flow_run_id = state.state_details.flow_run_id
+    assert "data-id" in read_flow_run(flow_run_id).state.message
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    validation = [t for t in task_runs if t.name.startswith("validate-notifications")]
+    assert [t.run_count for t in validation] == [1]
+    assert not [t for t in task_runs if t.name.startswith("publish-notification")]
+    artifacts = read_artifacts(flow_run_id)
+    table = json.loads(artifacts["validation-iopx01-lfvx-251403-bu"].data)
+    assert any(row["check"] == "data-id" and row["result"] == "FAILED" for row in table)
+    assert "failed-iopx01-lfvx-251403-bu" in artifacts
+    assert on_session_broker.settle() == []
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,10 +29,10 @@ from flows.settings import ChainSettings
 
 
 def build_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    """Event identity (source + id + asset checksums) and dataset name."""
+    """Event identity (source + id + asset checksums), operation and dataset name."""
     event = parameters["event"]
     dataset = parameters["dataset"]
-    text = f"{event.identity_key()}\n{dataset.name}"
+    text = f"{event.identity_key()}\n{event.operation}\n{dataset.name}"
     return "wnm-build-" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
