@@ -168,6 +168,8 @@ def load_record_task(
     if not record_location:
         raise _invalid("$.record", "a record (or record_location) is required")
     raw = fetch_location(record_location, timeout)
+    if urlparse(record_location).scheme == "":  # keep an absolute path for republication
+        record_location = str(Path(record_location).expanduser().resolve())
     return LoadedRecord(
         record=parse_record(raw, f"metadata record {record_location}"),
         raw=raw,
@@ -561,9 +563,11 @@ def republish_metadata() -> RepublishResult:
             failed[record_id] = "no stored location or copy of the record"
             logger.error("cannot republish %s: %s", record_id, failed[record_id])
             continue
+        # served by this node: the URL follows WIS2_METADATA_BASE_URL; else the announced URL
+        served_here = extra.get("served_path") and settings.metadata_dir is not None
         state = publish_metadata(
             record_location=str(location),
-            public_url=extra.get("href"),
+            public_url=None if served_here else extra.get("href"),
             operation="update",
             return_state=True,
         )

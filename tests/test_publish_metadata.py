@@ -245,3 +245,17 @@ def test_prefect_yaml_declares_the_metadata_deployments() -> None:
     daily = by_flow["republish-metadata/daily"]
     assert daily["schedules"] == [{"cron": "0 3 * * *", "timezone": "UTC", "active": True}]
     assert daily["work_pool"]["name"] == by_flow["publish-metadata/default"]["work_pool"]["name"]
+
+
+def test_unreachable_broker_fails_the_run_and_records_nothing(node, monkeypatch) -> None:
+    from flows.runtime.processes import free_port
+
+    block = f"md-down-{uuid.uuid4().hex[:8]}"
+    MqttBroker(host="127.0.0.1", port=free_port("127.0.0.1"), username="publisher").save(block)
+    monkeypatch.setenv("WIS2_BROKER_BLOCK", block)
+    monkeypatch.setenv("WIS2_PUBLISH_RETRIES", "0")
+    state = publish_metadata(record_location=str(ARGO_METADATA), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="cannot reach broker"):
+        state.result()
+    assert Ledger.in_dir(node["results"]).all() == {}, "only a successful publish is recorded"
