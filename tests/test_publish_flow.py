@@ -230,6 +230,32 @@ def test_same_event_again_reuses_the_notification(on_session_broker: Subscriber)
     assert one.ids[0] in artifacts["wnm-iopx01-lfvx-251403-bu"].data
 
 
+def test_concurrent_runs_of_one_event_publish_one_notification(
+    on_session_broker: Subscriber,
+) -> None:
+    """Two runs of the same event at once (a redelivery racing the first delivery): the cache
+    lock makes the second wait and reuse the first's notification."""
+    states: list[Any] = []
+
+    def one_run() -> None:
+        states.append(run(bufr_event()))
+
+    threads = [
+        threading.Thread(target=contextvars.copy_context().run, args=(one_run,))
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert len(states) == 2 and all(s.is_completed() for s in states), states
+    results: list[PublishResult] = [s.result() for s in states]
+    assert results[0].ids == results[1].ids
+    assert sorted(n.sent for r in results for n in r.notifications) == [False, True]
+    messages = on_session_broker.settle()
+    assert [m["id"] for _, m in messages] == results[0].ids
+
+
 def test_changed_file_is_published_as_update(on_session_broker: Subscriber, chain) -> None:
     first = run(bufr_event()).result()
     changed = bufr_event()
