@@ -349,7 +349,8 @@ def _failure_markdown(error: BaseException, params: dict[str, Any]) -> str:
         lines += [f"| `{e.path}` | {e.message.replace('|', '/')} |" for e in errors]
         lines.append("")
     lines += [
-        "Nothing was published. Fix the record and run the "
+        "The ledger records only acknowledged publications (see the run's logs and the "
+        "validation table). Fix the record and run the "
         f"`{DEPLOYMENT}` deployment again (Prefect UI: Deployments > publish-metadata > Run > "
         "Custom run), or:",
         "",
