@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 WIS2_BUNDLE_DIR ?= $(if $(wildcard ../shared/wis2-bundle/README.md),../shared/wis2-bundle,)
 export WIS2_BUNDLE_DIR
 
-.PHONY: help venv install mosquitto bundles lint test demo demo-event broker-config blocks bench clean
+.PHONY: help venv install mosquitto docker-compose bundles lint test demo demo-event broker-config blocks bench clean
 
 help:
 	@echo "make demo   - start the whole chain on loopback and publish the sample Argo event"
@@ -30,13 +30,20 @@ mosquitto:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y mosquitto; \
 	  else echo "run: sudo apt-get install -y mosquitto" >&2; exit 1; fi; }
 
+# compose.yml is checked with Debian's docker-compose (no Docker engine needed).
+docker-compose:
+	@command -v docker-compose >/dev/null 2>&1 || { \
+	  echo "docker-compose not found: installing Debian's docker-compose package"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y docker-compose; \
+	  else echo "run: sudo apt-get install -y docker-compose" >&2; exit 1; fi; }
+
 bundles: install
 	$(BIN)/wis2-chain bundles install $(if $(WIS2_BUNDLE_DIR),--from "$(WIS2_BUNDLE_DIR)")
 
 lint: install
 	$(BIN)/ruff check .
 
-test: install mosquitto bundles lint
+test: install mosquitto docker-compose bundles lint
 	$(BIN)/python -m pytest
 
 # Render the broker's mosquitto.conf, acl and passwd into run/broker from WIS2_BROKER_* (.env).
