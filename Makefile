@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 WIS2_BUNDLE_DIR ?= $(if $(wildcard ../shared/wis2-bundle/README.md),../shared/wis2-bundle,)
 export WIS2_BUNDLE_DIR
 
-.PHONY: help venv install mosquitto docker-compose bundles lint test demo demo-event broker-config blocks bench clean
+.PHONY: help venv install mosquitto docker-compose chromium bundles lint test demo demo-event broker-config blocks bench clean
 
 help:
 	@echo "make demo   - start the whole chain on loopback and publish the sample Argo event"
@@ -37,13 +37,20 @@ docker-compose:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y docker-compose; \
 	  else echo "run: sudo apt-get install -y docker-compose" >&2; exit 1; fi; }
 
+# The browser test drives Debian's chromium with Playwright (no browser download).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "chromium not found: installing Debian's chromium package"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y chromium; \
+	  else echo "run: sudo apt-get install -y chromium" >&2; exit 1; fi; }
+
 bundles: install
 	$(BIN)/wis2-chain bundles install $(if $(WIS2_BUNDLE_DIR),--from "$(WIS2_BUNDLE_DIR)")
 
 lint: install
 	$(BIN)/ruff check .
 
-test: install mosquitto docker-compose bundles lint
+test: install mosquitto docker-compose chromium bundles lint
 	$(BIN)/python -m pytest
 
 # Render the broker's mosquitto.conf, acl and passwd into run/broker from WIS2_BROKER_* (.env).
