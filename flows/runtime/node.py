@@ -52,6 +52,8 @@ class NodeSettings(BaseSettings):
     metadata_record: Path = REPO / "data" / "demo-metadata.json"
     verify_data: bool = Field(default=True, description="Flows download and check the data")
     timeout: float = Field(default=240.0, description="Seconds to wait for the notification")
+    database_url: str | None = Field(
+        default=None, description="Prefect server database (default: SQLite in run_dir)")
 
 
 class NodeState(BaseModel):
@@ -195,7 +197,7 @@ class LocalNode:
 
         log.info("starting the Prefect server (UI) on port %s", s.prefect_port)
         self.server = PrefectServer(self.run_dir / "prefect", port=s.prefect_port, host=s.host,
-                                    ui=True)
+                                    ui=True, database_url=s.database_url)
         self.processes.append(self.server)
         self.server.start(timeout=180)
         env = self.child_env()
