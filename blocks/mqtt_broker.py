@@ -29,28 +29,12 @@ class MqttBroker(Block):
 
     def connection(self) -> MqttConnection:
         """The connection parameters for `flows.mqtt` (Publisher, connect)."""
-        return MqttConnection(
-            host=self.host,
-            port=self.port,
-            transport=self.transport,
-            ws_path=self.ws_path,
-            tls=self.tls,
-            ca_certs=self.ca_certs,
-            username=self.username,
-            password=self.password,
-            client_id_prefix=self.client_id_prefix,
-        )
+        return MqttConnection(**self.model_dump(include=_SHARED_FIELDS))
 
     @classmethod
     def from_connection(cls, conn: MqttConnection) -> MqttBroker:
-        return cls(
-            host=conn.host,
-            port=conn.port,
-            transport=conn.transport,
-            ws_path=conn.ws_path,
-            tls=conn.tls,
-            ca_certs=conn.ca_certs,
-            username=conn.username,
-            password=conn.password,
-            client_id_prefix=conn.client_id_prefix,
-        )
+        return cls(**conn.model_dump(include=_SHARED_FIELDS))
+
+
+# The fields a block and a connection have in common (all of the block's settings).
+_SHARED_FIELDS = set(MqttBroker.model_fields) & set(MqttConnection.model_fields)

@@ -13,7 +13,7 @@ import binascii
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -71,6 +71,29 @@ class ValidationReport(BaseModel):
 
     def add(self, id: str, passed: bool, message: str = "", severity: Severity = "error") -> None:
         self.checks.append(CheckResult(id=id, passed=passed, severity=severity, message=message))
+
+    def add_kpi(self, evaluate: Callable[[], Mapping[str, Any]]) -> None:
+        """Run a KPI evaluation (it needs the network): a warning row, never a failure."""
+        try:
+            summary = evaluate().get("summary", {})
+            self.add("kpi", True, f"KPI score {summary.get('percentage', '?')}%",
+                     severity="warning")
+        except Exception as exc:  # KPI needs the network; it never blocks publication
+            self.add("kpi", False, f"KPI not evaluated: {exc}", severity="warning")
+
+    @classmethod
+    def start(
+        cls, document: Mapping[str, Any] | str | bytes, kind: Literal["wnm", "wcmp2"]
+    ) -> tuple[ValidationReport, dict[str, Any] | None]:
+        """A report for `document`, and the document as a dict; None (with a failed `json`
+        check in the report) when it is not a JSON object."""
+        parsed, problem = load_json_document(document)
+        is_object = isinstance(parsed, Mapping)
+        report = cls(subject=str(parsed.get("id", "?")) if is_object else "?", kind=kind)
+        if problem or not is_object:
+            report.add("json", False, problem or f"a {kind.upper()} document is a JSON object")
+            return report, None
+        return report, dict(parsed)
 
     def rows(self) -> list[dict[str, str]]:
         return [{"check": c.id, "result": c.result, "message": c.message} for c in self.checks]
@@ -254,11 +277,8 @@ def validate_notification(
     kpi: bool = False,
 ) -> ValidationReport:
     """Validate a WNM; never raises on bad input (it becomes a failed check)."""
-    document, problem = load_json_document(message)
-    subject = document.get("id", "?") if isinstance(document, Mapping) else "?"
-    report = ValidationReport(subject=str(subject), kind="wnm")
-    if problem or not isinstance(document, Mapping):
-        report.add("json", False, problem or "a notification is a JSON object")
+    report, document = ValidationReport.start(message, "wnm")
+    if document is None:
         return report
     strict: Severity = "error" if profile == "publish" else "warning"
 
@@ -293,7 +313,9 @@ def validate_notification(
                 problem = f"data_id {data_id!r} is not under wis2/{centre}/ of topic {topic!r}"
         report.add("topic", problem is None, problem or f"publishable on {topic}")
     if kpi:
-        _run_kpi(report, document)
+        from pywis_pubsub.kpi import WNMKeyPerformanceIndicators
+
+        report.add_kpi(lambda: WNMKeyPerformanceIndicators(document).evaluate())
     return report
 
 
@@ -312,15 +334,3 @@ def _run_ets(report: ValidationReport, document: Mapping[str, Any]) -> None:
     for test in results["ets-report"]["tests"]:
         name = "ets:" + test["id"].rsplit("/", 1)[-1]
         report.add(name, test["code"] != "FAILED", test.get("message", test["code"]))
-
-
-def _run_kpi(report: ValidationReport, document: Mapping[str, Any]) -> None:
-    try:
-        from pywis_pubsub.kpi import WNMKeyPerformanceIndicators
-
-        results = WNMKeyPerformanceIndicators(dict(document)).evaluate()
-        summary = results.get("summary", {})
-        report.add("kpi", True, f"KPI score {summary.get('percentage', '?')}%",
-                   severity="warning")
-    except Exception as exc:  # KPI needs the network; it never blocks publication
-        report.add("kpi", False, f"KPI not evaluated: {exc}", severity="warning")

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flows.wis2.topics import centre_id_of_topic, publication_topic_problem
-from flows.wis2.validation import ValidationReport, load_json_document
+from flows.wis2.validation import ValidationReport
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +58,9 @@ def validate_wcmp2(
     """Validate a WCMP2 record; never raises on bad input (it becomes a failed check)."""
     from pywcmp.wcmp2.ets import WMOCoreMetadataProfileTestSuite2
 
-    document, problem = load_json_document(record)
-    subject = document.get("id", "?") if isinstance(document, Mapping) else "?"
-    report = ValidationReport(subject=str(subject), kind="wcmp2")
-    if problem or not isinstance(document, Mapping):
-        report.add("json", False, problem or "a WCMP2 record is a JSON object")
+    report, document = ValidationReport.start(record, "wcmp2")
+    if document is None:
         return report
-    document = dict(document)
     centre = _check_identifier(report, document.get("id"))
 
     suite = WMOCoreMetadataProfileTestSuite2(document)
@@ -91,16 +87,9 @@ def validate_wcmp2(
                            severity="warning" if test["code"] == "WARNING" else "error")
     _check_channels(report, document.get("links"), centre)
     if kpi:
-        _run_kpi(report, document)
-    return report
-
-
-def _run_kpi(report: ValidationReport, document: dict[str, Any]) -> None:
-    try:
         from pywcmp.wcmp2.kpi import WMOCoreMetadataProfileKeyPerformanceIndicators
 
-        results = WMOCoreMetadataProfileKeyPerformanceIndicators(document).evaluate()
-        summary = results.get("summary", {})
-        report.add("kpi", True, f"KPI score {summary.get('percentage', '?')}%", severity="warning")
-    except Exception as exc:  # KPI needs the network; it never blocks publication
-        report.add("kpi", False, f"KPI not evaluated: {exc}", severity="warning")
+        report.add_kpi(
+            lambda: WMOCoreMetadataProfileKeyPerformanceIndicators(document).evaluate()
+        )
+    return report
