@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -27,45 +28,66 @@ from flows.wis2.notification import Integrity
 Operation = Literal["create", "update", "delete"]
 _DELETE_WORDS = {"delete", "deleted", "deletion", "removed", "remove"}
 _UPDATE_WORDS = {"update", "updated", "modified", "changed", "modify"}
-_URL_SCHEMES = {"http", "https", "ftp", "sftp"}
+_URL_SCHEMES = {"http", "https", "ftp", "ftps"}
 
 
-def _check_position(position: Any, where: str) -> None:
-    if not isinstance(position, list | tuple) or len(position) not in (2, 3):
-        raise ValueError(f"{where}: a position is [longitude, latitude(, altitude)]")
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in position):
-        raise ValueError(f"{where}: position values must be numbers")
+def _position_problems(position: list[float]) -> list[str]:
+    if len(position) not in (2, 3):
+        return ["a position is [longitude, latitude] or [longitude, latitude, altitude]"]
+    problems = []
     lon, lat = position[0], position[1]
     if not -180 <= lon <= 180:
-        raise ValueError(f"{where}: longitude {lon} out of range [-180, 180]")
+        problems.append(f"longitude {lon} out of range [-180, 180]")
     if not -90 <= lat <= 90:
-        raise ValueError(f"{where}: latitude {lat} out of range [-90, 90]")
+        problems.append(f"latitude {lat} out of range [-90, 90]")
+    if len(position) == 3 and not math.isfinite(position[2]):
+        problems.append(f"altitude {position[2]} is not a finite number")
+    return problems
 
 
-class Geometry(BaseModel):
-    """GeoJSON geometry accepted by WNM: Point or Polygon."""
+class PointGeometry(BaseModel):
+    """GeoJSON Point: `coordinates` is [longitude, latitude(, altitude)]."""
 
     model_config = ConfigDict(extra="allow")
 
-    type: Literal["Point", "Polygon"]
-    coordinates: list[Any]
+    type: Literal["Point"]
+    coordinates: list[float]
 
-    @model_validator(mode="after")
-    def _valid_coordinates(self) -> Geometry:
-        if self.type == "Point":
-            _check_position(self.coordinates, "coordinates")
-            return self
-        if not self.coordinates:
-            raise ValueError("coordinates: a Polygon needs at least one ring")
-        for r, ring in enumerate(self.coordinates):
-            where = f"coordinates[{r}]"
-            if not isinstance(ring, list) or len(ring) < 4:
-                raise ValueError(f"{where}: a linear ring needs at least 4 positions")
+    @field_validator("coordinates")
+    @classmethod
+    def _position(cls, value: list[float]) -> list[float]:
+        if problems := _position_problems(value):
+            raise ValueError("; ".join(problems))
+        return value
+
+
+class PolygonGeometry(BaseModel):
+    """GeoJSON Polygon: closed linear rings of at least 4 positions, the first is the exterior."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["Polygon"]
+    coordinates: list[list[list[float]]] = Field(min_length=1)
+
+    @field_validator("coordinates")
+    @classmethod
+    def _rings(cls, value: list[list[list[float]]]) -> list[list[list[float]]]:
+        problems = []
+        for r, ring in enumerate(value):
+            if len(ring) < 4:
+                problems.append(f"ring [{r}] has {len(ring)} positions, a linear ring needs >= 4")
+            elif ring[0] != ring[-1]:
+                problems.append(f"ring [{r}] is not closed (last position != first)")
             for p, position in enumerate(ring):
-                _check_position(position, f"{where}[{p}]")
-            if list(ring[0]) != list(ring[-1]):
-                raise ValueError(f"{where}: a linear ring must end at its first position")
-        return self
+                problems += [f"[{r}][{p}]: {problem}" for problem in _position_problems(position)]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+
+# WNM accepts Point and Polygon geometries (or null).
+Geometry = Annotated[PointGeometry | PolygonGeometry, Field(discriminator="type")]
+_GEOMETRY_TAGS = {"Point", "Polygon"}
 
 
 class StacAsset(BaseModel):
@@ -82,9 +104,15 @@ class StacAsset(BaseModel):
     @field_validator("href")
     @classmethod
     def _absolute_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in _URL_SCHEMES or not parts.netloc:
-            raise ValueError(f"href {value!r} is not an absolute http(s)/ftp URL")
+        try:
+            parts = urlsplit(value)
+            host = parts.hostname
+        except ValueError as exc:
+            raise ValueError(f"href {value!r} is not a valid URL ({exc})") from None
+        if parts.scheme.lower() not in _URL_SCHEMES or not host:
+            raise ValueError(f"href {value!r} is not an absolute http(s) or ftp URL")
+        if any(c.isspace() or not c.isprintable() for c in value):
+            raise ValueError(f"href {value!r} contains spaces or control characters")
         return value
 
     @field_validator("file_checksum")
@@ -109,6 +137,13 @@ class StacProperties(BaseModel):
     datetime: AwareDatetime | None = None
     start_datetime: AwareDatetime | None = None
     end_datetime: AwareDatetime | None = None
+
+    @field_validator("datetime", "start_datetime", "end_datetime", mode="before")
+    @classmethod
+    def _rfc3339_text(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, str):
+            raise ValueError("must be an RFC 3339 date-time string with a time zone")
+        return value
 
     @model_validator(mode="after")
     def _has_time(self) -> StacProperties:
@@ -143,9 +178,14 @@ class StacItem(BaseModel):
         if len(value) not in (4, 6):
             raise ValueError("bbox has 4 (2D) or 6 (3D) numbers")
         half = len(value) // 2
+        for lon in (value[0], value[half]):
+            if not -180 <= lon <= 180:
+                raise ValueError(f"bbox longitude {lon} out of range [-180, 180]")
         for lat in (value[1], value[half + 1]):
             if not -90 <= lat <= 90:
                 raise ValueError(f"bbox latitude {lat} out of range [-90, 90]")
+        if value[1] > value[half + 1]:
+            raise ValueError("bbox south latitude is above its north latitude")
         return value
 
 
@@ -200,6 +240,18 @@ class CloudEvent(BaseModel):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
+def _event_errors(exc: ValidationError) -> list[FieldError]:
+    """Field errors with JSON paths as the user wrote them (no union tags such as `Point`)."""
+    errors = field_errors_from(exc)
+    for error in errors:
+        for tag in _GEOMETRY_TAGS:
+            error.path = error.path.replace(f".geometry.{tag}", ".geometry")
+        error.path = error.path.replace(".operation_", ".operation")
+        if error.message.startswith(("Unable to extract tag", "Input tag")):
+            error.message = f"geometry type must be 'Point' or 'Polygon' ({error.message})"
+    return errors or [FieldError(path="$", message=str(exc))]
+
+
 def parse_event(raw: bytes | str | Mapping[str, Any]) -> CloudEvent:
     """Parse and check an event; raise `InvalidInput` (what="event") with every problem found."""
     if isinstance(raw, bytes | bytearray):
@@ -216,7 +268,10 @@ def parse_event(raw: bytes | str | Mapping[str, Any]) -> CloudEvent:
             message = f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
             raise InvalidInput([FieldError(path="$", message=message)], "event") from None
         except RecursionError:
-            message = "JSON nested too deeply"
+            message = "not JSON that can be read: nested too deeply"
+            raise InvalidInput([FieldError(path="$", message=message)], "event") from None
+        except ValueError as exc:  # e.g. an integer with too many digits
+            message = f"not JSON that can be read: {exc}"
             raise InvalidInput([FieldError(path="$", message=message)], "event") from None
     if not isinstance(raw, Mapping):
         message = f"a CloudEvent is a JSON object, not {type(raw).__name__}"
@@ -224,6 +279,6 @@ def parse_event(raw: bytes | str | Mapping[str, Any]) -> CloudEvent:
     try:
         return CloudEvent.model_validate(dict(raw))
     except ValidationError as exc:
-        raise InvalidInput(field_errors_from(exc), "event") from None
+        raise InvalidInput(_event_errors(exc), "event") from None
     except (RecursionError, TypeError, ValueError) as exc:  # defensive: never anything else
         raise InvalidInput([FieldError(path="$", message=str(exc))], "event") from None
