@@ -38,7 +38,7 @@ def _read_varint(data: bytes, offset: int) -> tuple[int, int]:
         shift += 7
         if not byte & 0x80:
             return value, index + 1
-    raise ValueError("truncated varint in multihash")
+    raise ValueError("multihash varint never ends (continuation bit set on every byte)")
 
 
 def decode_multihash(hex_value: str) -> tuple[IntegrityMethod, bytes]:
@@ -57,6 +57,8 @@ def decode_multihash(hex_value: str) -> tuple[IntegrityMethod, bytes]:
         name = OTHER_CODES.get(code)
         known = ", ".join(f"0x{c:02x} {m}" for c, (m, _) in METHODS.items())
         what = f"0x{code:02x} ({name})" if name else f"0x{code:02x}"
+        if raw[0] & 0x80:
+            what += f", a multi-byte varint code starting {raw[0]:#04x}"
         raise ValueError(f"multihash code {what} is not allowed by WNM; allowed: {known}")
     method, expected = METHODS[code]
     declared, offset = _read_varint(raw, offset)
