@@ -309,7 +309,7 @@ def test_second_dataset_needs_no_code(synop: DatasetDescription) -> None:
 def test_inline_content_encodings_and_limits(
     synop: DatasetDescription, argo: DatasetDescription
 ) -> None:
-    text = "TTAA 28121 07149 99010 ...\n".encode()
+    text = "TTAA 28121 07149 Trappes (Météo-France)\n".encode()
     (message,) = build_notifications(parse_event(synop_event(text)), synop,
                                      contents={"bufr": text})
     content = message.properties.content
