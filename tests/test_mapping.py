@@ -256,6 +256,15 @@ def test_data_id_templates(argo: DatasetDescription) -> None:
     assert not data_id.startswith("origin/")
 
 
+@pytest.mark.parametrize("template", ["wis2/{centre}/{href_path}", "{0}", "{href_path.x}", "{"])
+def test_bad_data_id_template_is_named(template: str, argo: DatasetDescription) -> None:
+    event = parse_event(bufr())
+    broken = argo.model_copy(update={"data_id_template": template})
+    with pytest.raises(ValueError, match="data_id_template") as info:
+        data_id_for(broken, event.data, BUFR_KEY, event.data.assets[BUFR_KEY])
+    assert "href_path" in str(info.value) and "'argo'" in str(info.value)
+
+
 def test_same_event_gives_same_data_id_and_new_ids(argo: DatasetDescription) -> None:
     event = parse_event(bufr())
     one, two = (build_notifications(event, argo)[0] for _ in range(2))

@@ -45,7 +45,21 @@ def data_id_for(
         if href_path.startswith(prefix):
             href_path = href_path.removeprefix(prefix)
             break
-    data_id = dataset.data_id_template.format(
+    try:
+        data_id = _format_data_id(dataset, item, asset_key, href_path)
+    except (AttributeError, KeyError, IndexError, ValueError) as exc:
+        raise ValueError(
+            f"dataset {dataset.name!r}: data_id_template {dataset.data_id_template!r} is invalid "
+            f"({exc!r}); placeholders: centre_id, data_policy, topic_path, href_path, href_name, "
+            "asset_key, item_id"
+        ) from None
+    return data_id.lstrip("/").removeprefix("origin/")
+
+
+def _format_data_id(
+    dataset: DatasetDescription, item: StacItem, asset_key: str, href_path: str
+) -> str:
+    return dataset.data_id_template.format(
         centre_id=dataset.centre_id,
         data_policy=dataset.data_policy,
         topic_path=dataset.topic_path,
@@ -54,7 +68,6 @@ def data_id_for(
         asset_key=asset_key,
         item_id=item.id,
     )
-    return data_id.removeprefix("origin/")
 
 
 def media_type_for(dataset: DatasetDescription, asset: StacAsset) -> str:
