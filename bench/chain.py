@@ -1,0 +1,203 @@
+"""The chain phases of the benchmark: events published as the file server on the node's broker,
+notifications received on the origin topic, flow runs counted through the Prefect API.
+
+- steady: one event every 1/rate seconds for `seconds`, then wait (bounded) for the stragglers;
+  latency = event published -> notification received.
+- burst: `count` distinct events published back to back; time to drain = first event published ->
+  last notification received, bounded by `drain_timeout` (what arrived by then is reported).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+from pydantic import BaseModel
+
+from bench.collect import Collector
+from bench.events import BenchEvent
+from bench.stats import LatencySummary, summarize
+from flows.mqtt import MqttConnection, MqttError, Publisher
+
+log = logging.getLogger(__name__)
+
+FLOW_NAME = "publish-notification"
+
+
+class Delivery(BaseModel):
+    """What came back for a set of events."""
+
+    events_sent: int
+    publish_errors: list[str]
+    received: int
+    lost: int  # sent, no notification by the deadline
+    duplicate_data_ids: int  # data_ids received more than once
+    duplicate_messages: int  # extra copies beyond the first, all data_ids together
+    distinct_message_ids_for_duplicates: int  # >0: a second, DIFFERENT message for a file
+
+
+class SteadyResult(Delivery):
+    rate: float
+    seconds: float
+    latency: LatencySummary
+    waited_seconds: float  # after the last event, for the stragglers
+
+
+class BurstResult(Delivery):
+    publish_seconds: float  # to publish all events (PUBACK each)
+    drained: bool  # every event's notification arrived before the deadline
+    drain_seconds: float | None  # first publish -> last notification (None: not drained)
+    elapsed_seconds: float  # first publish -> end of the wait
+    first_notification_seconds: float | None
+    throughput_eps: float  # notifications received per second of elapsed (or drain) time
+    latency: LatencySummary
+
+
+class FlowRunCounts(BaseModel):
+    """States of the publish-notification flow runs of one phase (by run name)."""
+
+    total: int
+    by_state: dict[str, int]
+    failed: int  # FAILED or CRASHED
+    unfinished: int  # SCHEDULED, PENDING, RUNNING, PAUSED... at the time of the query
+    events_with_several_runs: int
+    error: str | None = None
+
+
+def _delivery(events: Sequence[BenchEvent], collector: Collector, errors: list[str],
+              sent: dict[str, float]) -> dict:
+    received = dup_ids = dup_msgs = distinct_dups = 0
+    for event in events:
+        if event.data_id not in sent:
+            continue
+        copies, distinct = collector.copies(event.data_id)
+        if copies:
+            received += 1
+        if copies > 1:
+            dup_ids += 1
+            dup_msgs += copies - 1
+            distinct_dups += distinct - 1
+    return {
+        "events_sent": len(sent), "publish_errors": errors[:20], "received": received,
+        "lost": len(sent) - received, "duplicate_data_ids": dup_ids,
+        "duplicate_messages": dup_msgs, "distinct_message_ids_for_duplicates": distinct_dups,
+    }
+
+
+def _latencies(events: Sequence[BenchEvent], collector: Collector,
+               sent: dict[str, float]) -> list[float]:
+    out = []
+    for event in events:
+        arrived = collector.first_arrival(event.data_id)
+        if arrived is not None and event.data_id in sent:
+            out.append(arrived - sent[event.data_id])
+    return out
+
+
+def run_steady(
+    events: Sequence[BenchEvent], conn: MqttConnection, topic: str, collector: Collector,
+    rate: float, drain_timeout: float, abort: threading.Event,
+) -> SteadyResult:
+    sent: dict[str, float] = {}
+    errors: list[str] = []
+    with Publisher(conn) as pub:
+        t0 = time.monotonic()
+        for i, event in enumerate(events):
+            delay = t0 + i / rate - time.monotonic()
+            if delay > 0 and abort.wait(delay):
+                break
+            if abort.is_set():
+                break
+            sent[event.data_id] = time.time()
+            try:
+                pub.publish(topic, event.payload, qos=1)
+            except MqttError as exc:
+                errors.append(f"{event.name}: {exc}")
+                del sent[event.data_id]
+    end_sent = time.monotonic()
+    collector.wait_for(sent, end_sent + drain_timeout, abort)
+    waited = time.monotonic() - end_sent
+    return SteadyResult(
+        rate=rate, seconds=round(len(events) / rate, 1),
+        latency=summarize(_latencies(events, collector, sent)),
+        waited_seconds=round(waited, 1), **_delivery(events, collector, errors, sent),
+    )
+
+
+def run_burst(
+    events: Sequence[BenchEvent], conn: MqttConnection, topic: str, collector: Collector,
+    drain_timeout: float, abort: threading.Event,
+) -> BurstResult:
+    sent: dict[str, float] = {}
+    errors: list[str] = []
+    with Publisher(conn) as pub:
+        start_wall, start = time.time(), time.monotonic()
+        for event in events:
+            if abort.is_set():
+                break
+            sent[event.data_id] = time.time()
+            try:
+                pub.publish(topic, event.payload, qos=1)
+            except MqttError as exc:
+                errors.append(f"{event.name}: {exc}")
+                del sent[event.data_id]
+        publish_seconds = time.monotonic() - start
+    drained = collector.wait_for(sent, start + drain_timeout, abort)
+    elapsed = time.monotonic() - start
+    arrivals = [t for t in (collector.first_arrival(d) for d in sent) if t is not None]
+    last = max(arrivals) - start_wall if arrivals else None
+    first = min(arrivals) - start_wall if arrivals else None
+    span = last if drained and last else elapsed
+    return BurstResult(
+        publish_seconds=round(publish_seconds, 3),
+        drained=drained and bool(sent),
+        drain_seconds=round(last, 2) if drained and last is not None else None,
+        elapsed_seconds=round(elapsed, 2),
+        first_notification_seconds=round(first, 2) if first is not None else None,
+        throughput_eps=round(len(arrivals) / span, 3) if span else 0.0,
+        latency=summarize(_latencies(events, collector, sent)),
+        **_delivery(events, collector, errors, sent),
+    )
+
+
+async def _read_runs(api_url: str) -> list[tuple[str, str]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    runs: list[tuple[str, str]] = []
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        async with get_client() as client:
+            offset = 0
+            while True:
+                page = await client.read_flow_runs(
+                    flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW_NAME])),
+                    limit=200, offset=offset)
+                runs.extend((r.name, r.state.type.value if r.state else "NONE") for r in page)
+                if len(page) < 200:
+                    return runs
+                offset += len(page)
+
+
+def flow_run_counts(api_url: str, phase_marker: str) -> FlowRunCounts:
+    """Count the flow runs whose name contains `phase_marker` (the file names of one phase)."""
+    try:
+        runs = asyncio.run(_read_runs(api_url))
+    except Exception as exc:  # the server may be overloaded: report it, do not fail the bench
+        log.warning("cannot read flow runs: %s", exc)
+        return FlowRunCounts(total=0, by_state={}, failed=0, unfinished=0,
+                             events_with_several_runs=0, error=str(exc))
+    mine = [(name, state) for name, state in runs if phase_marker in name]
+    states = Counter(state for _, state in mine)
+    names = Counter(name for name, _ in mine)
+    finished = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+    return FlowRunCounts(
+        total=len(mine), by_state=dict(sorted(states.items())),
+        failed=states["FAILED"] + states["CRASHED"],
+        unfinished=sum(n for s, n in states.items() if s not in finished),
+        events_with_several_runs=sum(1 for n in names.values() if n > 1),
+    )

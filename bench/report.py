@@ -1,0 +1,121 @@
+"""The benchmark's results as markdown tables (from the results.json data)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _f(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_f(c) for c in row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def _processes(r: dict[str, Any]) -> list[str]:
+    phases = [p for p in ("floor", "steady", "burst") if f"{p}_processes" in r]
+    if not phases:
+        return []
+    names: list[str] = []
+    for p in phases:
+        for u in r[f"{p}_processes"]:
+            if u["name"] not in names:
+                names.append(u["name"])
+    header = ["process (tree)"] + [f"CPU s {p}" for p in phases] + [
+        f"peak RSS MB {p}" for p in phases] + ["peak processes"]
+    rows = []
+    for name in names:
+        by = {p: next((u for u in r[f"{p}_processes"] if u["name"] == name), None)
+              for p in phases}
+        rows.append(
+            [name]
+            + [by[p]["cpu_seconds"] if by[p] else None for p in phases]
+            + [by[p]["peak_rss_mb"] if by[p] else None for p in phases]
+            + [max((by[p]["peak_processes"] for p in phases if by[p]), default=None)]
+        )
+    return ["CPU seconds used during each phase and peak RSS (process and all its "
+            "descendants, sampled every 0.5 s):", "", *_table(header, rows)]
+
+
+def _profile(name: str, r: dict[str, Any]) -> list[str]:
+    out = [f"## Profile `{name}`", ""]
+    if r.get("error"):
+        return [*out, f"**Failed:** `{r['error']}`", ""]
+    if r.get("skipped") and "startup_seconds" not in r:
+        return [*out, f"Skipped: {r['skipped']}.", ""]
+    out += [f"Prefect database: {r.get('database')}; node start-up "
+            f"{_f(r.get('startup_seconds'), 1)} s; work pool concurrency limit: "
+            f"{r.get('pool_limit') or 'none'}.", ""]
+    if r.get("startup_error"):
+        out += [f"**The node did not start completely:** `{r['startup_error']}`", ""]
+    if r.get("aborted"):
+        out += [f"**Aborted:** {r['aborted']}.", ""]
+    if "steady" in r:
+        s = r["steady"]
+        lat = s["latency"]
+        out += [f"### Steady: {s['rate']} event/s for {s['seconds']} s", ""]
+        out += _table(
+            ["events sent", "received", "lost", "dup. data_ids", "p50 s", "p90 s", "p99 s",
+             "max s", "failed runs"],
+            [[s["events_sent"], s["received"], s["lost"], s["duplicate_data_ids"], lat["p50"],
+              lat["p90"], lat["p99"], lat["max"], r.get("steady_runs", {}).get("failed")]])
+    if "burst" in r:
+        b = r["burst"]
+        runs = r.get("burst_runs", {})
+        drain = _f(b["drain_seconds"], 1) if b["drained"] else \
+            f"not drained in {_f(b['elapsed_seconds'], 0)}"
+        out += [f"### Burst: {b['events_sent']} events at once", ""]
+        out += _table(
+            ["published in s", "time to drain s", "first notif. s", "received", "lost",
+             "dup. notifications", "failed runs", "unfinished runs", "chain events/s"],
+            [[b["publish_seconds"], drain, b["first_notification_seconds"], b["received"],
+              b["lost"], b["duplicate_messages"], runs.get("failed"), runs.get("unfinished"),
+              b["throughput_eps"]]])
+        if runs.get("by_state"):
+            states = ", ".join(f"{k} {v}" for k, v in runs["by_state"].items())
+            out += [f"Burst flow runs by state at the end of the wait: {states}.", ""]
+    if "floor" in r:
+        f = r["floor"]
+        st = f["stages"]
+        out += ["### In-process floor (parse -> build -> validate -> publish, one loop)", ""]
+        out += _table(
+            ["events", "cold 1st event ms", "events/s", "parse ms", "build ms", "validate ms",
+             "publish ms", "received", "lost", "chain/floor throughput"],
+            [[f["events"], f["cold_first_event_ms"], f["throughput_eps"], st["parse_ms"],
+              st["build_ms"], st["validate_ms"], st["publish_ms"], f["received"], f["lost"],
+              r.get("chain_to_floor_ratio")]])
+        if f.get("errors"):
+            out += ["Floor errors: " + "; ".join(f["errors"][:5]), ""]
+    if isinstance(r.get("chain"), str):
+        out += [f"Chain: {r['chain']}", ""]
+    out += _processes(r)
+    if r.get("dead_letters"):
+        out += [f"Listener dead letters: {r['dead_letters']}.", ""]
+    return out
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results.get("machine", {})
+    lines = [
+        "# wis2-chain benchmark",
+        "",
+        f"- date: {results.get('started')} -> {results.get('finished', '(running)')}",
+        f"- command: `{results.get('command')}`",
+        f"- machine: {m.get('nproc')} CPU ({m.get('cpu_model')}), {m.get('ram_gb')} GB RAM, "
+        f"load average at start {m.get('load_average_at_start')}, {m.get('os')}",
+        f"- software: Python {m.get('python')}, Prefect {m.get('prefect')}, "
+        f"{m.get('mosquitto')}, paho-mqtt {m.get('paho-mqtt')}, "
+        f"pywis-pubsub {m.get('pywis-pubsub')}",
+        f"- events: {results.get('events')}",
+        "",
+    ]
+    for name, r in results.get("profiles", {}).items():
+        lines += _profile(name, r)
+    return "\n".join(lines) + "\n"
