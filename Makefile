@@ -69,5 +69,9 @@ demo-event: install
 blocks: install
 	$(BIN)/wis2-chain blocks register
 
+# End-to-end benchmark (minutes): make bench, or e.g. make bench BENCH_ARGS="--profile sqlite --burst 200"
+bench: install mosquitto bundles
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
