@@ -183,8 +183,18 @@ async def _read_runs(api_url: str) -> list[tuple[str, str]]:
                 offset += len(page)
 
 
-def flow_run_counts(api_url: str, phase_marker: str) -> FlowRunCounts:
-    """Count the flow runs whose name contains `phase_marker` (the file names of one phase)."""
+def flow_run_counts(api_url: str, phase_marker: str, settle: float = 0.0) -> FlowRunCounts:
+    """Count the flow runs whose name contains `phase_marker` (the file names of one phase);
+    wait up to `settle` seconds for the unfinished ones (they finish after publishing)."""
+    deadline = time.monotonic() + settle
+    counts = _flow_run_counts(api_url, phase_marker)
+    while counts.unfinished and counts.error is None and time.monotonic() < deadline:
+        time.sleep(2)
+        counts = _flow_run_counts(api_url, phase_marker)
+    return counts
+
+
+def _flow_run_counts(api_url: str, phase_marker: str) -> FlowRunCounts:
     try:
         runs = asyncio.run(_read_runs(api_url))
     except Exception as exc:  # the server may be overloaded: report it, do not fail the bench

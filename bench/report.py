@@ -13,6 +13,12 @@ def _f(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def _ratio(value: float | None) -> str:
+    if not value:
+        return "-"
+    return f"{value:.2g} (1/{1 / value:.0f})" if value < 1 else f"{value:.2f}"
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_f(c) for c in row) + " |" for row in rows]
@@ -50,6 +56,7 @@ def _profile(name: str, r: dict[str, Any]) -> list[str]:
         return [*out, f"**Failed:** `{r['error']}`", ""]
     if r.get("skipped") and "startup_seconds" not in r:
         return [*out, f"Skipped: {r['skipped']}.", ""]
+    out += [f"Listener: {r.get('listener')}.", ""]
     out += [f"Prefect database: {r.get('database')}; node start-up "
             f"{_f(r.get('startup_seconds'), 1)} s; work pool concurrency limit: "
             f"{r.get('pool_limit') or 'none'}.", ""]
@@ -90,7 +97,7 @@ def _profile(name: str, r: dict[str, Any]) -> list[str]:
              "publish ms", "received", "lost", "chain/floor throughput"],
             [[f["events"], f["cold_first_event_ms"], f["throughput_eps"], st["parse_ms"],
               st["build_ms"], st["validate_ms"], st["publish_ms"], f["received"], f["lost"],
-              r.get("chain_to_floor_ratio")]])
+              _ratio(r.get("chain_to_floor_ratio"))]])
         if f.get("errors"):
             out += ["Floor errors: " + "; ".join(f["errors"][:5]), ""]
     if isinstance(r.get("chain"), str):
@@ -109,7 +116,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"- date: {results.get('started')} -> {results.get('finished', '(running)')}",
         f"- command: `{results.get('command')}`",
         f"- machine: {m.get('nproc')} CPU ({m.get('cpu_model')}), {m.get('ram_gb')} GB RAM, "
-        f"load average at start {m.get('load_average_at_start')}, {m.get('os')}",
+        f"load average at start {m.get('load_average_at_start')}, at end "
+        f"{m.get('load_average_at_end', '-')}, {m.get('os')}",
         f"- software: Python {m.get('python')}, Prefect {m.get('prefect')}, "
         f"{m.get('mosquitto')}, paho-mqtt {m.get('paho-mqtt')}, "
         f"pywis-pubsub {m.get('pywis-pubsub')}",

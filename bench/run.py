@@ -62,6 +62,7 @@ class Options(argparse.Namespace):
     min_available_mb: float
     tiny: bool
     out: Path | None
+    listener: str
     dataset: str
 
 
@@ -87,6 +88,10 @@ def parse_args(argv: list[str] | None = None) -> Options:
                    help="5 events per phase, short timeouts (the test suite's smoke run)")
     p.add_argument("--out", type=Path, default=None, help="output directory")
     p.add_argument("--dataset", default="argo")
+    p.add_argument("--listener", choices=["project", "standin"], default="project",
+                   help="project: `python -m listener`; standin: bench/standin_listener.py, a "
+                   "minimal stand-in (one flow run per event, nothing else) to measure the Prefect "
+                   "side when the project's listener is unavailable")
     opts = p.parse_args(argv, namespace=Options())
     if opts.tiny:
         opts.steady_seconds, opts.rate, opts.burst = 5.0, 1.0, 5
@@ -143,6 +148,19 @@ def _pids(node: LocalNode) -> dict[str, int]:
     return pids
 
 
+class BenchNode(LocalNode):
+    """The node, with the stand-in listener when asked for."""
+
+    def __init__(self, settings: NodeSettings, standin_listener: bool = False) -> None:
+        super().__init__(settings)
+        self.standin_listener = standin_listener
+
+    def _spawn(self, name, argv, env, ready=None, timeout=60.0):
+        if name == "listener" and self.standin_listener:
+            argv = [sys.executable, "-m", "bench.standin_listener"]
+        return super()._spawn(name, argv, env, ready=ready, timeout=timeout)
+
+
 def _set_pool_limit(node: LocalNode, limit: int) -> None:
     subprocess.run(
         [prefect_cli(), "work-pool", "set-concurrency-limit", WORK_POOL, str(limit)],
@@ -172,7 +190,9 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
         verify_data=False, database_url=database_url,
     )
     dataset = load_dataset(opts.dataset)
-    node = LocalNode(settings)
+    node = BenchNode(settings, standin_listener=opts.listener == "standin")
+    result["listener"] = ("stand-in (bench/standin_listener.py), NOT the project's listener"
+                          if opts.listener == "standin" else "project (python -m listener)")
     abort = threading.Event()
     tag = f"BENCH{datetime.now(UTC).strftime('%H%M%S')}{profile[:2].upper()}"
     try:
@@ -230,7 +250,8 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
             result["steady"] = steady.model_dump()
             result["steady_processes"] = [u.model_dump() for u in mon.stop()]
             result["steady_runs"] = chain.flow_run_counts(
-                state.prefect_api_url, f"{tag}_steady_").model_dump()
+                state.prefect_api_url, f"{tag}_steady_",
+                settle=30 if steady.lost == 0 else 0).model_dump()
             log.info("steady: %d/%d received, p50 %s s", steady.received, steady.events_sent,
                      steady.latency.p50)
 
@@ -243,7 +264,8 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
                 result["burst"] = burst.model_dump()
                 result["burst_processes"] = [u.model_dump() for u in mon.stop()]
                 result["burst_runs"] = chain.flow_run_counts(
-                    state.prefect_api_url, f"{tag}_burst_").model_dump()
+                    state.prefect_api_url, f"{tag}_burst_",
+                    settle=30 if burst.drained else 0).model_dump()
                 log.info("burst: %d/%d received in %.0f s", burst.received, burst.events_sent,
                          burst.elapsed_seconds)
             if abort.is_set():
@@ -290,6 +312,7 @@ def run(opts: Options) -> tuple[dict[str, Any], Path]:
             results["profiles"][profile] = {"profile": profile, "error": repr(exc)}
         _write(results, out_dir)
     results["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+    results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     _write(results, out_dir)
     return results, out_dir
 
