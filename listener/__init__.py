@@ -1,0 +1,1 @@
+"""The MQTT listener: file-diffusion events -> runs of Prefect deployments (listener.service)."""

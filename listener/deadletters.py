@@ -1,0 +1,183 @@
+"""The dead-letter store: one JSON file per rejected message, for an operator to see, fix, replay.
+
+A record keeps the payload (as text when it is UTF-8, else base64), the topic, when it was received,
+the reason (a short code) with a readable message, and the field errors. Its id is derived from
+the topic and payload, so a message redelivered by the broker updates its record (`count`) instead
+of adding a second one. Records are written atomically (temporary file, fsync, rename) before the
+message is acknowledged.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from flows.wis2.errors import FieldError
+
+log = logging.getLogger(__name__)
+
+Reason = Literal[
+    "too_large", "unmapped_topic", "not_utf8", "not_json", "invalid_event", "api_rejected",
+    "internal_error",
+]
+REASONS: tuple[str, ...] = Reason.__args__  # type: ignore[attr-defined]
+_ID = re.compile(r"^[0-9a-f]{16}$")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def deadletter_id(topic: str, payload: bytes) -> str:
+    return hashlib.sha256(topic.encode() + b"\x00" + payload).hexdigest()[:16]
+
+
+class Replay(BaseModel):
+    at: datetime
+    topic: str
+
+
+class DeadLetter(BaseModel):
+    id: str
+    topic: str
+    reason: Reason
+    message: str
+    errors: list[FieldError] = Field(default_factory=list)
+    received: datetime
+    last_received: datetime
+    count: int = 1
+    size: int
+    payload: str | None = Field(default=None, description="The payload, when it is UTF-8 text")
+    payload_base64: str | None = Field(default=None, description="The payload otherwise")
+    replays: list[Replay] = Field(default_factory=list)
+
+    @property
+    def status(self) -> Literal["open", "replayed"]:
+        if self.replays and self.replays[-1].at >= self.last_received:
+            return "replayed"
+        return "open"
+
+    def payload_bytes(self) -> bytes:
+        if self.payload is not None:
+            return self.payload.encode("utf-8")
+        return base64.b64decode(self.payload_base64 or "")
+
+    @classmethod
+    def new(
+        cls, topic: str, payload: bytes, reason: Reason, message: str,
+        errors: list[FieldError] | None = None, received: datetime | None = None,
+    ) -> DeadLetter:
+        received = received or utcnow()
+        try:
+            text, b64 = payload.decode("utf-8"), None
+        except UnicodeDecodeError:
+            text, b64 = None, base64.b64encode(payload).decode("ascii")
+        return cls(
+            id=deadletter_id(topic, payload), topic=topic, reason=reason, message=message,
+            errors=errors or [], received=received, last_received=received, size=len(payload),
+            payload=text, payload_base64=b64,
+        )
+
+
+class DeadLetterStore:
+    """A directory of `<id>.json` dead letters."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory)
+
+    def path(self, letter_id: str) -> Path:
+        if not _ID.match(letter_id):
+            raise KeyError(f"{letter_id!r} is not a dead-letter id (16 hex digits)")
+        return self.dir / f"{letter_id}.json"
+
+    def _write(self, letter: DeadLetter) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        target = self.path(letter.id)
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                out.write(letter.model_dump_json(indent=2))
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        try:  # make the rename durable
+            dir_fd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError:
+            pass
+        return target
+
+    def add(self, letter: DeadLetter) -> DeadLetter:
+        """Store `letter`; the same topic+payload again updates the existing record."""
+        try:
+            existing = self.get(letter.id)
+        except (KeyError, ValueError):
+            existing = None
+        if existing is not None:
+            existing.count += 1
+            existing.last_received = letter.received
+            existing.reason, existing.message, existing.errors = (
+                letter.reason, letter.message, letter.errors,
+            )
+            letter = existing
+        self._write(letter)
+        return letter
+
+    def get(self, letter_id: str) -> DeadLetter:
+        path = self.path(letter_id)
+        if not path.is_file():
+            raise KeyError(f"no dead letter {letter_id} in {self.dir}")
+        try:
+            return DeadLetter.model_validate_json(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise ValueError(f"{path} is not a readable dead letter: {exc}") from None
+
+    def list(self, include_replayed: bool = False) -> list[DeadLetter]:
+        letters = []
+        if not self.dir.is_dir():
+            return letters
+        for path in self.dir.glob("*.json"):
+            if not _ID.match(path.stem):
+                continue
+            try:
+                letter = self.get(path.stem)
+            except (KeyError, ValueError) as exc:
+                log.warning("skipping %s: %s", path, exc)
+                continue
+            if include_replayed or letter.status == "open":
+                letters.append(letter)
+        return sorted(letters, key=lambda x: x.last_received)
+
+    def mark_replayed(self, letter: DeadLetter, topic: str) -> None:
+        letter.replays.append(Replay(at=utcnow(), topic=topic))
+        self._write(letter)
+
+    def set_payload(self, letter: DeadLetter, payload: bytes) -> None:
+        """Replace the payload to replay (the record keeps its id)."""
+        try:
+            letter.payload, letter.payload_base64 = payload.decode("utf-8"), None
+        except UnicodeDecodeError:
+            letter.payload = None
+            letter.payload_base64 = base64.b64encode(payload).decode("ascii")
+        letter.size = len(payload)
+        self._write(letter)
+
+
+def dump_json(value: object) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False, default=str)

@@ -1,0 +1,126 @@
+"""Creating flow runs through the Prefect API, idempotently.
+
+The idempotency key is derived from the event (`CloudEvent.identity_key()`: source, id and the
+assets' checksums) and the deployment. Prefect's server inserts a run with a key
+`ON CONFLICT DO NOTHING` on (flow_id, idempotency_key) and returns the existing run instead,
+answering 200 rather than 201 (prefect/server/api/deployments.py `create_flow_run_from_deployment`):
+a redelivered event therefore never gets a second run, and the status code tells duplicates apart.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import httpx
+
+from flows.wis2.cloudevent import CloudEvent
+from listener.settings import Route
+
+log = logging.getLogger(__name__)
+
+
+class ApiUnavailable(RuntimeError):
+    """The API could not take the request now (unreachable, 5xx, 429, missing deployment): retry."""
+
+
+class ApiRejected(RuntimeError):
+    """The API refused the request itself (4xx): retrying would not help."""
+
+
+@dataclass(frozen=True)
+class RunCreated:
+    run_id: UUID
+    name: str
+    created: bool  # False: an existing run was returned (duplicate event)
+
+
+def idempotency_key(event: CloudEvent, deployment: str) -> str:
+    return f"wis2-listener:{deployment}:{event.identity_key()}"
+
+
+def run_parameters(event: CloudEvent, route: Route) -> dict[str, Any]:
+    return {"event": event.model_dump(mode="json", by_alias=True, exclude_none=True),
+            "dataset": route.dataset}
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        detail = body.get("detail", body) if isinstance(body, dict) else body
+    except ValueError:
+        detail = response.text
+    return f"HTTP {response.status_code}: {str(detail)[:500]}"
+
+
+class RunCreator:
+    """Holds one Prefect client (opened with `async with`) and a cache of deployment ids."""
+
+    def __init__(self, timeout: float = 30.0) -> None:
+        self.timeout = timeout
+        self._client: Any = None
+        self._deployments: dict[str, UUID] = {}
+
+    async def __aenter__(self) -> RunCreator:
+        from prefect.client.orchestration import get_client
+
+        self._client = get_client(httpx_settings={"timeout": self.timeout})
+        await self._client.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._client.__aexit__(*exc)
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        from prefect.exceptions import PrefectHTTPStatusError
+
+        try:
+            return await self._client.request(method, path, **kwargs)
+        except PrefectHTTPStatusError as exc:
+            code = exc.response.status_code
+            if code >= 500 or code in (408, 429):
+                raise ApiUnavailable(_detail(exc.response)) from None
+            raise ApiRejected(_detail(exc.response)) from None
+        except (TimeoutError, httpx.HTTPError, OSError) as exc:
+            raise ApiUnavailable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
+
+    async def deployment_id(self, name: str) -> UUID:
+        if name not in self._deployments:
+            flow, _, deployment = name.partition("/")
+            try:
+                response = await self._call(
+                    "GET", "/deployments/name/{flow}/{deployment}",
+                    path_params={"flow": flow, "deployment": deployment},
+                )
+            except ApiRejected as exc:
+                # Not deployed (yet): keep the events queued until someone deploys it.
+                raise ApiUnavailable(f"deployment {name!r} not found ({exc})") from None
+            self._deployments[name] = UUID(response.json()["id"])
+        return self._deployments[name]
+
+    async def create(self, event: CloudEvent, route: Route) -> RunCreated:
+        from prefect.client.schemas.actions import DeploymentFlowRunCreate
+        from prefect.states import Scheduled, to_state_create
+
+        deployment_id = await self.deployment_id(route.deployment)
+        body = DeploymentFlowRunCreate(
+            parameters=run_parameters(event, route),
+            state=to_state_create(Scheduled()),
+            tags=["wis2-listener"],
+            idempotency_key=idempotency_key(event, route.deployment),
+        )
+        try:
+            response = await self._call(
+                "POST", "/deployments/{id}/create_flow_run", path_params={"id": deployment_id},
+                json=body.model_dump(mode="json", exclude_unset=True),
+            )
+        except ApiRejected as exc:
+            if "404" in str(exc).split(":", 1)[0]:  # deployment deleted since it was cached
+                self._deployments.pop(route.deployment, None)
+                raise ApiUnavailable(f"deployment {route.deployment!r} not found") from None
+            raise
+        run = response.json()
+        return RunCreated(run_id=UUID(run["id"]), name=run.get("name", ""),
+                          created=response.status_code == 201)

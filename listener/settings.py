@@ -1,0 +1,162 @@
+"""Settings of the MQTT listener: environment variables `WIS2_LISTENER_*` and `.env`.
+
+Lists (`subscriptions`, `routes`) are given as JSON, e.g.
+``WIS2_LISTENER_ROUTES='[{"topic_filter": "diffusion/files/#",
+"deployment": "publish-notification/default", "dataset": "argo"}]'`` (one line).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from paho.mqtt.client import topic_matches_sub
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from flows.mqtt import MqttConnection
+
+DEFAULT_DEPLOYMENT = "publish-notification/default"
+
+
+def _check_filter(value: str) -> str:
+    """An MQTT topic filter (`+` and `#` wildcards), optionally `$share/<group>/<filter>`."""
+    if not value or "\x00" in value:
+        raise ValueError("a topic filter is a non-empty string without NUL characters")
+    levels = value.split("/")
+    if levels[0] == "$share":
+        if len(levels) < 3 or not levels[1] or any(c in levels[1] for c in "+#"):
+            raise ValueError(f"{value!r}: a shared subscription is $share/<group>/<filter>")
+        levels = levels[2:]
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            raise ValueError(f"{value!r}: '#' must be a whole level and the last one")
+        if "+" in level and level != "+":
+            raise ValueError(f"{value!r}: '+' must be a whole level")
+    return value
+
+
+def strip_share(topic_filter: str) -> str:
+    """`$share/group/a/b` -> `a/b` (the filter messages are matched against)."""
+    if topic_filter.startswith("$share/"):
+        return topic_filter.split("/", 2)[2]
+    return topic_filter
+
+
+class Route(BaseModel):
+    """Events received on topics matching `topic_filter` start runs of `deployment` (flow/name)."""
+
+    topic_filter: str
+    deployment: str = DEFAULT_DEPLOYMENT
+    dataset: str | None = Field(default="argo", description="`dataset` parameter of the run")
+
+    @field_validator("topic_filter")
+    @classmethod
+    def _filter(cls, value: str) -> str:
+        return _check_filter(value)
+
+    @field_validator("deployment")
+    @classmethod
+    def _deployment(cls, value: str) -> str:
+        flow, _, name = value.partition("/")
+        if not flow or not name:
+            raise ValueError(f"deployment {value!r} must be '<flow name>/<deployment name>'")
+        return value
+
+    def matches(self, topic: str) -> bool:
+        return topic_matches_sub(strip_share(self.topic_filter), topic)
+
+
+class ListenerSettings(BaseSettings):
+    """Configuration of `wis2-listener` (`python -m listener`)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="WIS2_LISTENER_", env_file=".env", extra="ignore"
+    )
+
+    # ---- broker ---------------------------------------------------------------------------
+    host: str = Field(default="127.0.0.1", description="Broker host")
+    port: int = Field(default=1883, ge=1, le=65535, description="Broker port")
+    broker_host: str | None = Field(default=None, description="Alias of `host` (wins if set)")
+    broker_port: int | None = Field(default=None, ge=1, le=65535, description="Alias of `port`")
+    transport: Literal["tcp", "websockets"] = "tcp"
+    ws_path: str = "/mqtt"
+    tls: bool = False
+    ca_certs: str | None = Field(default=None, description="CA bundle file for TLS")
+    tls_insecure: bool = Field(default=False, description="Skip the host name check (tests)")
+    username: str | None = "listener"
+    password: SecretStr | None = None
+    keepalive: int = Field(default=30, ge=5)
+    client_id: str = Field(
+        default="wis2-chain-listener",
+        description="Fixed MQTT client id: the broker keeps this client's session and queues "
+        "its messages while it is away. Two listeners must not share one id (use $share/).",
+    )
+    session_expiry: int = Field(
+        default=3 * 24 * 3600, ge=0, description="Seconds the broker keeps the session (3 days)"
+    )
+    subscriptions: list[str] = Field(default_factory=lambda: ["diffusion/files/#"])
+    reconnect_min_delay: int = Field(default=1, ge=1)
+    reconnect_max_delay: int = Field(default=60, ge=1)
+
+    # ---- events -> flow runs --------------------------------------------------------------
+    routes: list[Route] = Field(
+        default_factory=lambda: [Route(topic_filter="diffusion/files/#")],
+        description="First matching route wins; a topic no route matches is rejected",
+    )
+    max_payload_bytes: int = Field(default=1024 * 1024, ge=1)
+    max_in_flight: int = Field(
+        default=20, ge=1, le=65535,
+        description="MQTT 5 Receive Maximum: unacknowledged messages the broker may send us",
+    )
+    concurrency: int = Field(default=4, ge=1, description="Flow runs created at the same time")
+    retry_min_delay: float = Field(default=1.0, gt=0, description="First API retry delay (s)")
+    retry_max_delay: float = Field(default=60.0, gt=0, description="Longest API retry delay (s)")
+    api_timeout: float = Field(default=30.0, gt=0, description="Timeout of one API call (s)")
+    shutdown_timeout: float = Field(
+        default=30.0, ge=0, description="Seconds given to in-flight creations on SIGTERM"
+    )
+
+    # ---- operations -----------------------------------------------------------------------
+    deadletter_dir: Path = Field(default=Path.home() / ".wis2-chain" / "deadletters")
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9464, ge=0, le=65535, description="0: no HTTP endpoint")
+    log_format: Literal["logfmt", "json"] = "logfmt"
+    log_level: str = "INFO"
+    # Replaying dead letters publishes on the file server's topics: the listener account may
+    # only read them, so `deadletters replay` logs in with these when set.
+    replay_username: str | None = None
+    replay_password: SecretStr | None = None
+
+    @field_validator("subscriptions")
+    @classmethod
+    def _subscriptions(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one subscription is needed")
+        return [_check_filter(v) for v in value]
+
+    @model_validator(mode="after")
+    def _aliases_and_bounds(self) -> ListenerSettings:
+        if self.broker_host:
+            self.host = self.broker_host
+        if self.broker_port:
+            self.port = self.broker_port
+        if self.retry_max_delay < self.retry_min_delay:
+            raise ValueError("retry_max_delay must be >= retry_min_delay")
+        if self.reconnect_max_delay < self.reconnect_min_delay:
+            raise ValueError("reconnect_max_delay must be >= reconnect_min_delay")
+        return self
+
+    def connection(self, replay: bool = False) -> MqttConnection:
+        username, password = self.username, self.password
+        if replay and self.replay_username:
+            username, password = self.replay_username, self.replay_password
+        return MqttConnection(
+            host=self.host, port=self.port, transport=self.transport, ws_path=self.ws_path,
+            tls=self.tls, ca_certs=self.ca_certs, tls_insecure=self.tls_insecure,
+            username=username, password=password, keepalive=self.keepalive,
+            client_id_prefix="wis2-listener",
+        )
+
+    def route_for(self, topic: str) -> Route | None:
+        return next((r for r in self.routes if r.matches(topic)), None)
