@@ -59,12 +59,15 @@ def publish(broker: RunningBroker, payloads: list[tuple[str, bytes]]) -> None:
 class Deployment:
     """A deployment of a flow named publish-notification, and its runs (no worker needed)."""
 
-    def __init__(self, api_url: str) -> None:
+    def __init__(self, api_url: str, existing: str | None = None) -> None:
         self.api_url = api_url
-        self.name = f"listener-{uuid.uuid4().hex[:8]}"
+        self.name = existing or f"listener-{uuid.uuid4().hex[:8]}"
         with self.client() as client:
-            flow_id = client.create_flow_from_name(FLOW)
-            self.id = client.create_deployment(flow_id=flow_id, name=self.name)
+            if existing:
+                self.id = client.read_deployment_by_name(f"{FLOW}/{existing}").id
+            else:
+                flow_id = client.create_flow_from_name(FLOW)
+                self.id = client.create_deployment(flow_id=flow_id, name=self.name)
 
     @property
     def full_name(self) -> str:
@@ -332,3 +335,66 @@ def test_malformed_payloads_go_to_dead_letters_and_can_be_replayed(
     remaining = json.loads(listener.cli("deadletters", "list", "--json").stdout)
     assert {x["reason"] for x in remaining} == {"not_utf8", "not_json", "too_large"}
     assert listener.running
+
+
+@pytest.mark.slow
+def test_end_to_end_with_a_worker(
+    tmp_path: Path, mqtt_broker: RunningBroker, prefect_api: PrefectServer, make_listener
+) -> None:
+    """Reference event on the file server's topic -> listener -> flow run on a process worker
+    -> one valid WIS2 notification on the origin topic."""
+    from blocks.mqtt_broker import MqttBroker
+    from flows.mqtt import connect
+    from flows.publish_notification import publish_notification
+    from flows.runtime.prefect_server import prefect_cli
+    from flows.wis2.dataset import load_dataset
+    from flows.wis2.validation import validate_notification
+
+    suffix = uuid.uuid4().hex[:8]
+    pool, name, block = f"listener-e2e-{suffix}", f"listener-e2e-{suffix}", f"e2e-{suffix}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "WIS2_"))}
+    env.update(prefect_api.client_env(), PREFECT_HOME=str(tmp_path / "worker-home"))
+    created = subprocess.run([prefect_cli(), "work-pool", "create", pool, "--type", "process"],
+                             env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert created.returncode == 0, created.stdout + created.stderr
+    MqttBroker.from_connection(mqtt_broker.connection("publisher")).save(block)
+    publish_notification.to_deployment(
+        name=name, job_variables={"working_dir": str(REPO)}).apply(work_pool_name=pool)
+
+    topic = load_dataset("argo").topic
+    received: list[tuple[str, bytes]] = []
+    subscribed = threading.Event()
+    sub = connect(mqtt_broker.connection("everyone"))
+    sub.on_subscribe = lambda *args: subscribed.set()
+    sub.on_message = lambda c, u, m: received.append((m.topic, m.payload))
+    sub.subscribe("origin/a/wis2/#", qos=1)
+    assert subscribed.wait(10)
+
+    env.update(WIS2_RESULTS_DIR=str(tmp_path / "results"), WIS2_VERIFY_DATA="false",
+               WIS2_BROKER_BLOCK=block, WIS2_PUBLISH_RETRIES="1", WIS2_RETRY_BASE_DELAY="0.5")
+    worker = ManagedProcess("worker", [prefect_cli(), "worker", "start", "--pool", pool],
+                            tmp_path / "worker.log", env=env, cwd=REPO)
+    try:
+        listener = make_listener(prefect_api.api_url, f"{FLOW}/{name}").start(60)
+        worker.start()
+        publish(mqtt_broker, [(TOPIC, BUFR_EVENT.read_bytes())])
+        wait_for(lambda: received, 150, "a notification on origin/a/wis2/#",
+                 lambda: f"{listener.debug()}\n--- worker ---\n{worker.tail(60)}")
+        time.sleep(2)  # a second (unwanted) message would arrive now
+    finally:
+        worker.stop(timeout=20)
+        sub.loop_stop()
+        sub.disconnect()
+
+    assert len(received) == 1, [t for t, _ in received]
+    got_topic, payload = received[0]
+    assert got_topic == topic
+    report = validate_notification(payload, topic=got_topic)
+    assert report.ok, report.failures
+    message = json.loads(payload)
+    assert message["properties"]["data_id"].endswith("IOPX01_LFVX_251403.BU")
+    [run] = Deployment(prefect_api.api_url, existing=name).runs()
+    assert run.parameters["event"]["id"] == json.loads(BUFR_EVENT.read_text())["id"]
+    assert run.state is not None and run.state.is_completed(), run.state
+    created = f'wis2_listener_runs_created_total{{deployment="{FLOW}/{name}"}}'
+    assert listener.metrics()[created] == 1
