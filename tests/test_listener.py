@@ -380,7 +380,10 @@ def test_end_to_end_with_a_worker(
         publish(mqtt_broker, [(TOPIC, BUFR_EVENT.read_bytes())])
         wait_for(lambda: received, 150, "a notification on origin/a/wis2/#",
                  lambda: f"{listener.debug()}\n--- worker ---\n{worker.tail(60)}")
-        time.sleep(2)  # a second (unwanted) message would arrive now
+        deployment = Deployment(prefect_api.api_url, existing=name)
+        wait_for(lambda: (s := deployment.runs()[0].state) and s.is_final(), 90, "the run's end",
+                 lambda: worker.tail(60))
+        time.sleep(1)  # a second (unwanted) message would arrive now
     finally:
         worker.stop(timeout=20)
         sub.loop_stop()
@@ -393,7 +396,7 @@ def test_end_to_end_with_a_worker(
     assert report.ok, report.failures
     message = json.loads(payload)
     assert message["properties"]["data_id"].endswith("IOPX01_LFVX_251403.BU")
-    [run] = Deployment(prefect_api.api_url, existing=name).runs()
+    [run] = deployment.runs()
     assert run.parameters["event"]["id"] == json.loads(BUFR_EVENT.read_text())["id"]
     assert run.state is not None and run.state.is_completed(), run.state
     created = f'wis2_listener_runs_created_total{{deployment="{FLOW}/{name}"}}'
