@@ -108,16 +108,18 @@ def test_prefect_ui_shows_the_run_and_its_notification(published: dict, demo_nod
                   "--disable-component-update", "--disable-sync"],
         )
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(f"{demo_node.state.ui_url}/runs", wait_until="networkidle")
-        page.get_by_text(SAMPLE_FILE).first.wait_for(timeout=60_000)
-        page.screenshot(path=str(SCREENSHOT_DIR / "prefect-runs.png"), full_page=True)
-        page.goto(run_url, wait_until="networkidle")
-        page.get_by_text("Completed").first.wait_for(timeout=60_000)
-        page.get_by_role("tab", name="Artifacts").click()
-        artifact = page.get_by_text("wnm-", exact=False).first
-        artifact.wait_for(timeout=60_000)
-        page.screenshot(path=str(SCREENSHOT_DIR / "prefect-run-artifacts.png"), full_page=True)
-        browser.close()
+        try:
+            page.goto(f"{demo_node.state.ui_url}/runs", wait_until="networkidle")
+            page.get_by_text(SAMPLE_FILE).first.wait_for(timeout=60_000)
+            page.screenshot(path=str(SCREENSHOT_DIR / "prefect-runs.png"), full_page=True)
+            page.goto(run_url, wait_until="networkidle")
+            page.get_by_text("Completed").first.wait_for(timeout=60_000)
+            page.get_by_text("Artifacts", exact=True).first.click()
+            page.get_by_text("wnm-", exact=False).first.wait_for(timeout=60_000)
+            page.screenshot(path=str(SCREENSHOT_DIR / "prefect-run-artifacts.png"), full_page=True)
+        finally:
+            page.screenshot(path=str(SCREENSHOT_DIR / "prefect-last-page.png"), full_page=True)
+            browser.close()
     assert (SCREENSHOT_DIR / "prefect-run-artifacts.png").stat().st_size > 10_000
 
 

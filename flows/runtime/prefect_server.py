@@ -39,6 +39,10 @@ class PrefectServer(ManagedProcess):
             PREFECT_API_DATABASE_CONNECTION_URL=database_url
             or f"sqlite+aiosqlite:///{self.home / 'prefect.db'}",
             PREFECT_LOGGING_LEVEL="WARNING",
+            # The UI asks the browser to call this API address (else it assumes port 4200).
+            PREFECT_UI_API_URL=f"http://{host}:{self.port}/api",
+            PREFECT_SERVER_API_HOST=host,
+            PREFECT_SERVER_API_PORT=str(self.port),
         )
         env.update(extra_env or {})
         super().__init__(
