@@ -222,6 +222,24 @@ def test_sigkill_mid_burst_gives_exactly_one_run_per_event(
              10, "all acked", listener.debug)
 
 
+def test_broker_restart_reconnects(
+    mqtt_broker: RunningBroker, deployment: Deployment, make_listener
+) -> None:
+    listener = make_listener(deployment.api_url, deployment.full_name).start(60)
+    mqtt_broker.stop()
+    status = wait_for(lambda: not listener.healthy() and httpx.get(listener.url("/healthz")), 20,
+                      "/healthz to report the lost broker", listener.debug)
+    assert status.status_code == 503 and status.json()["broker_connected"] is False
+    assert listener.metrics()["wis2_listener_broker_connected"] == 0
+    mqtt_broker.start()
+    wait_for(listener.healthy, 30, "the listener to reconnect", listener.debug)
+    publish(mqtt_broker, [(TOPIC, event_payload("reconnected"))])
+    wait_for(lambda: deployment.event_ids() == ["reconnected-0000"], 30, "the run",
+             listener.debug)
+    assert listener.running
+    assert "disconnected from the broker; reconnecting with backoff" in listener.tail(200)
+
+
 def test_prefect_api_outage_loses_nothing(
     tmp_path: Path, mqtt_broker: RunningBroker, make_listener
 ) -> None:
