@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     send_parser.add_argument("--topic", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = NodeSettings()
     if args.command == "send":
         sys.exit(send(settings, args.event, args.topic or settings.event_topic))
