@@ -23,6 +23,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -322,8 +323,15 @@ def _write(results: dict[str, Any], out_dir: Path) -> None:
     (out_dir / "results.md").write_text(markdown(results))
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
+    # SIGTERM, and SIGINT even when started in the background (ignored there): stop the node.
+    signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGINT, _interrupted)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for noisy in ("httpx", "prefect", "flows.runtime"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
