@@ -63,6 +63,8 @@ def test_known_digests() -> None:
         ("", ["empty"]),
         ("12zz-not-a-multihash", ["not hexadecimal"]),
         ("0x1220" + "00" * 32, ["not hexadecimal"]),
+        ("1620" + "ab" * 32 + "\n", ["not hexadecimal"]),  # `$` once let a newline through
+        ("162\n", ["not hexadecimal"]),
         ("1220" + "0" * 63, ["odd number"]),
         ("1620", ["too short"]),
         ("1114" + "00" * 20, ["0x11", "sha1", "not allowed"]),
@@ -124,3 +126,24 @@ def test_any_text_is_an_integrity_or_a_value_error(text: str) -> None:
         assert str(exc)
     else:
         assert integrity.method in {m for m, _ in METHODS.values()}
+
+
+_KNOWN_CODES = set(METHODS)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    code=st.integers(min_value=0, max_value=2**21).filter(lambda c: c not in _KNOWN_CODES),
+    raw=st.binary(min_size=1, max_size=64),
+)
+def test_unknown_codes_are_refused(code: int, raw: bytes) -> None:
+    varint = bytearray()
+    value = code
+    while True:  # unsigned LEB128, as multihash encodes its code
+        byte, value = value & 0x7F, value >> 7
+        varint.append(byte | (0x80 if value else 0))
+        if not value:
+            break
+    with pytest.raises(ValueError, match="not allowed by WNM") as info:
+        integrity_from_multihash((bytes(varint) + bytes([len(raw)]) + raw).hex())
+    assert f"0x{code:02x}" in str(info.value)

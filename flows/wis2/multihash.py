@@ -27,7 +27,7 @@ _HASHLIB_NAMES = {
     "sha256": "sha256", "sha384": "sha384", "sha512": "sha512",
     "sha3-256": "sha3_256", "sha3-384": "sha3_384", "sha3-512": "sha3_512",
 }
-_HEX = re.compile(r"^[0-9a-fA-F]*$")
+_HEX = re.compile(r"[0-9a-fA-F]*")
 
 
 def _read_varint(data: bytes, offset: int) -> tuple[int, int]:
@@ -45,7 +45,7 @@ def decode_multihash(hex_value: str) -> tuple[IntegrityMethod, bytes]:
     """Decode a hex multihash into (WNM method, digest); ValueError says exactly what is wrong."""
     if not isinstance(hex_value, str) or not hex_value:
         raise ValueError("checksum is empty")
-    if not _HEX.match(hex_value):
+    if not _HEX.fullmatch(hex_value):
         raise ValueError("checksum is not hexadecimal")
     if len(hex_value) % 2:
         raise ValueError("checksum has an odd number of hex digits")
