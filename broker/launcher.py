@@ -90,6 +90,10 @@ class BrokerConfig(BaseSettings):
         default="3d", description="Drop persistent sessions unused this long (h, d, w, m, y)"
     )
     max_queued_messages: int = Field(default=2000, ge=0, description="Per client (WIS2 Guide)")
+    max_packet_size: int = Field(
+        default=16 * 1024 * 1024, ge=20, le=268435455,
+        description="Largest MQTT packet accepted; bigger ones are refused by the broker",
+    )
     autosave_interval: int = Field(
         default=60, ge=0, description="Seconds between saves of the persistence database"
     )
@@ -317,6 +321,7 @@ def render_config(config: BrokerConfig, run_dir: Path) -> Path:
         "persistence_dir": persistence_dir,
         "autosave_interval": config.autosave_interval,
         "max_queued_messages": config.max_queued_messages,
+        "max_packet_size": config.max_packet_size,
         "persistent_session_expiry": config.persistent_session_expiry,
         "host": config.host,
         "mqtt_port": config.mqtt_port,
