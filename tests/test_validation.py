@@ -63,6 +63,36 @@ def test_every_spec_example_passes_spec_profile(path: Path) -> None:
     assert all(w.id in {"integrity-encoding", "content-size", "data-id"} for w in report.warnings)
 
 
+# What the publish profile refuses in each specification example: only the integrity encoding
+# (hex, placeholder or absent digests) and, for example1, its illustrative content size.
+PUBLISH_FAILURES = {
+    "eumetsat-msg-seviri-core-notification.json": {"integrity-encoding": "looks like hex"},
+    "eumetsat-msg-seviri-recommended-api-notification.json": {
+        "integrity-encoding": "looks like hex"},
+    "eumetsat-msg-seviri-recommended-notification.json": {"integrity-encoding": "looks like hex"},
+    "example1.json": {"integrity-encoding": "not valid base64",
+                      "content-size": "decoded size 27"},
+    "example2.json": {"integrity-encoding": "not valid base64"},
+    "example3.json": {"integrity-encoding": "no integrity given"},
+    "example4.json": {},
+}
+
+
+def test_the_expectations_cover_every_spec_example() -> None:
+    assert set(PUBLISH_FAILURES) == {p.name for p in WNM_EXAMPLES.glob("*.json")}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISH_FAILURES))
+def test_spec_examples_fail_publish_only_on_integrity_encoding(name: str) -> None:
+    report = validate_notification((WNM_EXAMPLES / name).read_bytes(), profile="publish")
+    failed = _failed(report)
+    expected = PUBLISH_FAILURES[name]
+    assert set(failed) == set(expected), report.summary()
+    for check, words in expected.items():
+        assert words in failed[check]
+    assert report.ok is (not expected)
+
+
 def test_spec_example_hex_integrity_is_an_error_for_publication() -> None:
     path = WNM_EXAMPLES / "eumetsat-msg-seviri-core-notification.json"
     report = validate_notification(path.read_bytes())
@@ -168,6 +198,45 @@ def test_link_relations_exactly_one() -> None:
                         ("canonical", "update")] + [{"href": "https://x.org/a", "rel": "item"}]
     failed = _failed(validate_notification(message))
     assert "found none" in failed["single-link-relation"]
+
+
+def test_two_canonical_links_fail() -> None:
+    message = _good()
+    message["links"].append(copy.deepcopy(message["links"][0]) | {"href": "https://x.org/b"})
+    report = validate_notification(message, topic=ARGO_TOPIC)
+    failed = _failed(report)
+    assert "single-link-relation" in failed, report.summary()
+    assert "['canonical', 'canonical']" in failed["single-link-relation"]
+    assert "exactly one" in failed["single-link-relation"]
+
+
+def test_an_extra_link_of_another_relation_is_fine() -> None:
+    message = _good()
+    message["links"].append({"href": "https://x.org/about", "rel": "describedby",
+                             "type": "text/html"})
+    assert validate_notification(message, topic=ARGO_TOPIC).ok
+
+
+@pytest.mark.parametrize(
+    ("topic", "words"),
+    [
+        ("", "empty"),
+        ("origin/a/wis2/fr-ifremer-argo/core/data/ocean", "level 5 is 'core'"),
+        ("origin/a/wis2/no-such-centre/data/core/ocean/surface-based-observations/"
+         "drifting-ocean-profilers", "centre-id 'no-such-centre'"),
+        ("origin/a/wis2/fr-ifremer-argo/data/core/ocean/no-such-sub-discipline",
+         "not in the WIS2 Topic Hierarchy"),
+        ("origin/a/wis2/fr-ifremer-argo/data/core", "data policy and an earth-system"),
+        ("cache/a/wis2/fr-ifremer-argo/data/core/ocean", "does not start with"),
+        ("origin/a/wis2/fr-ifremer-argo/data/core/Ocean", "lowercase"),
+        ("origin/a/wis2/fr-ifremer-argo/data/core/ocean/+", "wildcards"),
+    ],
+)
+def test_invalid_topics_fail_the_topic_check(topic: str, words: str) -> None:
+    report = validate_notification(_good(), topic=topic)
+    failed = _failed(report)
+    assert set(failed) == {"topic"}, report.summary()
+    assert words in failed["topic"]
 
 
 def test_message_size_limit() -> None:
