@@ -145,7 +145,7 @@ def dl_replay(
         typer.echo(str(exc).strip("'\""), err=True)
         raise typer.Exit(1) from None
     if payload_file is not None:
-        store.set_payload(letters[0], payload_file.read_bytes())
+        letters = [store.set_payload(letters[0].id, payload_file.read_bytes())]
     conn = settings.connection(replay=True)
     if username:
         conn.username = username
@@ -156,13 +156,14 @@ def dl_replay(
         with Publisher(conn) as publisher:
             for letter in letters:
                 target = topic or letter.topic
+                replay = store.mark_replayed(letter.id, target)
                 try:
                     publisher.publish(target, letter.payload_bytes(), qos=1)
                 except MqttError as exc:
+                    store.unmark_replayed(letter.id, replay)
                     failures += 1
                     typer.echo(f"{letter.id}: not replayed: {exc}", err=True)
                     continue
-                store.mark_replayed(letter, target)
                 typer.echo(f"{letter.id}: replayed on {target}")
     except MqttError as exc:
         typer.echo(f"cannot replay: {exc}", err=True)

@@ -10,12 +10,15 @@ message is acknowledged.
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -123,20 +126,32 @@ class DeadLetterStore:
             pass
         return target
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise read-modify-write of records (listener and CLI may update one at once)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def add(self, letter: DeadLetter) -> DeadLetter:
         """Store `letter`; the same topic+payload again updates the existing record."""
-        try:
-            existing = self.get(letter.id)
-        except (KeyError, ValueError):
-            existing = None
-        if existing is not None:
-            existing.count += 1
-            existing.last_received = letter.received
-            existing.reason, existing.message, existing.errors = (
-                letter.reason, letter.message, letter.errors,
-            )
-            letter = existing
-        self._write(letter)
+        with self._locked():
+            try:
+                existing = self.get(letter.id)
+            except (KeyError, ValueError):
+                existing = None
+            if existing is not None:
+                existing.count += 1
+                existing.last_received = max(existing.last_received, letter.received)
+                existing.reason, existing.message, existing.errors = (
+                    letter.reason, letter.message, letter.errors,
+                )
+                letter = existing
+            self._write(letter)
         return letter
 
     def get(self, letter_id: str) -> DeadLetter:
@@ -164,19 +179,34 @@ class DeadLetterStore:
                 letters.append(letter)
         return sorted(letters, key=lambda x: x.last_received)
 
-    def mark_replayed(self, letter: DeadLetter, topic: str) -> None:
-        letter.replays.append(Replay(at=utcnow(), topic=topic))
-        self._write(letter)
+    def mark_replayed(self, letter_id: str, topic: str) -> Replay:
+        """Record a replay (call it just BEFORE publishing: a copy coming back later reopens it)."""
+        replay = Replay(at=utcnow(), topic=topic)
+        with self._locked():
+            letter = self.get(letter_id)
+            letter.replays.append(replay)
+            self._write(letter)
+        return replay
 
-    def set_payload(self, letter: DeadLetter, payload: bytes) -> None:
+    def unmark_replayed(self, letter_id: str, replay: Replay) -> None:
+        """Forget a replay whose publication failed."""
+        with self._locked():
+            letter = self.get(letter_id)
+            letter.replays = [r for r in letter.replays if r != replay]
+            self._write(letter)
+
+    def set_payload(self, letter_id: str, payload: bytes) -> DeadLetter:
         """Replace the payload to replay (the record keeps its id)."""
-        try:
-            letter.payload, letter.payload_base64 = payload.decode("utf-8"), None
-        except UnicodeDecodeError:
-            letter.payload = None
-            letter.payload_base64 = base64.b64encode(payload).decode("ascii")
-        letter.size = len(payload)
-        self._write(letter)
+        with self._locked():
+            letter = self.get(letter_id)
+            try:
+                letter.payload, letter.payload_base64 = payload.decode("utf-8"), None
+            except UnicodeDecodeError:
+                letter.payload = None
+                letter.payload_base64 = base64.b64encode(payload).decode("ascii")
+            letter.size = len(payload)
+            self._write(letter)
+        return letter
 
 
 def dump_json(value: object) -> str:

@@ -352,6 +352,16 @@ def test_malformed_payloads_go_to_dead_letters_and_can_be_replayed(
              30, "the replayed runs", listener.debug)
     remaining = json.loads(listener.cli("deadletters", "list", "--json").stdout)
     assert {x["reason"] for x in remaining} == {"not_utf8", "not_json", "too_large"}
+
+    # Replaying the unfixed ones brings them back, as the same records seen twice.
+    replayed = listener.cli("deadletters", "replay", "--all", **replay_env)
+    assert replayed.returncode == 0 and replayed.stdout.count("replayed on") == 3, replayed
+    wait_for(lambda: [x["count"] for x in json.loads(
+        listener.cli("deadletters", "list", "--json").stdout)] == [2, 2, 2], 30,
+        "the 3 replayed dead letters to come back", listener.debug)
+    everything = json.loads(listener.cli("deadletters", "list", "--all", "--json").stdout)
+    assert sorted(x["status"] for x in everything) == ["open"] * 3 + ["replayed"] * 2
+    assert len(deployment.runs()) == 3
     assert listener.running
 
 
