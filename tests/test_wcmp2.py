@@ -11,7 +11,7 @@ import pytest
 
 from flows.wis2.topics import metadata_topic, publication_topic_problem
 from flows.wis2.wcmp2 import centre_id_of_record, validate_wcmp2
-from tests.fixtures.paths import ARGO_METADATA, WCMP2_EXAMPLES
+from tests.fixtures.paths import ARGO_METADATA, DATA, WCMP2_EXAMPLES
 
 ARGO_CHANNEL = (
     "origin/a/wis2/fr-ifremer-argo/data/core/ocean/surface-based-observations/"
@@ -45,28 +45,34 @@ def _examples() -> list[Path]:
     return sorted(WCMP2_EXAMPLES.glob("*.json"))
 
 
-@pytest.mark.parametrize("path", _examples(), ids=lambda p: p.name)
-def test_spec_examples_with_a_valid_centre_pass(path: Path) -> None:
-    record = json.loads(path.read_text())
-    centre = centre_id_of_record(record.get("id"))
-    if centre is None or publication_topic_problem(metadata_topic(centre)) is not None:
-        pytest.skip(f"{record.get('id')}: centre-id not in the WIS2 centre-id table")
-    report = validate_wcmp2(record)
+def test_demo_record_passes() -> None:
+    report = validate_wcmp2((DATA / "demo-metadata.json").read_bytes())
     assert report.ok, report.summary()
 
 
-def test_most_spec_examples_are_checked() -> None:
-    valid = [p for p in _examples()
-             if (c := centre_id_of_record(json.loads(p.read_text()).get("id")))
-             and publication_topic_problem(metadata_topic(c)) is None]
-    assert len(valid) >= len(_examples()) // 2
+def test_there_are_spec_examples() -> None:
+    assert len(_examples()) >= 10
 
 
-@pytest.mark.parametrize("identifier", ["urn:wmo:md:Bad Id", "argo", "urn:wmo:md::x"])
+@pytest.mark.parametrize("path", _examples(), ids=lambda p: p.name)
+def test_every_spec_example_passes(path: Path) -> None:
+    record = json.loads(path.read_text())
+    centre = centre_id_of_record(record.get("id"))
+    assert centre is not None and publication_topic_problem(metadata_topic(centre)) is None
+    report = validate_wcmp2(path.read_bytes())
+    assert report.ok, report.summary()
+    assert not report.failures
+
+
+@pytest.mark.parametrize(
+    "identifier",
+    ["urn:wmo:md:Bad Id", "argo", "urn:wmo:md::x",
+     "urn:wmo:md:fr-ifremer-argo:cor:msg:argo\n"],  # `$` once let a final newline through
+)
 def test_broken_identifier_is_named(identifier: str) -> None:
     record = _argo() | {"id": identifier}
     failed = _failed(record)
-    assert identifier in failed["identifier"]
+    assert repr(identifier) in failed["identifier"]
     assert "urn:wmo:md:<centre-id>:<local-id>" in failed["identifier"]
 
 

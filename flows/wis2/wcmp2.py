@@ -19,7 +19,7 @@ IDENTIFIER = re.compile(
 
 
 def centre_id_of_record(record_id: Any) -> str | None:
-    match = IDENTIFIER.match(record_id) if isinstance(record_id, str) else None
+    match = IDENTIFIER.fullmatch(record_id) if isinstance(record_id, str) else None
     return match["centre"] if match else None
 
 
