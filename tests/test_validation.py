@@ -160,6 +160,10 @@ _DELETE = object()
         (_mutate(properties__pubtime="2025-03-14T03:00:00+02:00"), "timestamps-utc",
          ["properties.pubtime", "UTC"]),
         (_mutate(properties__pubtime=_DELETE), "timestamps-utc", ["pubtime is missing"]),
+        (_mutate(properties__pubtime="2025-03-14T03:00:00Z\n"), "timestamps-utc",
+         ["properties.pubtime", "UTC"]),
+        (_mutate(properties__datetime="2025-03-14T03:00:00z"), "timestamps-utc",
+         ["properties.datetime"]),
         (_mutate(properties__start_datetime="2025-03-14T00:00:00Z",
                  properties__end_datetime="2025-03-14T01:00:00Z"), "temporal-form", ["not both"]),
         (_mutate(properties__datetime=_DELETE), "temporal-form", ["missing time"]),
@@ -174,7 +178,8 @@ _DELETE = object()
          ["must not start with a channel"]),
         (_mutate(properties__data_id=_DELETE), "data-id", ["data_id missing"]),
     ],
-    ids=["uuid", "pubtime-format", "pubtime-offset", "no-pubtime", "both-times", "no-time",
+    ids=["uuid", "pubtime-format", "pubtime-offset", "no-pubtime", "pubtime-newline",
+         "datetime-lower-z", "both-times", "no-time",
          "placeholder-integrity", "short-digest", "bad-method", "data-id-channel", "no-data-id"],
 )
 def test_each_defect_names_its_field(message: dict[str, Any], check: str, words: list[str]) -> None:

@@ -169,7 +169,7 @@ def _check_integrity(
     if not isinstance(value, str):
         report.add("integrity-encoding", False, "integrity.value is not a string")
         return
-    if _HEX.match(value) and len(value) == 2 * expected:
+    if _HEX.fullmatch(value) and len(value) == 2 * expected:
         report.add("integrity-encoding", False, severity=severity,
                    message="integrity.value looks like hex; "
                    f"WNM requires the base64 {method} digest")
@@ -192,7 +192,7 @@ def _check_times(report: ValidationReport, props: Mapping[str, Any]) -> None:
     problems = []
     for name in ("pubtime", "datetime", "start_datetime", "end_datetime"):
         value = props.get(name)
-        if value is not None and (not isinstance(value, str) or not RFC3339_UTC.match(value)):
+        if value is not None and (not isinstance(value, str) or not RFC3339_UTC.fullmatch(value)):
             problems.append(f"properties.{name} {value!r} is not RFC 3339 UTC with 'Z'")
     if props.get("pubtime") is None:
         problems.append("properties.pubtime is missing")
