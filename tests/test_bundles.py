@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from importlib import import_module
 from pathlib import Path
 
@@ -10,7 +14,7 @@ import pytest
 
 from flows.wis2 import bundles
 from flows.wis2.bundles import BundleError, bundle_status, install_bundles
-from tests.fixtures.paths import BUNDLE_DIR
+from tests.fixtures.paths import BUNDLE_DIR, REPO
 
 
 @pytest.fixture
@@ -82,3 +86,47 @@ def test_failed_online_sync_keeps_installed_bundles(
     assert "pywis-topics: [Errno -3]" in message
     assert "WIS2_BUNDLE_DIR" in message and "--from" in message
     assert bundle_status()["pywis-topics"]  # restored
+
+
+def test_wrong_directory_names_every_missing_file(home: Path, tmp_path: Path) -> None:
+    wrong = tmp_path / "not-a-bundle"
+    (wrong / "pywcmp").mkdir(parents=True)
+    with pytest.raises(BundleError) as raised:
+        install_bundles(wrong)
+    message = str(raised.value)
+    assert str(wrong) in message and "is not a WIS2 bundle directory" in message
+    for missing in (
+        "pywis-pubsub/wis2-notification-message/wis2-notification-message-bundled.json",
+        "pywcmp/wcmp-2/wcmp2-bundled.json", "pywcmp/wcmp-2/codelists",
+        "pywcmp/wis2-topic-hierarchy/centre-id.csv",
+        "pywis-topics/wis2-topic-hierarchy/centre-id.csv",
+        "pywis-topics/wis2-topic-hierarchy/earth-system-discipline.csv",
+    ):
+        assert missing in message
+    assert not any(home.iterdir())  # nothing written
+
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    with pytest.raises(BundleError, match="does not exist"):
+        install_bundles(a_file)
+
+
+def test_install_in_a_subprocess_with_its_own_home(tmp_path: Path, bundle_source: Path) -> None:
+    """The library itself (no monkeypatching), in a process whose HOME is a temporary dir."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WIS2_")} | {
+        "HOME": str(tmp_path)}
+    code = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from flows.wis2.bundles import install_bundles, bundle_status\n"
+        "print(json.dumps([str(p) for p in install_bundles(Path(sys.argv[1]))]))\n"
+        "print(json.dumps(bundle_status()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(bundle_source)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    installed, status = (json.loads(line) for line in done.stdout.splitlines())
+    assert installed == [str(tmp_path / d) for d in (".pywis-pubsub", ".pywcmp", ".pywis-topics")]
+    assert status == {"pywis-pubsub": True, "pywcmp": True, "pywis-topics": True}
+    assert (tmp_path / ".pywis-pubsub" / "wis2-notification-message" /
+            "wis2-notification-message-bundled.json").is_file()
