@@ -80,6 +80,36 @@ def test_build_with_unknown_dataset(tmp_path: Path) -> None:
     assert "dataset 'no-such-dataset' not found" in result.stderr
 
 
+def test_validate_a_good_notification_exits_0(tmp_path: Path) -> None:
+    built = runner.invoke(app, ["build", str(BUFR_EVENT)])
+    assert built.exit_code == 0, built.output
+    path = _write(tmp_path, "notification.json", built.stdout)
+    result = runner.invoke(app, ["validate", str(path), "--topic", ARGO_TOPIC])
+    assert result.exit_code == 0, result.stdout
+    assert "FAILED" not in result.stdout
+    assert "PASSED" in result.stdout and "integrity-encoding" in result.stdout
+    assert ": valid (" in result.stdout.splitlines()[-1]
+
+
+def test_build_for_the_second_dataset(tmp_path: Path) -> None:
+    event = json.loads(BUFR_EVENT.read_text())
+    (asset,) = event["data"]["assets"].values()
+    asset.pop("type")
+    asset["href"] = "https://data.meteofrance.example/synop/A_ISMD01LFPW281200.bufr4"
+    event["data"]["assets"] = {"bufr": asset}
+    path = _write(tmp_path, "synop-event.json", event)
+    result = runner.invoke(app, ["build", str(path), "--dataset", "synop"])
+    assert result.exit_code == 0, result.output
+    message = json.loads(result.stdout)
+    assert message["properties"]["data_id"] == (
+        "wis2/fr-meteofrance/data/core/weather/surface-based-observations/synop/"
+        "A_ISMD01LFPW281200.bufr4")
+    assert message["links"][0]["type"] == "application/bufr"
+    topic = "origin/a/wis2/fr-meteofrance/data/core/weather/surface-based-observations/synop"
+    assert f"# topic: {topic}" in result.stderr
+    assert validate_notification(message, topic=topic).ok
+
+
 def test_validate_original_notification_publish_vs_spec() -> None:
     result = runner.invoke(app, ["validate", str(ORIGINAL_DATA)])
     assert result.exit_code == 1
@@ -163,3 +193,27 @@ def test_real_subprocess_installs_bundles_into_home(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "pywis-pubsub: installed" in done.stdout
+
+
+def test_real_subprocess_build_then_validate(tmp_path: Path) -> None:
+    """The installed console script, as an operator runs it (reads the real bundles only)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WIS2_")}
+    command = str(REPO / ".venv" / "bin" / "wis2-chain")
+    done = subprocess.run([command, "build", str(BUFR_EVENT)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    message = json.loads(done.stdout)
+    assert message["properties"]["integrity"]["value"] == (
+        "8roCSwmGq459PsJ1UFxZBw1FP0dk5IrZ6q2VWb92uQY=")
+    path = _write(tmp_path, "built.json", done.stdout)
+    done = subprocess.run([command, "validate", str(path), "--topic", ARGO_TOPIC], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    bad = json.loads(BUFR_EVENT.read_text()) | {"specversion": "0.3"}
+    done = subprocess.run([command, "build", str(_write(tmp_path, "bad.json", bad))], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert "  $.specversion: " in done.stderr
+    assert "Traceback" not in done.stderr
