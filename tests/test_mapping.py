@@ -11,6 +11,8 @@ from typing import Any
 from uuid import UUID
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flows.wis2.cloudevent import parse_event
 from flows.wis2.dataset import DatasetDescription, load_dataset
@@ -346,3 +348,58 @@ def test_inline_content_encodings_and_limits(
     (message,) = build_notifications(parse_event(BUFR_EVENT.read_bytes()), argo,
                                      contents={BUFR_KEY: b"small"})
     assert message.properties.content is None
+
+
+# ---- whatever valid event comes in: notifications, or InvalidInput naming the assets ---------
+
+_text = st.text(min_size=1, max_size=12)
+_asset = st.fixed_dictionaries(
+    {"href": st.sampled_from(["https://h.example/a/b.BU", "ftp://h.example/x%20y.nc",
+                              "https://h.example/é/ü.bufr4", "https://h.example/"])},
+    optional={
+        "roles": st.lists(st.sampled_from(["data", "metadata", "thumbnail"]), max_size=2),
+        "type": _text, "title": _text, "file:size": st.integers(0, 10**12),
+        "file:checksum": st.builds(multihash_of, st.binary(max_size=8),
+                                   st.sampled_from(["sha256", "sha512", "sha3-384"])),
+    },
+)
+_times = st.one_of(
+    st.just({"datetime": "2024-11-09T21:08:00+05:30"}),
+    st.just({"start_datetime": "2024-11-09T00:00:00Z", "end_datetime": "2024-11-10T00:00:00Z"}),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    assets=st.dictionaries(_text, _asset, min_size=1, max_size=4),
+    times=_times,
+    operation=st.sampled_from([None, "create", "update", "delete"]),
+    inline=st.booleans(),
+    content=st.binary(max_size=5000),
+)
+def test_any_valid_event_builds_or_is_refused_by_field(
+    assets: dict[str, Any], times: dict[str, str], operation: str | None, inline: bool,
+    content: bytes,
+) -> None:
+    dataset = load_dataset("synop").model_copy(update={"inline_content": inline})
+    raw = synop_event()
+    raw["data"]["assets"] = assets
+    raw["data"]["properties"] = times
+    if operation:
+        raw["operation"] = operation
+    event = parse_event(raw)
+    try:
+        messages = build_notifications(event, dataset, contents=dict.fromkeys(assets, content))
+    except InvalidInput as exc:
+        assert [e.path for e in exc.errors] == ["$.data.assets"]
+        return
+    assert 1 <= len(messages) <= len(assets)
+    for message in messages:
+        data = message.to_dict()
+        json.dumps(data)
+        assert ("datetime" in data["properties"]) != ("start_datetime" in data["properties"])
+        assert message.rel == REL_FOR_OPERATION[event.operation]
+        content_value = data["properties"].get("content", {}).get("value", "")
+        assert len(content_value) <= 4096
+        assert bool(content_value) <= (inline and event.operation != "delete")
+        validate_notification(data, topic=dataset.topic)  # never raises
