@@ -64,7 +64,11 @@ def configure_logging(level: str = "INFO", fmt: str = "logfmt") -> None:
 class Metrics:
     """The listener's Prometheus metrics (prefix `wis2_listener_`), on a registry of their own."""
 
-    def __init__(self, oldest_unacked: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        oldest_unacked: Callable[[], float] | None = None,
+        in_flight: Callable[[], float] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.events_received = Counter(
@@ -91,6 +95,8 @@ class Metrics:
             self.rejected.labels(reason=reason)
         if oldest_unacked is not None:
             self.oldest_unacked.set_function(oldest_unacked)
+        if in_flight is not None:
+            self.in_flight.set_function(in_flight)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -94,7 +94,7 @@ class Listener:
     def __init__(self, settings: ListenerSettings) -> None:
         self.settings = settings
         self.store = DeadLetterStore(settings.deadletter_dir)
-        self.metrics = Metrics(oldest_unacked=self.oldest_unacked_age)
+        self.metrics = Metrics(oldest_unacked=self.oldest_unacked_age, in_flight=self.in_flight)
         self.generation = 0
         self.connected = False
         self.stopping = False
@@ -113,6 +113,10 @@ class Listener:
         with self._lock:
             oldest = min(self._unacked.values(), default=None)
         return 0.0 if oldest is None else time.monotonic() - oldest
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._unacked)
 
     def health(self) -> dict[str, Any]:
         if self.stopping:
