@@ -26,6 +26,10 @@ class ApiUnavailable(RuntimeError):
     """The API could not take the request now (unreachable, 5xx, 429, missing deployment): retry."""
 
 
+class DeploymentMissing(ApiUnavailable):
+    """The route's deployment does not exist (yet): its events wait, others go on."""
+
+
 class ApiRejected(RuntimeError):
     """The API refused the request itself (4xx): retrying would not help."""
 
@@ -96,7 +100,7 @@ class RunCreator:
                 )
             except ApiRejected as exc:
                 # Not deployed (yet): keep the events queued until someone deploys it.
-                raise ApiUnavailable(f"deployment {name!r} not found ({exc})") from None
+                raise DeploymentMissing(f"deployment {name!r} not found ({exc})") from None
             self._deployments[name] = UUID(response.json()["id"])
         return self._deployments[name]
 
@@ -119,7 +123,7 @@ class RunCreator:
         except ApiRejected as exc:
             if "404" in str(exc).split(":", 1)[0]:  # deployment deleted since it was cached
                 self._deployments.pop(route.deployment, None)
-                raise ApiUnavailable(f"deployment {route.deployment!r} not found") from None
+                raise DeploymentMissing(f"deployment {route.deployment!r} not found") from None
             raise
         run = response.json()
         return RunCreated(run_id=UUID(run["id"]), name=run.get("name", ""),

@@ -35,7 +35,7 @@ from flows.wis2.cloudevent import CloudEvent, parse_event
 from flows.wis2.errors import FieldError, InvalidInput
 from listener.deadletters import DeadLetter, DeadLetterStore, Reason, utcnow
 from listener.observability import HealthServer, Metrics
-from listener.runs import ApiRejected, ApiUnavailable, RunCreator
+from listener.runs import ApiRejected, ApiUnavailable, DeploymentMissing, RunCreator
 from listener.settings import ListenerSettings, Route
 
 log = logging.getLogger("listener")
@@ -238,9 +238,10 @@ class Listener:
                 result = await creator.create(event, route)
             except ApiUnavailable as exc:
                 self.metrics.api_errors.inc()
-                self.api_status = f"unavailable: {exc}"
                 assert self._api_ok is not None
-                self._api_ok.clear()  # the other workers wait instead of piling on
+                if not isinstance(exc, DeploymentMissing):
+                    self.api_status = f"unavailable: {exc}"
+                    self._api_ok.clear()  # the other workers wait instead of piling on
                 if self.stopping:
                     log.warning("API unavailable while stopping: left unacknowledged for the "
                                 "next session", extra={"event_id": event.id, "error": str(exc)})

@@ -59,9 +59,9 @@ def publish(broker: RunningBroker, payloads: list[tuple[str, bytes]]) -> None:
 class Deployment:
     """A deployment of a flow named publish-notification, and its runs (no worker needed)."""
 
-    def __init__(self, api_url: str, existing: str | None = None) -> None:
+    def __init__(self, api_url: str, existing: str | None = None, name: str | None = None) -> None:
         self.api_url = api_url
-        self.name = existing or f"listener-{uuid.uuid4().hex[:8]}"
+        self.name = existing or name or f"listener-{uuid.uuid4().hex[:8]}"
         with self.client() as client:
             if existing:
                 self.id = client.read_deployment_by_name(f"{FLOW}/{existing}").id
@@ -238,6 +238,20 @@ def test_broker_restart_reconnects(
              listener.debug)
     assert listener.running
     assert "disconnected from the broker; reconnecting with backoff" in listener.tail(200)
+
+
+def test_events_wait_for_a_missing_deployment(
+    mqtt_broker: RunningBroker, prefect_api: PrefectServer, make_listener
+) -> None:
+    name = f"listener-later-{uuid.uuid4().hex[:8]}"
+    listener = make_listener(prefect_api.api_url, f"{FLOW}/{name}").start(60)
+    publish(mqtt_broker, [(TOPIC, event_payload("early"))])
+    wait_for(lambda: "not found" in listener.tail(50), 20, "the missing deployment in the log",
+             listener.debug)
+    assert listener.metrics()["wis2_listener_in_flight"] == 1  # held, not acknowledged
+    deployment = Deployment(prefect_api.api_url, name=name)  # deployed at last
+    wait_for(lambda: deployment.event_ids() == ["early-0000"], 30, "the run", listener.debug)
+    assert not list(listener.deadletter_dir.glob("*.json"))
 
 
 def test_prefect_api_outage_loses_nothing(
