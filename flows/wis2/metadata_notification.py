@@ -106,7 +106,7 @@ def record_id_of(record: Mapping[str, Any]) -> str:
         raise InvalidInput(
             [FieldError(path="$.id", message="missing record identifier")], "metadata record"
         )
-    if not RECORD_ID_PATTERN.match(record_id):
+    if not RECORD_ID_PATTERN.fullmatch(record_id):
         raise InvalidInput(
             [
                 FieldError(
@@ -123,7 +123,7 @@ def record_id_of(record: Mapping[str, Any]) -> str:
 
 def centre_id_of(record: Mapping[str, Any]) -> str:
     """The centre-id named in the record identifier."""
-    match = RECORD_ID_PATTERN.match(record_id_of(record))
+    match = RECORD_ID_PATTERN.fullmatch(record_id_of(record))
     assert match is not None
     return match["centre_id"]
 
@@ -135,7 +135,7 @@ def metadata_data_id(centre_id: str, record_id: str) -> str:
 
 def record_file_name(record_id: str) -> str:
     """File name under which a record is served: ``<record-id>.json``."""
-    if not RECORD_ID_PATTERN.match(record_id):
+    if not RECORD_ID_PATTERN.fullmatch(record_id):
         raise ValueError(f"unsafe record identifier for a file name: {record_id!r}")
     return f"{record_id}.json"
 
