@@ -54,8 +54,9 @@ def _profile(name: str, r: dict[str, Any]) -> list[str]:
     out = [f"## Profile `{name}`", ""]
     if r.get("error"):
         return [*out, f"**Failed:** `{r['error']}`", ""]
-    if r.get("skipped") and "startup_seconds" not in r:
-        return [*out, f"Skipped: {r['skipped']}.", ""]
+    if r.get("skipped") and not r.get("floor"):
+        why = r.get("startup_error") or r["skipped"]
+        return [*out, f"Not measured: {why}.", ""]
     out += [f"Listener: {r.get('listener')}.", ""]
     out += [f"Prefect database: {r.get('database')}; node start-up "
             f"{_f(r.get('startup_seconds'), 1)} s; work pool concurrency limit: "

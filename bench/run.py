@@ -184,6 +184,7 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
     else:
         result["database"] = "SQLite (file in the run directory)"
 
+    result["pool_limit"] = opts.pool_limit if opts.pool_limit > 0 else None
     broker, ws, prefect, files, metrics = _distinct_ports(5)
     settings = NodeSettings(
         _env_file=None, run_dir=out_dir / profile / "node", broker_port=broker,
@@ -215,7 +216,6 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
         chain_ready = result["startup_error"] is None
         if chain_ready and opts.pool_limit > 0:
             _set_pool_limit(node, opts.pool_limit)
-        result["pool_limit"] = opts.pool_limit if opts.pool_limit > 0 else None
 
         def low_memory(available_mb: float) -> None:
             abort.set()
