@@ -58,7 +58,7 @@ class BurstResult(Delivery):
 
 
 class FlowRunCounts(BaseModel):
-    """States of the publish-notification flow runs of one phase (by run name)."""
+    """States of the publish-notification flow runs of one phase (by their event's id)."""
 
     total: int
     by_state: dict[str, int]
@@ -164,6 +164,12 @@ def run_burst(
     )
 
 
+def _event_id(parameters: dict) -> str:
+    """The id of the event a run handles (a run is named after its file only once it starts)."""
+    event = parameters.get("event") if isinstance(parameters, dict) else None
+    return str(event.get("id", "")) if isinstance(event, dict) else ""
+
+
 async def _read_runs(api_url: str) -> list[tuple[str, str]]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
@@ -177,14 +183,15 @@ async def _read_runs(api_url: str) -> list[tuple[str, str]]:
                 page = await client.read_flow_runs(
                     flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW_NAME])),
                     limit=200, offset=offset)
-                runs.extend((r.name, r.state.type.value if r.state else "NONE") for r in page)
+                runs.extend((_event_id(r.parameters), r.state.type.value if r.state else "NONE")
+                            for r in page)
                 if len(page) < 200:
                     return runs
                 offset += len(page)
 
 
 def flow_run_counts(api_url: str, phase_marker: str, settle: float = 0.0) -> FlowRunCounts:
-    """Count the flow runs whose name contains `phase_marker` (the file names of one phase);
+    """Count the flow runs whose event id contains `phase_marker` (the events of one phase);
     wait up to `settle` seconds for the unfinished ones (they finish after publishing)."""
     deadline = time.monotonic() + settle
     counts = _flow_run_counts(api_url, phase_marker)

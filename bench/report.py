@@ -70,7 +70,7 @@ def _profile(name: str, r: dict[str, Any]) -> list[str]:
         lat = s["latency"]
         out += [f"### Steady: {s['rate']} event/s for {s['seconds']} s", ""]
         out += _table(
-            ["events sent", "received", "lost", "dup. data_ids", "p50 s", "p90 s", "p99 s",
+            ["events sent", "received", "missing", "dup. data_ids", "p50 s", "p90 s", "p99 s",
              "max s", "failed runs"],
             [[s["events_sent"], s["received"], s["lost"], s["duplicate_data_ids"], lat["p50"],
               lat["p90"], lat["p99"], lat["max"], r.get("steady_runs", {}).get("failed")]])
@@ -81,11 +81,12 @@ def _profile(name: str, r: dict[str, Any]) -> list[str]:
             f"not drained in {_f(b['elapsed_seconds'], 0)}"
         out += [f"### Burst: {b['events_sent']} events at once", ""]
         out += _table(
-            ["published in s", "time to drain s", "first notif. s", "received", "lost",
-             "dup. notifications", "failed runs", "unfinished runs", "chain events/s"],
+            ["published in s", "time to drain s", "first notif. s", "received",
+             "missing at the deadline", "dup. notifications", "flow runs created", "failed runs",
+             "unfinished runs", "chain events/s"],
             [[b["publish_seconds"], drain, b["first_notification_seconds"], b["received"],
-              b["lost"], b["duplicate_messages"], runs.get("failed"), runs.get("unfinished"),
-              b["throughput_eps"]]])
+              b["lost"], b["duplicate_messages"], runs.get("total"), runs.get("failed"),
+              runs.get("unfinished"), b["throughput_eps"]]])
         if runs.get("by_state"):
             states = ", ".join(f"{k} {v}" for k, v in runs["by_state"].items())
             out += [f"Burst flow runs by state at the end of the wait: {states}.", ""]
