@@ -1,0 +1,261 @@
+"""The `wis2-warm` worker: flow runs executed in the worker's own process, flow code kept imported.
+
+The standard `process` worker starts a Python interpreter per flow run (imports Prefect, pydantic,
+the validators... ~3 CPU s and ~150-200 MB each). This worker imports each deployment's flow once
+and runs every flow run in a thread of the worker process with Prefect's own engine
+(`prefect.flow_engine.run_flow`), so a run costs only its own work.
+
+    prefect work-pool create wis2-pool --type wis2-warm --overwrite
+    prefect worker start --pool wis2-pool --type wis2-warm --limit 8
+
+What it does differently from the `process` worker (by design, because runs share one process):
+
+- **Flow code**: the deployment's entrypoint (e.g. `flows/publish_notification.py:...`) is
+  resolved against the worker's project directory: `WIS2_PROJECT_DIR` of the *worker's*
+  environment, else its working directory. The deployment's pull steps are not run (they would
+  `chdir` the whole process). The flow is imported once per entrypoint and reused; if the
+  entrypoint file changes (mtime) it is loaded again for the next runs. Other modules it imports
+  are not reloaded: restart the worker after deploying new code.
+- **Environment**: per-run environment variables from job variables (`env`) cannot be applied to
+  a shared process; runs see the worker's own environment (and its `.env`). `WIS2_PROJECT_DIR`
+  in the deployment's job variables is accepted and ignored.
+- **Concurrency**: bounded by the worker's `--limit` (BaseWorker stops submitting when that many
+  runs are in progress); without `--limit`, by `DEFAULT_THREADS` threads.
+- **Isolation**: a failing or raising flow ends Failed/Crashed and never takes the worker down,
+  but runs share memory, module state and the GIL (CPU-bound work of one run slows the others).
+- **Cancellation** (best effort): a thread cannot be killed. A run cancelled while Running goes
+  on until its current task ends; the server refuses to start its next tasks, and when the flow
+  returns the worker marks it Cancelled. A worker stopped with SIGTERM/SIGINT waits for the runs
+  in progress to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import importlib
+import importlib.util
+import inspect
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+from prefect.workers.base import (
+    BaseJobConfiguration,
+    BaseVariables,
+    BaseWorker,
+    BaseWorkerResult,
+)
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.flows import Flow
+    from prefect.states import State
+
+log = logging.getLogger(__name__)
+
+WORKER_TYPE = "wis2-warm"
+DEFAULT_THREADS = 16  # flow runs at once when the worker is started without --limit
+
+
+class WarmWorkerSettings(BaseSettings):
+    """Where the warm worker finds the flow code (`WIS2_PROJECT_DIR`, else its working dir)."""
+
+    model_config = SettingsConfigDict(env_prefix="WIS2_", env_file=".env", extra="ignore")
+
+    project_dir: Path | None = Field(
+        default=None, description="Project directory the deployments' entrypoints are relative to"
+    )
+
+    def resolved_project_dir(self) -> Path:
+        return (self.project_dir or Path.cwd()).resolve()
+
+
+class WarmJobConfiguration(BaseJobConfiguration):
+    """The base job configuration (`env`, `labels`, `name`, `command`).
+
+    Accepted for compatibility with the deployments' job variables (prefect.yaml passes
+    `env.WIS2_PROJECT_DIR`), but not applied: the runs execute in the worker's process."""
+
+
+class WarmVariables(BaseVariables):
+    """Job variables of a `wis2-warm` pool: the base ones (only informative here)."""
+
+
+class WarmWorkerResult(BaseWorkerResult):
+    """Final state of a flow run executed in the worker's process (status 0: Completed)."""
+
+
+class FlowLoadError(RuntimeError):
+    """The deployment's flow could not be imported."""
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    flow: Flow[..., Any]
+    mtime: float
+
+
+class FlowCache:
+    """Flows imported once per entrypoint (reloaded when the entrypoint file's mtime changes)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._flows: dict[str, _Loaded] = {}
+
+    def get(self, entrypoint: str, project_dir: Path) -> Flow[..., Any]:
+        if ":" not in entrypoint:  # a module path `package.module.flow_function`
+            key, path, func = entrypoint, None, ""
+        else:
+            file_part, func = entrypoint.rsplit(":", 1)
+            path = (project_dir / file_part).resolve()
+            key = f"{path}:{func}"
+        try:
+            mtime = path.stat().st_mtime if path is not None else 0.0
+        except OSError as exc:
+            raise FlowLoadError(
+                f"entrypoint {entrypoint!r}: {path} not found (project directory {project_dir}; "
+                "set WIS2_PROJECT_DIR or start the worker from the project directory)"
+            ) from exc
+        with self._lock:  # one import at a time; runs of an already loaded flow do not wait
+            loaded = self._flows.get(key)
+            if loaded is not None and loaded.mtime == mtime:
+                return loaded.flow
+            log.info("loading flow %s (project %s)", entrypoint, project_dir)
+            try:
+                flow = _import_flow(entrypoint, path, func, project_dir, fresh=loaded is not None)
+            except Exception as exc:
+                raise FlowLoadError(
+                    f"cannot load flow {entrypoint!r}: {type(exc).__name__}: {exc}"
+                ) from exc
+            self._flows[key] = _Loaded(flow, mtime)
+            return flow
+
+
+def _import_flow(entrypoint: str, path: Path | None, func: str, project_dir: Path,
+                 fresh: bool) -> Flow[..., Any]:
+    """Import the flow as its package module when the file is the installed one (no second copy,
+    no sys.path change); otherwise, or when `fresh`, as a script like Prefect does."""
+    from prefect.flows import Flow, load_flow_from_entrypoint
+
+    if path is None:
+        return load_flow_from_entrypoint(entrypoint, use_placeholder_flow=False)
+    if not fresh and path.is_relative_to(project_dir) and "." not in func:
+        module_name = ".".join(path.relative_to(project_dir).with_suffix("").parts)
+        try:
+            spec = importlib.util.find_spec(module_name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None and spec.origin and Path(spec.origin).resolve() == path:
+            obj = getattr(importlib.import_module(module_name), func)
+            if not isinstance(obj, Flow):
+                raise TypeError(f"{func!r} in {path} is not a flow (decorate it with @flow)")
+            return obj
+    return load_flow_from_entrypoint(f"{path}:{func}", use_placeholder_flow=False)
+
+
+class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResult]):
+    """Runs flow runs in threads of the worker process, with their flows imported once."""
+
+    type = WORKER_TYPE
+    job_configuration = WarmJobConfiguration
+    job_configuration_variables = WarmVariables
+
+    _description = (
+        "wis2-chain: execute flow runs in the worker's own process (threads, flow code imported "
+        "once; no per-run environment, no pull steps). Bound it with --limit."
+    )
+    _display_name = "WIS2 warm (in-process)"
+    _documentation_url = "https://docs.prefect.io/v3/concepts/workers"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._flows = FlowCache()
+        self._threads = anyio.CapacityLimiter(self._limit or DEFAULT_THREADS)
+        self._project_dir = WarmWorkerSettings().resolved_project_dir()
+        if self._limit is None:
+            log.warning("wis2-warm worker started without --limit: at most %d flow runs at once",
+                        DEFAULT_THREADS)
+
+    async def run(
+        self,
+        flow_run: FlowRun,
+        configuration: WarmJobConfiguration,
+        task_status: anyio.abc.TaskStatus[int] | None = None,
+    ) -> WarmWorkerResult:
+        run_logger = self.get_flow_run_logger(flow_run)
+        identifier = str(os.getpid())
+        ignored = sorted(k for k, v in (configuration.env or {}).items()
+                         if os.environ.get(k) != v and not k.startswith("PREFECT__"))
+        if ignored:
+            run_logger.debug("wis2-warm runs in the worker's environment; job variables env not "
+                             "applied: %s", ", ".join(ignored))
+        if task_status is not None:
+            task_status.started(os.getpid())  # the run's "infrastructure" is this process
+
+        try:
+            entrypoint = await self._entrypoint(flow_run)
+            context = contextvars.copy_context()  # settings/profile of the worker for the thread
+            state = await anyio.to_thread.run_sync(
+                context.run, self._execute, flow_run.id, entrypoint, limiter=self._threads)
+        except FlowLoadError as exc:
+            run_logger.error("%s", exc, exc_info=exc.__cause__ or exc)
+            await self._propose_crashed_state(flow_run, str(exc))
+            return WarmWorkerResult(identifier=identifier, status_code=1)
+        except Exception as exc:
+            run_logger.exception("flow run %s ended with an engine error", flow_run.id)
+            await self._propose_crashed_state(
+                flow_run, f"engine error in the wis2-warm worker: {type(exc).__name__}: {exc}")
+            return WarmWorkerResult(identifier=identifier, status_code=1)
+
+        await self._finish_cancelling(flow_run)
+        return WarmWorkerResult(identifier=identifier,
+                                status_code=0 if state.is_completed() else 1)
+
+    async def _entrypoint(self, flow_run: FlowRun) -> str:
+        if flow_run.deployment_id is None:
+            raise FlowLoadError("flow run has no deployment: the wis2-warm worker runs "
+                                "deployments only")
+        deployment = await self.client.read_deployment(flow_run.deployment_id)
+        if not deployment.entrypoint:
+            raise FlowLoadError(f"deployment {deployment.name!r} has no entrypoint")
+        return deployment.entrypoint
+
+    def _execute(self, flow_run_id: Any, entrypoint: str) -> State:
+        """In a worker thread: load (cached) and run the flow with Prefect's engine."""
+        from prefect.client.orchestration import get_client
+        from prefect.flow_engine import run_flow
+
+        flow = self._flows.get(entrypoint, self._project_dir)
+        with get_client(sync_client=True) as client:
+            flow_run = client.read_flow_run(flow_run_id)  # fresh state, as the engine's loader
+        from prefect.logging.loggers import flow_run_logger
+
+        state = run_flow(flow, flow_run=flow_run, return_type="state",
+                         error_logger=flow_run_logger(flow_run=flow_run))
+        if inspect.isawaitable(state):  # an async flow: its own event loop in this thread
+            state = asyncio.run(_await(state))
+        return state  # type: ignore[return-value]
+
+    async def _finish_cancelling(self, flow_run: FlowRun) -> None:
+        """A run cancelled while its thread ran stays Cancelling: mark it Cancelled."""
+        try:
+            current = await self.client.read_flow_run(flow_run.id)
+        except Exception:
+            log.debug("cannot read flow run %s after its end", flow_run.id, exc_info=True)
+            return
+        if current.state is not None and current.state.is_cancelling():
+            await self._mark_flow_run_as_cancelled(
+                current, state_updates={"message": "Cancelled: the run's thread has returned."})
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
