@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 WORK_POOL = "wis2-pool"
+WORKER_TYPES = {"warm": "wis2-warm", "process": "process"}  # WIS2_DEMO_WORKER_TYPE -> pool type
 DEMO_FILES_PORT = 8765  # the port written in data/demo-event.json's asset href
 
 
@@ -54,6 +55,9 @@ class NodeSettings(BaseSettings):
     timeout: float = Field(default=240.0, description="Seconds to wait for the notification")
     database_url: str | None = Field(
         default=None, description="Prefect server database (default: SQLite in run_dir)")
+    worker_type: Literal["warm", "process"] = Field(
+        default="warm", description="wis2-warm worker (runs in its process) or Prefect's process")
+    worker_limit: int = Field(default=8, ge=1, description="Flow runs at once (worker --limit)")
 
 
 class NodeState(BaseModel):
@@ -206,12 +210,14 @@ class LocalNode:
                               "--directory", str(self.run_dir / "www")], env,
                     ready=lambda: port_is_open(s.host, s.files_port))
         prefect = prefect_cli()
-        self._run([prefect, "work-pool", "create", WORK_POOL, "--type", "process", "--overwrite"],
-                  env, "create work pool")
+        worker_type = WORKER_TYPES[s.worker_type]
+        self._run([prefect, "work-pool", "create", WORK_POOL, "--type", worker_type,
+                   "--overwrite"], env, "create work pool")
         self._run([str(Path(py).with_name("wis2-chain")), "blocks", "register"], env,
                   "register blocks")
         self._run([prefect, "--no-prompt", "deploy", "--all"], env, "deploy")
-        self._spawn("worker", [prefect, "worker", "start", "--pool", WORK_POOL], env)
+        self._spawn("worker", [prefect, "worker", "start", "--pool", WORK_POOL, "--type",
+                               worker_type, "--limit", str(s.worker_limit)], env)
         self._spawn("listener", [py, "-m", "listener"], self.listener_env(),
                     ready=lambda: port_is_open(s.host, s.metrics_port), timeout=90)
         state = self.state
