@@ -22,6 +22,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.objects import FlowRun
+from prefect.states import Cancelling
 from prefect.workers.base import BaseWorker
 
 from blocks.mqtt_broker import MqttBroker
@@ -225,3 +226,33 @@ def test_the_limit_bounds_concurrent_runs(warm_node: WarmNode) -> None:
         running += step
         most = max(most, running)
     assert most == LIMIT, f"at most {most} runs Running at once (limit {LIMIT}): {intervals}"
+
+
+def test_a_flow_that_cannot_be_loaded_crashes_only_its_run(warm_node: WarmNode) -> None:
+    with get_client(sync_client=True) as client:
+        deployment_id = client.create_deployment(
+            flow_id=client.create_flow_from_name("warm-test-missing"),
+            name=f"missing-{uuid.uuid4().hex[:6]}", entrypoint="flows/no_such_flow.py:nope",
+            work_pool_name=POOL, work_queue_name="default")
+        missing = client.create_flow_run_from_deployment(deployment_id)
+    [crashed] = warm_node.wait_final([missing.id])
+    assert crashed.state.is_crashed(), f"{crashed.state_name}: {crashed.state.message}"
+    assert "flows/no_such_flow.py" in crashed.state.message
+    assert "not found" in crashed.state.message
+
+    [completed] = warm_node.wait_final([warm_node.create_sleep_run(0.1).id])
+    assert completed.state.is_completed(), completed.state.message
+
+
+def test_a_cancelled_run_ends_cancelled(warm_node: WarmNode) -> None:
+    """Best effort: the thread is not interrupted; the run ends Cancelled when the flow returns."""
+    run = warm_node.create_sleep_run(4.0)
+    deadline = time.monotonic() + 30
+    with get_client(sync_client=True) as client:
+        while not client.read_flow_run(run.id).state.is_running():
+            assert time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.2)
+        client.set_flow_run_state(run.id, Cancelling(message="test cancel"))
+    [cancelled] = warm_node.wait_final([run.id], timeout=30)
+    assert cancelled.state.is_cancelled(), f"{cancelled.state_name}: {cancelled.state.message}"
+    assert warm_node.worker.poll() is None

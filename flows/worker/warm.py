@@ -216,9 +216,9 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
                 flow_run, f"engine error in the wis2-warm worker: {type(exc).__name__}: {exc}")
             return WarmWorkerResult(identifier=identifier, status_code=1)
 
-        await self._finish_cancelling(flow_run)
-        return WarmWorkerResult(identifier=identifier,
-                                status_code=0 if state.is_completed() else 1)
+        cancelled = await self._finish_cancelling(flow_run)
+        ok = state.is_completed() or cancelled
+        return WarmWorkerResult(identifier=identifier, status_code=0 if ok else 1)
 
     async def _entrypoint(self, flow_run: FlowRun) -> str:
         if flow_run.deployment_id is None:
@@ -245,16 +245,20 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
             state = asyncio.run(_await(state))
         return state  # type: ignore[return-value]
 
-    async def _finish_cancelling(self, flow_run: FlowRun) -> None:
-        """A run cancelled while its thread ran stays Cancelling: mark it Cancelled."""
+    async def _finish_cancelling(self, flow_run: FlowRun) -> bool:
+        """A run cancelled while its thread ran stays Cancelling: mark it Cancelled (True)."""
         try:
             current = await self.client.read_flow_run(flow_run.id)
         except Exception:
             log.debug("cannot read flow run %s after its end", flow_run.id, exc_info=True)
-            return
-        if current.state is not None and current.state.is_cancelling():
+            return False
+        if current.state is None or not (current.state.is_cancelling()
+                                         or current.state.is_cancelled()):
+            return False
+        if current.state.is_cancelling():
             await self._mark_flow_run_as_cancelled(
                 current, state_updates={"message": "Cancelled: the run's thread has returned."})
+        return True
 
 
 async def _await(awaitable: Any) -> Any:
