@@ -56,6 +56,8 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
+    from uuid import UUID
+
     from prefect.client.schemas.objects import FlowRun
     from prefect.flows import Flow
     from prefect.states import State
@@ -220,6 +222,14 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         ok = state.is_completed() or cancelled
         return WarmWorkerResult(identifier=identifier, status_code=0 if ok else 1)
 
+    async def _give_worker_labels_to_flow_run(self, flow_run_id: UUID) -> None:
+        """The worker's labels only describe the run: an API too busy to store them (503 after
+        the client's retries, seen on SQLite under bursts) must not crash a run that can go on."""
+        try:
+            await super()._give_worker_labels_to_flow_run(flow_run_id)
+        except Exception as exc:
+            log.warning("flow run %s: worker labels not set: %s", flow_run_id, exc)
+
     async def _entrypoint(self, flow_run: FlowRun) -> str:
         if flow_run.deployment_id is None:
             raise FlowLoadError("flow run has no deployment: the wis2-warm worker runs "
@@ -233,12 +243,11 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         """In a worker thread: load (cached) and run the flow with Prefect's engine."""
         from prefect.client.orchestration import get_client
         from prefect.flow_engine import run_flow
+        from prefect.logging.loggers import flow_run_logger
 
         flow = self._flows.get(entrypoint, self._project_dir)
         with get_client(sync_client=True) as client:
             flow_run = client.read_flow_run(flow_run_id)  # fresh state, as the engine's loader
-        from prefect.logging.loggers import flow_run_logger
-
         state = run_flow(flow, flow_run=flow_run, return_type="state",
                          error_logger=flow_run_logger(flow_run=flow_run))
         if inspect.isawaitable(state):  # an async flow: its own event loop in this thread
