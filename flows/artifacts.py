@@ -97,14 +97,16 @@ def failure_artifact(
         "",
     ]
     if field_errors:
-        lines += ["| field | problem |", "|---|---|"]
-        lines += [
-            f"| `{e.path}` | {e.message.replace('|', '/')} |" for e in field_errors
-        ]
-        lines.append("")
-    lines += [
-        "## Event as received",
-        "",
+        lines += _field_table(field_errors)
+    lines += ["## Event as received", "", *_replay_lines(deployment), "", _json_block(event)]
+    create_markdown_artifact(
+        markdown="\n".join(lines), key=key, description=f"Failed: {error}"[:500]
+    )
+
+
+def _replay_lines(deployment: str) -> list[str]:
+    """How to replay one event with the single-event deployment."""
+    return [
         "Fix it and start a custom run of the "
         f"`{deployment}` deployment with this JSON as the `event` parameter "
         "(Prefect UI: Deployments > publish-notification > Run > Custom run), or with the CLI:",
@@ -113,9 +115,52 @@ def failure_artifact(
         "prefect deployment run 'publish-notification/default' "
         "--params \"$(jq -n --argjson e \"$(cat event.json)\" '{event:$e}')\"",
         "```",
-        "",
-        _json_block(event),
     ]
+
+
+def _field_table(field_errors: Sequence[FieldError]) -> list[str]:
+    lines = ["| field | problem |", "|---|---|"]
+    lines += [f"| `{e.path}` | {e.message.replace('|', '/')} |" for e in field_errors]
+    return [*lines, ""]
+
+
+def batch_table_artifact(rows: Sequence[dict[str, Any]], *, key: str, description: str) -> None:
+    """Table: one row per event (and notification) of a batch run."""
+    table = [{k: ("" if v is None else str(v)) for k, v in row.items()} for row in rows]
+    create_table_artifact(table=table or [{"event": "none"}], key=key, description=description)
+
+
+def batch_failure_artifact(
+    *,
+    key: str,
+    failures: Sequence[dict[str, Any]],
+    total: int,
+    deployment: str = "publish-notification/default",
+) -> None:
+    """Markdown: each failed event of a batch (error, bad fields, exact JSON to replay).
+
+    `failures`: dicts with `label`, `event_id`, `error` (exception or text), `field_errors`
+    and `event` (the JSON as received).
+    """
+    lines = [
+        f"# {len(failures)} of {total} event(s) of this batch failed",
+        "",
+        "The other events of the batch were published. Replay each failed event on its own, "
+        "after fixing it:",
+        "",
+        *_replay_lines(deployment),
+        "",
+    ]
+    for failure in failures:
+        error = failure["error"]
+        kind = type(error).__name__ if isinstance(error, BaseException) else "Error"
+        lines += [f"## `{failure['label']}` (event `{failure['event_id']}`)", "",
+                  f"**{kind}**: {error}", ""]
+        if failure.get("field_errors"):
+            lines += _field_table(failure["field_errors"])
+        lines += ["Event as received:", "", _json_block(failure["event"]), ""]
+    first = failures[0]["label"] if failures else ""
     create_markdown_artifact(
-        markdown="\n".join(lines), key=key, description=f"Failed: {error}"[:500]
+        markdown="\n".join(lines), key=key,
+        description=f"Failed: {len(failures)} event(s) of {total}, first {first}"[:500],
     )

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from listener.deadletters import REASONS
@@ -75,6 +75,13 @@ class Metrics:
             "wis2_listener_events_received", "Messages received from the broker", registry=r)
         self.runs_created = Counter(
             "wis2_listener_runs_created", "Flow runs created", ["deployment"], registry=r)
+        self.batches_created = Counter(
+            "wis2_listener_batches_created",
+            "Batch flow runs created (one run for several events; also in runs_created)",
+            ["deployment"], registry=r)
+        self.batch_size = Histogram(
+            "wis2_listener_batch_size", "Events in each batch flow run created",
+            buckets=(2, 5, 10, 20, 50, 100, 200, 500), registry=r)
         self.duplicates = Counter(
             "wis2_listener_duplicates",
             "Events whose flow run already existed (same idempotency key)", ["deployment"],

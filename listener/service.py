@@ -10,6 +10,11 @@
   asyncio loop where `concurrency` workers create the runs, retrying with exponential backoff.
 - A message from an earlier connection is never acknowledged on a later one (its packet id may
   be reused): the broker redelivers it and its run's idempotency key makes it a duplicate.
+- Adaptive batching: a worker that takes a message while others are queued behind it collects
+  the valid ones (up to `batch_max_size`, waiting at most `batch_max_wait` for more) and creates
+  ONE run of the route's `batch_deployment` for them, then acknowledges them all. A message on an
+  idle listener gets a run of its own at once. A missing batch deployment (or a refused batch)
+  falls back to one run per event.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -35,10 +41,13 @@ from flows.wis2.cloudevent import CloudEvent, parse_event
 from flows.wis2.errors import FieldError, InvalidInput
 from listener.deadletters import DeadLetter, DeadLetterStore, Reason, utcnow
 from listener.observability import HealthServer, Metrics
-from listener.runs import ApiRejected, ApiUnavailable, DeploymentMissing, RunCreator
+from listener.runs import ApiRejected, ApiUnavailable, DeploymentMissing, RunCreated, RunCreator
 from listener.settings import ListenerSettings, Route
 
 log = logging.getLogger("listener")
+
+BATCH_RECHECK = 60  # seconds before a missing batch deployment is looked up again
+COLLECT_POLL = 0.005  # seconds between looks at the queue while a batch fills
 
 
 @dataclass(eq=False)
@@ -51,6 +60,15 @@ class Inbound:
     generation: int
     received: float = field(default_factory=time.monotonic)
     received_at: datetime = field(default_factory=utcnow)
+
+
+@dataclass
+class Accepted:
+    """A valid message: the route it takes and its event."""
+
+    item: Inbound
+    route: Route
+    event: CloudEvent
 
 
 @dataclass
@@ -105,6 +123,8 @@ class Listener:
         self._queue: asyncio.Queue[Inbound | None] | None = None
         self._stop: asyncio.Event | None = None
         self._api_ok: asyncio.Event | None = None
+        self._batch_missing: dict[str, float] = {}  # batch deployment -> when found missing
+        self._api_gate: asyncio.Semaphore | None = None  # run creations at the same time
         self.client: mqtt.Client | None = None
         self.http: HealthServer | None = None
 
@@ -226,43 +246,63 @@ class Listener:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
 
-    async def _create_run(
-        self, creator: RunCreator, item: Inbound, route: Route, event: CloudEvent
-    ) -> None:
+    async def _call_api(
+        self, call: Callable[[], Awaitable[RunCreated]], items: list[Inbound],
+        context: dict[str, Any], *, retry_missing: bool = True,
+    ) -> RunCreated | None:
+        """`call()` retried with backoff while the API is unavailable; None when stopping (the
+        items are then left unacknowledged). `ApiRejected` (and `DeploymentMissing` when not
+        `retry_missing`) are raised to the caller."""
         s = self.settings
+        assert self._api_ok is not None
         delay = s.retry_min_delay
         attempt = 0
         while True:
             attempt += 1
             try:
-                result = await creator.create(event, route)
+                async with self._api_gate:  # type: ignore[union-attr]
+                    result = await call()
+            except ApiRejected:
+                self._api_ok.set()
+                raise
             except ApiUnavailable as exc:
+                missing = isinstance(exc, DeploymentMissing)
+                if missing and not retry_missing:
+                    raise
                 self.metrics.api_errors.inc()
-                assert self._api_ok is not None
-                if not isinstance(exc, DeploymentMissing):
+                if not missing:
                     self.api_status = f"unavailable: {exc}"
                     self._api_ok.clear()  # the other workers wait instead of piling on
                 if self.stopping:
                     log.warning("API unavailable while stopping: left unacknowledged for the "
-                                "next session", extra={"event_id": event.id, "error": str(exc)})
-                    self._abandon(item)
-                    return
+                                "next session", extra={**context, "error": str(exc)})
+                    for item in items:
+                        self._abandon(item)
+                    return None
                 wait = min(delay, s.retry_max_delay) * random.uniform(1.0, 1.25)
                 log.warning("Prefect API unavailable; retrying", extra={
-                    "event_id": event.id, "deployment": route.deployment, "attempt": attempt,
-                    "retry_in": round(wait, 2), "error": str(exc)})
+                    **context, "attempt": attempt, "retry_in": round(wait, 2),
+                    "error": str(exc)})
                 await self._sleep_unless_stopping(wait)
                 delay = min(delay * 2, s.retry_max_delay)
                 continue
-            except ApiRejected as exc:
-                self._api_ok.set()  # type: ignore[union-attr]
-                await self._dead_letter(item, Rejection(
-                    "api_rejected", f"the Prefect API refused the flow run: {exc}",
-                    [FieldError(path="$", message=str(exc))]))
-                return
-            break
-        self.api_status = "ok"
-        self._api_ok.set()  # type: ignore[union-attr]
+            self.api_status = "ok"
+            self._api_ok.set()
+            return result
+
+    async def _create_run(self, creator: RunCreator, accepted: Accepted) -> None:
+        item, route, event = accepted.item, accepted.route, accepted.event
+        try:
+            result = await self._call_api(
+                lambda: creator.create(event, route), [item],
+                {"event_id": event.id, "deployment": route.deployment})
+        except ApiRejected as exc:
+            await self._dead_letter(item, Rejection(
+                "api_rejected", f"the Prefect API refused the flow run: {exc}",
+                [FieldError(path="$", message=str(exc))]))
+            return
+        if result is None:
+            return
         if result.created:
             self.metrics.runs_created.labels(deployment=route.deployment).inc()
             what = "flow run created"
@@ -274,22 +314,149 @@ class Listener:
                               "deployment": route.deployment, "flow_run_id": str(result.run_id),
                               "flow_run": result.name, "redelivered": item.dup, "acked": acked})
 
-    async def _handle(self, creator: RunCreator, item: Inbound) -> None:
-        self.metrics.events_received.inc()
+    # ---- batches ---------------------------------------------------------------------------
+    def _batching(self, route: Route) -> bool:
+        """Whether events of `route` may be grouped now (its batch deployment not known missing)."""
+        deployment = route.batch_deployment
+        if self.settings.batch_max_size < 2 or deployment is None:
+            return False
+        missing_since = self._batch_missing.get(deployment)
+        return missing_since is None or time.monotonic() - missing_since > BATCH_RECHECK
+
+    def _batch_deployment_missing(self, deployment: str, exc: Exception) -> None:
+        if deployment not in self._batch_missing:
+            log.warning("batch deployment missing: bursts get one run per event until it is "
+                        "deployed", extra={"deployment": deployment, "error": str(exc),
+                                           "recheck_in": BATCH_RECHECK})
+        self._batch_missing[deployment] = time.monotonic()
+
+    async def _collect(self, first: Accepted) -> list[Accepted]:
+        """`first` and the valid messages queued behind it (waiting at most batch_max_wait for
+        more), up to batch_max_size; malformed ones are dead-lettered on the way."""
+        assert self._queue is not None
+        s = self.settings
+        taken = [first]
+        deadline = time.monotonic() + s.batch_max_wait
+        while len(taken) < s.batch_max_size and not self.stopping:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                await asyncio.sleep(min(COLLECT_POLL, remaining))
+                continue
+            if item is None:  # the stop signal is for a worker: hand it back
+                self._queue.put_nowait(None)
+                break
+            accepted = await self._accept(item)
+            if accepted is not None:
+                taken.append(accepted)
+        return taken
+
+    async def _create_batch(
+        self, creator: RunCreator, route: Route, members: list[Accepted]
+    ) -> None:
+        deployment = route.batch_deployment
+        assert deployment is not None
+        events = [m.event for m in members]
+        items = [m.item for m in members]
         try:
-            checked = check_message(self.settings, item.topic, item.payload)
-            if isinstance(checked, Rejection):
-                await self._dead_letter(item, checked)
-            else:
-                await self._create_run(creator, item, *checked)
-        except Exception as exc:  # a bug must not lose the message nor stop the listener
-            log.exception("unexpected error handling a message", extra={"topic": item.topic})
+            result = await self._call_api(
+                lambda: creator.create_batch(events, route), items,
+                {"event_id": events[0].id, "events": len(events), "deployment": deployment},
+                retry_missing=False)
+        except DeploymentMissing as exc:
+            self._batch_deployment_missing(deployment, exc)
+            result = None
+            fallback = True
+        except ApiRejected as exc:
+            log.warning("the Prefect API refused the batch run: one run per event instead",
+                        extra={"deployment": deployment, "events": len(events),
+                               "error": str(exc)})
+            fallback = True
+        else:
+            fallback = False
+            self._batch_missing.pop(deployment, None)
+        if fallback:
+            for member in members:
+                await self._create_run(creator, member)
+            return
+        if result is None:
+            return
+        if result.created:
+            self.metrics.runs_created.labels(deployment=deployment).inc()
+            self.metrics.batches_created.labels(deployment=deployment).inc()
+            self.metrics.batch_size.observe(len(members))
+            what = "batch flow run created"
+        else:
+            self.metrics.duplicates.labels(deployment=deployment).inc()
+            what = "duplicate batch: its flow run already exists"
+        acked = sum(self._ack(item) for item in items)
+        log.info(what, extra={"events": len(members), "first_event_id": events[0].id,
+                              "deployment": deployment, "flow_run_id": str(result.run_id),
+                              "flow_run": result.name, "redelivered": sum(i.dup for i in items),
+                              "acked": acked})
+
+    # ---- one message, or a burst ----------------------------------------------------------
+    async def _internal_error(self, items: list[Inbound], exc: Exception) -> None:
+        """A bug must not lose the messages nor stop the listener: dead-letter them."""
+        log.exception("unexpected error handling a message",
+                      extra={"topic": items[0].topic if items else None, "messages": len(items)})
+        for item in items:
             try:
                 await self._dead_letter(item, Rejection(
                     "internal_error", f"{type(exc).__name__}: {exc}"))
             except Exception:
                 log.exception("could not write the dead letter; message left unacknowledged")
                 self._abandon(item)
+
+    async def _accept(self, item: Inbound) -> Accepted | None:
+        """The message's route and event; None when it went to the dead-letter store."""
+        self.metrics.events_received.inc()
+        try:
+            checked = check_message(self.settings, item.topic, item.payload)
+            if isinstance(checked, Rejection):
+                await self._dead_letter(item, checked)
+                return None
+            return Accepted(item, *checked)
+        except Exception as exc:
+            await self._internal_error([item], exc)
+            return None
+
+    async def _handle(self, creator: RunCreator, item: Inbound) -> None:
+        accepted = await self._accept(item)
+        if accepted is None:
+            return
+        assert self._queue is not None
+        if not self._batching(accepted.route) or self._queue.empty():
+            await self._create_runs(creator, [accepted])  # idle: a run at once, no added latency
+            return
+        groups = [[accepted]]
+        try:
+            by_route: dict[int, list[Accepted]] = {}
+            for member in await self._collect(accepted):
+                by_route.setdefault(id(member.route), []).append(member)
+            groups = list(by_route.values())
+        except Exception:  # a bug while collecting: the first event goes on alone
+            log.exception("unexpected error collecting a batch")
+        for members in groups:
+            await self._create_runs(creator, members)
+
+    async def _create_runs(self, creator: RunCreator, members: list[Accepted]) -> None:
+        """One batch run for `members` (same route), or one run each."""
+        try:
+            if len(members) > 1 and self._batching(members[0].route):
+                await self._create_batch(creator, members[0].route, members)
+            else:
+                for member in members:
+                    await self._create_run(creator, member)
+        except Exception as exc:
+            await self._internal_error([m.item for m in members if self._is_unacked(m.item)], exc)
+
+    def _is_unacked(self, item: Inbound) -> bool:
+        with self._lock:
+            return id(item) in self._unacked
 
     async def _worker(self, creator: RunCreator) -> None:
         assert self._queue is not None and self._api_ok is not None
@@ -320,6 +487,7 @@ class Listener:
         self._stop = asyncio.Event()
         self._api_ok = asyncio.Event()
         self._api_ok.set()
+        self._api_gate = asyncio.Semaphore(s.api_concurrency)
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self.request_stop, sig.name)
         if s.metrics_port:
@@ -331,7 +499,14 @@ class Listener:
             "broker": s.connection().describe(), "client_id": s.client_id,
             "subscriptions": ",".join(s.subscriptions), "routes": json.dumps(
                 [r.model_dump() for r in s.routes]), "max_in_flight": s.max_in_flight,
-            "concurrency": s.concurrency, "deadletter_dir": str(s.deadletter_dir)})
+            "concurrency": s.concurrency, "deadletter_dir": str(s.deadletter_dir),
+            "batch_max_size": s.batch_max_size, "batch_max_wait": s.batch_max_wait,
+            "api_concurrency": s.api_concurrency})
+        if 1 < s.batch_max_size and s.max_in_flight < s.batch_max_size * s.concurrency:
+            log.warning("max_in_flight (MQTT Receive Maximum) is below batch_max_size x "
+                        "concurrency: batches cannot fill during bursts", extra={
+                            "max_in_flight": s.max_in_flight, "batch_max_size": s.batch_max_size,
+                            "concurrency": s.concurrency})
         try:
             async with RunCreator(timeout=s.api_timeout) as creator:
                 self._start_mqtt()

@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from flows.mqtt import MqttConnection
 
 DEFAULT_DEPLOYMENT = "publish-notification/default"
+DEFAULT_BATCH_DEPLOYMENT = "publish-batch/default"
 
 
 def _check_filter(value: str) -> str:
@@ -36,6 +37,15 @@ def _check_filter(value: str) -> str:
     return value
 
 
+def _check_deployment(value: str | None) -> str | None:
+    if value is None:
+        return value
+    flow, _, name = value.partition("/")
+    if not flow or not name:
+        raise ValueError(f"deployment {value!r} must be '<flow name>/<deployment name>'")
+    return value
+
+
 def strip_share(topic_filter: str) -> str:
     """`$share/group/a/b` -> `a/b` (the filter messages are matched against)."""
     if topic_filter.startswith("$share/"):
@@ -44,10 +54,15 @@ def strip_share(topic_filter: str) -> str:
 
 
 class Route(BaseModel):
-    """Events received on topics matching `topic_filter` start runs of `deployment` (flow/name)."""
+    """Events received on topics matching `topic_filter` start runs of `deployment` (flow/name);
+    events that arrive together start one run of `batch_deployment` (None: never batched)."""
 
     topic_filter: str
     deployment: str = DEFAULT_DEPLOYMENT
+    batch_deployment: str | None = Field(
+        default=DEFAULT_BATCH_DEPLOYMENT,
+        description="Deployment of a flow taking `events` (a list) for bursts; None: no batching",
+    )
     dataset: str | None = Field(default="argo", description="`dataset` parameter of the run")
 
     @field_validator("topic_filter")
@@ -55,13 +70,10 @@ class Route(BaseModel):
     def _filter(cls, value: str) -> str:
         return _check_filter(value)
 
-    @field_validator("deployment")
+    @field_validator("deployment", "batch_deployment")
     @classmethod
-    def _deployment(cls, value: str) -> str:
-        flow, _, name = value.partition("/")
-        if not flow or not name:
-            raise ValueError(f"deployment {value!r} must be '<flow name>/<deployment name>'")
-        return value
+    def _deployment(cls, value: str | None) -> str | None:
+        return _check_deployment(value)
 
     def matches(self, topic: str) -> bool:
         return topic_matches_sub(strip_share(self.topic_filter), topic)
@@ -106,10 +118,29 @@ class ListenerSettings(BaseSettings):
     )
     max_payload_bytes: int = Field(default=1024 * 1024, ge=1)
     max_in_flight: int = Field(
-        default=20, ge=1, le=65535,
-        description="MQTT 5 Receive Maximum: unacknowledged messages the broker may send us",
+        default=200, ge=1, le=65535,
+        description="MQTT 5 Receive Maximum: unacknowledged messages the broker may send us "
+        "(at least batch_max_size x concurrency, or batches cannot fill)",
     )
-    concurrency: int = Field(default=4, ge=1, description="Flow runs created at the same time")
+    concurrency: int = Field(
+        default=4, ge=1,
+        description="Workers taking messages (each may hold a batch, or retry a missing "
+        "deployment without holding the others)",
+    )
+    api_concurrency: int = Field(
+        default=1, ge=1,
+        description="Flow-run creations sent to the Prefect API at the same time. A SQLite "
+        "server answers 503 to concurrent writes; while one is in flight the next batch fills",
+    )
+    batch_max_size: int = Field(
+        default=50, ge=1,
+        description="Most events in one batch run (1: no batching, one run per event)",
+    )
+    batch_max_wait: float = Field(
+        default=0.2, ge=0,
+        description="Seconds a worker that found events queued waits for more to fill a batch "
+        "(an event arriving on an idle listener never waits)",
+    )
     retry_min_delay: float = Field(default=1.0, gt=0, description="First API retry delay (s)")
     retry_max_delay: float = Field(default=60.0, gt=0, description="Longest API retry delay (s)")
     api_timeout: float = Field(default=30.0, gt=0, description="Timeout of one API call (s)")

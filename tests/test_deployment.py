@@ -71,6 +71,19 @@ def test_deployment_describes_the_event(deployed) -> None:
     assert Path(env["WIS2_PROJECT_DIR"]) == REPO
 
 
+def test_batch_deployment_takes_a_list_of_events(deployed) -> None:
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("publish-batch/default")
+    assert deployment.work_pool_name == POOL
+    assert deployment.entrypoint == "flows/publish_batch.py:publish_batch"
+    assert "listener" in (deployment.description or "")
+    schema = deployment.parameter_openapi_schema
+    assert set(schema["properties"]) == {"events", "dataset"}
+    assert schema["properties"]["events"]["type"] == "array"
+    # the flow parses each event itself: one bad event must not refuse the whole batch
+    assert deployment.enforce_parameter_schema is False
+
+
 def test_a_worker_runs_the_deployment(deployed, session_broker, tmp_path: Path) -> None:
     block = f"deploy-broker-{uuid.uuid4().hex[:8]}"
     MqttBroker.from_connection(session_broker.connection("publisher")).save(block)

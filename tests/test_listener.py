@@ -2,7 +2,8 @@
 
 Each test registers a deployment of a flow named "publish-notification" (no worker: runs are only
 created) under a name of its own and routes the listener to it, then counts that deployment's
-flow runs through the Prefect client.
+flow runs through the Prefect client. These tests run with batching off (no batch deployment in
+the route): one run per event; tests/test_listener_batching.py covers batching.
 """
 
 from __future__ import annotations
@@ -57,21 +58,24 @@ def publish(broker: RunningBroker, payloads: list[tuple[str, bytes]]) -> None:
 
 
 class Deployment:
-    """A deployment of a flow named publish-notification, and its runs (no worker needed)."""
+    """A deployment of a flow (publish-notification by default), and its runs (no worker
+    needed)."""
 
-    def __init__(self, api_url: str, existing: str | None = None, name: str | None = None) -> None:
+    def __init__(self, api_url: str, existing: str | None = None, name: str | None = None,
+                 flow: str = FLOW) -> None:
         self.api_url = api_url
+        self.flow = flow
         self.name = existing or name or f"listener-{uuid.uuid4().hex[:8]}"
         with self.client() as client:
             if existing:
-                self.id = client.read_deployment_by_name(f"{FLOW}/{existing}").id
+                self.id = client.read_deployment_by_name(f"{flow}/{existing}").id
             else:
-                flow_id = client.create_flow_from_name(FLOW)
+                flow_id = client.create_flow_from_name(flow)
                 self.id = client.create_deployment(flow_id=flow_id, name=self.name)
 
     @property
     def full_name(self) -> str:
-        return f"{FLOW}/{self.name}"
+        return f"{self.flow}/{self.name}"
 
     def client(self):
         from prefect.client.orchestration import SyncPrefectClient
@@ -91,12 +95,20 @@ class Deployment:
                     return runs
 
     def event_ids(self) -> list[str]:
-        return [run.parameters["event"]["id"] for run in self.runs()]
+        """The ids of the events of every run (a batch run has several)."""
+        return [event["id"] for run in self.runs() for event in run_events(run)]
+
+
+def run_events(run: Any) -> list[dict[str, Any]]:
+    """The events of a run: `event` (publish-notification) or `events` (publish-batch)."""
+    if "events" in run.parameters:
+        return list(run.parameters["events"])
+    return [run.parameters["event"]]
 
 
 class Listener(ManagedProcess):
     def __init__(self, tmp: Path, broker: RunningBroker, api_url: str, deployment: str,
-                 **settings: Any) -> None:
+                 batch_deployment: str | None = None, **settings: Any) -> None:
         conn = broker.connection("listener")
         self.metrics_port = free_port()
         self.deadletter_dir = tmp / "deadletters"
@@ -112,9 +124,9 @@ class Listener(ManagedProcess):
             "WIS2_LISTENER_CLIENT_ID": f"test-listener-{uuid.uuid4().hex[:8]}",
             "WIS2_LISTENER_DEADLETTER_DIR": str(self.deadletter_dir),
             "WIS2_LISTENER_METRICS_PORT": str(self.metrics_port),
-            "WIS2_LISTENER_ROUTES": json.dumps(
+            "WIS2_LISTENER_ROUTES": json.dumps(  # no batch deployment: one run per event
                 [{"topic_filter": "diffusion/files/#", "deployment": deployment,
-                  "dataset": "argo"}]),
+                  "batch_deployment": batch_deployment, "dataset": "argo"}]),
             "WIS2_LISTENER_RETRY_MIN_DELAY": "0.2",
             "WIS2_LISTENER_RETRY_MAX_DELAY": "2",
             "WIS2_LISTENER_RECONNECT_MAX_DELAY": "2",
@@ -162,8 +174,10 @@ def deployment(prefect_api: PrefectServer) -> Deployment:
 def make_listener(tmp_path: Path, mqtt_broker: RunningBroker) -> Iterator[Callable[..., Listener]]:
     started: list[Listener] = []
 
-    def make(api_url: str, deployment: str, **settings: Any) -> Listener:
-        listener = Listener(tmp_path, mqtt_broker, api_url, deployment, **settings)
+    def make(api_url: str, deployment: str, batch_deployment: str | None = None,
+             **settings: Any) -> Listener:
+        listener = Listener(tmp_path, mqtt_broker, api_url, deployment, batch_deployment,
+                            **settings)
         started.append(listener)
         return listener
 
@@ -298,7 +312,8 @@ def test_malformed_payloads_go_to_dead_letters_and_can_be_replayed(
     listener = make_listener(
         deployment.api_url, deployment.full_name, max_payload_bytes=20000,
         routes=json.dumps([{"topic_filter": "diffusion/files/coriolis/#",
-                            "deployment": deployment.full_name, "dataset": "argo"}]),
+                            "deployment": deployment.full_name, "batch_deployment": None,
+                            "dataset": "argo"}]),
     ).start(60)
     not_event = json.loads(event_payload("broken"))
     del not_event["source"]

@@ -11,7 +11,12 @@ from pydantic import ValidationError
 
 from listener.deadletters import DeadLetter, DeadLetterStore
 from listener.observability import LogfmtFormatter, Metrics
-from listener.runs import idempotency_key, run_parameters
+from listener.runs import (
+    batch_idempotency_key,
+    batch_parameters,
+    idempotency_key,
+    run_parameters,
+)
 from listener.service import Rejection, check_message
 from listener.settings import ListenerSettings, Route
 from tests.fixtures.paths import BUFR_EVENT
@@ -133,3 +138,35 @@ def test_logfmt_and_metrics() -> None:
     for name in ("wis2_listener_events_received_total", "wis2_listener_rejected_total",
                  "wis2_listener_api_errors_total", "wis2_listener_oldest_unacked_age_seconds 4.5"):
         assert name in text
+
+
+def test_batching_settings_and_batch_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = settings()
+    assert (s.batch_max_size, s.batch_max_wait, s.max_in_flight) == (50, 0.2, 200)
+    assert (s.concurrency, s.api_concurrency) == (4, 1)
+    assert s.max_in_flight >= s.batch_max_size * s.concurrency  # batches can fill
+    assert s.routes[0].batch_deployment == "publish-batch/default"
+    monkeypatch.setenv("WIS2_LISTENER_BATCH_MAX_SIZE", "1")
+    monkeypatch.setenv("WIS2_LISTENER_BATCH_MAX_WAIT", "0.5")
+    monkeypatch.setenv("WIS2_LISTENER_ROUTES", json.dumps(
+        [{"topic_filter": "diffusion/files/#", "batch_deployment": None}]))
+    s = settings()
+    assert (s.batch_max_size, s.batch_max_wait) == (1, 0.5)
+    assert s.routes[0].batch_deployment is None
+    with pytest.raises(ValidationError):
+        Route(topic_filter="a/#", batch_deployment="no-slash")
+
+    events = []
+    for i in range(3):
+        data = json.loads(BUFR_EVENT.read_text())
+        data["id"] = f"e{i}"
+        events.append(check_message(settings(), "diffusion/files/x", json.dumps(data).encode())[1])
+    route = Route(topic_filter="diffusion/files/#")
+    key = batch_idempotency_key(events, "publish-batch/default")
+    assert key == batch_idempotency_key(events[::-1], "publish-batch/default")  # order-free
+    assert key != batch_idempotency_key(events[:2], "publish-batch/default")
+    assert key != batch_idempotency_key(events, "publish-batch/other")
+    assert key != idempotency_key(events[0], "publish-batch/default")
+    params = batch_parameters(events, route)
+    assert [e["id"] for e in params["events"]] == ["e0", "e1", "e2"]
+    assert params["dataset"] == "argo"

@@ -23,6 +23,10 @@ from flows.wis2.notification import Notification
 class DataMismatch(ValueError):
     """The downloaded file does not match the notification (length or integrity)."""
 
+    def __init__(self, message: str, path: str = "$") -> None:
+        super().__init__(message)
+        self.path = path  # the notification field that does not match
+
 
 def _not_a_mismatch(task: Task, task_run: TaskRun, state: State) -> bool:
     """Retry condition: retry everything but a content mismatch."""
@@ -39,7 +43,8 @@ def check_data(notification: Notification, content: bytes) -> None:
     if link.length is not None and link.length != len(content):
         raise DataMismatch(
             f"links[rel={link.rel}].length: announced {link.length} bytes, "
-            f"{link.href} has {len(content)}"
+            f"{link.href} has {len(content)}",
+            path=f"$.links[?(@.rel=='{link.rel}')].length",
         )
     integrity = notification.properties.integrity
     if integrity is not None:
@@ -47,7 +52,8 @@ def check_data(notification: Notification, content: bytes) -> None:
         if not hmac.compare_digest(actual, integrity.value):
             raise DataMismatch(
                 f"properties.integrity.value: {integrity.method} of {link.href} is {actual}, "
-                f"the event announced {integrity.value}"
+                f"the event announced {integrity.value}",
+                path="$.properties.integrity.value",
             )
 
 

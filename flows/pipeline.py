@@ -1,0 +1,182 @@
+"""The per-event pipeline shared by the publishing flows (`publish-notification`, `publish-batch`).
+
+One event: build its notifications (cached per event identity) -> validate them strictly ->
+verify the data (optional) -> publish each (cached per notification id, retried) -> record the
+fresh ones in the publication ledger. A flow run sets up a `Pipeline` once (dataset, configured
+tasks, ledger, broker connection) and calls `publish_event` for each of its events.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect.logging import get_run_logger
+from pydantic import BaseModel
+
+from flows.ledger import Ledger
+from flows.mqtt import MqttConnection
+from flows.settings import ChainSettings
+from flows.tasks import (
+    ConfiguredTasks,
+    DataMismatch,
+    PublishReceipt,
+    configured_tasks,
+    load_broker_connection,
+    load_dataset_task,
+    record_publication_task,
+    validate_notifications_task,
+)
+from flows.wis2.cloudevent import CloudEvent, parse_event
+from flows.wis2.dataset import DatasetDescription
+from flows.wis2.errors import FieldError, InvalidInput
+from flows.wis2.notification import Notification
+from flows.wis2.validation import ValidationFailed
+
+log = logging.getLogger(__name__)
+
+
+class PublishedNotification(BaseModel):
+    id: str
+    data_id: str
+    rel: str | None
+    pubtime: str
+    href: str | None
+    sent: bool  # False: published by an earlier run (cached), not sent again
+
+
+def as_event(event: CloudEvent | dict[str, Any] | str | bytes) -> CloudEvent:
+    """The event as a model; `InvalidInput` naming the bad fields otherwise."""
+    if isinstance(event, CloudEvent):
+        return event
+    return parse_event(event)
+
+
+def event_json(event: Any) -> Any:
+    """The event as the operator should see it (JSON data, as received when possible)."""
+    if isinstance(event, BaseModel):
+        return event.model_dump(mode="json", by_alias=True, exclude_none=True)
+    if isinstance(event, bytes | str):
+        try:
+            return json.loads(event)
+        except ValueError:
+            return event if isinstance(event, str) else event.decode("utf-8", "replace")
+    return event
+
+
+def file_label(event: Any) -> str:
+    """A name for the run: the handled file (``IOPX01_LFVX_251403.BU``), else the event id."""
+    try:
+        return as_event(event).file_label()
+    except Exception:
+        raw = event_json(event)
+        if isinstance(raw, dict) and raw.get("id"):
+            return f"invalid-event-{raw['id']}"
+        return "invalid-event"
+
+
+def field_errors_of(exc: BaseException) -> list[FieldError]:
+    """The bad fields an error names (JSON paths), for failure reports."""
+    if isinstance(exc, InvalidInput):
+        return list(exc.errors)
+    if isinstance(exc, ValidationFailed):
+        return [FieldError(path=f"{exc.report.subject} check {c.id}", message=c.message)
+                for c in exc.report.failures]
+    if isinstance(exc, DataMismatch):
+        return [FieldError(path=exc.path, message=str(exc))]
+    return []
+
+
+@dataclass
+class Pipeline:
+    """What the events of one flow run share: settings, dataset, tasks, ledger, broker."""
+
+    settings: ChainSettings
+    dataset: DatasetDescription
+    tasks: ConfiguredTasks
+    ledger_path: str
+    _connection: MqttConnection | None = field(default=None, repr=False)
+
+    @classmethod
+    def load(cls, dataset_name: str, settings: ChainSettings) -> Pipeline:
+        dataset = load_dataset_task(dataset_name, settings.datasets_dir)
+        return cls(
+            settings=settings,
+            dataset=dataset,
+            tasks=configured_tasks(settings),
+            ledger_path=str(Ledger.in_dir(settings.results_dir).path),
+        )
+
+    def connection(self) -> MqttConnection:
+        """The broker to publish with, loaded on first use (after validation passed)."""
+        if self._connection is None:
+            connection, origin = load_broker_connection(self.settings)
+            get_run_logger().info("publishing on %s via %s (%s)", self.dataset.topic,
+                                  connection.describe(), origin)
+            self._connection = connection
+        return self._connection
+
+
+@dataclass
+class EventPublication:
+    """What `publish_event` did for one event."""
+
+    event: CloudEvent
+    notifications: list[Notification]
+    sent: list[bool]  # per notification: False when published earlier (cache hit)
+    validation_rows: list[dict[str, Any]]
+
+    def published(self) -> list[PublishedNotification]:
+        return [
+            PublishedNotification(
+                id=note.id,
+                data_id=note.properties.data_id,
+                rel=note.rel,
+                pubtime=note.properties.pubtime,
+                href=next((lk.href for lk in note.links if lk.rel == note.rel), None),
+                sent=was_sent,
+            )
+            for note, was_sent in zip(self.notifications, self.sent, strict=True)
+        ]
+
+
+def publish_event(
+    raw_event: Any, pipeline: Pipeline, *, validation_key: str | None
+) -> EventPublication:
+    """Build, validate, verify, publish and record the notification(s) of one event.
+
+    `validation_key`: key of the validation table artifact; None creates none (the caller
+    reports the returned rows). Raises on the first failing step (nothing published then, except
+    when a later notification of a multi-asset event fails to publish).
+    """
+    logger = get_run_logger()
+    event = as_event(raw_event)
+    tasks, settings = pipeline.tasks, pipeline.settings
+    notifications = tasks.build(event, pipeline.dataset, pipeline.ledger_path)
+    if not notifications:
+        raise InvalidInput(
+            [FieldError(path="$.data.assets", message="no data asset to announce")], what="event"
+        )
+    rows = validate_notifications_task(notifications, pipeline.dataset.topic, validation_key)
+
+    if settings.verify_data:
+        tasks.verify(notifications, settings.verify_timeout)
+    else:
+        logger.info("data verification is off (WIS2_VERIFY_DATA=false)")
+
+    connection = pipeline.connection()
+    sent: list[bool] = []
+    for note in notifications:
+        state = tasks.publish(note, pipeline.dataset.topic, connection, return_state=True)
+        receipt: PublishReceipt = state.result()  # raises the publish error after retries
+        sent.append(state.name != "Cached")
+        logger.info("notification %s: %s", receipt.notification_id,
+                    "sent" if sent[-1] else "already published (cached)")
+
+    fresh = [note for note, was_sent in zip(notifications, sent, strict=True) if was_sent]
+    if fresh:
+        record_publication_task(fresh, pipeline.ledger_path)
+    return EventPublication(event=event, notifications=notifications, sent=sent,
+                            validation_rows=rows)

@@ -1,0 +1,180 @@
+"""The `publish-batch` flow: several file-diffusion CloudEvents -> their WIS2 notifications.
+
+The MQTT listener starts one run of it for a burst of events (see listener/service.py) instead
+of one `publish-notification` run per event. Each event goes through the same per-event
+pipeline (`flows.pipeline.publish_event`: build cached per event identity, validate, verify,
+publish cached per notification id, record), one after the other. One event failing never stops
+the others: the run ends Failed with one artifact listing each failed event, its bad fields and
+its exact JSON to replay with `publish-notification`. An event already published by an earlier
+run (a redelivery grouped into another batch) publishes nothing new: same notification id, not
+sent again, shown as "already published (cached)".
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from prefect import flow
+from prefect.logging import get_run_logger
+from prefect.runtime import flow_run
+from prefect.states import Completed, Failed, State
+from pydantic import BaseModel
+
+from flows.artifacts import artifact_key, batch_failure_artifact, batch_table_artifact
+from flows.pipeline import (
+    Pipeline,
+    PublishedNotification,
+    event_json,
+    field_errors_of,
+    file_label,
+    publish_event,
+)
+from flows.settings import ChainSettings
+from flows.wis2.cloudevent import CloudEvent
+from flows.wis2.validation import ValidationFailed
+
+log = logging.getLogger(__name__)
+
+DEPLOYMENT = "publish-batch/default"
+SINGLE_DEPLOYMENT = "publish-notification/default"
+
+
+class EventOutcome(BaseModel):
+    """What happened to one event of the batch."""
+
+    event_id: str | None
+    label: str
+    status: Literal["published", "cached", "failed"]  # cached: every notification published earlier
+    notifications: list[PublishedNotification] = []
+    error: str | None = None
+
+
+class BatchResult(BaseModel):
+    """What a batch run did (the flow's return value, also when it ends Failed)."""
+
+    dataset: str
+    topic: str | None
+    verified: bool
+    events: list[EventOutcome]
+
+    @property
+    def failed(self) -> list[EventOutcome]:
+        return [e for e in self.events if e.status == "failed"]
+
+    @property
+    def ids(self) -> list[str]:
+        return [n.id for e in self.events for n in e.notifications]
+
+
+def batch_label(events: Any) -> str:
+    """``batch-<n>-events-<first file>``."""
+    events = events if isinstance(events, list) else []
+    first = file_label(events[0]) if events else "none"
+    return f"batch-{len(events)}-events-{first}"
+
+
+def run_name() -> str:
+    return batch_label(flow_run.parameters.get("events"))
+
+
+def _event_id(raw: Any) -> str | None:
+    data = event_json(raw)
+    return str(data["id"]) if isinstance(data, dict) and data.get("id") is not None else None
+
+
+@flow(
+    name="publish-batch",
+    flow_run_name=run_name,
+    validate_parameters=False,  # each event is parsed on its own: a bad one fails alone
+    description="Publish the WIS2 notifications of several file-diffusion CloudEvents (a burst "
+    "grouped by the MQTT listener); one failed event does not stop the others.",
+)
+def publish_batch(events: list[CloudEvent], dataset: str | None = None) -> State:
+    """Publish the WIS2 notification(s) of each event of `events`, one after the other.
+
+    Args:
+        events: the CloudEvents announcing the files (each `data` is a STAC 1.1 item).
+        dataset: name of the dataset (Wis2Dataset block or data/datasets/<name>.json);
+            default: WIS2_DEFAULT_DATASET.
+    """
+    settings = ChainSettings()
+    logger = get_run_logger()
+    events = list(events or [])
+    label = batch_label(events)
+    dataset_name = dataset or settings.default_dataset
+    outcomes: list[EventOutcome] = []
+    failures: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    validation: list[dict[str, Any]] = []
+
+    def failed(raw: Any, exc: BaseException) -> None:
+        event_label = file_label(raw)
+        logger.error("event %s of the batch failed: %s", event_label, exc)
+        outcomes.append(EventOutcome(event_id=_event_id(raw), label=event_label,
+                                     status="failed", error=f"{type(exc).__name__}: {exc}"))
+        failures.append({"label": event_label, "event_id": _event_id(raw), "error": exc,
+                         "field_errors": field_errors_of(exc), "event": event_json(raw)})
+        rows.append({"event": event_label, "event_id": _event_id(raw), "notification": "",
+                     "data_id": "", "status": f"FAILED: {exc}"[:300]})
+
+    pipeline: Pipeline | None = None
+    try:
+        pipeline = Pipeline.load(dataset_name, settings)
+    except Exception as exc:  # no dataset: every event fails, with the reason
+        for raw in events:
+            failed(raw, exc)
+
+    if pipeline is not None:
+        for raw in events:
+            event_label = file_label(raw)
+            try:
+                done = publish_event(raw, pipeline, validation_key=None)
+            except Exception as exc:
+                if isinstance(exc, ValidationFailed):
+                    validation += [{"event": event_label, "notification": exc.report.subject,
+                                    **row} for row in exc.report.rows()]
+                failed(raw, exc)
+                continue
+            published = done.published()
+            validation += [{"event": event_label, **row} for row in done.validation_rows]
+            cached = not any(n.sent for n in published)
+            outcomes.append(EventOutcome(event_id=done.event.id, label=event_label,
+                                         status="cached" if cached else "published",
+                                         notifications=published))
+            rows += [{"event": event_label, "event_id": done.event.id,
+                      "notification": n.id, "data_id": n.data_id,
+                      "status": "sent" if n.sent else "already published (cached)"}
+                     for n in published]
+
+    result = BatchResult(
+        dataset=pipeline.dataset.name if pipeline else dataset_name,
+        topic=pipeline.dataset.topic if pipeline else None,
+        verified=settings.verify_data,
+        events=outcomes,
+    )
+    sent = sum(n.sent for e in outcomes for n in e.notifications)
+    summary = (f"{len(events)} event(s): {sent} notification(s) sent, "
+               f"{sum(e.status == 'cached' for e in outcomes)} event(s) already published, "
+               f"{len(failures)} failed")
+    batch_table_artifact(rows, key=artifact_key(label), description=summary)
+    if validation:
+        batch_table_artifact(
+            validation, key=artifact_key("validation", label),
+            description="Validation of the batch's notifications: "
+            + ("passed" if all(r.get("result") != "FAILED" for r in validation) else "FAILED"))
+    logger.info("batch %s: %s", label, summary)
+    if failures:
+        batch_failure_artifact(key=artifact_key("failed", label), failures=failures,
+                               total=len(events), deployment=SINGLE_DEPLOYMENT)
+        names = ", ".join(f"{f['label']} ({_first_line(f)})" for f in failures)
+        return Failed(message=f"{len(failures)} of {len(events)} event(s) failed: {names}"[:2000],
+                      data=result)
+    return Completed(message=summary, data=result)
+
+
+def _first_line(failure: dict[str, Any]) -> str:
+    errors = failure["field_errors"]
+    if errors:
+        return str(errors[0])
+    return str(failure["error"]).splitlines()[0] if str(failure["error"]) else "error"
