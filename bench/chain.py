@@ -25,7 +25,7 @@ from flows.mqtt import MqttConnection, MqttError, Publisher
 
 log = logging.getLogger(__name__)
 
-FLOW_NAME = "publish-notification"
+FLOW_NAMES = ("publish-notification", "publish-batch")
 
 
 class Delivery(BaseModel):
@@ -58,9 +58,12 @@ class BurstResult(Delivery):
 
 
 class FlowRunCounts(BaseModel):
-    """States of the publish-notification flow runs of one phase (by their event's id)."""
+    """States of the flow runs (publish-notification and publish-batch) of one phase, matched
+    to the phase's events by their ids."""
 
     total: int
+    batch_runs: int = 0  # runs handling several events (publish-batch)
+    events_covered: int = 0  # distinct events of the phase found in some run
     by_state: dict[str, int]
     failed: int  # FAILED or CRASHED
     unfinished: int  # SCHEDULED, PENDING, RUNNING, PAUSED... at the time of the query
@@ -164,26 +167,32 @@ def run_burst(
     )
 
 
-def _event_id(parameters: dict) -> str:
-    """The id of the event a run handles (a run is named after its file only once it starts)."""
-    event = parameters.get("event") if isinstance(parameters, dict) else None
-    return str(event.get("id", "")) if isinstance(event, dict) else ""
+def _event_ids(parameters: dict) -> list[str]:
+    """The ids of the events a run handles: `event` (publish-notification) or `events`
+    (publish-batch). A run is named after its file only once it starts, so runs are matched to
+    events by their parameters."""
+    if not isinstance(parameters, dict):
+        return []
+    events = parameters.get("events")
+    if not isinstance(events, list):
+        events = [parameters.get("event")]
+    return [str(e.get("id", "")) for e in events if isinstance(e, dict)]
 
 
-async def _read_runs(api_url: str) -> list[tuple[str, str]]:
+async def _read_runs(api_url: str) -> list[tuple[list[str], str]]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    runs: list[tuple[str, str]] = []
+    runs: list[tuple[list[str], str]] = []
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         async with get_client() as client:
             offset = 0
             while True:
                 page = await client.read_flow_runs(
-                    flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW_NAME])),
+                    flow_filter=FlowFilter(name=FlowFilterName(any_=list(FLOW_NAMES))),
                     limit=200, offset=offset)
-                runs.extend((_event_id(r.parameters), r.state.type.value if r.state else "NONE")
+                runs.extend((_event_ids(r.parameters), r.state.type.value if r.state else "NONE")
                             for r in page)
                 if len(page) < 200:
                     return runs
@@ -208,13 +217,15 @@ def _flow_run_counts(api_url: str, phase_marker: str) -> FlowRunCounts:
         log.warning("cannot read flow runs: %s", exc)
         return FlowRunCounts(total=0, by_state={}, failed=0, unfinished=0,
                              events_with_several_runs=0, error=str(exc))
-    mine = [(name, state) for name, state in runs if phase_marker in name]
+    mine = [(ids, state) for ids, state in runs if any(phase_marker in i for i in ids)]
     states = Counter(state for _, state in mine)
-    names = Counter(name for name, _ in mine)
+    per_event = Counter(i for ids, _ in mine for i in ids if phase_marker in i)
     finished = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
     return FlowRunCounts(
         total=len(mine), by_state=dict(sorted(states.items())),
         failed=states["FAILED"] + states["CRASHED"],
         unfinished=sum(n for s, n in states.items() if s not in finished),
-        events_with_several_runs=sum(1 for n in names.values() if n > 1),
+        batch_runs=sum(1 for ids, _ in mine if len(ids) > 1),
+        events_covered=len(per_event),
+        events_with_several_runs=sum(1 for n in per_event.values() if n > 1),
     )

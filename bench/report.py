@@ -26,7 +26,7 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def _processes(r: dict[str, Any]) -> list[str]:
-    phases = [p for p in ("floor", "steady", "burst") if f"{p}_processes" in r]
+    phases = [p for p in ("floor", "steady", "burst", "intake") if f"{p}_processes" in r]
     if not phases:
         return []
     names: list[str] = []
@@ -58,6 +58,12 @@ def _profile(name: str, r: dict[str, Any]) -> list[str]:
         why = r.get("startup_error") or r["skipped"]
         return [*out, f"Not measured: {why}.", ""]
     out += [f"Listener: {r.get('listener')}.", ""]
+    if r.get("chain_config"):
+        c = r["chain_config"]
+        batching = ("off (one run per event)" if c["batch_max_size"] <= 1
+                    else f"up to {c['batch_max_size']} events per run")
+        out += [f"Chain: `{c['worker']}` worker, `--limit {c['worker_limit']}`; listener "
+                f"batching {batching}.", ""]
     out += [f"Prefect database: {r.get('database')}; node start-up "
             f"{_f(r.get('startup_seconds'), 1)} s; work pool concurrency limit: "
             f"{r.get('pool_limit') or 'none'}.", ""]
@@ -82,14 +88,25 @@ def _profile(name: str, r: dict[str, Any]) -> list[str]:
         out += [f"### Burst: {b['events_sent']} events at once", ""]
         out += _table(
             ["published in s", "time to drain s", "first notif. s", "received",
-             "missing at the deadline", "dup. notifications", "flow runs created", "failed runs",
-             "unfinished runs", "chain events/s"],
+             "missing at the deadline", "dup. notifications", "flow runs (batch runs)",
+             "failed runs", "unfinished runs", "chain events/s"],
             [[b["publish_seconds"], drain, b["first_notification_seconds"], b["received"],
-              b["lost"], b["duplicate_messages"], runs.get("total"), runs.get("failed"),
+              b["lost"], b["duplicate_messages"],
+              f"{_f(runs.get('total'))} ({_f(runs.get('batch_runs'))})", runs.get("failed"),
               runs.get("unfinished"), b["throughput_eps"]]])
         if runs.get("by_state"):
             states = ", ".join(f"{k} {v}" for k, v in runs["by_state"].items())
             out += [f"Burst flow runs by state at the end of the wait: {states}.", ""]
+    if "intake" in r:
+        i = r["intake"]
+        took = _f(i["intake_seconds"], 2) if i["completed"] else "not completed"
+        out += [f"### Listener intake alone: {i['events_sent']} events at once, work pool "
+                "paused", ""]
+        out += _table(
+            ["published in s", "all acknowledged in s", "intake events/s", "flow runs created",
+             "events per run", "dead letters"],
+            [[i["publish_seconds"], took, i["intake_eps"], i["runs_created"],
+              i["events_per_run"], i["rejected"]]])
     if "floor" in r:
         f = r["floor"]
         st = f["stages"]

@@ -2,13 +2,16 @@
 
 For each profile (Prefect server on SQLite, and on PostgreSQL when one is reachable) it starts the
 whole node on loopback with free ports (`flows.runtime.node.LocalNode`: broker, Prefect server,
-work pool, blocks, deployments, process worker, listener, file server; data verification off),
-then measures:
+work pool, blocks, deployments, worker (`--worker`: warm in-process or process-per-run), listener
+(`--batch-max-size`: adaptive batching, 1 = one run per event), file server; data verification
+off), then measures:
 
 1. the in-process floor (parse -> build -> validate -> publish in one loop, same broker);
 2. steady: one event every 1/rate s for --steady-seconds, latency event published -> notification;
 3. burst: --burst distinct events at once, time to drain (bounded by --drain-timeout), lost and
    duplicated notifications, failed flow runs;
+4. intake: --intake events at once with the work pool paused: the listener's own rate (events
+   acknowledged per second, each with its flow run);
 
 with CPU seconds and peak RSS of every long-running process tree, and writes
 `bench/out/<timestamp>/results.json` and `results.md` (the markdown is also printed).
@@ -36,6 +39,7 @@ from bench import chain
 from bench.collect import Collector
 from bench.events import EventFactory
 from bench.floor import run_floor
+from bench.intake import run_intake
 from bench.machine import describe
 from bench.procmon import ProcessMonitor
 from bench.report import markdown
@@ -60,6 +64,10 @@ class Options(argparse.Namespace):
     drain_timeout: float
     floor_events: int | None
     pool_limit: int
+    worker: str
+    worker_limit: int
+    batch_max_size: int
+    intake: int
     min_available_mb: float
     tiny: bool
     out: Path | None
@@ -80,9 +88,17 @@ def parse_args(argv: list[str] | None = None) -> Options:
                    help="seconds the burst may take to drain; what arrived by then is reported")
     p.add_argument("--floor-events", type=int, default=None,
                    help="events through the in-process floor (default: --burst)")
-    p.add_argument("--pool-limit", type=int, default=4,
-                   help="work pool concurrency limit set for the run (0: none, as deployed: a "
-                   "process worker then starts one Python process per queued run)")
+    p.add_argument("--worker", choices=["warm", "process"], default="warm",
+                   help="warm: the wis2-warm worker (flow runs in-process); process: Prefect's "
+                   "process worker (one Python process per run)")
+    p.add_argument("--worker-limit", type=int, default=8,
+                   help="`prefect worker start --limit`: flow runs at the same time")
+    p.add_argument("--pool-limit", type=int, default=0,
+                   help="work pool concurrency limit set for the run (0: none)")
+    p.add_argument("--batch-max-size", type=int, default=50,
+                   help="WIS2_LISTENER_BATCH_MAX_SIZE: events per batch run (1: no batching)")
+    p.add_argument("--intake", type=int, default=1000,
+                   help="events of the listener intake phase (0: skip it)")
     p.add_argument("--min-available-mb", type=float, default=1500.0,
                    help="abort a phase when the machine's available memory falls below this")
     p.add_argument("--tiny", action="store_true",
@@ -96,6 +112,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
     opts = p.parse_args(argv, namespace=Options())
     if opts.tiny:
         opts.steady_seconds, opts.rate, opts.burst = 5.0, 1.0, 5
+        opts.intake = min(opts.intake, 5)
         opts.steady_drain_timeout, opts.drain_timeout = 60.0, 60.0
         opts.floor_events = 5
     return opts
@@ -150,11 +167,18 @@ def _pids(node: LocalNode) -> dict[str, int]:
 
 
 class BenchNode(LocalNode):
-    """The node, with the stand-in listener when asked for."""
+    """The node, with the listener's batching set, or the stand-in listener when asked for."""
 
-    def __init__(self, settings: NodeSettings, standin_listener: bool = False) -> None:
+    def __init__(self, settings: NodeSettings, standin_listener: bool = False,
+                 batch_max_size: int = 50) -> None:
         super().__init__(settings)
         self.standin_listener = standin_listener
+        self.batch_max_size = batch_max_size
+
+    def listener_env(self) -> dict[str, str]:
+        env = super().listener_env()
+        env["WIS2_LISTENER_BATCH_MAX_SIZE"] = str(self.batch_max_size)
+        return env
 
     def _spawn(self, name, argv, env, ready=None, timeout=60.0):
         if name == "listener" and self.standin_listener:
@@ -162,10 +186,9 @@ class BenchNode(LocalNode):
         return super()._spawn(name, argv, env, ready=ready, timeout=timeout)
 
 
-def _set_pool_limit(node: LocalNode, limit: int) -> None:
-    subprocess.run(
-        [prefect_cli(), "work-pool", "set-concurrency-limit", WORK_POOL, str(limit)],
-        env=node.child_env(), capture_output=True, text=True, timeout=120, check=True)
+def _work_pool(node: LocalNode, *args: str) -> None:
+    subprocess.run([prefect_cli(), "work-pool", *args], env=node.child_env(),
+                   capture_output=True, text=True, timeout=120, check=True)
 
 
 def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
@@ -185,14 +208,18 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
         result["database"] = "SQLite (file in the run directory)"
 
     result["pool_limit"] = opts.pool_limit if opts.pool_limit > 0 else None
+    result["chain_config"] = {"worker": opts.worker, "worker_limit": opts.worker_limit,
+                              "batch_max_size": opts.batch_max_size}
     broker, ws, prefect, files, metrics = _distinct_ports(5)
     settings = NodeSettings(
         _env_file=None, run_dir=out_dir / profile / "node", broker_port=broker,
         broker_ws_port=ws, prefect_port=prefect, files_port=files, metrics_port=metrics,
-        verify_data=False, database_url=database_url,
+        verify_data=False, database_url=database_url, worker_type=opts.worker,
+        worker_limit=opts.worker_limit,
     )
     dataset = load_dataset(opts.dataset)
-    node = BenchNode(settings, standin_listener=opts.listener == "standin")
+    node = BenchNode(settings, standin_listener=opts.listener == "standin",
+                     batch_max_size=opts.batch_max_size)
     result["listener"] = ("stand-in (bench/standin_listener.py), NOT the project's listener"
                           if opts.listener == "standin" else "project (python -m listener)")
     abort = threading.Event()
@@ -215,7 +242,7 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
         factory = EventFactory(dataset, tag, files_url=state.files_url)
         chain_ready = result["startup_error"] is None
         if chain_ready and opts.pool_limit > 0:
-            _set_pool_limit(node, opts.pool_limit)
+            _work_pool(node, "set-concurrency-limit", WORK_POOL, str(opts.pool_limit))
 
         def low_memory(available_mb: float) -> None:
             abort.set()
@@ -269,6 +296,19 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
                     settle=30 if burst.drained else 0).model_dump()
                 log.info("burst: %d/%d received in %.0f s", burst.received, burst.events_sent,
                          burst.elapsed_seconds)
+
+            # 4. the listener's intake alone (work pool paused: no run is executed)
+            if not abort.is_set() and opts.intake > 0 and opts.listener == "project":
+                _work_pool(node, "pause", WORK_POOL)
+                intake_events = factory.batch("intake", opts.intake)
+                mon = monitor().start()
+                intake = run_intake(
+                    intake_events, fileserver, topic,
+                    f"http://{settings.host}:{settings.metrics_port}/metrics",
+                    opts.drain_timeout, abort)
+                result["intake"] = intake.model_dump()
+                result["intake_processes"] = [u.model_dump() for u in mon.stop()]
+                log.info("intake: %s events/s", intake.intake_eps)
             if abort.is_set():
                 result["aborted"] = (f"available memory fell below {opts.min_available_mb} MB: "
                                      "the worker was killed and the phase stopped")

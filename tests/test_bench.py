@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench.events import EventFactory
+from bench.intake import parse_metrics
 from bench.report import markdown
 from bench.stats import percentile, summarize
 from flows.wis2.cloudevent import parse_event
@@ -51,6 +52,22 @@ def test_events_are_distinct_and_match_their_notifications():
         assert note.links[0].href.startswith("http://127.0.0.1:9999/argo/")
         assert note.properties.integrity is not None
         assert note.properties.integrity.method == "sha256"
+
+
+def test_listener_metrics_are_read_from_the_prometheus_text():
+    text = "\n".join([
+        "# HELP wis2_listener_events_received_total Messages received from the broker",
+        "wis2_listener_events_received_total 12.0",
+        'wis2_listener_runs_created_total{deployment="publish-notification/default"} 2.0',
+        'wis2_listener_runs_created_total{deployment="publish-batch/default"} 3.0',
+        'wis2_listener_rejected_total{reason="not_json"} 1.0',
+        'wis2_listener_rejected_total{reason="too_large"} 0.0',
+        "wis2_listener_in_flight 4.0",
+        "wis2_listener_runs_created_created 1.7e+09",
+    ])
+    counters = parse_metrics(text)
+    assert (counters.received, counters.runs_created, counters.rejected, counters.in_flight) == (
+        12.0, 5.0, 1.0, 4.0)
 
 
 @pytest.mark.slow
@@ -94,7 +111,14 @@ def test_tiny_bench_run(tmp_path: Path):
     assert burst["drained"] and burst["drain_seconds"] > 0
     assert burst["duplicate_messages"] == 0
     assert run["burst_runs"]["failed"] == 0
-    assert run["burst_runs"]["total"] >= 5
+    assert 1 <= run["burst_runs"]["total"] <= 5  # events are batched into fewer runs
     assert run["chain_to_floor_ratio"] > 0
+    assert run["burst_runs"]["events_covered"] == 5
     worker = next(u for u in run["burst_processes"] if u["name"] == "worker")
     assert worker["cpu_seconds"] > 0 and worker["peak_rss_mb"] > 0
+    assert run["chain_config"] == {"worker": "warm", "worker_limit": 8, "batch_max_size": 50}
+    intake = run["intake"]
+    assert intake["events_sent"] == 5 and intake["completed"], intake
+    assert intake["intake_eps"] > 0 and intake["rejected"] == 0
+    assert 1 <= intake["runs_created"] <= 5
+    assert "### Listener intake alone" in done.stdout
