@@ -1,5 +1,6 @@
 """The listener with batching on, as a user relies on it: real broker, real Prefect API, and a
-real process worker running publish-notification / publish-batch deployments.
+real worker (the node's default `wis2-warm` type) running publish-notification / publish-batch
+deployments.
 
 What matters is on the origin topic: every event gets exactly one notification (one message id
 per data_id, none twice), even after a SIGKILL mid-burst regroups redelivered events into other
@@ -48,7 +49,8 @@ def file_event(tag: str, i: int) -> bytes:
 
 
 class Node:
-    """A work pool with a process worker, and for each test a pair of deployments on it."""
+    """A work pool with a wis2-warm worker (as `make demo` and compose run it), and for each test
+    a pair of deployments on it. The process worker is tested in test_deployment.py."""
 
     def __init__(self, api: PrefectServer, tmp: Path) -> None:
         suffix = uuid.uuid4().hex[:8]
@@ -56,14 +58,15 @@ class Node:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "WIS2_"))}
         env.update(api.client_env(), PREFECT_HOME=str(tmp / "worker-home"))
         created = subprocess.run(
-            [prefect_cli(), "work-pool", "create", self.pool, "--type", "process"], env=env,
+            [prefect_cli(), "work-pool", "create", self.pool, "--type", "wis2-warm"], env=env,
             cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
         assert created.returncode == 0, created.stdout + created.stderr
         env.update(WIS2_RESULTS_DIR=str(tmp / "results"), WIS2_VERIFY_DATA="false",
                    WIS2_BROKER_BLOCK=self.block, WIS2_PUBLISH_RETRIES="2",
                    WIS2_RETRY_BASE_DELAY="0.5", PREFECT_WORKER_QUERY_SECONDS="1")
         self.worker = ManagedProcess(
-            "worker", [prefect_cli(), "worker", "start", "--pool", self.pool],
+            "worker", [prefect_cli(), "worker", "start", "--pool", self.pool, "--type", "wis2-warm",
+             "--limit", "4"],
             tmp / "worker.log", env=env, cwd=REPO)
 
     def deploy(self, broker: RunningBroker) -> tuple[Deployment, Deployment]:
@@ -171,17 +174,17 @@ def test_sigkill_mid_burst_publishes_each_event_once(
 ) -> None:
     single, batch = node.deploy(mqtt_broker)
     listener = make_listener(node.api.api_url, single.full_name, batch.full_name).start(60)
-    count, chunk = 120, 30
+    count, chunk = 60, 20
 
     def publish_in_chunks() -> None:
         for start in range(0, count, chunk):
             publish(mqtt_broker, [(TOPIC, file_event("burst", i))
                                   for i in range(start, start + chunk)])
-            time.sleep(1.5)
+            time.sleep(1.0)
 
     publisher = threading.Thread(target=publish_in_chunks)
     publisher.start()
-    wait_for(lambda: len(events_in_runs(single, batch)) >= 30, 60, "30 events in runs",
+    wait_for(lambda: len(events_in_runs(single, batch)) >= 20, 60, "20 events in runs",
              listener.debug)
     listener.kill()
     killed_at = len(events_in_runs(single, batch))
