@@ -50,8 +50,11 @@ bundles: install
 lint: install
 	$(BIN)/ruff check .
 
+# Test files run in TEST_WORKERS parallel pytest processes (one file stays in one process, so a
+# file's broker, Prefect server and worker fixtures are shared as written); 1 runs them in order.
+TEST_WORKERS ?= 2
 test: install mosquitto docker-compose chromium bundles lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 # Render the broker's mosquitto.conf, acl and passwd into run/broker from WIS2_BROKER_* (.env).
 broker-config: install mosquitto
