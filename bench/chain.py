@@ -229,3 +229,36 @@ def _flow_run_counts(api_url: str, phase_marker: str) -> FlowRunCounts:
         events_covered=len(per_event),
         events_with_several_runs=sum(1 for n in per_event.values() if n > 1),
     )
+
+
+async def _delete_unstarted(api_url: str) -> int:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    unstarted = FlowRunFilter(state=FlowRunFilterState(
+        type=FlowRunFilterStateType(any_=[StateType.SCHEDULED, StateType.PENDING])))
+    deleted = 0
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        async with get_client() as client:
+            while True:
+                page = await client.read_flow_runs(
+                    flow_filter=FlowFilter(name=FlowFilterName(any_=list(FLOW_NAMES))),
+                    flow_run_filter=unstarted, limit=200)
+                for run in page:
+                    await client.delete_flow_run(run.id)
+                deleted += len(page)
+                if len(page) < 200:
+                    return deleted
+
+
+def delete_unstarted_runs(api_url: str) -> int:
+    """Delete the runs no worker has taken (after the intake phase, with the pool paused)."""
+    return asyncio.run(_delete_unstarted(api_url))

@@ -7,11 +7,11 @@ work pool, blocks, deployments, worker (`--worker`: warm in-process or process-p
 off), then measures:
 
 1. the in-process floor (parse -> build -> validate -> publish in one loop, same broker);
-2. steady: one event every 1/rate s for --steady-seconds, latency event published -> notification;
-3. burst: --burst distinct events at once, time to drain (bounded by --drain-timeout), lost and
+2. intake: --intake events at once with the work pool paused, on the idle node: the listener's
+   own rate (events acknowledged per second, each in a flow run); those runs are then deleted;
+3. steady: one event every 1/rate s for --steady-seconds, latency event published -> notification;
+4. burst: --burst distinct events at once, time to drain (bounded by --drain-timeout), lost and
    duplicated notifications, failed flow runs;
-4. intake: --intake events at once with the work pool paused: the listener's own rate (events
-   acknowledged per second, each with its flow run);
 
 with CPU seconds and peak RSS of every long-running process tree, and writes
 `bench/out/<timestamp>/results.json` and `results.md` (the markdown is also printed).
@@ -269,7 +269,26 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
             topic = settings.event_topic
             fileserver = state.connection("fileserver")
 
-            # 2. steady
+            # 2. the listener's intake alone, on an idle node: work pool paused, so no run is
+            # executed; the runs it created are deleted before the pool is resumed
+            if opts.intake > 0 and opts.listener == "project":
+                _work_pool(node, "pause", WORK_POOL)
+                try:
+                    intake_events = factory.batch("intake", opts.intake)
+                    mon = monitor().start()
+                    intake = run_intake(
+                        intake_events, fileserver, topic,
+                        f"http://{settings.host}:{settings.metrics_port}/metrics",
+                        opts.drain_timeout, abort)
+                    result["intake"] = intake.model_dump()
+                    result["intake_processes"] = [u.model_dump() for u in mon.stop()]
+                    log.info("intake: %s events/s", intake.intake_eps)
+                finally:
+                    deleted = chain.delete_unstarted_runs(state.prefect_api_url)
+                    _work_pool(node, "resume", WORK_POOL)
+                log.info("intake: %d scheduled runs deleted, work pool resumed", deleted)
+
+            # 3. steady
             count = max(1, round(opts.steady_seconds * opts.rate))
             steady_events = factory.batch("steady", count)
             mon = monitor().start()
@@ -283,7 +302,7 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
             log.info("steady: %d/%d received, p50 %s s", steady.received, steady.events_sent,
                      steady.latency.p50)
 
-            # 3. burst
+            # 4. burst
             if not abort.is_set():
                 burst_events = factory.batch("burst", opts.burst)
                 mon = monitor().start()
@@ -297,18 +316,6 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
                 log.info("burst: %d/%d received in %.0f s", burst.received, burst.events_sent,
                          burst.elapsed_seconds)
 
-            # 4. the listener's intake alone (work pool paused: no run is executed)
-            if not abort.is_set() and opts.intake > 0 and opts.listener == "project":
-                _work_pool(node, "pause", WORK_POOL)
-                intake_events = factory.batch("intake", opts.intake)
-                mon = monitor().start()
-                intake = run_intake(
-                    intake_events, fileserver, topic,
-                    f"http://{settings.host}:{settings.metrics_port}/metrics",
-                    opts.drain_timeout, abort)
-                result["intake"] = intake.model_dump()
-                result["intake_processes"] = [u.model_dump() for u in mon.stop()]
-                log.info("intake: %s events/s", intake.intake_eps)
             if abort.is_set():
                 result["aborted"] = (f"available memory fell below {opts.min_available_mb} MB: "
                                      "the worker was killed and the phase stopped")
