@@ -62,8 +62,10 @@ def _profile(name: str, r: dict[str, Any]) -> list[str]:
         c = r["chain_config"]
         batching = ("off (one run per event)" if c["batch_max_size"] <= 1
                     else f"up to {c['batch_max_size']} events per run")
+        extra = "".join(f", `WIS2_LISTENER_{k.upper()}={v}`"
+                        for k, v in (c.get("listener_settings") or {}).items())
         out += [f"Chain: `{c['worker']}` worker, `--limit {c['worker_limit']}`; listener "
-                f"batching {batching}.", ""]
+                f"batching {batching}{extra}.", ""]
     out += [f"Prefect database: {r.get('database')}; node start-up "
             f"{_f(r.get('startup_seconds'), 1)} s; work pool concurrency limit: "
             f"{r.get('pool_limit') or 'none'}.", ""]

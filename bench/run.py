@@ -67,6 +67,7 @@ class Options(argparse.Namespace):
     worker: str
     worker_limit: int
     batch_max_size: int
+    listener_setting: list[str]
     intake: int
     min_available_mb: float
     tiny: bool
@@ -97,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
                    help="work pool concurrency limit set for the run (0: none)")
     p.add_argument("--batch-max-size", type=int, default=50,
                    help="WIS2_LISTENER_BATCH_MAX_SIZE: events per batch run (1: no batching)")
+    p.add_argument("--listener-setting", action="append", default=[], metavar="NAME=VALUE",
+                   help="another listener setting, as WIS2_LISTENER_<NAME>=VALUE (repeatable), "
+                   "e.g. API_CONCURRENCY=4")
     p.add_argument("--intake", type=int, default=1000,
                    help="events of the listener intake phase (0: skip it)")
     p.add_argument("--min-available-mb", type=float, default=1500.0,
@@ -110,6 +114,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
                    "minimal stand-in (one flow run per event, nothing else) to measure the Prefect "
                    "side when the project's listener is unavailable")
     opts = p.parse_args(argv, namespace=Options())
+    for item in opts.listener_setting:
+        if "=" not in item or not item.split("=", 1)[0]:
+            p.error(f"--listener-setting {item!r}: expected NAME=VALUE")
     if opts.tiny:
         opts.steady_seconds, opts.rate, opts.burst = 5.0, 1.0, 5
         opts.intake = min(opts.intake, 5)
@@ -170,14 +177,17 @@ class BenchNode(LocalNode):
     """The node, with the listener's batching set, or the stand-in listener when asked for."""
 
     def __init__(self, settings: NodeSettings, standin_listener: bool = False,
-                 batch_max_size: int = 50) -> None:
+                 batch_max_size: int = 50,
+                 listener_settings: dict[str, str] | None = None) -> None:
         super().__init__(settings)
         self.standin_listener = standin_listener
         self.batch_max_size = batch_max_size
+        self.listener_settings = listener_settings or {}
 
     def listener_env(self) -> dict[str, str]:
         env = super().listener_env()
         env["WIS2_LISTENER_BATCH_MAX_SIZE"] = str(self.batch_max_size)
+        env.update({f"WIS2_LISTENER_{k.upper()}": v for k, v in self.listener_settings.items()})
         return env
 
     def _spawn(self, name, argv, env, ready=None, timeout=60.0):
@@ -208,8 +218,10 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
         result["database"] = "SQLite (file in the run directory)"
 
     result["pool_limit"] = opts.pool_limit if opts.pool_limit > 0 else None
+    listener_settings = dict(item.split("=", 1) for item in opts.listener_setting)
     result["chain_config"] = {"worker": opts.worker, "worker_limit": opts.worker_limit,
-                              "batch_max_size": opts.batch_max_size}
+                              "batch_max_size": opts.batch_max_size,
+                              "listener_settings": listener_settings}
     broker, ws, prefect, files, metrics = _distinct_ports(5)
     settings = NodeSettings(
         _env_file=None, run_dir=out_dir / profile / "node", broker_port=broker,
@@ -219,7 +231,7 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
     )
     dataset = load_dataset(opts.dataset)
     node = BenchNode(settings, standin_listener=opts.listener == "standin",
-                     batch_max_size=opts.batch_max_size)
+                     batch_max_size=opts.batch_max_size, listener_settings=listener_settings)
     result["listener"] = ("stand-in (bench/standin_listener.py), NOT the project's listener"
                           if opts.listener == "standin" else "project (python -m listener)")
     abort = threading.Event()

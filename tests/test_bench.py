@@ -116,7 +116,8 @@ def test_tiny_bench_run(tmp_path: Path):
     assert run["burst_runs"]["events_covered"] == 5
     worker = next(u for u in run["burst_processes"] if u["name"] == "worker")
     assert worker["cpu_seconds"] > 0 and worker["peak_rss_mb"] > 0
-    assert run["chain_config"] == {"worker": "warm", "worker_limit": 8, "batch_max_size": 50}
+    assert run["chain_config"] == {"worker": "warm", "worker_limit": 8, "batch_max_size": 50,
+                                   "listener_settings": {}}
     intake = run["intake"]
     assert intake["events_sent"] == 5 and intake["completed"], intake
     assert intake["intake_eps"] > 0 and intake["rejected"] == 0
