@@ -14,7 +14,9 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
@@ -22,6 +24,10 @@ from bench.collect import Collector
 from bench.events import BenchEvent
 from bench.stats import LatencySummary, summarize
 from flows.mqtt import MqttConnection, MqttError, Publisher
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import FlowFilter
 
 log = logging.getLogger(__name__)
 
@@ -179,24 +185,35 @@ def _event_ids(parameters: dict) -> list[str]:
     return [str(e.get("id", "")) for e in events if isinstance(e, dict)]
 
 
-async def _read_runs(api_url: str) -> list[tuple[list[str], str]]:
+@asynccontextmanager
+async def _client(api_url: str) -> AsyncIterator[PrefectClient]:
+    """A Prefect client of the node's API (this process's own settings left as they are)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    runs: list[tuple[list[str], str]] = []
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         async with get_client() as client:
-            offset = 0
-            while True:
-                page = await client.read_flow_runs(
-                    flow_filter=FlowFilter(name=FlowFilterName(any_=list(FLOW_NAMES))),
-                    limit=200, offset=offset)
-                runs.extend((_event_ids(r.parameters), r.state.type.value if r.state else "NONE")
-                            for r in page)
-                if len(page) < 200:
-                    return runs
-                offset += len(page)
+            yield client
+
+
+def _chain_flows() -> FlowFilter:
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    return FlowFilter(name=FlowFilterName(any_=list(FLOW_NAMES)))
+
+
+async def _read_runs(api_url: str) -> list[tuple[list[str], str]]:
+    runs: list[tuple[list[str], str]] = []
+    async with _client(api_url) as client:
+        offset = 0
+        while True:
+            page = await client.read_flow_runs(flow_filter=_chain_flows(), limit=200,
+                                               offset=offset)
+            runs.extend((_event_ids(r.parameters), r.state.type.value if r.state else "NONE")
+                        for r in page)
+            if len(page) < 200:
+                return runs
+            offset += len(page)
 
 
 def flow_run_counts(api_url: str, phase_marker: str, settle: float = 0.0) -> FlowRunCounts:
@@ -232,31 +249,25 @@ def _flow_run_counts(api_url: str, phase_marker: str) -> FlowRunCounts:
 
 
 async def _delete_unstarted(api_url: str) -> int:
-    from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
-        FlowFilter,
-        FlowFilterName,
         FlowRunFilter,
         FlowRunFilterState,
         FlowRunFilterStateType,
     )
     from prefect.client.schemas.objects import StateType
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     unstarted = FlowRunFilter(state=FlowRunFilterState(
         type=FlowRunFilterStateType(any_=[StateType.SCHEDULED, StateType.PENDING])))
     deleted = 0
-    with temporary_settings(updates={PREFECT_API_URL: api_url}):
-        async with get_client() as client:
-            while True:
-                page = await client.read_flow_runs(
-                    flow_filter=FlowFilter(name=FlowFilterName(any_=list(FLOW_NAMES))),
-                    flow_run_filter=unstarted, limit=200)
-                for run in page:
-                    await client.delete_flow_run(run.id)
-                deleted += len(page)
-                if len(page) < 200:
-                    return deleted
+    async with _client(api_url) as client:
+        while True:
+            page = await client.read_flow_runs(flow_filter=_chain_flows(),
+                                               flow_run_filter=unstarted, limit=200)
+            for run in page:
+                await client.delete_flow_run(run.id)
+            deleted += len(page)
+            if len(page) < 200:
+                return deleted
 
 
 def delete_unstarted_runs(api_url: str) -> int:

@@ -174,19 +174,17 @@ def _pids(node: LocalNode) -> dict[str, int]:
 
 
 class BenchNode(LocalNode):
-    """The node, with the listener's batching set, or the stand-in listener when asked for."""
+    """The node, with more listener settings (`{"BATCH_MAX_SIZE": "50"}` ->
+    WIS2_LISTENER_BATCH_MAX_SIZE=50), or the stand-in listener when asked for."""
 
     def __init__(self, settings: NodeSettings, standin_listener: bool = False,
-                 batch_max_size: int = 50,
                  listener_settings: dict[str, str] | None = None) -> None:
         super().__init__(settings)
         self.standin_listener = standin_listener
-        self.batch_max_size = batch_max_size
         self.listener_settings = listener_settings or {}
 
     def listener_env(self) -> dict[str, str]:
         env = super().listener_env()
-        env["WIS2_LISTENER_BATCH_MAX_SIZE"] = str(self.batch_max_size)
         env.update({f"WIS2_LISTENER_{k.upper()}": v for k, v in self.listener_settings.items()})
         return env
 
@@ -231,7 +229,8 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
     )
     dataset = load_dataset(opts.dataset)
     node = BenchNode(settings, standin_listener=opts.listener == "standin",
-                     batch_max_size=opts.batch_max_size, listener_settings=listener_settings)
+                     listener_settings={"BATCH_MAX_SIZE": str(opts.batch_max_size),
+                                        **listener_settings})
     result["listener"] = ("stand-in (bench/standin_listener.py), NOT the project's listener"
                           if opts.listener == "standin" else "project (python -m listener)")
     abort = threading.Event()
