@@ -146,6 +146,10 @@ class RunCreator:
             state=to_state_create(Scheduled()),
             tags=["wis2-listener"],
             idempotency_key=key,
+            # The listener has parsed every event already (bad ones went to the dead letters):
+            # the server need not check them against the deployment's parameter schema again,
+            # the largest single cost of a run creation (manual runs keep the check).
+            enforce_parameter_schema=False,
         )
         try:
             response = await self._call(

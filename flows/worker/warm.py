@@ -52,7 +52,7 @@ from prefect.workers.base import (
     BaseWorker,
     BaseWorkerResult,
 )
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -85,7 +85,22 @@ class WarmJobConfiguration(BaseJobConfiguration):
     """The base job configuration (`env`, `labels`, `name`, `command`).
 
     Accepted for compatibility with the deployments' job variables (prefect.yaml passes
-    `env.WIS2_PROJECT_DIR`), but not applied: the runs execute in the worker's process."""
+    `env.WIS2_PROJECT_DIR`), but not applied: the runs execute in the worker's process.
+    `entrypoint` is taken from the deployment the worker reads to build this configuration, so
+    running a flow costs no further API call for it."""
+
+    _entrypoint: str | None = PrivateAttr(default=None)  # not a job variable
+
+    def prepare_for_flow_run(self, flow_run: FlowRun, deployment: Any = None,
+                             *args: Any, **kwargs: Any) -> None:
+        super().prepare_for_flow_run(flow_run, deployment, *args, **kwargs)
+        if deployment is not None:
+            self._entrypoint = deployment.entrypoint
+
+    @property
+    def entrypoint(self) -> str | None:
+        """The deployment's entrypoint, when the configuration was prepared for a flow run."""
+        return self._entrypoint
 
 
 class WarmVariables(BaseVariables):
@@ -204,7 +219,7 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
             task_status.started(os.getpid())  # the run's "infrastructure" is this process
 
         try:
-            entrypoint = await self._entrypoint(flow_run)
+            entrypoint = await self._entrypoint(flow_run, configuration)
             context = contextvars.copy_context()  # settings/profile of the worker for the thread
             state = await anyio.to_thread.run_sync(
                 context.run, self._execute, flow_run.id, entrypoint, limiter=self._threads)
@@ -218,8 +233,8 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
                 flow_run, f"engine error in the wis2-warm worker: {type(exc).__name__}: {exc}")
             return WarmWorkerResult(identifier=identifier, status_code=1)
 
-        cancelled = await self._finish_cancelling(flow_run)
-        ok = state.is_completed() or cancelled
+        # A Completed state was accepted by the server, so the run was not being cancelled.
+        ok = state.is_completed() or await self._finish_cancelling(flow_run)
         return WarmWorkerResult(identifier=identifier, status_code=0 if ok else 1)
 
     async def _give_worker_labels_to_flow_run(self, flow_run_id: UUID) -> None:
@@ -230,10 +245,12 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         except Exception as exc:
             log.warning("flow run %s: worker labels not set: %s", flow_run_id, exc)
 
-    async def _entrypoint(self, flow_run: FlowRun) -> str:
+    async def _entrypoint(self, flow_run: FlowRun, configuration: WarmJobConfiguration) -> str:
         if flow_run.deployment_id is None:
             raise FlowLoadError("flow run has no deployment: the wis2-warm worker runs "
                                 "deployments only")
+        if configuration.entrypoint:
+            return configuration.entrypoint
         deployment = await self.client.read_deployment(flow_run.deployment_id)
         if not deployment.entrypoint:
             raise FlowLoadError(f"deployment {deployment.name!r} has no entrypoint")
