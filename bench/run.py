@@ -173,6 +173,12 @@ def _pids(node: LocalNode) -> dict[str, int]:
     return pids
 
 
+# Listener settings of each profile as deployed: the PostgreSQL server takes concurrent run
+# creations (compose.yml sets WIS2_LISTENER_API_CONCURRENCY=4); SQLite keeps the default 1.
+# --listener-setting overrides them.
+PROFILE_LISTENER_SETTINGS: dict[str, dict[str, str]] = {"postgres": {"API_CONCURRENCY": "4"}}
+
+
 class BenchNode(LocalNode):
     """The node, with more listener settings (`{"BATCH_MAX_SIZE": "50"}` ->
     WIS2_LISTENER_BATCH_MAX_SIZE=50), or the stand-in listener when asked for."""
@@ -216,7 +222,8 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
         result["database"] = "SQLite (file in the run directory)"
 
     result["pool_limit"] = opts.pool_limit if opts.pool_limit > 0 else None
-    listener_settings = dict(item.split("=", 1) for item in opts.listener_setting)
+    listener_settings = {**PROFILE_LISTENER_SETTINGS.get(profile, {}),
+                         **dict(item.split("=", 1) for item in opts.listener_setting)}
     result["chain_config"] = {"worker": opts.worker, "worker_limit": opts.worker_limit,
                               "batch_max_size": opts.batch_max_size,
                               "listener_settings": listener_settings}
