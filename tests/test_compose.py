@@ -49,6 +49,21 @@ def test_images_are_pinned_or_built_here(resolved: dict) -> None:
             assert PINNED.match(image), f"{name}: image {image!r} is not pinned to a version"
 
 
+def test_chain_settings_match_the_benchmarked_ones(resolved: dict) -> None:
+    """The speed settings bench/RESULTS.md measured (postgres profile) are the deployed ones."""
+    from bench.run import PROFILE_LISTENER_SETTINGS
+    from flows.runtime.node import LocalNode
+
+    services = resolved["services"]
+    worker_env = services["prefect-worker"]["environment"]
+    assert "--type wis2-warm --limit 8" in " ".join(services["prefect-worker"]["command"])
+    assert worker_env["PREFECT_WORKER_QUERY_SECONDS"] == LocalNode.WORKER_QUERY_SECONDS
+    listener_env = services["listener"]["environment"]
+    for name, value in PROFILE_LISTENER_SETTINGS["postgres"].items():
+        assert listener_env[f"WIS2_LISTENER_{name}"] == value
+    assert listener_env["WIS2_LISTENER_BATCH_MAX_SIZE"] == "50"
+
+
 def test_volumes_and_files_exist(resolved: dict) -> None:
     declared = set(resolved.get("volumes", {}))
     for name, service in resolved["services"].items():

@@ -92,6 +92,8 @@ class PortTaken(RuntimeError):
 
 
 class LocalNode:
+    WORKER_QUERY_SECONDS = "1"  # the worker polls for new runs every second (compose.yml too)
+
     def __init__(self, settings: NodeSettings | None = None) -> None:
         self.settings = settings or NodeSettings()
         self.run_dir = self.settings.run_dir
@@ -137,7 +139,7 @@ class LocalNode:
         env.update(self.server.client_env())
         env.update({
             "PREFECT_LOGGING_LEVEL": "INFO",
-            "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "PREFECT_WORKER_QUERY_SECONDS": self.WORKER_QUERY_SECONDS,
             "WIS2_MQTT_HOST": s.host,
             "WIS2_MQTT_PORT": str(s.broker_port),
             "WIS2_MQTT_USERNAME": "publisher",
