@@ -69,6 +69,9 @@ def _profile(name: str, r: dict[str, Any]) -> list[str]:
     out += [f"Prefect database: {r.get('database')}; node start-up "
             f"{_f(r.get('startup_seconds'), 1)} s; work pool concurrency limit: "
             f"{r.get('pool_limit') or 'none'}.", ""]
+    if r.get("cpu_hogs"):
+        out += [f"**Background load:** {r['cpu_hogs']} busy process(es) (`--cpu-hogs`) ran "
+                "through every phase, the floor included.", ""]
     if r.get("startup_error"):
         out += [f"**The node did not start completely:** `{r['startup_error']}`", ""]
     if r.get("aborted"):

@@ -40,6 +40,7 @@ from bench.collect import Collector
 from bench.events import EventFactory
 from bench.floor import run_floor
 from bench.intake import run_intake
+from bench.load import CpuHogs
 from bench.machine import describe
 from bench.procmon import ProcessMonitor
 from bench.report import markdown
@@ -70,6 +71,7 @@ class Options(argparse.Namespace):
     listener_setting: list[str]
     intake: int
     min_available_mb: float
+    cpu_hogs: int
     tiny: bool
     out: Path | None
     listener: str
@@ -105,6 +107,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
                    help="events of the listener intake phase (0: skip it)")
     p.add_argument("--min-available-mb", type=float, default=1500.0,
                    help="abort a phase when the machine's available memory falls below this")
+    p.add_argument("--cpu-hogs", type=int, default=0, metavar="N",
+                   help="N busy processes run through the measured phases (background load; "
+                   "the floor is measured under it too)")
     p.add_argument("--tiny", action="store_true",
                    help="5 events per phase, short timeouts (the test suite's smoke run)")
     p.add_argument("--out", type=Path, default=None, help="output directory")
@@ -272,7 +277,9 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
             return ProcessMonitor(_pids(node), min_available_mb=opts.min_available_mb,
                                   low_memory=low_memory, alone=frozenset({os.getpid()}))
 
-        with Collector(state.connection("everyone"), settings.centre_id) as collector:
+        result["cpu_hogs"] = opts.cpu_hogs
+        with CpuHogs(opts.cpu_hogs), \
+                Collector(state.connection("everyone"), settings.centre_id) as collector:
             # 1. the floor, on an idle node
             floor_events = factory.batch("floor", 1 + (opts.floor_events or opts.burst))
             mon = monitor().start()

@@ -123,3 +123,17 @@ def test_tiny_bench_run(tmp_path: Path):
     assert intake["intake_eps"] > 0 and intake["rejected"] == 0
     assert 1 <= intake["runs_created"] <= 5
     assert "### Listener intake alone" in done.stdout
+
+
+def test_cpu_hogs_spin_while_in_use_and_stop_after():
+    import psutil
+
+    from bench.load import CpuHogs
+
+    with CpuHogs(2) as hogs:
+        procs = [psutil.Process(p.pid) for p in hogs._procs]
+        assert len(procs) == 2 and all(p.is_running() for p in procs)
+        cpu = [p.cpu_percent(interval=0.3) for p in procs]
+        assert all(c > 20 for c in cpu), cpu  # busy, even sharing 2 cores with the test
+    assert not hogs._procs
+    assert all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in procs)
