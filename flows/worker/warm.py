@@ -219,7 +219,7 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
             task_status.started(os.getpid())  # the run's "infrastructure" is this process
 
         try:
-            entrypoint = await self._entrypoint(flow_run, configuration)
+            entrypoint = self._entrypoint(flow_run, configuration)
             context = contextvars.copy_context()  # settings/profile of the worker for the thread
             state = await anyio.to_thread.run_sync(
                 context.run, self._execute, flow_run.id, entrypoint, limiter=self._threads)
@@ -245,16 +245,15 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         except Exception as exc:
             log.warning("flow run %s: worker labels not set: %s", flow_run_id, exc)
 
-    async def _entrypoint(self, flow_run: FlowRun, configuration: WarmJobConfiguration) -> str:
+    @staticmethod
+    def _entrypoint(flow_run: FlowRun, configuration: WarmJobConfiguration) -> str:
+        """The entrypoint of the run's deployment, read when its job configuration was built."""
         if flow_run.deployment_id is None:
             raise FlowLoadError("flow run has no deployment: the wis2-warm worker runs "
                                 "deployments only")
-        if configuration.entrypoint:
-            return configuration.entrypoint
-        deployment = await self.client.read_deployment(flow_run.deployment_id)
-        if not deployment.entrypoint:
-            raise FlowLoadError(f"deployment {deployment.name!r} has no entrypoint")
-        return deployment.entrypoint
+        if not configuration.entrypoint:
+            raise FlowLoadError(f"deployment {flow_run.deployment_id} has no entrypoint")
+        return configuration.entrypoint
 
     def _execute(self, flow_run_id: Any, entrypoint: str) -> State:
         """In a worker thread: load (cached) and run the flow with Prefect's engine."""
