@@ -9,11 +9,14 @@ RUN apt-get update \
 
 WORKDIR /opt/wis2-chain
 COPY pyproject.toml README.md prefect.yaml ./
+COPY wis2 ./wis2
+COPY chain ./chain
 COPY flows ./flows
 COPY blocks ./blocks
 COPY listener ./listener
+COPY worker ./worker
 COPY broker ./broker
-COPY bench ./bench
+COPY cli ./cli
 COPY data ./data
 RUN pip install --no-cache-dir -e .
 

@@ -61,12 +61,12 @@ broker-config: install mosquitto
 	$(BIN)/wis2-broker --run-dir run/broker --render-only
 
 demo: install mosquitto bundles
-	$(BIN)/python -m flows.runtime.demo run
+	$(BIN)/python -m localnode.demo run
 
 # Send another event to the running demo node: make demo-event EVENT=path/to/event.json
 demo-event: install
 	@test -n "$(EVENT)" || { echo "usage: make demo-event EVENT=path/to/event.json" >&2; exit 2; }
-	$(BIN)/python -m flows.runtime.demo send "$(EVENT)" $(if $(TOPIC),--topic "$(TOPIC)")
+	$(BIN)/python -m localnode.demo send "$(EVENT)" $(if $(TOPIC),--topic "$(TOPIC)")
 
 # Register the MqttBroker / Wis2Dataset block types and their documents (WIS2_MQTT_*, data/datasets).
 blocks: install

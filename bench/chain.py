@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from bench.collect import Collector
 from bench.events import BenchEvent
 from bench.stats import LatencySummary, summarize
-from flows.mqtt import MqttConnection, MqttError, Publisher
+from chain.mqtt import MqttConnection, MqttError, Publisher
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient

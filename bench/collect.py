@@ -13,7 +13,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable
 
-from flows.mqtt import MqttConnection, MqttError, connect
+from chain.mqtt import MqttConnection, MqttError, connect
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from flows.wis2.cloudevent import parse_event
-from flows.wis2.dataset import DatasetDescription
-from flows.wis2.mapping import data_assets, data_id_for
+from wis2.cloudevent import parse_event
+from wis2.dataset import DatasetDescription
+from wis2.mapping import data_assets, data_id_for
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO / "data" / "demo-event.json"

@@ -17,11 +17,11 @@ from pydantic import BaseModel
 from bench.collect import Collector
 from bench.events import BenchEvent
 from bench.stats import LatencySummary, summarize
-from flows.mqtt import MqttConnection, Publisher
-from flows.wis2.cloudevent import parse_event
-from flows.wis2.dataset import DatasetDescription
-from flows.wis2.mapping import build_notifications
-from flows.wis2.validation import validate_notification
+from chain.mqtt import MqttConnection, Publisher
+from wis2.cloudevent import parse_event
+from wis2.dataset import DatasetDescription
+from wis2.mapping import build_notifications
+from wis2.validation import validate_notification
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pydantic import BaseModel
 
 from bench.events import BenchEvent
-from flows.mqtt import MqttConnection, MqttError, Publisher
+from chain.mqtt import MqttConnection, MqttError, Publisher
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """`python -m bench.run` (`make bench`): the end-to-end benchmark of the chain.
 
 For each profile (Prefect server on SQLite, and on PostgreSQL when one is reachable) it starts the
-whole node on loopback with free ports (`flows.runtime.node.LocalNode`: broker, Prefect server,
+whole node on loopback with free ports (`localnode.node.LocalNode`: broker, Prefect server,
 work pool, blocks, deployments, worker (`--worker`: warm in-process or process-per-run), listener
 (`--batch-max-size`: adaptive batching, 1 = one run per event), file server; data verification
 off), then measures:
@@ -44,10 +44,10 @@ from bench.load import CpuHogs
 from bench.machine import describe
 from bench.procmon import ProcessMonitor
 from bench.report import markdown
-from flows.runtime.node import WORK_POOL, LocalNode, NodeSettings
-from flows.runtime.prefect_server import prefect_cli
-from flows.runtime.processes import free_port, port_is_open
-from flows.wis2.dataset import load_dataset
+from chain.processes import free_port, port_is_open
+from localnode.node import WORK_POOL, LocalNode, NodeSettings
+from localnode.prefect_server import prefect_cli
+from wis2.dataset import load_dataset
 
 log = logging.getLogger("bench")
 
@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupted)
     signal.signal(signal.SIGINT, _interrupted)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for noisy in ("httpx", "prefect", "flows.runtime"):
+    for noisy in ("httpx", "prefect", "localnode"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     results, out_dir = run(opts)
     sys.stdout.write(markdown(results))

@@ -21,7 +21,7 @@ import time
 
 from pydantic import SecretStr
 
-from flows.mqtt import MqttConnection, connect
+from chain.mqtt import MqttConnection, connect
 
 log = logging.getLogger("bench.standin_listener")
 DEPLOYMENT = "publish-notification/default"

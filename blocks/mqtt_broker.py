@@ -7,7 +7,7 @@ from typing import Literal
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-from flows.mqtt import MqttConnection
+from chain.mqtt import MqttConnection
 
 
 class MqttBroker(Block):
@@ -28,7 +28,7 @@ class MqttBroker(Block):
     client_id_prefix: str = Field(default="wis2-chain", description="MQTT client id prefix")
 
     def connection(self) -> MqttConnection:
-        """The connection parameters for `flows.mqtt` (Publisher, connect)."""
+        """The connection parameters for `chain.mqtt` (Publisher, connect)."""
         return MqttConnection(**self.model_dump(include=_SHARED_FIELDS))
 
     @classmethod

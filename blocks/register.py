@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 
-from flows.settings import ChainSettings
-from flows.wis2.dataset import list_datasets
+from chain.settings import ChainSettings
+from wis2.dataset import list_datasets
 
 from .mqtt_broker import MqttBroker
 from .wis2_dataset import Wis2Dataset, block_name

@@ -7,7 +7,7 @@ import re
 from prefect.blocks.core import Block
 from pydantic import Field
 
-from flows.wis2.dataset import DatasetDescription
+from wis2.dataset import DatasetDescription
 
 
 def block_name(dataset_name: str) -> str:

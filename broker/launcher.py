@@ -28,8 +28,8 @@ from typing import Literal, get_args
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from flows.mqtt import MqttConnection
-from flows.runtime.processes import ManagedProcess, port_is_open
+from chain.mqtt import MqttConnection
+from chain.processes import ManagedProcess, port_is_open
 
 log = logging.getLogger(__name__)
 

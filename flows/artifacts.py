@@ -18,8 +18,8 @@ from prefect.artifacts import (
     create_table_artifact,
 )
 
-from flows.wis2.errors import FieldError
-from flows.wis2.notification import Notification
+from wis2.errors import FieldError
+from wis2.notification import Notification
 
 MAX_KEY = 80
 

@@ -16,9 +16,9 @@ from typing import Any
 from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
-from flows.ledger import Ledger
-from flows.mqtt import MqttConnection
-from flows.settings import ChainSettings
+from chain.ledger import Ledger
+from chain.mqtt import MqttConnection
+from chain.settings import ChainSettings
 from flows.tasks import (
     ConfiguredTasks,
     DataMismatch,
@@ -29,11 +29,11 @@ from flows.tasks import (
     record_publication_task,
     validate_notifications_task,
 )
-from flows.wis2.cloudevent import CloudEvent, parse_event
-from flows.wis2.dataset import DatasetDescription
-from flows.wis2.errors import FieldError, InvalidInput
-from flows.wis2.notification import Notification
-from flows.wis2.validation import ValidationFailed
+from wis2.cloudevent import CloudEvent, parse_event
+from wis2.dataset import DatasetDescription
+from wis2.errors import FieldError, InvalidInput
+from wis2.notification import Notification
+from wis2.validation import ValidationFailed
 
 log = logging.getLogger(__name__)
 

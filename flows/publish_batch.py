@@ -21,6 +21,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 from pydantic import BaseModel
 
+from chain.settings import ChainSettings
 from flows.artifacts import artifact_key, batch_failure_artifact, batch_table_artifact
 from flows.pipeline import (
     Pipeline,
@@ -30,9 +31,8 @@ from flows.pipeline import (
     file_label,
     publish_event,
 )
-from flows.settings import ChainSettings
-from flows.wis2.cloudevent import CloudEvent
-from flows.wis2.validation import ValidationFailed
+from wis2.cloudevent import CloudEvent
+from wis2.validation import ValidationFailed
 
 log = logging.getLogger(__name__)
 

@@ -31,14 +31,14 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict
 
+from chain.ledger import Ledger, LedgerEntry
+from chain.settings import ChainSettings
 from flows.artifacts import artifact_key, notification_artifact, validation_table_artifact
-from flows.ledger import Ledger, LedgerEntry
-from flows.settings import ChainSettings
 from flows.tasks import configured_tasks, load_broker_connection
 from flows.tasks.build import checksum_of
 from flows.tasks.caching import result_storage
-from flows.wis2.errors import FieldError, InvalidInput
-from flows.wis2.metadata_notification import (
+from wis2.errors import FieldError, InvalidInput
+from wis2.metadata_notification import (
     Operation,
     Wcmp2Record,
     build_metadata_notification,
@@ -49,10 +49,10 @@ from flows.wis2.metadata_notification import (
     record_id_of,
     relation_for,
 )
-from flows.wis2.notification import Notification, rfc3339
-from flows.wis2.topics import metadata_topic
-from flows.wis2.validation import validate_notification
-from flows.wis2.wcmp2 import validate_wcmp2
+from wis2.notification import Notification, rfc3339
+from wis2.topics import metadata_topic
+from wis2.validation import validate_notification
+from wis2.wcmp2 import validate_wcmp2
 
 log = logging.getLogger(__name__)
 

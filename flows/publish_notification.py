@@ -17,6 +17,7 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
+from chain.settings import ChainSettings
 from flows.artifacts import (
     artifact_key,
     data_link_artifacts,
@@ -31,9 +32,8 @@ from flows.pipeline import (
     file_label,
     publish_event,
 )
-from flows.settings import ChainSettings
-from flows.wis2.cloudevent import CloudEvent
-from flows.wis2.errors import InvalidInput
+from wis2.cloudevent import CloudEvent
+from wis2.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from pydantic import SecretStr, ValidationError
 # the Prefect client's own retries (up to ~1 min of hidden waits) are off unless set explicitly.
 os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "0")
 
-from flows.mqtt import MqttError, Publisher
+from chain.mqtt import MqttError, Publisher
 from listener.deadletters import DeadLetterStore, dump_json
 from listener.settings import ListenerSettings
 

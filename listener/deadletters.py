@@ -25,7 +25,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from flows.wis2.errors import FieldError
+from wis2.errors import FieldError
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from uuid import UUID
 
 import httpx
 
-from flows.wis2.cloudevent import CloudEvent
 from listener.settings import Route
+from wis2.cloudevent import CloudEvent
 
 log = logging.getLogger(__name__)
 

@@ -36,13 +36,13 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from flows.mqtt import new_client
-from flows.wis2.cloudevent import CloudEvent, parse_event
-from flows.wis2.errors import FieldError, InvalidInput
+from chain.mqtt import new_client
 from listener.deadletters import DeadLetter, DeadLetterStore, Reason, utcnow
 from listener.observability import HealthServer, Metrics
 from listener.runs import ApiRejected, ApiUnavailable, DeploymentMissing, RunCreated, RunCreator
 from listener.settings import ListenerSettings, Route
+from wis2.cloudevent import CloudEvent, parse_event
+from wis2.errors import FieldError, InvalidInput
 
 log = logging.getLogger("listener")
 

@@ -14,7 +14,7 @@ from paho.mqtt.client import topic_matches_sub
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from flows.mqtt import MqttConnection
+from chain.mqtt import MqttConnection
 
 DEFAULT_DEPLOYMENT = "publish-notification/default"
 DEFAULT_BATCH_DEPLOYMENT = "publish-batch/default"

@@ -15,9 +15,9 @@ from bench.events import EventFactory
 from bench.intake import parse_metrics
 from bench.report import markdown
 from bench.stats import percentile, summarize
-from flows.wis2.cloudevent import parse_event
-from flows.wis2.dataset import load_dataset
-from flows.wis2.mapping import build_notifications
+from wis2.cloudevent import parse_event
+from wis2.dataset import load_dataset
+from wis2.mapping import build_notifications
 
 REPO = Path(__file__).resolve().parents[1]
 LISTENER_EXISTS = importlib.util.find_spec("listener.__main__") is not None

@@ -15,9 +15,9 @@ from prefect.client.orchestration import get_client
 from blocks.mqtt_broker import MqttBroker
 from blocks.register import register_blocks
 from blocks.wis2_dataset import Wis2Dataset, block_name
-from flows.mqtt import connect, publish_once
-from flows.settings import ChainSettings
-from flows.wis2.dataset import list_datasets, load_dataset
+from chain.mqtt import connect, publish_once
+from chain.settings import ChainSettings
+from wis2.dataset import list_datasets, load_dataset
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -32,8 +32,8 @@ from broker.launcher import (
     render_config,
     start_broker,
 )
-from flows.mqtt import MqttConnection, MqttError, Publisher, PublishRefused, connect, new_client
-from flows.runtime.processes import ManagedProcess, port_is_open
+from chain.mqtt import MqttConnection, MqttError, Publisher, PublishRefused, connect, new_client
+from chain.processes import ManagedProcess, port_is_open
 from tests.fixtures.broker import broker_test_config
 
 CENTRE = "fr-ifremer-argo"

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.wis2 import bundles
-from flows.wis2.bundles import BundleError, bundle_status, install_bundles
 from tests.fixtures.paths import BUNDLE_DIR, REPO
+from wis2 import bundles
+from wis2.bundles import BundleError, bundle_status, install_bundles
 
 
 @pytest.fixture
@@ -118,7 +118,7 @@ def test_install_in_a_subprocess_with_its_own_home(tmp_path: Path, bundle_source
     code = (
         "import json, sys\n"
         "from pathlib import Path\n"
-        "from flows.wis2.bundles import install_bundles, bundle_status\n"
+        "from wis2.bundles import install_bundles, bundle_status\n"
         "print(json.dumps([str(p) for p in install_bundles(Path(sys.argv[1]))]))\n"
         "print(json.dumps(bundle_status()))\n"
     )

@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.wis2.validation import validate_notification
+from cli.main import app
 from tests.fixtures.paths import (
     ARGO_METADATA,
     BUFR_EVENT,
@@ -24,6 +23,7 @@ from tests.fixtures.paths import (
     REPO,
     WNM_EXAMPLES,
 )
+from wis2.validation import validate_notification
 
 ORIGINAL_DATA = ORIGINAL_NOTIFICATIONS / "IOPX01_LFVX_251403-msg-notification.json"
 ARGO_TOPIC = (

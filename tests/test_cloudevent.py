@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flows.wis2.cloudevent import CloudEvent, StacAsset, parse_event
-from flows.wis2.errors import InvalidInput
-from flows.wis2.notification import Integrity
 from tests.fixtures.paths import BUFR_EVENT, NETCDF_EVENT
+from wis2.cloudevent import CloudEvent, StacAsset, parse_event
+from wis2.errors import InvalidInput
+from wis2.notification import Integrity
 
 BUFR_KEY = "IOPX01_LFVX_251403.BU"
 ASSET = f"$.data.assets['{BUFR_KEY}']"

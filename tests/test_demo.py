@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.runtime.node import LocalNode, NodeSettings
-from flows.runtime.processes import ManagedProcess, free_port
+from chain.processes import ManagedProcess, free_port
+from localnode.node import LocalNode, NodeSettings
 from tests.fixtures.paths import DATA, REPO
 
 pytestmark = pytest.mark.slow
@@ -126,7 +126,7 @@ def test_prefect_ui_shows_the_run_and_its_notification(published: dict, demo_nod
 def test_demo_event_command_reaches_the_running_node(demo_node: LocalNode, published: dict):
     """`make demo-event` uses the node's state file to send as the file server."""
     done = subprocess.run(
-        [sys.executable, "-m", "flows.runtime.demo", "send", str(DATA / "demo-event.json")],
+        [sys.executable, "-m", "localnode.demo", "send", str(DATA / "demo-event.json")],
         env={**os.environ, "WIS2_DEMO_RUN_DIR": str(demo_node.run_dir),
              "WIS2_DEMO_FILES_PORT": str(demo_node.settings.files_port)},
         capture_output=True, text=True, cwd=REPO, timeout=60, check=False,

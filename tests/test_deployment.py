@@ -20,10 +20,10 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
 from blocks.mqtt_broker import MqttBroker
-from flows.mqtt import connect
-from flows.runtime.prefect_server import prefect_cli
-from flows.wis2.dataset import load_dataset
+from chain.mqtt import connect
+from localnode.prefect_server import prefect_cli
 from tests.fixtures.paths import BUFR_EVENT, REPO
+from wis2.dataset import load_dataset
 
 pytestmark = pytest.mark.timeout(300)
 

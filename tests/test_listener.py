@@ -23,9 +23,9 @@ import httpx
 import pytest
 
 from broker.launcher import RunningBroker
-from flows.mqtt import Publisher
-from flows.runtime.prefect_server import PrefectServer
-from flows.runtime.processes import ManagedProcess, free_port
+from chain.mqtt import Publisher
+from chain.processes import ManagedProcess, free_port
+from localnode.prefect_server import PrefectServer
 from tests.fixtures.paths import BUFR_EVENT, REPO
 from tests.fixtures.prefect_api import QUIET_SERVICES
 
@@ -404,11 +404,11 @@ def test_end_to_end_with_a_worker(
     """Reference event on the file server's topic -> listener -> flow run on a process worker
     -> one valid WIS2 notification on the origin topic."""
     from blocks.mqtt_broker import MqttBroker
-    from flows.mqtt import connect
+    from chain.mqtt import connect
     from flows.publish_notification import publish_notification
-    from flows.runtime.prefect_server import prefect_cli
-    from flows.wis2.dataset import load_dataset
-    from flows.wis2.validation import validate_notification
+    from localnode.prefect_server import prefect_cli
+    from wis2.dataset import load_dataset
+    from wis2.validation import validate_notification
 
     suffix = uuid.uuid4().hex[:8]
     pool, name, block = f"listener-e2e-{suffix}", f"listener-e2e-{suffix}", f"e2e-{suffix}"

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from broker.launcher import RunningBroker
-from flows.runtime.prefect_server import PrefectServer, prefect_cli
-from flows.runtime.processes import ManagedProcess
+from chain.processes import ManagedProcess
+from localnode.prefect_server import PrefectServer, prefect_cli
 from tests import test_listener
 from tests.fixtures.paths import BUFR_EVENT, REPO
 from tests.test_listener import TOPIC, Deployment, Listener, publish, run_events, wait_for

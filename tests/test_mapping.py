@@ -14,20 +14,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flows.wis2.cloudevent import parse_event
-from flows.wis2.dataset import DatasetDescription, load_dataset
-from flows.wis2.errors import InvalidInput
-from flows.wis2.mapping import (
+from tests.fixtures.paths import BUFR_EVENT, NETCDF_EVENT
+from wis2.cloudevent import parse_event
+from wis2.dataset import DatasetDescription, load_dataset
+from wis2.errors import InvalidInput
+from wis2.mapping import (
     REL_FOR_OPERATION,
     build_notifications,
     data_assets,
     data_id_for,
     media_type_for,
 )
-from flows.wis2.multihash import integrity_of, multihash_of
-from flows.wis2.notification import WNM_CONFORMANCE
-from flows.wis2.validation import validate_notification
-from tests.fixtures.paths import BUFR_EVENT, NETCDF_EVENT
+from wis2.multihash import integrity_of, multihash_of
+from wis2.notification import WNM_CONFORMANCE
+from wis2.validation import validate_notification
 
 PUBTIME = datetime(2025, 3, 28, 14, 31, 5, tzinfo=UTC)
 BUFR_KEY = "IOPX01_LFVX_251403.BU"

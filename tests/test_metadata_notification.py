@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.wis2.errors import InvalidInput
-from flows.wis2.metadata_notification import (
+from tests.fixtures.paths import ARGO_METADATA, DATA, WCMP2_EXAMPLES
+from wis2.errors import InvalidInput
+from wis2.metadata_notification import (
     Wcmp2Record,
     build_metadata_notification,
     centre_id_of,
@@ -22,10 +23,9 @@ from flows.wis2.metadata_notification import (
     record_id_of,
     relation_for,
 )
-from flows.wis2.topics import metadata_topic
-from flows.wis2.validation import validate_notification
-from flows.wis2.wcmp2 import validate_wcmp2
-from tests.fixtures.paths import ARGO_METADATA, DATA, WCMP2_EXAMPLES
+from wis2.topics import metadata_topic
+from wis2.validation import validate_notification
+from wis2.wcmp2 import validate_wcmp2
 
 DEMO = DATA / "demo-metadata.json"
 

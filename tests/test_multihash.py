@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flows.wis2.multihash import (
+from tests.fixtures.paths import BUFR_EVENT, NETCDF_EVENT
+from wis2.multihash import (
     METHODS,
     decode_multihash,
     digest,
@@ -18,8 +19,7 @@ from flows.wis2.multihash import (
     integrity_of,
     multihash_of,
 )
-from flows.wis2.notification import Integrity
-from tests.fixtures.paths import BUFR_EVENT, NETCDF_EVENT
+from wis2.notification import Integrity
 
 BUFR_CHECKSUM = "1620f2ba024b0986ab8e7d3ec275505c59070d453f4764e48ad9eaad9559bf76b906"
 

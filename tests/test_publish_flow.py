@@ -36,12 +36,12 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import Artifact, FlowRun
 
 from blocks.mqtt_broker import MqttBroker
-from flows.ledger import Ledger, relation_for
-from flows.mqtt import MqttConnection, connect
+from chain.ledger import Ledger, relation_for
+from chain.mqtt import MqttConnection, connect
 from flows.publish_notification import PublishResult, publish_notification
-from flows.wis2.dataset import load_dataset
-from flows.wis2.validation import validate_notification
 from tests.fixtures.paths import BUFR_EVENT, NETCDF_EVENT
+from wis2.dataset import load_dataset
+from wis2.validation import validate_notification
 
 pytestmark = pytest.mark.timeout(180)
 

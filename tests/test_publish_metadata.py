@@ -19,12 +19,12 @@ from typing import Any
 import pytest
 
 from blocks.mqtt_broker import MqttBroker
-from flows.ledger import Ledger
-from flows.mqtt import connect
+from chain.ledger import Ledger
+from chain.mqtt import connect
 from flows.publish_metadata import publish_metadata, republish_metadata
-from flows.wis2.metadata_notification import Wcmp2Record
-from flows.wis2.validation import validate_notification
 from tests.fixtures.paths import ARGO_METADATA, DATA, REPO
+from wis2.metadata_notification import Wcmp2Record
+from wis2.validation import validate_notification
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -248,7 +248,7 @@ def test_prefect_yaml_declares_the_metadata_deployments() -> None:
 
 
 def test_unreachable_broker_fails_the_run_and_records_nothing(node, monkeypatch) -> None:
-    from flows.runtime.processes import free_port
+    from chain.processes import free_port
 
     block = f"md-down-{uuid.uuid4().hex[:8]}"
     MqttBroker(host="127.0.0.1", port=free_port("127.0.0.1"), username="publisher").save(block)

@@ -14,13 +14,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flows.wis2.validation import (
+from tests.fixtures.paths import BUFR_EVENT, NETCDF_EVENT, ORIGINAL_NOTIFICATIONS, WNM_EXAMPLES
+from wis2.validation import (
     CheckResult,
     ValidationFailed,
     ValidationReport,
     validate_notification,
 )
-from tests.fixtures.paths import BUFR_EVENT, NETCDF_EVENT, ORIGINAL_NOTIFICATIONS, WNM_EXAMPLES
 
 ARGO_TOPIC = (
     "origin/a/wis2/fr-ifremer-argo/data/core/ocean/surface-based-observations/"
@@ -120,10 +120,10 @@ def test_original_chain_notification_fails_publish_profile_naming_both_defects()
 
 @pytest.mark.parametrize("event", [BUFR_EVENT, NETCDF_EVENT], ids=lambda p: p.stem)
 def test_the_chain_builds_strict_messages(event: Path) -> None:
-    from flows.settings import ChainSettings
-    from flows.wis2.cloudevent import parse_event
-    from flows.wis2.dataset import load_dataset
-    from flows.wis2.mapping import build_notifications
+    from chain.settings import ChainSettings
+    from wis2.cloudevent import parse_event
+    from wis2.dataset import load_dataset
+    from wis2.mapping import build_notifications
 
     settings = ChainSettings()
     dataset = load_dataset(settings.default_dataset, settings.datasets_dir)

@@ -26,10 +26,10 @@ from prefect.states import Cancelling
 from prefect.workers.base import BaseWorker
 
 from blocks.mqtt_broker import MqttBroker
-from flows.runtime.prefect_server import prefect_cli
-from flows.worker.warm import WarmWorker
+from localnode.prefect_server import prefect_cli
 from tests.fixtures.paths import BUFR_EVENT, REPO
 from tests.test_publish_flow import ARGO, BUFR_ASSET, Subscriber, read_artifacts
+from worker.warm import WarmWorker
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from flows.wis2.topics import metadata_topic, publication_topic_problem
-from flows.wis2.wcmp2 import centre_id_of_record, validate_wcmp2
 from tests.fixtures.paths import ARGO_METADATA, DATA, WCMP2_EXAMPLES
+from wis2.topics import metadata_topic, publication_topic_problem
+from wis2.wcmp2 import centre_id_of_record, validate_wcmp2
 
 ARGO_CHANNEL = (
     "origin/a/wis2/fr-ifremer-argo/data/core/ocean/surface-based-observations/"

@@ -1,13 +1,14 @@
 """Prefect tasks of the publishing flows, one small module per step.
 
-`caching` holds the cache policies and result storage shared by the tasks; `configured_tasks`
-returns the tasks with the runtime settings applied (results directory, retries, delays).
+`caching` holds the cache policies and result storage shared by the tasks; `configured`
+(`configured_tasks`) returns the tasks with the runtime settings applied (results directory,
+retries, delays).
 """
 
 from __future__ import annotations
 
 from .build import build_notifications_task
-from .caching import ConfiguredTasks, configured_tasks
+from .configured import ConfiguredTasks, configured_tasks
 from .dataset import load_dataset_task
 from .publish import PublishReceipt, load_broker_connection, publish_notification_task
 from .record import record_publication_task

@@ -12,11 +12,11 @@ from pathlib import Path
 from prefect import task
 from prefect.logging import get_run_logger
 
-from flows.ledger import Ledger, relation_for
-from flows.wis2.cloudevent import CloudEvent
-from flows.wis2.dataset import DatasetDescription
-from flows.wis2.mapping import build_notifications
-from flows.wis2.notification import Notification
+from chain.ledger import Ledger, relation_for
+from wis2.cloudevent import CloudEvent
+from wis2.dataset import DatasetDescription
+from wis2.mapping import build_notifications
+from wis2.notification import Notification
 
 from .caching import BUILD_CACHE
 

@@ -16,16 +16,13 @@ for one event wait for each other instead of building two different notification
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect import Task
 from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.locking.filesystem import FileSystemLockManager
-from prefect.tasks import exponential_backoff
 
-from flows.settings import ChainSettings
+from chain.settings import ChainSettings
 
 
 def build_cache_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -56,38 +53,3 @@ def result_storage(settings: ChainSettings) -> Path:
 
 def lock_manager(settings: ChainSettings) -> FileSystemLockManager:
     return FileSystemLockManager(Path(settings.results_dir).expanduser() / "locks")
-
-
-@dataclass(frozen=True)
-class ConfiguredTasks:
-    build: Task
-    verify: Task
-    publish: Task
-
-
-def configured_tasks(settings: ChainSettings) -> ConfiguredTasks:
-    """The cached and retried tasks with this run's settings (storage, retries, delays)."""
-    from .build import build_notifications_task
-    from .publish import publish_notification_task
-    from .verify import verify_data_task
-
-    storage = result_storage(settings)
-    locks = lock_manager(settings)
-    retries = {
-        "retries": settings.publish_retries,
-        "retry_delay_seconds": exponential_backoff(backoff_factor=settings.retry_base_delay),
-        "retry_jitter_factor": settings.retry_jitter_factor,
-    }
-    build = build_notifications_task.with_options(
-        cache_policy=BUILD_CACHE.configure(lock_manager=locks, isolation_level="SERIALIZABLE"),
-        result_storage=storage,
-        persist_result=True,
-    )
-    publish = publish_notification_task.with_options(
-        cache_policy=PUBLISH_CACHE.configure(lock_manager=locks, isolation_level="SERIALIZABLE"),
-        result_storage=storage,
-        persist_result=True,
-        **retries,
-    )
-    verify = verify_data_task.with_options(**retries)
-    return ConfiguredTasks(build=build, verify=verify, publish=publish)

@@ -9,7 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from blocks.wis2_dataset import Wis2Dataset, block_name
-from flows.wis2.dataset import DatasetDescription, load_dataset
+from wis2.dataset import DatasetDescription, load_dataset
 
 
 class DatasetNotFound(LookupError):

@@ -15,9 +15,9 @@ from pydantic import BaseModel
 
 from blocks.mqtt_broker import MqttBroker
 from blocks.register import broker_block_from_settings
-from flows.mqtt import MqttConnection, Publisher
-from flows.settings import ChainSettings
-from flows.wis2.notification import Notification
+from chain.mqtt import MqttConnection, Publisher
+from chain.settings import ChainSettings
+from wis2.notification import Notification
 
 from .caching import PUBLISH_CACHE
 

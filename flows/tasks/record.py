@@ -7,8 +7,8 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from flows.ledger import Ledger
-from flows.wis2.notification import Notification
+from chain.ledger import Ledger
+from wis2.notification import Notification
 
 from .build import checksum_of
 

@@ -14,8 +14,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from flows.artifacts import validation_table_artifact
-from flows.wis2.notification import Notification
-from flows.wis2.validation import validate_notification
+from wis2.notification import Notification
+from wis2.validation import validate_notification
 
 
 @task(name="validate-notifications", cache_policy=NO_CACHE, retries=0)

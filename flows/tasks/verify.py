@@ -16,8 +16,8 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.logging import get_run_logger
 from prefect.states import State
 
-from flows.wis2.multihash import digest
-from flows.wis2.notification import Notification
+from wis2.multihash import digest
+from wis2.notification import Notification
 
 
 class DataMismatch(ValueError):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from flows.runtime.processes import ManagedProcess, free_port
+from chain.processes import ManagedProcess, free_port
 
 
 def prefect_cli() -> str:

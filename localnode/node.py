@@ -23,13 +23,13 @@ from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.launcher import BrokerConfig, RunningBroker, start_broker
-from flows.mqtt import MqttConnection, connect, publish_once
-from flows.runtime.prefect_server import PrefectServer, prefect_cli
-from flows.runtime.processes import ManagedProcess, port_is_open
+from chain.mqtt import MqttConnection, connect, publish_once
+from chain.processes import ManagedProcess, port_is_open
+from localnode.prefect_server import PrefectServer, prefect_cli
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 WORK_POOL = "wis2-pool"
 WORKER_TYPES = {"warm": "wis2-warm", "process": "process"}  # WIS2_DEMO_WORKER_TYPE -> pool type
 DEMO_FILES_PORT = 8765  # the port written in data/demo-event.json's asset href

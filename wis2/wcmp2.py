@@ -8,8 +8,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from flows.wis2.topics import centre_id_of_topic, publication_topic_problem
-from flows.wis2.validation import ValidationReport
+from wis2.topics import centre_id_of_topic, publication_topic_problem
+from wis2.validation import ValidationReport
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 
 CENTRE_ID_PATTERN = r"^[a-z0-9]+(-[a-z0-9.]+)+$"
-DEFAULT_DATASETS_DIR = Path(__file__).resolve().parents[2] / "data" / "datasets"
+DEFAULT_DATASETS_DIR = Path(__file__).resolve().parents[1] / "data" / "datasets"
 
 
 class DatasetDescription(BaseModel):

@@ -9,10 +9,10 @@ from pathlib import PurePosixPath
 from urllib.parse import unquote, urlsplit
 from uuid import UUID, uuid4
 
-from flows.wis2.cloudevent import CloudEvent, Operation, StacAsset, StacItem
-from flows.wis2.dataset import DatasetDescription
-from flows.wis2.errors import FieldError, InvalidInput
-from flows.wis2.notification import (
+from wis2.cloudevent import CloudEvent, Operation, StacAsset, StacItem
+from wis2.dataset import DatasetDescription
+from wis2.errors import FieldError, InvalidInput
+from wis2.notification import (
     MAX_INLINE_CONTENT_CHARS,
     Content,
     Link,

@@ -1,7 +1,7 @@
 """`make demo`: start the node on loopback, publish the demo metadata record and the sample Argo
 event, print the notification, the flow run and the Prefect UI address, run until Ctrl-C.
 
-`python -m flows.runtime.demo send EVENT.json [--topic T]` (`make demo-event EVENT=...`) sends
+`python -m localnode.demo send EVENT.json [--topic T]` (`make demo-event EVENT=...`) sends
 another event to the running demo node as its file server."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import sys
 import threading
 from pathlib import Path
 
-from flows.mqtt import MqttError, publish_once
-from flows.runtime.node import LocalNode, NodeSettings, NodeState, PortTaken
+from chain.mqtt import MqttError, publish_once
+from localnode.node import LocalNode, NodeSettings, NodeState, PortTaken
 
 log = logging.getLogger("demo")
 
@@ -72,7 +72,7 @@ def send(settings: NodeSettings, event: Path, topic: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flows.runtime.demo")
+    parser = argparse.ArgumentParser(prog="python -m localnode.demo")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("run", help="start the demo node (default)")
     send_parser = sub.add_parser("send", help="send an event to the running demo node")

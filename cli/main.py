@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from flows.settings import ChainSettings
+from chain.settings import ChainSettings
 
 app = typer.Typer(help="WIS2 node publishing chain", no_args_is_help=True)
 bundles_app = typer.Typer(help="WIS2 validator bundles", no_args_is_help=True)
@@ -39,10 +39,10 @@ def build(
     dataset: Annotated[str | None, typer.Option(help="dataset name or JSON file")] = None,
 ) -> None:
     """Print the notification(s) an event would produce, without publishing (dry run)."""
-    from flows.wis2.cloudevent import parse_event
-    from flows.wis2.dataset import load_dataset
-    from flows.wis2.errors import InvalidInput
-    from flows.wis2.mapping import build_notifications
+    from wis2.cloudevent import parse_event
+    from wis2.dataset import load_dataset
+    from wis2.errors import InvalidInput
+    from wis2.mapping import build_notifications
 
     settings = ChainSettings()
     try:
@@ -76,8 +76,8 @@ def validate(
     kpi: Annotated[bool, typer.Option(help="also run the KPI (needs the network)")] = False,
 ) -> None:
     """Validate a WNM or a WCMP2 record (detected from conformsTo) and print the report."""
-    from flows.wis2.validation import load_json_document, validate_notification
-    from flows.wis2.wcmp2 import validate_wcmp2
+    from wis2.validation import load_json_document, validate_notification
+    from wis2.wcmp2 import validate_wcmp2
 
     if profile not in ("publish", "spec"):
         typer.echo("error: --profile is publish or spec", err=True)
@@ -107,7 +107,7 @@ def bundles_install(
     ] = None,
 ) -> None:
     """Install the pywis-pubsub, pywcmp and pywis-topics bundles."""
-    from flows.wis2.bundles import BundleError, install_bundles
+    from wis2.bundles import BundleError, install_bundles
 
     source = source or ChainSettings().bundle_dir
     try:
@@ -122,7 +122,7 @@ def bundles_install(
 @bundles_app.command("status")
 def bundles_status() -> None:
     """Say which bundles are installed."""
-    from flows.wis2.bundles import bundle_status
+    from wis2.bundles import bundle_status
 
     status = bundle_status()
     for name, installed in status.items():
@@ -140,9 +140,9 @@ def send_event(
     check: Annotated[bool, typer.Option(help="refuse an invalid event before sending")] = True,
 ) -> None:
     """Publish an event on the node broker as a file server would (QoS 1, WIS2_MQTT_* settings)."""
-    from flows.mqtt import MqttError, publish_once
-    from flows.wis2.cloudevent import parse_event
-    from flows.wis2.errors import InvalidInput
+    from chain.mqtt import MqttError, publish_once
+    from wis2.cloudevent import parse_event
+    from wis2.errors import InvalidInput
 
     raw = _read(event)
     if check:

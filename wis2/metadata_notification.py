@@ -26,9 +26,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows.wis2.errors import FieldError, InvalidInput
-from flows.wis2.multihash import integrity_of
-from flows.wis2.notification import (
+from wis2.errors import FieldError, InvalidInput
+from wis2.multihash import integrity_of
+from wis2.notification import (
     WNM_CONFORMANCE,
     IntegrityMethod,
     Link,
@@ -48,7 +48,7 @@ Operation = Literal["create", "update", "delete"]
 
 class Wcmp2Record(BaseModel):
     """A WCMP2 discovery metadata record (GeoJSON Feature). Only the shape is checked here; the
-    WCMP2 test suite (`flows.wis2.wcmp2.validate_wcmp2`) checks the content. Extra members
+    WCMP2 test suite (`wis2.wcmp2.validate_wcmp2`) checks the content. Extra members
     (``time``, ``linkTemplates``, ...) are kept as given."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)

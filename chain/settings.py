@@ -9,8 +9,8 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from flows.mqtt import MqttConnection
-from flows.wis2.dataset import DEFAULT_DATASETS_DIR
+from chain.mqtt import MqttConnection
+from wis2.dataset import DEFAULT_DATASETS_DIR
 
 
 class ChainSettings(BaseSettings):

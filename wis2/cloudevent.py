@@ -21,9 +21,9 @@ from pydantic import (
     model_validator,
 )
 
-from flows.wis2.errors import FieldError, InvalidInput, field_errors_from
-from flows.wis2.multihash import decode_multihash, integrity_from_multihash
-from flows.wis2.notification import Integrity
+from wis2.errors import FieldError, InvalidInput, field_errors_from
+from wis2.multihash import decode_multihash, integrity_from_multihash
+from wis2.notification import Integrity
 
 Operation = Literal["create", "update", "delete"]
 _DELETE_WORDS = {"delete", "deleted", "deletion", "removed", "remove"}

@@ -20,9 +20,9 @@ from typing import Any, Literal
 from jsonschema import Draft202012Validator
 from pydantic import BaseModel
 
-from flows.wis2.multihash import DIGEST_LENGTHS
-from flows.wis2.notification import MAX_INLINE_CONTENT_CHARS, MAX_MESSAGE_BYTES
-from flows.wis2.topics import centre_id_of_topic, publication_topic_problem
+from wis2.multihash import DIGEST_LENGTHS
+from wis2.notification import MAX_INLINE_CONTENT_CHARS, MAX_MESSAGE_BYTES
+from wis2.topics import centre_id_of_topic, publication_topic_problem
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import base64
 import hashlib
 import re
 
-from flows.wis2.notification import Integrity, IntegrityMethod
+from wis2.notification import Integrity, IntegrityMethod
 
 # multihash code -> (WNM integrity method, digest length in bytes)
 METHODS: dict[int, tuple[IntegrityMethod, int]] = {

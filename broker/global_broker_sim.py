@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pywis_pubsub.hook import Hook
 
-from flows.wis2.validation import validate_notification
+from wis2.validation import validate_notification
 
 log = logging.getLogger(__name__)
 
