@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 WIS2_BUNDLE_DIR ?= $(if $(wildcard ../shared/wis2-bundle/README.md),../shared/wis2-bundle,)
 export WIS2_BUNDLE_DIR
 
-.PHONY: help venv install mosquitto docker-compose chromium bundles lint test demo demo-event broker-config blocks bench clean
+.PHONY: help venv install mosquitto postgresql docker-compose chromium bundles lint test demo demo-event broker-config blocks bench clean
 
 help:
 	@echo "make demo   - start the whole chain on loopback and publish the sample Argo event"
@@ -29,6 +29,14 @@ mosquitto:
 	  echo "mosquitto not found: installing Debian's mosquitto package"; \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y mosquitto; \
 	  else echo "run: sudo apt-get install -y mosquitto" >&2; exit 1; fi; }
+
+# PostgreSQL's programs (initdb, postgres): the tests, the bench and the demo start clusters of
+# their own on free ports (localnode/postgres.py); nothing uses a system-wide server.
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  echo "PostgreSQL not found: installing Debian's postgresql package"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y postgresql; \
+	  else echo "run: sudo apt-get install -y postgresql" >&2; exit 1; fi; }
 
 # compose.yml is checked with Debian's docker-compose (no Docker engine needed).
 docker-compose:
@@ -53,7 +61,7 @@ lint: install
 # Test files run in TEST_WORKERS parallel pytest processes (one file stays in one process, so a
 # file's broker, Prefect server and worker fixtures are shared as written); 1 runs them in order.
 TEST_WORKERS ?= 2
-test: install mosquitto docker-compose chromium bundles lint
+test: install mosquitto postgresql docker-compose chromium bundles lint
 	$(BIN)/python -m pytest $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 # Render the broker's mosquitto.conf, acl and passwd into run/broker from WIS2_BROKER_* (.env).
@@ -73,7 +81,7 @@ blocks: install
 	$(BIN)/wis2-chain blocks register
 
 # End-to-end benchmark (minutes): make bench, or e.g. make bench BENCH_ARGS="--profile sqlite --burst 200"
-bench: install mosquitto bundles
+bench: install mosquitto postgresql bundles
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:

@@ -50,6 +50,9 @@ class Collector:
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *args: subscribed.set()
         self.client.subscribe(self.topic, qos=1)
+        # After a broker restart (fault phase) paho reconnects with a clean session: subscribe
+        # again on every reconnection.
+        self.client.on_connect = lambda client, *args: client.subscribe(self.topic, qos=1)
         if not subscribed.wait(timeout):
             self.stop()
             raise MqttError(f"no SUBACK for {self.topic} within {timeout}s")

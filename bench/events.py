@@ -1,9 +1,12 @@
 """Distinct benchmark events built from `data/demo-event.json`.
 
 Every event gets a new CloudEvent id, a new STAC item id, a new file name in its asset href and a
-new sha2-256 multihash checksum (of random bytes: the chain does not download the data in the
-benchmark, `verify_data` is off). The expected `data_id` of each event is computed with the
-chain's own mapping, so the notifications received can be matched to the events sent.
+new sha2-256 multihash checksum: by default of random bytes (the measured phases run with
+`verify_data` off, nothing is downloaded); with `real_files=True`, of the file's content as the
+benchmark's file server generates it from the name (`file_content`, `bench/gated_files.py`), so
+flows that verify the data download bytes that match. The expected `data_id` of each event is
+computed with the chain's own mapping, so the notifications received can be matched to the events
+sent.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +27,12 @@ from wis2.mapping import data_assets, data_id_for
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO / "data" / "demo-event.json"
+BENCH_FILE = re.compile(r"[A-Za-z0-9]+_[a-z0-9-]+_[0-9]{5}\.csv")  # <tag>_<phase>_<n>.csv
+
+
+def file_content(file_name: str) -> bytes:
+    """The bytes of a benchmark file, generated from its name (served by bench/gated_files.py)."""
+    return f"benchmark file {file_name}\n".encode() * 8
 
 
 @dataclass(frozen=True)
@@ -39,10 +49,11 @@ class EventFactory:
 
     def __init__(
         self, dataset: DatasetDescription, tag: str, template: Path = TEMPLATE,
-        files_url: str | None = None,
+        files_url: str | None = None, real_files: bool = False,
     ) -> None:
         self.dataset = dataset
         self.tag = tag
+        self.real_files = real_files
         self.template: dict[str, Any] = json.loads(template.read_text(encoding="utf-8"))
         assets = self.template["data"]["assets"]
         if len(assets) != 1:
@@ -67,7 +78,12 @@ class EventFactory:
         asset["href"] = f"{self.base_href}/{file_name}"
         asset["title"] = f"Benchmark file {file_name}"
         asset["created"] = now
-        digest = hashlib.sha256(os.urandom(32)).hexdigest()
+        if self.real_files:
+            content = file_content(file_name)
+            asset["file:size"] = len(content)
+            digest = hashlib.sha256(content).hexdigest()
+        else:
+            digest = hashlib.sha256(os.urandom(32)).hexdigest()
         asset["file:checksum"] = "1220" + digest
         item["assets"] = {file_name: asset}
         payload = json.dumps(event, separators=(",", ":")).encode("utf-8")

@@ -26,7 +26,8 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def _processes(r: dict[str, Any]) -> list[str]:
-    phases = [p for p in ("floor", "steady", "burst", "intake") if f"{p}_processes" in r]
+    phases = [p for p in ("floor", "steady", "burst", "intake", "faults")
+              if f"{p}_processes" in r]
     if not phases:
         return []
     names: list[str] = []
@@ -69,6 +70,9 @@ def _profile(name: str, r: dict[str, Any]) -> list[str]:
     out += [f"Prefect database: {r.get('database')}; node start-up "
             f"{_f(r.get('startup_seconds'), 1)} s; work pool concurrency limit: "
             f"{r.get('pool_limit') or 'none'}.", ""]
+    if r.get("broker_settings"):
+        out += ["Broker settings: " + ", ".join(
+            f"`WIS2_BROKER_{k.upper()}={v}`" for k, v in r["broker_settings"].items()) + ".", ""]
     if r.get("cpu_hogs"):
         out += [f"**Background load:** {r['cpu_hogs']} busy process(es) (`--cpu-hogs`) ran "
                 "through every phase, the floor included.", ""]
@@ -112,6 +116,19 @@ def _profile(name: str, r: dict[str, Any]) -> list[str]:
              "events per run", "dead letters"],
             [[i["publish_seconds"], took, i["intake_eps"], i["runs_created"],
               i["events_per_run"], i["rejected"]]])
+    if r.get("faults"):
+        out += ["### Faults: one process SIGKILLed, then started again", ""]
+        rows = []
+        for name, f in r["faults"].items():
+            runs = f.get("runs") or {}
+            states = ", ".join(f"{k} {v}" for k, v in (runs.get("by_state") or {}).items())
+            rows.append([f"`{name}`", f["events_sent"], f["received"], f["lost"],
+                         f["duplicate_data_ids"], f["down_seconds"], f["recovery_seconds"],
+                         f"{f['unfinished_runs']} ({states or '-'})",
+                         f.get("error") or f.get("killed")])
+        out += _table(["scenario", "events", "received", "lost", "dup. data_ids",
+                       "down s (kill -> back)", "recovery s (back -> last notif.)",
+                       "unfinished runs (runs by state)", "what was killed / error"], rows)
     if "floor" in r:
         f = r["floor"]
         st = f["stages"]

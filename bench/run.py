@@ -1,6 +1,7 @@
 """`python -m bench.run` (`make bench`): the end-to-end benchmark of the chain.
 
-For each profile (Prefect server on SQLite, and on PostgreSQL when one is reachable) it starts the
+For each profile (Prefect server on SQLite, and on a PostgreSQL cluster of its own,
+`localnode/postgres.py`, when PostgreSQL is installed) it starts the
 whole node on loopback with free ports (`localnode.node.LocalNode`: broker, Prefect server,
 work pool, blocks, deployments, worker (`--worker`: warm in-process or process-per-run), listener
 (`--batch-max-size`: adaptive batching, 1 = one run per event), file server; data verification
@@ -13,6 +14,10 @@ off), then measures:
 4. burst: --burst distinct events at once, time to drain (bounded by --drain-timeout), lost and
    duplicated notifications, failed flow runs;
 
+5. faults (--faults; --faults-only skips 1-4): scenarios of bench/faults.py on the live node
+   (Prefect server SIGKILLed mid-burst and restarted, broker SIGKILLed while the listener is
+   away...): lost and duplicated notifications, time to recover, runs left unfinished;
+
 with CPU seconds and peak RSS of every long-running process tree, and writes
 `bench/out/<timestamp>/results.json` and `results.md` (the markdown is also printed).
 Nothing waits forever: every wait has a deadline, and a phase is aborted (its worker killed) when
@@ -22,7 +27,6 @@ the machine's available memory falls below --min-available-mb.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -35,17 +39,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import chain
+from bench import chain, faults
 from bench.collect import Collector
 from bench.events import EventFactory
 from bench.floor import run_floor
 from bench.intake import run_intake
 from bench.load import CpuHogs
 from bench.machine import describe
+from bench.node import PROFILE_LISTENER_SETTINGS, BenchNode
 from bench.procmon import ProcessMonitor
 from bench.report import markdown
-from chain.processes import free_port, port_is_open
+from chain.processes import free_port
 from localnode.node import WORK_POOL, LocalNode, NodeSettings
+from localnode.postgres import PostgresCluster, postgres_problem
 from localnode.prefect_server import prefect_cli
 from wis2.dataset import load_dataset
 
@@ -53,7 +59,6 @@ log = logging.getLogger("bench")
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out"
-PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 
 
 class Options(argparse.Namespace):
@@ -76,6 +81,12 @@ class Options(argparse.Namespace):
     out: Path | None
     listener: str
     dataset: str
+    faults: bool
+    faults_only: bool
+    fault_scenario: list[str]
+    fault_events: int
+    fault_timeout: float
+    broker_setting: list[str]
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -110,6 +121,21 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--cpu-hogs", type=int, default=0, metavar="N",
                    help="N busy processes run through the measured phases (background load; "
                    "the floor is measured under it too)")
+    p.add_argument("--faults", action="store_true",
+                   help="after the measured phases, run the fault scenarios (bench/faults.py) on "
+                   "the live node: lost / duplicated notifications and time to recover")
+    p.add_argument("--faults-only", action="store_true",
+                   help="only the fault scenarios (no floor, intake, steady, burst)")
+    p.add_argument("--fault-scenario", action="append", default=[], metavar="NAME",
+                   choices=sorted(faults.SCENARIOS),
+                   help="run only this scenario (repeatable; default: all)")
+    p.add_argument("--fault-events", type=int, default=200, help="events per fault scenario")
+    p.add_argument("--fault-timeout", type=float, default=600.0,
+                   help="deadline (s) of each wait of a fault scenario")
+    p.add_argument("--broker-setting", action="append", default=[], metavar="NAME=VALUE",
+                   help="a node broker setting, as WIS2_BROKER_<NAME>=VALUE (repeatable), e.g. "
+                   "AUTOSAVE_ON_CHANGES=false AUTOSAVE_INTERVAL=60 (the former, non-durable "
+                   "default)")
     p.add_argument("--tiny", action="store_true",
                    help="5 events per phase, short timeouts (the test suite's smoke run)")
     p.add_argument("--out", type=Path, default=None, help="output directory")
@@ -119,42 +145,19 @@ def parse_args(argv: list[str] | None = None) -> Options:
                    "minimal stand-in (one flow run per event, nothing else) to measure the Prefect "
                    "side when the project's listener is unavailable")
     opts = p.parse_args(argv, namespace=Options())
-    for item in opts.listener_setting:
-        if "=" not in item or not item.split("=", 1)[0]:
-            p.error(f"--listener-setting {item!r}: expected NAME=VALUE")
+    for option in ("listener_setting", "broker_setting"):
+        for item in getattr(opts, option):
+            if "=" not in item or not item.split("=", 1)[0]:
+                p.error(f"--{option.replace('_', '-')} {item!r}: expected NAME=VALUE")
+    opts.faults = opts.faults or opts.faults_only
     if opts.tiny:
         opts.steady_seconds, opts.rate, opts.burst = 5.0, 1.0, 5
         opts.intake = min(opts.intake, 5)
         opts.steady_drain_timeout, opts.drain_timeout = 60.0, 60.0
         opts.floor_events = 5
+        opts.fault_events = min(opts.fault_events, 6)
+        opts.fault_timeout = min(opts.fault_timeout, 180.0)
     return opts
-
-
-# ---- PostgreSQL ---------------------------------------------------------------------------------
-def postgres_problem() -> str | None:
-    """Why the postgres profile cannot run, or None."""
-    if not port_is_open(PG_HOST, PG_PORT):
-        return f"no PostgreSQL server on {PG_HOST}:{PG_PORT}"
-    try:
-        import asyncpg  # noqa: F401
-    except ImportError:
-        return "asyncpg is not installed"
-    try:
-        asyncio.run(_pg("SELECT 1"))
-    except Exception as exc:
-        return f"cannot log in to PostgreSQL as {PG_USER}: {exc}"
-    return None
-
-
-async def _pg(sql: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database="postgres",
-                                 timeout=10)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
 
 
 # ---- one profile --------------------------------------------------------------------------------
@@ -174,35 +177,11 @@ def _pids(node: LocalNode) -> dict[str, int]:
     for proc in node.processes:
         if proc.pid is not None and proc.running:
             pids[proc.name] = proc.pid
+    postgres = getattr(node, "postgres", None)
+    if postgres is not None and postgres.running and postgres.pid:
+        pids["postgres"] = postgres.pid
     pids["bench (floor, publisher, subscriber)"] = os.getpid()
     return pids
-
-
-# Listener settings of each profile as deployed: the PostgreSQL server takes concurrent run
-# creations (compose.yml sets WIS2_LISTENER_API_CONCURRENCY=4); SQLite keeps the default 1.
-# --listener-setting overrides them.
-PROFILE_LISTENER_SETTINGS: dict[str, dict[str, str]] = {"postgres": {"API_CONCURRENCY": "4"}}
-
-
-class BenchNode(LocalNode):
-    """The node, with more listener settings (`{"BATCH_MAX_SIZE": "50"}` ->
-    WIS2_LISTENER_BATCH_MAX_SIZE=50), or the stand-in listener when asked for."""
-
-    def __init__(self, settings: NodeSettings, standin_listener: bool = False,
-                 listener_settings: dict[str, str] | None = None) -> None:
-        super().__init__(settings)
-        self.standin_listener = standin_listener
-        self.listener_settings = listener_settings or {}
-
-    def listener_env(self) -> dict[str, str]:
-        env = super().listener_env()
-        env.update({f"WIS2_LISTENER_{k.upper()}": v for k, v in self.listener_settings.items()})
-        return env
-
-    def _spawn(self, name, argv, env, ready=None, timeout=60.0):
-        if name == "listener" and self.standin_listener:
-            argv = [sys.executable, "-m", "bench.standin_listener"]
-        return super()._spawn(name, argv, env, ready=ready, timeout=timeout)
 
 
 def _work_pool(node: LocalNode, *args: str) -> None:
@@ -213,18 +192,20 @@ def _work_pool(node: LocalNode, *args: str) -> None:
 def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"profile": profile}
     database_url = None
-    db_name = None
+    postgres: PostgresCluster | None = None
     if profile == "postgres":
         problem = postgres_problem()
         if problem:
             log.warning("postgres profile skipped: %s", problem)
             return {"profile": profile, "skipped": problem}
-        db_name = f"wis2_bench_{os.getpid()}_{int(time.time())}"
-        asyncio.run(_pg(f'CREATE DATABASE "{db_name}"'))
-        database_url = f"postgresql+asyncpg://{PG_USER}@{PG_HOST}:{PG_PORT}/{db_name}"
-        result["database"] = f"PostgreSQL {PG_HOST}:{PG_PORT}/{db_name}"
+        postgres = PostgresCluster(log_path=out_dir / profile / "postgres.log").start()
+        database_url = postgres.create_database("prefect")
+        result["database"] = (f"PostgreSQL {postgres.bin_dir.parent.name}, a cluster of its own "
+                              f"on 127.0.0.1:{postgres.port} (localnode/postgres.py)")
     else:
         result["database"] = "SQLite (file in the run directory)"
+    broker_settings = dict(item.split("=", 1) for item in opts.broker_setting)
+    result["broker_settings"] = broker_settings
 
     result["pool_limit"] = opts.pool_limit if opts.pool_limit > 0 else None
     listener_settings = {**PROFILE_LISTENER_SETTINGS.get(profile, {}),
@@ -236,13 +217,15 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
     settings = NodeSettings(
         _env_file=None, run_dir=out_dir / profile / "node", broker_port=broker,
         broker_ws_port=ws, prefect_port=prefect, files_port=files, metrics_port=metrics,
-        verify_data=False, database_url=database_url, worker_type=opts.worker,
+        verify_data=opts.faults_only, database_url=database_url, worker_type=opts.worker,
         worker_limit=opts.worker_limit,
     )
     dataset = load_dataset(opts.dataset)
     node = BenchNode(settings, standin_listener=opts.listener == "standin",
                      listener_settings={"BATCH_MAX_SIZE": str(opts.batch_max_size),
-                                        **listener_settings})
+                                        **listener_settings},
+                     extra_env=dict(faults.FAULT_ENV) if opts.faults_only else None)
+    node.postgres = postgres
     result["listener"] = ("stand-in (bench/standin_listener.py), NOT the project's listener"
                           if opts.listener == "standin" else "project (python -m listener)")
     abort = threading.Event()
@@ -250,7 +233,16 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
     try:
         t0 = time.monotonic()
         try:
-            node.start()
+            # The node's BrokerConfig reads WIS2_BROKER_* for what it does not set itself.
+            saved = {k: os.environ.get(f"WIS2_BROKER_{k.upper()}") for k in broker_settings}
+            os.environ.update({f"WIS2_BROKER_{k.upper()}": v for k, v in broker_settings.items()})
+            try:
+                node.start()
+            finally:
+                for k, v in saved.items():
+                    os.environ.pop(f"WIS2_BROKER_{k.upper()}", None)
+                    if v is not None:
+                        os.environ[f"WIS2_BROKER_{k.upper()}"] = v
             result["startup_error"] = None
         except Exception as exc:
             log.error("the node did not start completely: %s", exc)
@@ -281,12 +273,15 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
         with CpuHogs(opts.cpu_hogs), \
                 Collector(state.connection("everyone"), settings.centre_id) as collector:
             # 1. the floor, on an idle node
-            floor_events = factory.batch("floor", 1 + (opts.floor_events or opts.burst))
-            mon = monitor().start()
-            floor = run_floor(floor_events, dataset, state.connection("publisher"), collector)
-            result["floor"] = floor.model_dump()
-            result["floor_processes"] = [u.model_dump() for u in mon.stop()]
-            log.info("floor: %.1f events/s", floor.throughput_eps)
+            floor = None
+            if not opts.faults_only:
+                floor_events = factory.batch("floor", 1 + (opts.floor_events or opts.burst))
+                mon = monitor().start()
+                floor = run_floor(floor_events, dataset, state.connection("publisher"),
+                                  collector)
+                result["floor"] = floor.model_dump()
+                result["floor_processes"] = [u.model_dump() for u in mon.stop()]
+                log.info("floor: %.1f events/s", floor.throughput_eps)
 
             if not chain_ready:
                 result["chain"] = f"not measured: {result['startup_error']}"
@@ -296,7 +291,7 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
 
             # 2. the listener's intake alone, on an idle node: work pool paused, so no run is
             # executed; the runs it created are deleted before the pool is resumed
-            if opts.intake > 0 and opts.listener == "project":
+            if opts.intake > 0 and opts.listener == "project" and not opts.faults_only:
                 _work_pool(node, "pause", WORK_POOL)
                 try:
                     intake_events = factory.batch("intake", opts.intake)
@@ -314,21 +309,22 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
                 log.info("intake: %d scheduled runs deleted, work pool resumed", deleted)
 
             # 3. steady
-            count = max(1, round(opts.steady_seconds * opts.rate))
-            steady_events = factory.batch("steady", count)
-            mon = monitor().start()
-            steady = chain.run_steady(steady_events, fileserver, topic, collector, opts.rate,
-                                      opts.steady_drain_timeout, abort)
-            result["steady"] = steady.model_dump()
-            result["steady_processes"] = [u.model_dump() for u in mon.stop()]
-            result["steady_runs"] = chain.flow_run_counts(
-                state.prefect_api_url, f"{tag}_steady_",
-                settle=30 if steady.lost == 0 else 0).model_dump()
-            log.info("steady: %d/%d received, p50 %s s", steady.received, steady.events_sent,
-                     steady.latency.p50)
+            if not opts.faults_only:
+                count = max(1, round(opts.steady_seconds * opts.rate))
+                steady_events = factory.batch("steady", count)
+                mon = monitor().start()
+                steady = chain.run_steady(steady_events, fileserver, topic, collector, opts.rate,
+                                          opts.steady_drain_timeout, abort)
+                result["steady"] = steady.model_dump()
+                result["steady_processes"] = [u.model_dump() for u in mon.stop()]
+                result["steady_runs"] = chain.flow_run_counts(
+                    state.prefect_api_url, f"{tag}_steady_",
+                    settle=30 if steady.lost == 0 else 0).model_dump()
+                log.info("steady: %d/%d received, p50 %s s", steady.received, steady.events_sent,
+                         steady.latency.p50)
 
             # 4. burst
-            if not abort.is_set():
+            if not abort.is_set() and not opts.faults_only:
                 burst_events = factory.batch("burst", opts.burst)
                 mon = monitor().start()
                 burst = chain.run_burst(burst_events, fileserver, topic, collector,
@@ -341,6 +337,17 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
                 log.info("burst: %d/%d received in %.0f s", burst.received, burst.events_sent,
                          burst.elapsed_seconds)
 
+            # 5. faults, on the live node
+            if opts.faults and not abort.is_set() and opts.listener == "project":
+                mon = monitor().start()
+                ctx = faults.FaultContext(
+                    node=node, collector=collector, topic=topic,
+                    factory=EventFactory(dataset, tag, files_url=state.files_url,
+                                         real_files=True),
+                    events=opts.fault_events, timeout=opts.fault_timeout)
+                result["faults"] = faults.run_faults(ctx, opts.fault_scenario or None)
+                result["faults_processes"] = [u.model_dump() for u in mon.stop()]
+
             if abort.is_set():
                 result["aborted"] = (f"available memory fell below {opts.min_available_mb} MB: "
                                      "the worker was killed and the phase stopped")
@@ -348,18 +355,15 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
             result["dead_letters"] = (
                 sum(1 for p in deadletters.rglob("*") if p.is_file())
                 if deadletters.is_dir() else 0)
-            floor_eps = floor.throughput_eps
+            floor_eps = floor.throughput_eps if floor is not None else None
             chain_eps = result.get("burst", {}).get("throughput_eps")
             result["chain_to_floor_ratio"] = (
                 round(chain_eps / floor_eps, 5) if chain_eps and floor_eps else None)
         return result
     finally:
         node.stop()
-        if db_name is not None:
-            try:
-                asyncio.run(_pg(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
-            except Exception as exc:
-                log.warning("could not drop database %s: %s", db_name, exc)
+        if postgres is not None:
+            postgres.cleanup()
 
 
 def run(opts: Options) -> tuple[dict[str, Any], Path]:

@@ -94,8 +94,17 @@ class BrokerConfig(BaseSettings):
         default=16 * 1024 * 1024, ge=20, le=268435455,
         description="Largest MQTT packet accepted; bigger ones are refused by the broker",
     )
+    autosave_on_changes: bool = Field(
+        default=True,
+        description="true: save the persistence database after every `autosave_interval` "
+        "changes (queued messages, subscriptions, retained messages); false: every "
+        "`autosave_interval` seconds",
+    )
     autosave_interval: int = Field(
-        default=60, ge=0, description="Seconds between saves of the persistence database"
+        default=1, ge=0,
+        description="Changes (autosave_on_changes true) or seconds (false) between saves of "
+        "the persistence database; 1 change: a message the broker acknowledged survives a "
+        "broker crash; 0: save only on a clean stop",
     )
     run_dir: Path = Field(default=Path("run/broker"), description="Generated files and state")
     run_as: str | None = Field(
@@ -320,6 +329,7 @@ def render_config(config: BrokerConfig, run_dir: Path) -> Path:
         "run_as": config.run_as or _current_user(),
         "persistence_dir": persistence_dir,
         "autosave_interval": config.autosave_interval,
+        "autosave_on_changes": "true" if config.autosave_on_changes else "false",
         "max_queued_messages": config.max_queued_messages,
         "max_packet_size": config.max_packet_size,
         "persistent_session_expiry": config.persistent_session_expiry,

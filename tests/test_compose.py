@@ -51,7 +51,7 @@ def test_images_are_pinned_or_built_here(resolved: dict) -> None:
 
 def test_chain_settings_match_the_benchmarked_ones(resolved: dict) -> None:
     """The speed settings bench/RESULTS.md measured (postgres profile) are the deployed ones."""
-    from bench.run import PROFILE_LISTENER_SETTINGS
+    from bench.node import PROFILE_LISTENER_SETTINGS
     from localnode.node import LocalNode
 
     services = resolved["services"]

@@ -1,0 +1,294 @@
+"""The fault phase of the benchmark (`--faults`): one process of the live node dies (SIGKILL) in
+the middle of the work, comes back, and we count what reached `origin/a/wis2/#`.
+
+Each scenario is a function registered with `@scenario("name")`; it receives a `FaultContext`
+(the running node, an event factory whose events name files the node's file server really serves,
+the origin-topic collector) and returns a `FaultResult`: events sent, notifications lost, data_ids
+published more than once, time to recover, runs left unfinished. Adding a scenario (e.g. "worker
+SIGKILLed mid-burst") is one more decorated function in this module or any imported one.
+
+"Mid-burst" is made, never raced: the node's file server holds every download while its gate is
+closed (`bench/gated_files.py`), so flow runs that verify their data are provably Running when
+the process is killed; the listener is provably away (stopped) or provably holding events (its
+`/metrics`) before anything is killed. Every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from bench import chain
+from bench.collect import Collector
+from bench.events import BenchEvent, EventFactory
+from bench.intake import ListenerCounters, read_counters
+from bench.node import BenchNode
+from chain.mqtt import Publisher
+
+log = logging.getLogger(__name__)
+
+# What the chain's processes need for the fault phase: the flows download and check each file
+# (so runs hold at the file server's gate), and a download may wait at the gate for as long as a
+# scenario keeps it closed.
+FAULT_ENV = {"WIS2_VERIFY_DATA": "true", "WIS2_VERIFY_TIMEOUT": "600"}
+
+
+class FaultResult(BaseModel):
+    scenario: str
+    events_sent: int
+    received: int = 0
+    lost: int = 0  # sent, no notification by the deadline
+    duplicate_data_ids: int = 0  # data_ids received more than once
+    distinct_message_ids_for_duplicates: int = 0  # >0: a second, DIFFERENT message for a file
+    killed: str = ""  # what was killed, and what was in flight at that moment
+    saved_after_ack_seconds: float | None = None  # broker: last PUBACK -> database written
+    down_seconds: float | None = None  # kill -> the process answers again
+    recovery_seconds: float | None = None  # the process answers again -> last notification
+    runs: chain.FlowRunCounts | None = None  # the scenario's runs, after settling
+    unfinished_runs: int = 0  # Scheduled/Pending/Running... left at the end
+    error: str | None = None  # the scenario could not be carried out as designed
+
+
+@dataclass
+class FaultContext:
+    node: BenchNode
+    factory: EventFactory  # real_files=True
+    collector: Collector
+    events: int  # events per scenario
+    timeout: float  # deadline of each wait (seconds)
+    topic: str
+    settle_seconds: float = 3.0  # after the last notification, watch for duplicates this long
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def api_url(self) -> str:
+        assert self.node.server is not None
+        return self.node.server.api_url
+
+    @property
+    def metrics_url(self) -> str:
+        s = self.node.settings
+        return f"http://{s.host}:{s.metrics_port}/metrics"
+
+    # ---- the file server's gate -----------------------------------------------------------
+    def close_gate(self) -> None:
+        self.node.gate_file.touch()
+
+    def open_gate(self) -> None:
+        self.node.gate_file.unlink(missing_ok=True)
+
+    def gate(self) -> dict[str, Any]:
+        s = self.node.settings
+        url = f"http://{s.host}:{s.files_port}/_gate"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return json.loads(response.read())
+
+    # ---- waiting ----------------------------------------------------------------------------
+    def wait(self, what: str, condition: Callable[[], bool], timeout: float | None = None) -> None:
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while time.monotonic() < deadline:
+            try:
+                if condition():
+                    return
+            except OSError:  # a process being restarted
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{what}: not within {timeout or self.timeout:.0f}s")
+
+    def counters(self) -> ListenerCounters:
+        return read_counters(self.metrics_url)
+
+    def publish(self, events: Sequence[BenchEvent]) -> None:
+        """As the file server: QoS 1, each one acknowledged by the broker (PUBACK)."""
+        with Publisher(self.node.state.connection("fileserver")) as pub:
+            for event in events:
+                pub.publish(self.topic, event.payload, qos=1)
+
+
+Scenario = Callable[[FaultContext], FaultResult]
+SCENARIOS: dict[str, Scenario] = {}
+
+
+def scenario(name: str) -> Callable[[Scenario], Scenario]:
+    """Register a fault scenario under `name` (the key of its results)."""
+
+    def register(fn: Scenario) -> Scenario:
+        SCENARIOS[name] = fn
+        return fn
+
+    return register
+
+
+def _count(ctx: FaultContext, result: FaultResult, events: Sequence[BenchEvent],
+           back_at: float, marker: str) -> FaultResult:
+    """Wait for every event's notification (bounded), then count lost / duplicated / runs."""
+    data_ids = [e.data_id for e in events]
+    ctx.collector.wait_for(data_ids, time.monotonic() + ctx.timeout)
+    time.sleep(ctx.settle_seconds)  # a duplicate would come right after
+    arrivals = [t for t in (ctx.collector.first_arrival(d) for d in data_ids) if t is not None]
+    dup_ids = distinct = 0
+    for data_id in data_ids:
+        copies, ids = ctx.collector.copies(data_id)
+        if copies > 1:
+            dup_ids += 1
+            distinct += ids - 1
+    result.received = len(arrivals)
+    result.lost = len(events) - len(arrivals)
+    result.duplicate_data_ids = dup_ids
+    result.distinct_message_ids_for_duplicates = distinct
+    if arrivals and not result.lost:
+        result.recovery_seconds = round(max(max(arrivals) - back_at, 0.0), 2)
+    runs = chain.flow_run_counts(ctx.api_url, marker, settle=30 if not result.lost else 5)
+    result.runs = runs
+    result.unfinished_runs = runs.unfinished
+    return result
+
+
+def _wall_from_monotonic(t: float) -> float:
+    return time.time() - (time.monotonic() - t)
+
+
+@scenario("prefect-server-sigkill-mid-burst")
+def prefect_server_sigkill_mid_burst(ctx: FaultContext) -> FaultResult:
+    """Half the burst is in flow runs held Running at the file server's gate, the Prefect server
+    is SIGKILLed, the other half is published while it is down (the listener holds it), the held
+    runs are released while the server is still down (their next API calls fail and are
+    retried), then the server is started again on the same port and database."""
+    name = "prefect-server-sigkill-mid-burst"
+    phase = "server"
+    events = ctx.factory.batch(phase, ctx.events)
+    first, second = events[: (len(events) + 1) // 2], events[(len(events) + 1) // 2:]
+    result = FaultResult(scenario=name, events_sent=len(events))
+    server = ctx.node.server
+    assert server is not None
+    before = ctx.counters()
+    ctx.close_gate()
+    try:
+        ctx.publish(first)
+        ctx.wait("the listener acknowledges the first half (each event in a flow run)",
+                 lambda: (c := ctx.counters()).received - before.received >= len(first)
+                 and c.in_flight == 0)
+        ctx.wait("a flow run holds at the file server's gate (Running, verifying its data)",
+                 lambda: ctx.gate()["held"] >= 1)
+        held = ctx.gate()["held"]
+        server.kill()
+        killed_at = time.monotonic()
+        ctx.publish(second)
+        ctx.wait("the listener receives the second half and holds it (no API to create runs)",
+                 lambda: (c := ctx.counters()).received - before.received >= len(events)
+                 and c.in_flight >= 1)
+        holding = int(ctx.counters().in_flight)
+        result.killed = (f"Prefect server SIGKILLed with {held} download(s) of Running flow runs "
+                         f"held at the file server; then {len(second)} more events published, "
+                         f"{holding} held unacknowledged by the listener")
+    finally:
+        ctx.open_gate()  # the held runs go on, and call the API while it is down
+    time.sleep(1.0)
+    server.start(timeout=180)
+    back_at = time.monotonic()
+    result.down_seconds = round(back_at - killed_at, 2)
+    log.info("%s: server back after %.1f s", name, result.down_seconds)
+    return _count(ctx, result, events, _wall_from_monotonic(back_at), f"_{phase}_")
+
+
+# Mosquitto acknowledges a QoS 1 PUBLISH, then writes its database at the end of the same loop
+# iteration (autosave_on_changes, autosave_interval 1): the broker is killed once that write is
+# seen, or after this long (the 60-second interval of the non-durable setting never gets there).
+SAVE_WAIT_SECONDS = 5.0
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def wait_for_broker_save(db: Path, timeout: float) -> float | None:
+    """After the last acknowledgement: wait until mosquitto writes `db` again (it writes a new
+    file and renames it over the old one); the monotonic time it was seen, or None. If the save
+    that follows the acknowledgement had already happened when we first look, nothing changes
+    any more and we return None after `timeout`: the events are on disk either way."""
+    before = _signature(db)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _signature(db) != before:
+            return time.monotonic()
+        time.sleep(0.002)
+    return None
+
+
+@scenario("broker-sigkill-listener-away")
+def broker_sigkill_listener_away(ctx: FaultContext) -> FaultResult:
+    """The listener is stopped (a deploy, a restart); the file server publishes the burst and the
+    broker acknowledges each event (QoS 1, queued in the listener's persistent session); the
+    broker is SIGKILLed and started again on the same persistence directory; the listener is
+    started again."""
+    name = "broker-sigkill-listener-away"
+    phase = "broker"
+    events = ctx.factory.batch(phase, ctx.events)
+    result = FaultResult(scenario=name, events_sent=len(events))
+    broker = ctx.node.broker
+    assert broker is not None
+    listener = ctx.node.process("listener")
+    listener.stop()
+    ctx.publish(events)  # every PUBACK received: the broker holds them for the listener
+    acked = time.monotonic()
+    saved = wait_for_broker_save(broker.run_dir / "data" / "mosquitto.db", SAVE_WAIT_SECONDS)
+    if saved is not None:
+        result.saved_after_ack_seconds = round(saved - acked, 3)
+    broker.kill()
+    killed_at = time.monotonic()
+    result.killed = (f"mosquitto SIGKILLed after acknowledging {len(events)} events to the file "
+                     "server (the listener stopped), " + (
+                         f"{result.saved_after_ack_seconds} s after the last acknowledgement, "
+                         "once its database was written" if saved is not None else
+                         f"no write of its database seen in the {SAVE_WAIT_SECONDS:.0f} s after "
+                         "the last acknowledgement (none is needed if it came before we looked)"))
+    broker.start(timeout=60)
+    listener.start(timeout=90)
+    back_at = time.monotonic()
+    result.down_seconds = round(back_at - killed_at, 2)
+    return _count(ctx, result, events, _wall_from_monotonic(back_at), f"_{phase}_")
+
+
+def prepare(node: BenchNode) -> None:
+    """Make the node's flows verify their data (restart the worker with FAULT_ENV if needed)."""
+    node.gate_file.unlink(missing_ok=True)
+    worker = node.process("worker")
+    if all(worker.env.get(k) == v for k, v in FAULT_ENV.items()):
+        return
+    worker.stop(timeout=60)
+    worker.env.update(FAULT_ENV)
+    node.extra_env.update(FAULT_ENV)
+    worker.start()
+
+
+def run_faults(ctx: FaultContext, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the scenarios (all registered ones by default), one after the other."""
+    prepare(ctx.node)
+    results: dict[str, Any] = {}
+    for name in names or list(SCENARIOS):
+        log.info("fault scenario %s (%d events)", name, ctx.events)
+        t0 = time.monotonic()
+        try:
+            result = SCENARIOS[name](ctx)
+        except Exception as exc:
+            log.exception("fault scenario %s could not be carried out", name)
+            result = FaultResult(scenario=name, events_sent=ctx.events, error=repr(exc)[:500])
+        finally:
+            ctx.open_gate()
+        results[name] = {**result.model_dump(), "seconds": round(time.monotonic() - t0, 1)}
+        log.info("fault scenario %s: %d/%d received, %d lost, %d duplicated, recovery %s s",
+                 name, result.received, result.events_sent, result.lost,
+                 result.duplicate_data_ids, result.recovery_seconds)
+    return results

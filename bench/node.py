@@ -1,0 +1,62 @@
+"""The benchmark's node: `localnode.node.LocalNode` with more listener settings, the optional
+stand-in listener, extra environment for the chain's processes, and the gated file server
+(`bench/gated_files.py`) in place of `python -m http.server`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from localnode.node import LocalNode, NodeSettings
+
+# Listener settings of each profile as deployed: the PostgreSQL server takes concurrent run
+# creations (compose.yml sets WIS2_LISTENER_API_CONCURRENCY=4); SQLite keeps the default 1.
+# --listener-setting overrides them.
+PROFILE_LISTENER_SETTINGS: dict[str, dict[str, str]] = {"postgres": {"API_CONCURRENCY": "4"}}
+
+
+class BenchNode(LocalNode):
+    """The node, with more listener settings (`{"BATCH_MAX_SIZE": "50"}` ->
+    WIS2_LISTENER_BATCH_MAX_SIZE=50), `extra_env` for every chain process (e.g.
+    `{"WIS2_VERIFY_TIMEOUT": "600"}`), or the stand-in listener when asked for. Its file server
+    holds file requests while `gate_file` exists (see bench/gated_files.py)."""
+
+    def __init__(self, settings: NodeSettings, standin_listener: bool = False,
+                 listener_settings: dict[str, str] | None = None,
+                 extra_env: dict[str, str] | None = None) -> None:
+        super().__init__(settings)
+        self.standin_listener = standin_listener
+        self.listener_settings = listener_settings or {}
+        self.extra_env = extra_env or {}
+        self.postgres = None  # a PostgresCluster the bench started for this node, if any
+
+    @property
+    def gate_file(self) -> Path:
+        return self.run_dir / "files-gate"
+
+    def child_env(self) -> dict[str, str]:
+        env = super().child_env()
+        env.update(self.extra_env)
+        return env
+
+    def listener_env(self) -> dict[str, str]:
+        env = super().listener_env()
+        env.update({f"WIS2_LISTENER_{k.upper()}": v for k, v in self.listener_settings.items()})
+        return env
+
+    def _spawn(self, name, argv, env, ready=None, timeout=60.0):
+        if name == "listener" and self.standin_listener:
+            argv = [sys.executable, "-m", "bench.standin_listener"]
+        if name == "files":
+            s = self.settings
+            argv = [sys.executable, "-m", "bench.gated_files", str(s.files_port),
+                    "--bind", s.host, "--directory", str(self.run_dir / "www"),
+                    "--gate-file", str(self.gate_file)]
+        return super()._spawn(name, argv, env, ready=ready, timeout=timeout)
+
+    def process(self, name: str):
+        """The managed process `name` (worker, listener, files, prefect-server)."""
+        for proc in self.processes:
+            if proc.name == name:
+                return proc
+        raise KeyError(f"no process {name!r} in this node")
