@@ -377,7 +377,9 @@ def run(opts: Options) -> tuple[dict[str, Any], Path]:
         "machine": describe(),
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()},
         "events": "distinct copies of data/demo-event.json (new id, file name, sha256 checksum); "
-                  "data verification off (the flows do not download the files)",
+                  "data verification off (the flows do not download the files)" + (
+                      "; in the fault phase on (each flow downloads its file from the node's "
+                      "file server and checks it)" if opts.faults else ""),
         "profiles": {},
     }
     for profile in profiles:

@@ -137,3 +137,50 @@ def test_cpu_hogs_spin_while_in_use_and_stop_after():
         assert all(c > 20 for c in cpu), cpu  # busy, even sharing 2 cores with the test
     assert not hogs._procs
     assert all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in procs)
+
+
+def test_a_fault_scenario_is_one_registered_function():
+    """The hook another scenario (e.g. a worker SIGKILLed mid-burst) plugs into."""
+    from bench import faults
+
+    assert {"prefect-server-sigkill-mid-burst", "broker-sigkill-listener-away"} <= set(
+        faults.SCENARIOS)
+
+    @faults.scenario("test-noop")
+    def noop(ctx: faults.FaultContext) -> faults.FaultResult:
+        return faults.FaultResult(scenario="test-noop", events_sent=0)
+
+    try:
+        assert faults.SCENARIOS["test-noop"] is noop
+    finally:
+        del faults.SCENARIOS["test-noop"]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_tiny_fault_phase(tmp_path: Path):
+    """`--faults-only --tiny`: each scenario on the live node, reported lost / duplicated /
+    recovery; with the node's settings nothing is lost or duplicated."""
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--tiny", "--profile", "sqlite", "--faults-only",
+         "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=580, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "results.md").read_text() == markdown(results)
+    assert "### Faults" in done.stdout
+    run = results["profiles"]["sqlite"]
+    assert "burst" not in run and "floor" not in run  # --faults-only
+    faults = run["faults"]
+    assert set(faults) == {"prefect-server-sigkill-mid-burst", "broker-sigkill-listener-away"}
+    for name, f in faults.items():
+        assert f["error"] is None, (name, f)
+        assert f["events_sent"] == 6 and f["received"] == 6 and f["lost"] == 0, (name, f)
+        assert f["duplicate_data_ids"] == 0 and f["unfinished_runs"] == 0, (name, f)
+        assert f["down_seconds"] > 0 and f["recovery_seconds"] is not None, (name, f)
+    assert "held at the file server" in faults["prefect-server-sigkill-mid-burst"]["killed"]
+    names = {u["name"] for u in run["faults_processes"]}
+    assert {"mosquitto", "prefect-server", "worker", "listener"} <= names
