@@ -67,6 +67,7 @@ class FaultContext:
     timeout: float  # deadline of each wait (seconds)
     topic: str
     settle_seconds: float = 3.0  # after the last notification, watch for duplicates this long
+    server_down_seconds: float = 0.0  # keep the killed Prefect server down at least this long
     notes: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -198,7 +199,7 @@ def prefect_server_sigkill_mid_burst(ctx: FaultContext) -> FaultResult:
                          "the broker")
     finally:
         ctx.open_gate()  # the held runs go on, and call the API while it is down
-    time.sleep(1.0)
+    time.sleep(max(1.0, ctx.server_down_seconds - (time.monotonic() - killed_at)))
     server.start(timeout=180)
     back_at = time.monotonic()
     result.down_seconds = round(back_at - killed_at, 2)

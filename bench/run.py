@@ -86,6 +86,7 @@ class Options(argparse.Namespace):
     fault_scenario: list[str]
     fault_events: int
     fault_timeout: float
+    server_down_seconds: float
     broker_setting: list[str]
 
 
@@ -132,6 +133,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--fault-events", type=int, default=200, help="events per fault scenario")
     p.add_argument("--fault-timeout", type=float, default=600.0,
                    help="deadline (s) of each wait of a fault scenario")
+    p.add_argument("--server-down-seconds", type=float, default=0.0,
+                   help="keep the SIGKILLed Prefect server down at least this long (default: "
+                   "start it again at once)")
     p.add_argument("--broker-setting", action="append", default=[], metavar="NAME=VALUE",
                    help="a node broker setting, as WIS2_BROKER_<NAME>=VALUE (repeatable), e.g. "
                    "AUTOSAVE_ON_CHANGES=false AUTOSAVE_INTERVAL=60 (the former, non-durable "
@@ -344,7 +348,8 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
                     node=node, collector=collector, topic=topic,
                     factory=EventFactory(dataset, tag, files_url=state.files_url,
                                          real_files=True),
-                    events=opts.fault_events, timeout=opts.fault_timeout)
+                    events=opts.fault_events, timeout=opts.fault_timeout,
+                    server_down_seconds=opts.server_down_seconds)
                 result["faults"] = faults.run_faults(ctx, opts.fault_scenario or None)
                 result["faults_processes"] = [u.model_dump() for u in mon.stop()]
 
