@@ -69,7 +69,7 @@ broker-config: install mosquitto
 	$(BIN)/wis2-broker --run-dir run/broker --render-only
 
 demo: install mosquitto bundles
-	$(BIN)/python -m localnode.demo run
+	$(BIN)/python -m localnode.demo run $(DEMO_ARGS)
 
 # Send another event to the running demo node: make demo-event EVENT=path/to/event.json
 demo-event: install

@@ -194,9 +194,9 @@ def prefect_server_sigkill_mid_burst(ctx: FaultContext) -> FaultResult:
                  and c.in_flight >= 1)
         holding = int(ctx.counters().in_flight)
         result.killed = (f"Prefect server SIGKILLed with {held} download(s) of Running flow runs "
-                         f"held at the file server; then {len(second)} more events published: "
-                         f"{holding} held unacknowledged by the listener, the rest queued in "
-                         "the broker")
+                         f"held at the file server; then {len(second)} more events published, "
+                         f"{holding} of them held unacknowledged by the listener (any others "
+                         "queued in the broker)")
     finally:
         ctx.open_gate()  # the held runs go on, and call the API while it is down
     time.sleep(max(1.0, ctx.server_down_seconds - (time.monotonic() - killed_at)))

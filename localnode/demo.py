@@ -1,6 +1,9 @@
 """`make demo`: start the node on loopback, publish the demo metadata record and the sample Argo
 event, print the notification, the flow run and the Prefect UI address, run until Ctrl-C.
 
+`python -m localnode.demo run --postgres` (`make demo DEMO_ARGS=--postgres`) puts the Prefect server
+on a PostgreSQL cluster of its own (`localnode/postgres.py`) instead of SQLite.
+
 `python -m localnode.demo send EVENT.json [--topic T]` (`make demo-event EVENT=...`) sends
 another event to the running demo node as its file server."""
 
@@ -16,15 +19,24 @@ from pathlib import Path
 
 from chain.mqtt import MqttError, publish_once
 from localnode.node import LocalNode, NodeSettings, NodeState, PortTaken
+from localnode.postgres import PostgresCluster
 
 log = logging.getLogger("demo")
 
 
-def run(settings: NodeSettings) -> int:
+def run(settings: NodeSettings, postgres: bool = False) -> int:
+    cluster: PostgresCluster | None = None
     node = LocalNode(settings)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
+        if postgres and settings.database_url is None:
+            cluster = PostgresCluster(log_path=settings.run_dir.parent / "demo-postgres.log")
+            cluster.start()
+            settings = settings.model_copy(
+                update={"database_url": cluster.create_database("prefect")})
+            node = LocalNode(settings)
+            print(f"PostgreSQL for the Prefect server on 127.0.0.1:{cluster.port}", flush=True)
         state = node.start()
         print(f"node running: broker mqtt://{state.host}:{state.broker_port}, "
               f"Prefect UI {state.ui_url}, data {state.files_url}", flush=True)
@@ -52,6 +64,8 @@ def run(settings: NodeSettings) -> int:
     finally:
         print("\nstopping the demo node...", flush=True)
         node.stop()
+        if cluster is not None:
+            cluster.cleanup()
 
 
 def send(settings: NodeSettings, event: Path, topic: str) -> int:
@@ -74,7 +88,9 @@ def send(settings: NodeSettings, event: Path, topic: str) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m localnode.demo")
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("run", help="start the demo node (default)")
+    run_parser = sub.add_parser("run", help="start the demo node (default)")
+    run_parser.add_argument("--postgres", action="store_true",
+                            help="the Prefect server on a PostgreSQL cluster of its own")
     send_parser = sub.add_parser("send", help="send an event to the running demo node")
     send_parser.add_argument("event", type=Path)
     send_parser.add_argument("--topic", default=None)
@@ -84,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = NodeSettings()
     if args.command == "send":
         sys.exit(send(settings, args.event, args.topic or settings.event_topic))
-    sys.exit(run(settings))
+    sys.exit(run(settings, postgres=getattr(args, "postgres", False)))
 
 
 if __name__ == "__main__":
