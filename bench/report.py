@@ -73,6 +73,9 @@ def _profile(name: str, r: dict[str, Any]) -> list[str]:
     if r.get("broker_settings"):
         out += ["Broker settings: " + ", ".join(
             f"`WIS2_BROKER_{k.upper()}={v}`" for k, v in r["broker_settings"].items()) + ".", ""]
+    if r.get("chain_env"):
+        out += ["Chain processes' environment: " + ", ".join(
+            f"`{k}={v}`" for k, v in r["chain_env"].items()) + ".", ""]
     if r.get("cpu_hogs"):
         out += [f"**Background load:** {r['cpu_hogs']} busy process(es) (`--cpu-hogs`) ran "
                 "through every phase, the floor included.", ""]

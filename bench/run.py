@@ -88,6 +88,7 @@ class Options(argparse.Namespace):
     fault_timeout: float
     server_down_seconds: float
     broker_setting: list[str]
+    chain_env: list[str]
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -140,6 +141,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
                    help="a node broker setting, as WIS2_BROKER_<NAME>=VALUE (repeatable), e.g. "
                    "AUTOSAVE_ON_CHANGES=false AUTOSAVE_INTERVAL=60 (the former, non-durable "
                    "default)")
+    p.add_argument("--chain-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="an environment variable of every chain process (worker, listener...), "
+                   "e.g. PREFECT_CLIENT_MAX_RETRIES=7 (repeatable)")
     p.add_argument("--tiny", action="store_true",
                    help="5 events per phase, short timeouts (the test suite's smoke run)")
     p.add_argument("--out", type=Path, default=None, help="output directory")
@@ -149,7 +153,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
                    "minimal stand-in (one flow run per event, nothing else) to measure the Prefect "
                    "side when the project's listener is unavailable")
     opts = p.parse_args(argv, namespace=Options())
-    for option in ("listener_setting", "broker_setting"):
+    for option in ("listener_setting", "broker_setting", "chain_env"):
         for item in getattr(opts, option):
             if "=" not in item or not item.split("=", 1)[0]:
                 p.error(f"--{option.replace('_', '-')} {item!r}: expected NAME=VALUE")
@@ -210,6 +214,7 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
         result["database"] = "SQLite (file in the run directory)"
     broker_settings = dict(item.split("=", 1) for item in opts.broker_setting)
     result["broker_settings"] = broker_settings
+    result["chain_env"] = dict(item.split("=", 1) for item in opts.chain_env)
 
     result["pool_limit"] = opts.pool_limit if opts.pool_limit > 0 else None
     listener_settings = {**PROFILE_LISTENER_SETTINGS.get(profile, {}),
@@ -228,7 +233,8 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
     node = BenchNode(settings, standin_listener=opts.listener == "standin",
                      listener_settings={"BATCH_MAX_SIZE": str(opts.batch_max_size),
                                         **listener_settings},
-                     extra_env=dict(faults.FAULT_ENV) if opts.faults_only else None)
+                     extra_env={**(faults.FAULT_ENV if opts.faults_only else {}),
+                                **dict(item.split("=", 1) for item in opts.chain_env)})
     node.postgres = postgres
     result["listener"] = ("stand-in (bench/standin_listener.py), NOT the project's listener"
                           if opts.listener == "standin" else "project (python -m listener)")
