@@ -208,29 +208,24 @@ def prefect_server_sigkill_mid_burst(ctx: FaultContext) -> FaultResult:
 
 
 # Mosquitto acknowledges a QoS 1 PUBLISH, then writes its database at the end of the same loop
-# iteration (autosave_on_changes, autosave_interval 1): the broker is killed once that write is
-# seen, or after this long (the 60-second interval of the non-durable setting never gets there).
+# iteration (autosave_on_changes, autosave_interval 1): the broker is killed once the last event
+# acknowledged is seen in that file, or after this long (the 60-second timer of the former
+# setting never gets there).
 SAVE_WAIT_SECONDS = 5.0
 
 
-def _signature(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-
-def wait_for_broker_save(db: Path, timeout: float) -> float | None:
-    """After the last acknowledgement: wait until mosquitto writes `db` again (it writes a new
-    file and renames it over the old one); the monotonic time it was seen, or None. If the save
-    that follows the acknowledgement had already happened when we first look, nothing changes
-    any more and we return None after `timeout`: the events are on disk either way."""
-    before = _signature(db)
+def wait_for_broker_save(db: Path, last: bytes, timeout: float) -> float | None:
+    """Wait until mosquitto's database file `db` holds `last` (bytes of the last message it
+    acknowledged; the file is written whole and renamed into place, so each read is a complete
+    save, and a save holding the last message holds every earlier one still queued). The
+    monotonic time it was seen, or None after `timeout`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if _signature(db) != before:
-            return time.monotonic()
+        try:
+            if last in db.read_bytes():
+                return time.monotonic()
+        except FileNotFoundError:
+            pass
         time.sleep(0.002)
     return None
 
@@ -251,7 +246,8 @@ def broker_sigkill_listener_away(ctx: FaultContext) -> FaultResult:
     listener.stop()
     ctx.publish(events)  # every PUBACK received: the broker holds them for the listener
     acked = time.monotonic()
-    saved = wait_for_broker_save(broker.run_dir / "data" / "mosquitto.db", SAVE_WAIT_SECONDS)
+    saved = wait_for_broker_save(broker.run_dir / "data" / "mosquitto.db",
+                                 events[-1].name.encode(), SAVE_WAIT_SECONDS)
     if saved is not None:
         result.saved_after_ack_seconds = round(saved - acked, 3)
     broker.kill()
@@ -259,9 +255,9 @@ def broker_sigkill_listener_away(ctx: FaultContext) -> FaultResult:
     result.killed = (f"mosquitto SIGKILLed after acknowledging {len(events)} events to the file "
                      "server (the listener stopped), " + (
                          f"{result.saved_after_ack_seconds} s after the last acknowledgement, "
-                         "once its database was written" if saved is not None else
-                         f"no write of its database seen in the {SAVE_WAIT_SECONDS:.0f} s after "
-                         "the last acknowledgement (none is needed if it came before we looked)"))
+                         "once its database file held the last event" if saved is not None else
+                         f"its database file did not hold the last event {SAVE_WAIT_SECONDS:.0f} "
+                         "s after the last acknowledgement"))
     broker.start(timeout=60)
     listener.start(timeout=90)
     back_at = time.monotonic()

@@ -3,9 +3,9 @@ server's events (QoS 1, queued in the listener's persistent session): nothing is
 
 Mosquitto acknowledges a PUBLISH, then writes its in-memory database at the end of the same loop
 iteration (the node's setting `autosave_on_changes true`, `autosave_interval 1`): the tests kill
-it once that write has happened (`bench.faults.wait_for_broker_save`), which is what makes
-"acknowledged" mean "on disk". With the former setting (a save every 60 s) the same sequence
-loses every event: the last test shows it.
+it once its database file holds the last event (`bench.faults.wait_for_broker_save`), which
+happens milliseconds after the acknowledgement. With the former setting (a save every 60 s) the
+same sequence loses every event: the second test shows it.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _acknowledged_then_killed(broker: RunningBroker, count: int) -> list[bytes]:
     with Publisher(broker.connection("fileserver")) as pub:
         for payload in sent:
             pub.publish(TOPIC, payload, qos=1)  # returns once the broker acknowledged it
-    wait_for_broker_save(broker.run_dir / "data" / "mosquitto.db", 5.0)
+    wait_for_broker_save(broker.run_dir / "data" / "mosquitto.db", sent[-1], 5.0)
     broker.kill()
     broker.start(30)
     return sent
