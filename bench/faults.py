@@ -4,8 +4,24 @@ the middle of the work, comes back, and we count what reached `origin/a/wis2/#`.
 Each scenario is a function registered with `@scenario("name")`; it receives a `FaultContext`
 (the running node, an event factory whose events name files the node's file server really serves,
 the origin-topic collector) and returns a `FaultResult`: events sent, notifications lost, data_ids
-published more than once, time to recover, runs left unfinished. Adding a scenario (e.g. "worker
-SIGKILLed mid-burst") is one more decorated function in this module or any imported one.
+published more than once, time to recover, runs left unfinished. Adding a scenario is one more
+decorated function in this module (or in a module this one imports, so that `bench.run` knows
+its name), e.g.:
+
+    @scenario("worker-sigkill-mid-burst")
+    def worker_sigkill_mid_burst(ctx: FaultContext) -> FaultResult:
+        events = ctx.factory.batch("worker", ctx.events)
+        result = FaultResult(scenario="worker-sigkill-mid-burst", events_sent=len(events))
+        ctx.close_gate()
+        ctx.publish(events)
+        ctx.wait("a run held at the gate", lambda: ctx.gate()["held"] >= 1)
+        worker = ctx.node.process("worker")
+        worker.kill()
+        killed_at = time.monotonic()
+        ctx.open_gate()
+        worker.start()
+        result.down_seconds = round(time.monotonic() - killed_at, 2)
+        return _count(ctx, result, events, _wall_from_monotonic(time.monotonic()), "_worker_")
 
 "Mid-burst" is made, never raced: the node's file server holds every download while its gate is
 closed (`bench/gated_files.py`), so flow runs that verify their data are provably Running when
