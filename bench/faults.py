@@ -20,8 +20,9 @@ its name), e.g.:
         killed_at = time.monotonic()
         ctx.open_gate()
         worker.start()
-        result.down_seconds = round(time.monotonic() - killed_at, 2)
-        return _count(ctx, result, events, _wall_from_monotonic(time.monotonic()), "_worker_")
+        back = time.monotonic()
+        result.down_seconds = round(back - killed_at, 2)
+        return count_deliveries(ctx, result, events, wall_from_monotonic(back), "_worker_")
 
 "Mid-burst" is made, never raced: the node's file server holds every download while its gate is
 closed (`bench/gated_files.py`), so flow runs that verify their data are provably Running when
@@ -145,9 +146,11 @@ def scenario(name: str) -> Callable[[Scenario], Scenario]:
     return register
 
 
-def _count(ctx: FaultContext, result: FaultResult, events: Sequence[BenchEvent],
-           back_at: float, marker: str) -> FaultResult:
-    """Wait for every event's notification (bounded), then count lost / duplicated / runs."""
+def count_deliveries(ctx: FaultContext, result: FaultResult, events: Sequence[BenchEvent],
+                     back_at: float, marker: str) -> FaultResult:
+    """Wait for every event's notification (bounded), then count lost / duplicated / runs.
+    `back_at`: wall-clock time the killed process answered again; `marker`: what the ids of
+    the scenario's events contain (`_<phase>_`)."""
     data_ids = [e.data_id for e in events]
     ctx.collector.wait_for(data_ids, time.monotonic() + ctx.timeout)
     time.sleep(ctx.settle_seconds)  # a duplicate would come right after
@@ -170,7 +173,8 @@ def _count(ctx: FaultContext, result: FaultResult, events: Sequence[BenchEvent],
     return result
 
 
-def _wall_from_monotonic(t: float) -> float:
+def wall_from_monotonic(t: float) -> float:
+    """The wall-clock time of a time.monotonic() reading (the collector stamps with time.time())."""
     return time.time() - (time.monotonic() - t)
 
 
@@ -220,7 +224,7 @@ def prefect_server_sigkill_mid_burst(ctx: FaultContext) -> FaultResult:
     back_at = time.monotonic()
     result.down_seconds = round(back_at - killed_at, 2)
     log.info("%s: server back after %.1f s", name, result.down_seconds)
-    return _count(ctx, result, events, _wall_from_monotonic(back_at), f"_{phase}_")
+    return count_deliveries(ctx, result, events, wall_from_monotonic(back_at), f"_{phase}_")
 
 
 # Mosquitto acknowledges a QoS 1 PUBLISH, then writes its database at the end of the same loop
@@ -278,7 +282,7 @@ def broker_sigkill_listener_away(ctx: FaultContext) -> FaultResult:
     listener.start(timeout=90)
     back_at = time.monotonic()
     result.down_seconds = round(back_at - killed_at, 2)
-    return _count(ctx, result, events, _wall_from_monotonic(back_at), f"_{phase}_")
+    return count_deliveries(ctx, result, events, wall_from_monotonic(back_at), f"_{phase}_")
 
 
 def prepare(node: BenchNode) -> None:
