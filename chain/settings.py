@@ -43,6 +43,10 @@ class ChainSettings(BaseSettings):
         default=2.0, ge=0, description="Seconds before the first retry; doubles on each retry"
     )
     retry_jitter_factor: float = Field(default=0.5, ge=0, description="Random extra delay factor")
+    cache_lock_timeout: float | None = Field(
+        default=300.0, gt=0,
+        description="Seconds a cache lock may be held (a killed holder's lock also expires at "
+        "once on its own host); unset: no timeout")
     broker_block: str = Field(default="wis2-broker", description="Name of the MqttBroker block")
     # Discovery metadata (publish-metadata flow): where records are served from, if by this node.
     metadata_dir: Path | None = Field(

@@ -179,3 +179,26 @@ def blocks_register() -> None:
         raise typer.Exit(1) from None
     for slug in saved:
         typer.echo(f"saved block {slug}")
+
+
+@app.command()
+def recover(
+    pool: Annotated[str, typer.Option(help="work pool whose stranded runs to reschedule")] =
+    "wis2-pool",
+    watch: Annotated[bool, typer.Option(help="keep looking every WIS2_RECOVERY_INTERVAL")] = False,
+) -> None:
+    """Reschedule the flow runs of POOL stranded by a dead worker (WIS2_RECOVERY_*; the
+    wis2-warm worker does it itself: run this alongside Prefect's process worker)."""
+    import asyncio
+
+    from worker.recovery import RecoverySettings
+    from worker.recovery import watch as watch_pool
+
+    logging.getLogger("worker.recovery").setLevel(logging.INFO)  # what it does, on stderr
+    try:
+        asyncio.run(watch_pool(pool, RecoverySettings(), once=not watch))
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:  # API unreachable on a single look
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
