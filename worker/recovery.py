@@ -176,9 +176,6 @@ async def _reschedule(client: PrefectClient, run: FlowRun, reason: str,
     from prefect.client.schemas.actions import ArtifactCreate
     from prefect.states import Failed, Scheduled
 
-    current = await client.read_flow_run(run.id)  # still stranded? (not finished meanwhile)
-    if current.state is None or current.state.type != run.state.type:
-        return Recovered(run.id, run.name, "skipped", "its state changed meanwhile")
     done = await _recovery_count(client, run)
     events = ", ".join(f"{e.get('id')}" for e in event_summaries(run.parameters or {}))
     if done >= settings.max_retries:
@@ -205,7 +202,7 @@ async def _reschedule(client: PrefectClient, run: FlowRun, reason: str,
 
 async def recover_pool(client: PrefectClient, pool: str, settings: RecoverySettings,
                        own_name: str | None = None,
-                       own_runs: Collection[UUID] = ()) -> list[Recovered]:
+                       own_runs: Callable[[], Collection[UUID]] = frozenset) -> list[Recovered]:
     """Reschedule (or fail, past `max_retries`) the stranded runs of `pool`, once."""
     from prefect.client.schemas.filters import (
         FlowRunFilter,
@@ -227,13 +224,16 @@ async def recover_pool(client: PrefectClient, pool: str, settings: RecoverySetti
         runs += page
         if len(page) < 200:
             break
-    now = _now()
     done: list[Recovered] = []
     for run in runs:
-        reason = stranded_reason(run, workers, settings, now, own_name, own_runs)
-        if reason is None:
+        if stranded_reason(run, workers, settings, _now(), own_name, own_runs()) is None:
             continue
         try:
+            # read again: the run may have ended, or been claimed by this worker meanwhile
+            run = await client.read_flow_run(run.id)
+            reason = stranded_reason(run, workers, settings, _now(), own_name, own_runs())
+            if reason is None:
+                continue
             done.append(await _reschedule(client, run, reason, settings))
         except Exception as exc:  # next look will try again
             log.warning("cannot recover flow run %s (%s): %s", run.name, run.id, exc)
@@ -259,7 +259,7 @@ class PoolRecovery:
         self._next = time.monotonic() + self.settings.interval
         try:
             return await recover_pool(client, self.pool, self.settings, self.own_name,
-                                      self.own_runs())
+                                      self.own_runs)
         except Exception as exc:
             log.warning("looking for stranded flow runs of pool %s failed: %s", self.pool, exc)
             return []
