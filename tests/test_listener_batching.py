@@ -14,12 +14,13 @@ import json
 import os
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from broker.launcher import RunningBroker
@@ -169,37 +170,113 @@ def test_idle_event_burst_and_malformed_messages(
         len(run_events(r)) for r in batch.runs())
 
 
+class ApiGate:
+    """A pass-through proxy to the Prefect API that lets the first `allow` run creations through
+    and holds the next ones until `release()`: while one is held, the listener has events it
+    received and cannot acknowledge yet (what a SIGKILL must not lose), whatever the machine's
+    speed. A held creation is sent on when released, even if its listener died meanwhile (as a
+    request that reached the server just before the crash)."""
+
+    def __init__(self, upstream: str, allow: int) -> None:
+        self.allow, self.passed, self.held = allow, 0, 0
+        self._cond = threading.Condition()
+        self._open = threading.Event()
+        gate = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.command == "POST" and self.path.endswith("/create_flow_run"):
+                    gate._pass()
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "content-length", "connection")}
+                try:
+                    answer = httpx.request(self.command, upstream.rstrip("/") + self.path
+                                           .removeprefix("/api"), headers=headers,
+                                           content=body, timeout=120)
+                except httpx.HTTPError:
+                    self.send_error(502)
+                    return
+                try:
+                    self.send_response(answer.status_code)
+                    for key, value in answer.headers.items():
+                        if key.lower() not in ("content-length", "content-encoding",
+                                               "transfer-encoding", "connection"):
+                            self.send_header(key, value)
+                    self.send_header("Content-Length", str(len(answer.content)))
+                    self.end_headers()
+                    self.wfile.write(answer.content)
+                except OSError:  # the listener was killed
+                    pass
+
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _forward
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.api_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/api"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def _pass(self) -> None:
+        with self._cond:
+            if self.passed < self.allow or self._open.is_set():
+                self.passed += 1
+                return
+            self.held += 1
+            self._cond.notify_all()
+        self._open.wait()
+        with self._cond:
+            self.held -= 1
+            self.passed += 1
+
+    def wait_held(self, count: int, timeout: float, on_fail: Any = lambda: "") -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.held >= count, timeout):
+                raise AssertionError(f"no run creation held after {timeout}s\n{on_fail()}")
+
+    def release(self) -> None:
+        self._open.set()
+
+    def close(self) -> None:
+        self.release()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 def test_sigkill_mid_burst_publishes_each_event_once(
     node: Node, mqtt_broker: RunningBroker, origin: Subscriber, make_listener
 ) -> None:
+    """The listener SIGKILLed while it holds events it cannot acknowledge yet (their run
+    creation is held by a gate in front of the Prefect API: the middle of the burst is made, not
+    raced); restarted, it gets them again and may group them otherwise: one notification per
+    file all the same."""
     single, batch = node.deploy(mqtt_broker)
-    listener = make_listener(node.api.api_url, single.full_name, batch.full_name).start(60)
-    count, chunk = 60, 20
+    gate = ApiGate(node.api.api_url, allow=1)
+    try:
+        listener = make_listener(gate.api_url, single.full_name, batch.full_name).start(60)
+        count = 60
+        publish(mqtt_broker, [(TOPIC, file_event("burst", i)) for i in range(count)])
+        gate.wait_held(1, 60, listener.debug)  # events received, not acknowledged
+        listener.kill()
+        killed_at = len(events_in_runs(single, batch))
+        assert killed_at < count  # the held creation's events are in no run
+        gate.release()  # the held creation reaches the server after its listener died
 
-    def publish_in_chunks() -> None:
-        for start in range(0, count, chunk):
-            publish(mqtt_broker, [(TOPIC, file_event("burst", i))
-                                  for i in range(start, start + chunk)])
-            time.sleep(1.0)
-
-    publisher = threading.Thread(target=publish_in_chunks)
-    publisher.start()
-    wait_for(lambda: len(events_in_runs(single, batch)) >= 20, 60, "20 events in runs",
-             listener.debug)
-    listener.kill()
-    killed_at = len(events_in_runs(single, batch))
-    publisher.join(60)
-    assert killed_at < count, "the burst finished before the kill: nothing was tested"
-
-    listener.start(60)
-    expected = [f"burst-{i:04d}" for i in range(count)]
-    wait_for(lambda: set(events_in_runs(single, batch)) == set(expected), 90,
-             "a run for every event", listener.debug)
-    runs = wait_all_final((single, batch), node, listener, 180)
-    assert len(runs) < count
-    assert_one_notification_per_event(origin, expected, runs)
-    wait_for(lambda: listener.metrics().get("wis2_listener_oldest_unacked_age_seconds") == 0,
-             10, "all acked", listener.debug)
+        listener.start(60)
+        expected = [f"burst-{i:04d}" for i in range(count)]
+        wait_for(lambda: set(events_in_runs(single, batch)) == set(expected), 90,
+                 "a run for every event", listener.debug)
+        runs = wait_all_final((single, batch), node, listener, 180)
+        assert len(runs) < count
+        assert_one_notification_per_event(origin, expected, runs)
+        wait_for(lambda: listener.metrics().get("wis2_listener_oldest_unacked_age_seconds")
+                 == 0, 10, "all acked", listener.debug)
+    finally:
+        gate.close()
 
 
 def test_missing_batch_deployment_falls_back_to_single_runs(
