@@ -93,6 +93,11 @@ class PortTaken(RuntimeError):
 
 class LocalNode:
     WORKER_QUERY_SECONDS = "1"  # the worker polls for new runs every second (compose.yml too)
+    # Recovery (worker/recovery.py): a worker heartbeat every 10 s, so a dead worker's runs are
+    # rescheduled ~30 s after it died; a fixed name, so a restarted worker reclaims its own at
+    # once (compose.yml too).
+    WORKER_HEARTBEAT_SECONDS = "10"
+    WORKER_NAME = "wis2-local-worker"
 
     def __init__(self, settings: NodeSettings | None = None) -> None:
         self.settings = settings or NodeSettings()
@@ -218,8 +223,13 @@ class LocalNode:
         self._run([str(Path(py).with_name("wis2-chain")), "blocks", "register"], env,
                   "register blocks")
         self._run([prefect, "--no-prompt", "deploy", "--all"], env, "deploy")
+        worker_env = {**env, "PREFECT_WORKER_HEARTBEAT_SECONDS": self.WORKER_HEARTBEAT_SECONDS}
         self._spawn("worker", [prefect, "worker", "start", "--pool", WORK_POOL, "--type",
-                               worker_type, "--limit", str(s.worker_limit)], env)
+                               worker_type, "--limit", str(s.worker_limit),
+                               "--name", self.WORKER_NAME], worker_env)
+        if worker_type == "process":  # wis2-warm reschedules stranded runs itself
+            self._spawn("recover", [str(Path(py).with_name("wis2-chain")), "recover", "--pool",
+                                    WORK_POOL, "--watch"], env)
         self._spawn("listener", [py, "-m", "listener"], self.listener_env(),
                     ready=lambda: port_is_open(s.host, s.metrics_port), timeout=90)
         state = self.state

@@ -154,7 +154,7 @@ class CrashNode:
             WIS2_VERIFY_DATA="true", WIS2_VERIFY_TIMEOUT="200", WIS2_BROKER_BLOCK=block,
             WIS2_PUBLISH_RETRIES="2", WIS2_RETRY_BASE_DELAY="0.5",
             PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_HEARTBEAT_SECONDS=str(HEARTBEAT),
-            WIS2_RECOVERY_INTERVAL="2", WIS2_RECOVERY_UNCLAIMED_TIMEOUT="10",
+            WIS2_RECOVERY_INTERVAL="2", WIS2_RECOVERY_UNCLAIMED_TIMEOUT="5",
         )
         env.update(settings)
         self.env = env
@@ -320,7 +320,7 @@ def test_warm_worker_killed_mid_burst_and_restarted(
     assert_published_once(origin, events + pending, runs)
     assert len(recovered_runs(runs)) == 6, recovered_runs(runs)
     assert "recovery: rescheduled" in worker.tail(400)
-    # generous bound: recovery itself is immediate here (the unlabelled one waits 10 s)
+    # generous bound: recovery itself is immediate here (the unlabelled one waits 5 s)
     assert time.monotonic() - restarted < 150
 
 
@@ -409,6 +409,42 @@ def test_a_run_that_keeps_killing_its_worker_ends_failed(
         assert client.read_flow_run(run.id).state.is_failed()
         running = [s for s in client.read_flow_run_states(run.id) if s.is_running()]
     assert len(running) == 3 and worker.running
+
+
+def test_a_run_whose_process_keeps_dying_ends_failed(
+    make_node: Any, files: GatedFileServer
+) -> None:
+    """Prefect's process worker: the flow-run process SIGKILLs itself, the worker reports the run
+    Crashed ("Process exited with status code: -9"), Prefect never retries it;
+    `wis2-chain recover --watch` reschedules it once (WIS2_RECOVERY_MAX_RETRIES=1), then fails
+    it with its artifact."""
+    node = make_node("process", WIS2_RECOVERY_MAX_RETRIES="1")
+    with get_client(sync_client=True) as client:
+        deployment_id = client.create_deployment(
+            flow_id=client.create_flow_from_name("crash-test-kill-worker"),
+            name=f"kill-{uuid.uuid4().hex[:6]}", entrypoint="tests/crash_flows.py:kill_worker_flow",
+            work_pool_name=node.pool, work_queue_name="default",
+            job_variables={"working_dir": str(REPO)})
+        event = file_event("oom", 0, files.url)
+        run = client.create_flow_run_from_deployment(deployment_id, parameters={"event": event})
+    node.sidecar().start()
+    node.worker("proc-deadly", limit=1).start()
+    deadline = time.monotonic() + 200
+    while True:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(run.id).state
+        if state is not None and state.is_failed():
+            break
+        assert time.monotonic() < deadline, f"{state}\n{node.logs()}"
+        time.sleep(0.5)
+    assert "Failed after 1 recoveries" in state.message and "oom-0000" in state.message
+    assert "status code" in state.message and "-9" in state.message
+    with get_client(sync_client=True) as client:
+        states = client.read_flow_run_states(run.id)
+    assert [s.name for s in states if s.is_crashed() or s.name == RECOVERING] == [
+        "Crashed", RECOVERING, "Crashed"]
+    [failure] = [a for k, a in read_artifacts(run.id).items() if k.startswith("failed-")]
+    assert "oom-0000" in failure.data
 
 
 # ---- the cache locks of a killed holder -----------------------------------------------------

@@ -17,7 +17,10 @@ How a run is found stranded, with Prefect's own records only:
 - a worker that starts again with the same `--name` reclaims at once the runs labelled with its
   name that it is not running (`own_name`/`own_runs`: the `wis2-warm` worker);
 - a Pending run that no worker labelled (killed between the claim and the label) is stranded
-  once it has been Pending for `unclaimed_timeout`.
+  once it has been Pending for `unclaimed_timeout`;
+- a run Crashed because its process died (Prefect's process worker reports "Process exited
+  with status code: -9", e.g. after the OOM killer) in the last hour is stranded too: Prefect
+  retries never cover Crashed.
 
 Each stranded run is proposed a Scheduled state named `Recovering` (server orchestration rules
 apply: never forced), whose message names the dead worker. A run that was already rescheduled
@@ -36,7 +39,7 @@ import re
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
@@ -53,6 +56,9 @@ log = logging.getLogger(__name__)
 WORKER_LABEL = "prefect.worker.name"  # set by BaseWorker._give_worker_labels_to_flow_run
 RECOVERING = "Recovering"  # name of the Scheduled state given to a rescheduled run
 HEARTBEAT_MULTIPLE = 3  # Prefect's foreman: offline after 3 missed heartbeats
+# Crashed state messages of a flow-run process that died (runner's state proposer, BaseWorker)
+PROCESS_DIED = ("Process exited with status code", "Flow run infrastructure exited with non-zero")
+CRASHED_LOOKBACK = timedelta(hours=1)  # older Crashed runs are left to the operator
 
 
 class RecoverySettings(BaseSettings):
@@ -108,9 +114,16 @@ def worker_is_dead(worker: Worker | None, settings: RecoverySettings, now: datet
 def stranded_reason(run: FlowRun, workers: dict[str, Worker], settings: RecoverySettings,
                     now: datetime, own_name: str | None = None,
                     own_runs: Collection[UUID] = ()) -> str | None:
-    """Why the Pending/Running `run` is stranded (None: leave it)."""
+    """Why the Pending/Running/Crashed `run` is stranded (None: leave it)."""
     state = run.state
+    if state is not None and state.is_crashed():
+        message = state.message or ""
+        if message.startswith(PROCESS_DIED) and now - _aware(state.timestamp) < CRASHED_LOOKBACK:
+            return f"Crashed: {message.strip()}"
+        return None
     if state is None or not (state.is_pending() or state.is_running()):
+        return None
+    if run.id in own_runs:  # this worker holds it (maybe not labelled yet)
         return None
     claimant = (run.labels or {}).get(WORKER_LABEL)
     if claimant is None:
@@ -119,8 +132,6 @@ def stranded_reason(run: FlowRun, workers: dict[str, Worker], settings: Recovery
             return f"Pending for {age:.0f} s and claimed by no worker"
         return None  # a Running run without a label: cannot tell who runs it
     if own_name is not None and claimant == own_name:
-        if run.id in own_runs:
-            return None
         return f"claimed by this worker ({own_name}) before it restarted"
     dead = worker_is_dead(workers.get(str(claimant)), settings, now)
     return f"its worker {claimant} {dead}" if dead else None
@@ -151,7 +162,7 @@ def failure_markdown(run: FlowRun, reason: str, attempts: int) -> str:
     lines = [
         f"# Given up after {attempts} recoveries",
         "",
-        f"Each time this run was executing, its worker stopped without finishing it; last: "
+        f"Each time this run was executing, its worker or process died without finishing it; last: "
         f"{reason}. It is not retried again (WIS2_RECOVERY_MAX_RETRIES).",
         "Look for what kills the worker (its log, `dmesg` for the OOM killer), fix it, then "
         "replay each event with a custom run of `publish-notification/default` (`event`).",
@@ -206,6 +217,7 @@ async def recover_pool(client: PrefectClient, pool: str, settings: RecoverySetti
     """Reschedule (or fail, past `max_retries`) the stranded runs of `pool`, once."""
     from prefect.client.schemas.filters import (
         FlowRunFilter,
+        FlowRunFilterEndTime,
         FlowRunFilterState,
         FlowRunFilterStateType,
         WorkPoolFilter,
@@ -224,6 +236,12 @@ async def recover_pool(client: PrefectClient, pool: str, settings: RecoverySetti
         runs += page
         if len(page) < 200:
             break
+    runs += await client.read_flow_runs(
+        work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
+        flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CRASHED])),
+            end_time=FlowRunFilterEndTime(after_=_now() - CRASHED_LOOKBACK)),
+        limit=200)
     done: list[Recovered] = []
     for run in runs:
         if stranded_reason(run, workers, settings, _now(), own_name, own_runs()) is None:
