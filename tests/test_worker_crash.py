@@ -376,7 +376,7 @@ def test_a_run_that_keeps_killing_its_worker_ends_failed(
 ) -> None:
     """A run whose flow SIGKILLs the worker each time: rescheduled WIS2_RECOVERY_MAX_RETRIES
     (2) times, then Failed with an artifact naming its event, and not retried again."""
-    node = make_node(WIS2_RECOVERY_MAX_RETRIES="2")
+    node = make_node(WIS2_RECOVERY_MAX_RETRIES="2")  # 2: the count goes beyond one
     with get_client(sync_client=True) as client:
         deployment_id = client.create_deployment(
             flow_id=client.create_flow_from_name("crash-test-kill-worker"),
@@ -445,6 +445,23 @@ def test_a_run_whose_process_keeps_dying_ends_failed(
         "Crashed", RECOVERING, "Crashed"]
     [failure] = [a for k, a in read_artifacts(run.id).items() if k.startswith("failed-")]
     assert "oom-0000" in failure.data
+
+
+def test_the_node_commands_install_the_recovery() -> None:
+    """compose.yml's worker: a name per container that a restart keeps (a restarted container
+    reclaims its runs at once), a 10 s heartbeat (another worker takes over ~30 s after a
+    death), restarted by compose."""
+    import yaml
+
+    from localnode.node import LocalNode
+
+    compose = yaml.safe_load((REPO / "compose.yml").read_text())
+    worker = compose["services"]["prefect-worker"]
+    command = " ".join(worker["command"])
+    assert "--type wis2-warm" in command and '--name "wis2-worker-$$(hostname)"' in command
+    assert worker["environment"]["PREFECT_WORKER_HEARTBEAT_SECONDS"] == (
+        f"${{PREFECT_WORKER_HEARTBEAT_SECONDS:-{LocalNode.WORKER_HEARTBEAT_SECONDS}}}")
+    assert worker["restart"] == "unless-stopped"
 
 
 # ---- the cache locks of a killed holder -----------------------------------------------------

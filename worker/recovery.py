@@ -15,7 +15,8 @@ How a run is found stranded, with Prefect's own records only:
   sent one for `worker_timeout` (default: 3 heartbeat intervals, Prefect's own "offline" rule)
   is stranded;
 - a worker that starts again with the same `--name` reclaims at once the runs labelled with its
-  name that it is not running (`own_name`/`own_runs`: the `wis2-warm` worker);
+  name whose state predates its start and that it is not running (`own_name`/`own_runs`: the
+  `wis2-warm` worker); give each live worker its own name;
 - a Pending run that no worker labelled (killed between the claim and the label) is stranded
   once it has been Pending for `unclaimed_timeout`;
 - a run Crashed because its process died (Prefect's process worker reports "Process exited
@@ -113,7 +114,8 @@ def worker_is_dead(worker: Worker | None, settings: RecoverySettings, now: datet
 
 def stranded_reason(run: FlowRun, workers: dict[str, Worker], settings: RecoverySettings,
                     now: datetime, own_name: str | None = None,
-                    own_runs: Collection[UUID] = ()) -> str | None:
+                    own_runs: Collection[UUID] = (),
+                    own_since: datetime | None = None) -> str | None:
     """Why the Pending/Running/Crashed `run` is stranded (None: leave it)."""
     state = run.state
     if state is not None and state.is_crashed():
@@ -132,6 +134,8 @@ def stranded_reason(run: FlowRun, workers: dict[str, Worker], settings: Recovery
             return f"Pending for {age:.0f} s and claimed by no worker"
         return None  # a Running run without a label: cannot tell who runs it
     if own_name is not None and claimant == own_name:
+        if own_since is not None and _aware(state.timestamp) >= own_since:
+            return None  # since this worker started: another live worker of the same name
         return f"claimed by this worker ({own_name}) before it restarted"
     dead = worker_is_dead(workers.get(str(claimant)), settings, now)
     return f"its worker {claimant} {dead}" if dead else None
@@ -213,7 +217,8 @@ async def _reschedule(client: PrefectClient, run: FlowRun, reason: str,
 
 async def recover_pool(client: PrefectClient, pool: str, settings: RecoverySettings,
                        own_name: str | None = None,
-                       own_runs: Callable[[], Collection[UUID]] = frozenset) -> list[Recovered]:
+                       own_runs: Callable[[], Collection[UUID]] = frozenset,
+                       own_since: datetime | None = None) -> list[Recovered]:
     """Reschedule (or fail, past `max_retries`) the stranded runs of `pool`, once."""
     from prefect.client.schemas.filters import (
         FlowRunFilter,
@@ -244,12 +249,14 @@ async def recover_pool(client: PrefectClient, pool: str, settings: RecoverySetti
         limit=200)
     done: list[Recovered] = []
     for run in runs:
-        if stranded_reason(run, workers, settings, _now(), own_name, own_runs()) is None:
+        if stranded_reason(run, workers, settings, _now(), own_name, own_runs(),
+                           own_since) is None:
             continue
         try:
             # read again: the run may have ended, or been claimed by this worker meanwhile
             run = await client.read_flow_run(run.id)
-            reason = stranded_reason(run, workers, settings, _now(), own_name, own_runs())
+            reason = stranded_reason(run, workers, settings, _now(), own_name, own_runs(),
+                                     own_since)
             if reason is None:
                 continue
             done.append(await _reschedule(client, run, reason, settings))
@@ -268,6 +275,7 @@ class PoolRecovery:
         self.settings = settings or RecoverySettings()
         self.own_name = own_name
         self.own_runs = own_runs
+        self.own_since = _now()  # runs claimed under own_name before this: a former process
         self._next = 0.0
 
     async def maybe_run(self, client: PrefectClient) -> list[Recovered]:
@@ -277,7 +285,7 @@ class PoolRecovery:
         self._next = time.monotonic() + self.settings.interval
         try:
             return await recover_pool(client, self.pool, self.settings, self.own_name,
-                                      self.own_runs)
+                                      self.own_runs, self.own_since)
         except Exception as exc:
             log.warning("looking for stranded flow runs of pool %s failed: %s", self.pool, exc)
             return []
