@@ -298,8 +298,9 @@ async def watch(pool: str, settings: RecoverySettings, once: bool = False) -> No
     recovery = PoolRecovery(pool, settings)
     async with get_client() as client:
         while True:
-            for item in await recovery.maybe_run(client):
-                log.info("%s %s (%s): %s", item.action, item.name, item.flow_run_id, item.reason)
+            for item in await recovery.maybe_run(client):  # done ones are logged as warnings
+                if item.action == "skipped":
+                    log.debug("skipped %s (%s): %s", item.name, item.flow_run_id, item.reason)
             if once:
                 return
             await asyncio.sleep(max(0.0, recovery._next - time.monotonic()))
