@@ -75,7 +75,7 @@ class RecoverySettings(BaseSettings):
         description="Seconds without a heartbeat after which a worker is dead; default: 3 times "
         "the heartbeat interval it registered (PREFECT_WORKER_HEARTBEAT_SECONDS)")
     unclaimed_timeout: float = Field(
-        default=60.0, gt=0, description="Seconds a Pending run without a worker label may wait")
+        default=45.0, gt=0, description="Seconds a Pending run without a worker label may wait")
     max_retries: int = Field(
         default=3, ge=0, description="Reschedules of one run; then it is marked Failed")
 
