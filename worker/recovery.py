@@ -25,9 +25,9 @@ How a run is found stranded, with Prefect's own records only:
 
 Each stranded run is proposed a Scheduled state named `Recovering` (server orchestration rules
 apply: never forced), whose message names the dead worker. A run that was already rescheduled
-`max_retries` times (counted in its state history) is proposed Failed instead, with a
-`failed-...` artifact naming its event(s): a run that keeps killing its worker is not retried
-forever. The `wis2-warm` worker runs this every `interval` seconds while it polls its pool;
+and taken again `max_retries` times (counted in its state history) is proposed Failed instead,
+with a `failed-...` artifact naming its event(s): a run that keeps killing its worker is not
+retried forever. The `wis2-warm` worker runs this every `interval` seconds while it polls its pool;
 with Prefect's `process` worker, run `wis2-chain recover --pool <pool> --watch` alongside.
 """
 
@@ -78,6 +78,10 @@ class RecoverySettings(BaseSettings):
         default=45.0, gt=0, description="Seconds a Pending run without a worker label may wait")
     max_retries: int = Field(
         default=3, ge=0, description="Reschedules of one run; then it is marked Failed")
+    crashed_grace: float = Field(
+        default=30.0, ge=0,
+        description="Seconds a Crashed run is left alone first: the process worker reports a "
+        "dead process twice, the second time late, and would crash the rescheduled run again")
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,9 @@ def stranded_reason(run: FlowRun, workers: dict[str, Worker], settings: Recovery
     state = run.state
     if state is not None and state.is_crashed():
         message = state.message or ""
-        if message.startswith(PROCESS_DIED) and now - _aware(state.timestamp) < CRASHED_LOOKBACK:
+        age = now - _aware(state.timestamp)
+        if (message.startswith(PROCESS_DIED) and age < CRASHED_LOOKBACK
+                and age.total_seconds() >= settings.crashed_grace):
             return f"Crashed: {message.strip()}"
         return None
     if state is None or not (state.is_pending() or state.is_running()):
@@ -182,8 +188,17 @@ def failure_markdown(run: FlowRun, reason: str, attempts: int) -> str:
 
 
 async def _recovery_count(client: PrefectClient, run: FlowRun) -> int:
-    states = await client.read_flow_run_states(run.id)
-    return sum(1 for s in states if s.name == RECOVERING and s.is_scheduled())
+    """Reschedules of `run` that a worker took (a `Recovering` state followed by Pending or
+    Running). One followed by nothing but a late Crashed report of the former attempt does not
+    count: the run did not run again."""
+    states = sorted(await client.read_flow_run_states(run.id), key=lambda s: s.timestamp)
+    count, rescheduled = 0, False
+    for state in states:
+        if state.name == RECOVERING and state.is_scheduled():
+            rescheduled = True
+        elif rescheduled and (state.is_pending() or state.is_running()):
+            count, rescheduled = count + 1, False
+    return count
 
 
 async def _reschedule(client: PrefectClient, run: FlowRun, reason: str,
