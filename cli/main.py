@@ -194,7 +194,6 @@ def recover(
     from worker.recovery import RecoverySettings
     from worker.recovery import watch as watch_pool
 
-    logging.getLogger("worker.recovery").setLevel(logging.INFO)  # what it does, on stderr
     try:
         asyncio.run(watch_pool(pool, RecoverySettings(), once=not watch))
     except KeyboardInterrupt:

@@ -226,7 +226,7 @@ async def _reschedule(client: PrefectClient, run: FlowRun, reason: str,
         run.id, Scheduled(name=RECOVERING, scheduled_time=_now(), message=message))
     if result.status.value != "ACCEPT":
         return Recovered(run.id, run.name, "skipped", f"Scheduled refused: {result.details}")
-    log.warning("flow run %s (%s) was %s: %s", run.name, run.id, run.state.name, message)
+    log.info("flow run %s (%s) was %s: %s", run.name, run.id, run.state.name, message)
     return Recovered(run.id, run.name, "rescheduled", message)
 
 
@@ -313,9 +313,10 @@ async def watch(pool: str, settings: RecoverySettings, once: bool = False) -> No
     recovery = PoolRecovery(pool, settings)
     async with get_client() as client:
         while True:
-            for item in await recovery.maybe_run(client):  # done ones are logged as warnings
-                if item.action == "skipped":
-                    log.debug("skipped %s (%s): %s", item.name, item.flow_run_id, item.reason)
+            for item in await recovery.maybe_run(client):
+                if item.action == "rescheduled":  # (failed ones are logged as errors)
+                    log.warning("rescheduled flow run %s (%s): %s", item.name, item.flow_run_id,
+                                item.reason)
             if once:
                 return
             await asyncio.sleep(max(0.0, recovery._next - time.monotonic()))
