@@ -142,6 +142,15 @@ class EventPublication:
         ]
 
 
+def _in_ledger(ledger_path: str, note: Notification) -> bool:
+    """Whether the ledger holds this publication, or a later one, of the note's data_id. A run
+    killed after the broker's PUBACK and before the record leaves it out: its rerun finds the
+    publication cached and records it all the same."""
+    entry = Ledger(ledger_path).get(note.properties.data_id)
+    return entry is not None and (entry.notification_id == note.id
+                                  or (entry.pubtime or "") >= note.properties.pubtime)
+
+
 def publish_event(
     raw_event: Any, pipeline: Pipeline, *, validation_key: str | None
 ) -> EventPublication:
@@ -175,7 +184,8 @@ def publish_event(
         logger.info("notification %s: %s", receipt.notification_id,
                     "sent" if sent[-1] else "already published (cached)")
 
-    fresh = [note for note, was_sent in zip(notifications, sent, strict=True) if was_sent]
+    fresh = [note for note, was_sent in zip(notifications, sent, strict=True)
+             if was_sent or not _in_ledger(pipeline.ledger_path, note)]
     if fresh:
         record_publication_task(fresh, pipeline.ledger_path)
     return EventPublication(event=event, notifications=notifications, sent=sent,

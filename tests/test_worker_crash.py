@@ -36,7 +36,12 @@ from broker.launcher import RunningBroker
 from chain.processes import ManagedProcess
 from localnode.prefect_server import PrefectServer, prefect_cli
 from tests.fixtures.paths import DATA, REPO
-from tests.test_publish_flow import Subscriber, read_artifacts
+from tests.test_publish_flow import (  # noqa: F401  (fixtures: chain, on_session_broker)
+    Subscriber,
+    chain,
+    on_session_broker,
+    read_artifacts,
+)
 from worker.recovery import RECOVERING, WORKER_LABEL
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -464,6 +469,27 @@ def test_the_node_commands_install_the_recovery() -> None:
     assert worker["environment"]["PREFECT_WORKER_HEARTBEAT_SECONDS"] == (
         f"${{PREFECT_WORKER_HEARTBEAT_SECONDS:-{LocalNode.WORKER_HEARTBEAT_SECONDS}}}")
     assert worker["restart"] == "unless-stopped"
+
+
+# ---- a run killed between the broker's PUBACK and the ledger record -------------------------
+def test_a_cached_publication_missing_from_the_ledger_is_recorded(
+    on_session_broker: Subscriber, chain: Any  # noqa: F811 (fixtures of test_publish_flow)
+) -> None:
+    """The rerun of a run killed after its publication was cached but before the ledger record
+    (the ledger decides canonical/update later) records it, and sends nothing again."""
+    from chain.ledger import Ledger
+    from tests.test_publish_flow import bufr_event, run
+
+    first = run(bufr_event()).result()
+    ledger = Ledger.in_dir(chain.results)
+    data_id = first.notifications[0].data_id
+    assert ledger.forget(data_id)  # what the killed run left
+    again = run(bufr_event())
+    assert again.is_completed(), again.message
+    assert [n.sent for n in again.result().notifications] == [False]
+    entry = ledger.get(data_id)
+    assert entry is not None and entry.notification_id == first.ids[0]
+    assert [m["id"] for _, m in on_session_broker.settle()] == first.ids
 
 
 # ---- the cache locks of a killed holder -----------------------------------------------------
