@@ -13,20 +13,18 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from broker.launcher import RunningBroker
 from chain.processes import ManagedProcess
 from localnode.prefect_server import PrefectServer, prefect_cli
 from tests import test_listener
+from tests.fixtures.gates import ApiGate
 from tests.fixtures.paths import BUFR_EVENT, REPO
 from tests.test_listener import TOPIC, Deployment, Listener, publish, run_events, wait_for
 from tests.test_publish_flow import Subscriber
@@ -168,83 +166,6 @@ def test_idle_event_burst_and_malformed_messages(
     assert metrics["wis2_listener_batch_size_count"] == batches
     assert metrics["wis2_listener_batch_size_sum"] == sum(
         len(run_events(r)) for r in batch.runs())
-
-
-class ApiGate:
-    """A pass-through proxy to the Prefect API that lets the first `allow` run creations through
-    and holds the next ones until `release()`: while one is held, the listener has events it
-    received and cannot acknowledge yet (what a SIGKILL must not lose), whatever the machine's
-    speed. A held creation is sent on when released, even if its listener died meanwhile (as a
-    request that reached the server just before the crash)."""
-
-    def __init__(self, upstream: str, allow: int) -> None:
-        self.allow, self.passed, self.held = allow, 0, 0
-        self._cond = threading.Condition()
-        self._open = threading.Event()
-        gate = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _forward(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if self.command == "POST" and self.path.endswith("/create_flow_run"):
-                    gate._pass()
-                headers = {k: v for k, v in self.headers.items()
-                           if k.lower() not in ("host", "content-length", "connection")}
-                try:
-                    answer = httpx.request(self.command, upstream.rstrip("/") + self.path
-                                           .removeprefix("/api"), headers=headers,
-                                           content=body, timeout=120)
-                except httpx.HTTPError:
-                    self.send_error(502)
-                    return
-                try:
-                    self.send_response(answer.status_code)
-                    for key, value in answer.headers.items():
-                        if key.lower() not in ("content-length", "content-encoding",
-                                               "transfer-encoding", "connection"):
-                            self.send_header(key, value)
-                    self.send_header("Content-Length", str(len(answer.content)))
-                    self.end_headers()
-                    self.wfile.write(answer.content)
-                except OSError:  # the listener was killed
-                    pass
-
-            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _forward
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.api_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/api"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def _pass(self) -> None:
-        with self._cond:
-            if self.passed < self.allow or self._open.is_set():
-                self.passed += 1
-                return
-            self.held += 1
-            self._cond.notify_all()
-        self._open.wait()
-        with self._cond:
-            self.held -= 1
-            self.passed += 1
-
-    def wait_held(self, count: int, timeout: float, on_fail: Any = lambda: "") -> None:
-        with self._cond:
-            if not self._cond.wait_for(lambda: self.held >= count, timeout):
-                raise AssertionError(f"no run creation held after {timeout}s\n{on_fail()}")
-
-    def release(self) -> None:
-        self._open.set()
-
-    def close(self) -> None:
-        self.release()
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def test_sigkill_mid_burst_publishes_each_event_once(

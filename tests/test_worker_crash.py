@@ -16,12 +16,10 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +33,7 @@ from prefect.states import Pending
 from broker.launcher import RunningBroker
 from chain.processes import ManagedProcess
 from localnode.prefect_server import PrefectServer, prefect_cli
+from tests.fixtures.gates import GatedFileServer
 from tests.fixtures.paths import DATA, REPO
 from tests.test_publish_flow import (  # noqa: F401  (fixtures: chain, on_session_broker)
     Subscriber,
@@ -52,67 +51,9 @@ DEMO_FILE = DATA / "files" / "argo" / "dac" / "coriolis" / "6990001" / "profiles
 HEARTBEAT = 5  # PREFECT_WORKER_HEARTBEAT_SECONDS of the test workers: dead after 15 s
 
 
-# ---- a file server that holds downloads -----------------------------------------------------
-class GatedFileServer:
-    """Serves the demo file for any path: the first `allow` downloads at once, the next ones only
-    once `release()` is called. `held` counts the downloads waiting."""
-
-    def __init__(self, allow: int) -> None:
-        self.allow, self.served, self.held = allow, 0, 0
-        self._lock = threading.Condition()
-        self._open = threading.Event()
-        content = DEMO_FILE.read_bytes()
-        gate = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                with gate._lock:
-                    wait = gate.served >= gate.allow and not gate._open.is_set()
-                    if wait:
-                        gate.held += 1
-                        gate._lock.notify_all()
-                    else:
-                        gate.served += 1
-                if wait:
-                    gate._open.wait()
-                    with gate._lock:
-                        gate.held -= 1
-                        gate.served += 1
-                try:
-                    self.send_response(200)
-                    self.send_header("Content-Type", "text/csv")
-                    self.send_header("Content-Length", str(len(content)))
-                    self.end_headers()
-                    self.wfile.write(content)
-                except OSError:  # the worker that asked was killed
-                    pass
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def wait_held(self, count: int, timeout: float, on_fail: Any = lambda: "") -> None:
-        with self._lock:
-            if not self._lock.wait_for(lambda: self.held >= count, timeout):
-                raise AssertionError(f"{self.held} download(s) held, waited for {count} "
-                                     f"({self.served} served)\n{on_fail()}")
-
-    def release(self) -> None:
-        self._open.set()
-
-    def close(self) -> None:
-        self.release()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def files() -> Iterator[GatedFileServer]:
-    server = GatedFileServer(allow=0)
+    server = GatedFileServer(DEMO_FILE)
     yield server
     server.close()
 
