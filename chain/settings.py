@@ -31,6 +31,11 @@ class ChainSettings(BaseSettings):
         default=True, description="Download each canonical link and check length and integrity"
     )
     verify_timeout: float = Field(default=30.0, description="Seconds allowed to download a file")
+    verify_max_bytes: int = Field(
+        default=2 * 1024**3, gt=0,
+        description="Largest file the verification downloads (bytes); a longer announced length "
+        "or download is refused",
+    )
     results_dir: Path = Field(
         default=Path.home() / ".wis2-chain" / "results",
         description="Where cached task results and the publication ledger are persisted",

@@ -11,7 +11,7 @@ from uuid import UUID, uuid4
 
 from wis2.cloudevent import CloudEvent, Operation, StacAsset, StacItem
 from wis2.dataset import DatasetDescription
-from wis2.errors import FieldError, InvalidInput
+from wis2.errors import FieldError, InvalidInput, json_path
 from wis2.notification import (
     MAX_INLINE_CONTENT_CHARS,
     Content,
@@ -108,6 +108,13 @@ def build_notifications(
             [FieldError(path="$.data.assets", message=f"no asset with a data role ({roles})")],
             "event",
         )
+    refused = [
+        FieldError(path=json_path(("data", "assets", key, "href")), message=reason)
+        for key, asset in assets
+        if (reason := dataset.href_refusal(asset.href))
+    ]
+    if refused:
+        raise InvalidInput(refused, "event")
     rel = REL_FOR_OPERATION[operation or event.operation]
     published = rfc3339(pubtime or datetime.now(UTC))
     props = item.properties
