@@ -105,6 +105,9 @@ class RunCreator:
             code = exc.response.status_code
             if code >= 500 or code in (408, 429):
                 raise ApiUnavailable(_detail(exc.response)) from None
+            if code in (401, 403):  # wrong credentials: keep the events, do not dead-letter them
+                raise ApiUnavailable(f"{_detail(exc.response)}: the Prefect API refused this "
+                                     "listener's credentials (PREFECT_API_AUTH_STRING)") from None
             raise ApiRejected(_detail(exc.response)) from None
         except (TimeoutError, httpx.HTTPError, OSError) as exc:
             raise ApiUnavailable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from None

@@ -109,7 +109,14 @@ def test_prefect_ui_shows_the_run_and_its_notification(published: dict, demo_nod
         )
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         try:
+            # The API asks for the node's auth string: the UI shows its login form first.
             page.goto(f"{demo_node.state.ui_url}/runs", wait_until="networkidle")
+            login = page.get_by_placeholder("admin:pass")
+            login.wait_for(timeout=60_000)
+            page.screenshot(path=str(SCREENSHOT_DIR / "prefect-login.png"), full_page=True)
+            login.fill(demo_node.state.prefect_auth_string.get_secret_value())
+            page.get_by_role("button", name="Login").click()
+            page.wait_for_url("**/runs**", timeout=60_000)
             page.get_by_text(SAMPLE_FILE).first.wait_for(timeout=60_000)
             page.screenshot(path=str(SCREENSHOT_DIR / "prefect-runs.png"), full_page=True)
             page.goto(run_url, wait_until="networkidle")
