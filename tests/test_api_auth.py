@@ -198,3 +198,24 @@ def test_the_node_reads_runs_through_an_authenticated_client(node: LocalNode,
 
     with temporary_settings(updates=node.state.prefect_settings()):
         assert asyncio.run(count()) >= 1
+
+
+def test_a_process_worker_passes_the_auth_string_to_its_flow_runs(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Prefect's `process` worker starts each flow run in a child process: that process
+    authenticates too (the worker hands its settings down), so the event is published."""
+    settings = NodeSettings(
+        _env_file=None, run_dir=tmp_path_factory.mktemp("auth-process-node"),
+        broker_port=free_port(), broker_ws_port=free_port(), prefect_port=free_port(),
+        files_port=free_port(), metrics_port=free_port(), timeout=180, worker_type="process",
+        worker_limit=2,
+    )
+    node = LocalNode(settings)
+    try:
+        node.start()
+        received = node.send_and_wait(DATA / "demo-event.json", settings.event_topic,
+                                      settings.timeout)
+        assert received["message"]["properties"]["data_id"].endswith("D6990001_001.csv")
+    finally:
+        node.stop()
