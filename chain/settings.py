@@ -36,6 +36,10 @@ class ChainSettings(BaseSettings):
         description="Largest file the verification downloads (bytes); a longer announced length "
         "or download is refused",
     )
+    verify_max_seconds: float = Field(
+        default=900.0, gt=0,
+        description="Longest time one file's download may take (a slower one is retried)",
+    )
     results_dir: Path = Field(
         default=Path.home() / ".wis2-chain" / "results",
         description="Where cached task results and the publication ledger are persisted",

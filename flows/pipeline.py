@@ -162,7 +162,8 @@ def publish_event(
     rows = validate_notifications_task(notifications, pipeline.dataset.topic, validation_key)
 
     if settings.verify_data:
-        tasks.verify(notifications, settings.verify_timeout, settings.verify_max_bytes)
+        tasks.verify(notifications, settings.verify_timeout, settings.verify_max_bytes,
+                     settings.verify_max_seconds)
     else:
         logger.info("data verification is off (WIS2_VERIFY_DATA=false)")
 

@@ -50,7 +50,8 @@ def pattern_digest(size: int) -> str:
 
 
 class GeneratedFiles:
-    """GET /<size>[?nolength][&redirect=URL]: `size` bytes of the pattern, generated on the fly."""
+    """GET /<size>[?nolength|?slow|?redirect=URL]: `size` bytes of the pattern, generated on the
+    fly (`slow`: 10 bytes every 0.2 s)."""
 
     def __init__(self) -> None:
         self.requests = 0
@@ -81,9 +82,13 @@ class GeneratedFiles:
                     self.send_header("Content-Length", str(size))
                 self.end_headers()
                 left = size
+                step = 10 if query == "slow" else len(BLOCK)
                 try:
                     while left > 0:
-                        chunk = BLOCK[: min(left, len(BLOCK))]
+                        if query == "slow":
+                            self.wfile.flush()
+                            time.sleep(0.2)
+                        chunk = BLOCK[: min(left, step)]
                         self.wfile.write(chunk)
                         left -= len(chunk)
                         with outer.lock:
@@ -202,12 +207,24 @@ def test_unannounced_length_stops_at_the_maximum(files: GeneratedFiles) -> None:
     assert files.wait_idle() < 64 * MiB
 
 
+def test_a_download_slower_than_the_maximum_time_is_abandoned(files: GeneratedFiles) -> None:
+    """1000 bytes at 50 bytes/s (20 s), 1 s allowed: abandoned (TimeoutError is retried)."""
+    notes = notifications(f"{files.url}/1000?slow", 1000)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="WIS2_VERIFY_MAX_SECONDS"):
+        verify_notifications(notes, max_seconds=1)
+    assert time.monotonic() - started < 10
+
+
 def test_max_bytes_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     from chain.settings import ChainSettings
 
     assert ChainSettings(_env_file=None).verify_max_bytes == 2 * GiB
+    assert ChainSettings(_env_file=None).verify_max_seconds == 900
     monkeypatch.setenv("WIS2_VERIFY_MAX_BYTES", "1000")
+    monkeypatch.setenv("WIS2_VERIFY_MAX_SECONDS", "60")
     assert ChainSettings(_env_file=None).verify_max_bytes == 1000
+    assert ChainSettings(_env_file=None).verify_max_seconds == 60
 
 
 def test_one_gib_file_is_verified_in_constant_memory(files: GeneratedFiles) -> None:

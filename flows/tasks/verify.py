@@ -4,6 +4,7 @@ The download is bounded: only `http`/`https` URLs are fetched; the body is strea
 chunk by chunk (constant memory, whatever the file size); it stops as soon as more bytes arrive
 than the announced `links[].length` (or than `WIS2_VERIFY_MAX_BYTES` when no length is
 announced), and a file announced larger than `WIS2_VERIFY_MAX_BYTES` is not downloaded at all.
+A download still running after `WIS2_VERIFY_MAX_SECONDS` is abandoned (a slow server: retried).
 
 Network errors and HTTP errors are retried (exponential backoff); a file whose bytes do not
 match the announced length or checksum, or a refused URL, fails at once (`DataMismatch`, not
@@ -15,6 +16,7 @@ from __future__ import annotations
 import base64
 import hmac
 import logging
+import time
 from urllib.parse import urlsplit
 
 import httpx
@@ -28,8 +30,8 @@ from wis2.multihash import new_hasher
 from wis2.notification import Link, Notification
 
 ALLOWED_SCHEMES = ("http", "https")
-CHUNK_SIZE = 1024 * 1024
 DEFAULT_MAX_BYTES = 2 * 1024**3
+DEFAULT_MAX_SECONDS = 900.0
 
 
 class DataMismatch(ValueError):
@@ -78,13 +80,16 @@ def _too_long(link: Link, got: str) -> DataMismatch:
 
 
 def download_and_check(
-    client: httpx.Client, notification: Notification, max_bytes: int = DEFAULT_MAX_BYTES
+    client: httpx.Client, notification: Notification, max_bytes: int = DEFAULT_MAX_BYTES,
+    max_seconds: float = DEFAULT_MAX_SECONDS,
 ) -> int:
     """Stream the announced file, check its length and integrity; return its size in bytes.
 
-    Memory stays constant (chunks are hashed and dropped). Raises `DataMismatch` naming the
-    field, `httpx.HTTPError` for network and HTTP errors (worth a retry).
+    Memory stays constant (what each network read returns is hashed and dropped). Raises
+    `DataMismatch` naming the field; `httpx.HTTPError` for network and HTTP errors and
+    `TimeoutError` past `max_seconds` (both worth a retry).
     """
+    deadline = time.monotonic() + max_seconds
     link = data_link(notification)
     _check_scheme(link, link.href)
     if link.length is not None and link.length > max_bytes:
@@ -111,7 +116,11 @@ def download_and_check(
                         path=_path(link, "href"),
                     )
                 raise _too_long(link, f"{declared} (Content-Length)")
-            for chunk in response.iter_bytes(CHUNK_SIZE):
+            for chunk in response.iter_bytes():  # as the reads return: no buffering
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{link.href}: download not finished after {max_seconds:g} s "
+                        f"({size} bytes read; WIS2_VERIFY_MAX_SECONDS)")
                 size += len(chunk)
                 if size > limit:
                     if link.length is None:
@@ -145,6 +154,7 @@ def verify_notifications(
     timeout: float = 30.0,
     max_bytes: int = DEFAULT_MAX_BYTES,
     logger: logging.Logger | logging.LoggerAdapter | None = None,
+    max_seconds: float = DEFAULT_MAX_SECONDS,
 ) -> list[str]:
     """Download and check the data of each notification (deletions are skipped)."""
     checked: list[str] = []
@@ -152,7 +162,7 @@ def verify_notifications(
         for note in notifications:
             if note.rel not in ("canonical", "update"):
                 continue
-            size = download_and_check(client, note, max_bytes)
+            size = download_and_check(client, note, max_bytes, max_seconds)
             href = data_link(note).href
             if logger is not None:
                 logger.info("verified %s (%d bytes)", href, size)
@@ -169,7 +179,8 @@ def verify_notifications(
 )
 def verify_data_task(
     notifications: list[Notification], timeout: float = 30.0,
-    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_bytes: int = DEFAULT_MAX_BYTES, max_seconds: float = DEFAULT_MAX_SECONDS,
 ) -> list[str]:
     """Download and check the data of each notification (deletions are skipped)."""
-    return verify_notifications(notifications, timeout, max_bytes, get_run_logger())
+    return verify_notifications(notifications, timeout, max_bytes, get_run_logger(),
+                                max_seconds)
