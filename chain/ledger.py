@@ -14,18 +14,16 @@ are free-form: the metadata flow records WCMP2 record identifiers the same way.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from chain.files import exclusive_lock, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +58,8 @@ class Ledger:
         """The ledger of a results directory."""
         return cls(Path(directory) / LEDGER_FILE)
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.lock_path.open("a") as lock_file:
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock_file, fcntl.LOCK_UN)
+    def _locked(self) -> AbstractContextManager[None]:
+        return exclusive_lock(self.lock_path)
 
     def _read(self) -> dict[str, Any]:
         try:
@@ -84,16 +75,7 @@ class Ledger:
         return data
 
     def _write(self, data: dict[str, Any]) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(data, handle, indent=1, sort_keys=True)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(self.path, json.dumps(data, indent=1, sort_keys=True))
 
     def get(self, key: str) -> LedgerEntry | None:
         """The entry recorded for `key`, or None."""
@@ -135,14 +117,3 @@ class Ledger:
             if found:
                 self._write(data)
         return found
-
-
-def relation_for(previous: LedgerEntry | None, checksum: str | None, deletion: bool) -> str:
-    """The link relation of a new publication given what the ledger recorded for its key."""
-    if deletion:
-        return "deletion"
-    if previous is None or previous.rel == "deletion":
-        return "canonical"
-    if previous.checksum != checksum:
-        return "update"
-    return previous.rel

@@ -153,7 +153,7 @@ def send_event(
             for error in exc.errors:
                 typer.echo(f"  {error.path}: {error.message}", err=True)
             raise typer.Exit(1) from None
-    conn = ChainSettings().mqtt_connection()
+    conn = ChainSettings().mqtt.connection()
     try:
         publish_once(conn, topic, raw, qos=1)
     except MqttError as exc:

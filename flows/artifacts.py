@@ -18,6 +18,7 @@ from prefect.artifacts import (
     create_table_artifact,
 )
 
+from chain.deployments import PUBLISH_NOTIFICATION
 from wis2.errors import FieldError
 from wis2.notification import Notification
 
@@ -86,7 +87,7 @@ def failure_artifact(
     error: BaseException | str,
     event: Any,
     field_errors: Sequence[FieldError] = (),
-    deployment: str = "publish-notification/default",
+    deployment: str = PUBLISH_NOTIFICATION,
 ) -> None:
     """Markdown: what failed, the field errors, and the exact event JSON to fix and replay."""
     kind = type(error).__name__ if isinstance(error, BaseException) else "Error"
@@ -109,10 +110,11 @@ def _replay_lines(deployment: str) -> list[str]:
     return [
         "Fix it and start a custom run of the "
         f"`{deployment}` deployment with this JSON as the `event` parameter "
-        "(Prefect UI: Deployments > publish-notification > Run > Custom run), or with the CLI:",
+        f"(Prefect UI: Deployments > {deployment.split('/')[0]} > Run > Custom run), "
+        "or with the CLI:",
         "",
         "```sh",
-        "prefect deployment run 'publish-notification/default' "
+        f"prefect deployment run '{deployment}' "
         "--params \"$(jq -n --argjson e \"$(cat event.json)\" '{event:$e}')\"",
         "```",
     ]
@@ -135,7 +137,7 @@ def batch_failure_artifact(
     key: str,
     failures: Sequence[dict[str, Any]],
     total: int,
-    deployment: str = "publish-notification/default",
+    deployment: str = PUBLISH_NOTIFICATION,
 ) -> None:
     """Markdown: each failed event of a batch (error, bad fields, exact JSON to replay).
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +29,8 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict
 
+from chain.deployments import PUBLISH_METADATA, PUBLISH_METADATA_FLOW, REPUBLISH_METADATA_FLOW
+from chain.files import PUBLIC, write_atomically
 from chain.ledger import Ledger, LedgerEntry
 from chain.settings import ChainSettings
 from flows.artifacts import artifact_key, notification_artifact, validation_table_artifact
@@ -39,7 +39,6 @@ from flows.tasks.build import checksum_of
 from flows.tasks.caching import result_storage
 from wis2.errors import FieldError, InvalidInput
 from wis2.metadata_notification import (
-    Operation,
     Wcmp2Record,
     build_metadata_notification,
     centre_id_of,
@@ -47,16 +46,15 @@ from wis2.metadata_notification import (
     parse_record,
     record_file_name,
     record_id_of,
-    relation_for,
 )
 from wis2.notification import Notification, rfc3339
+from wis2.relations import Operation, relation_for
 from wis2.topics import metadata_topic
 from wis2.validation import validate_notification
 from wis2.wcmp2 import validate_wcmp2
 
 log = logging.getLogger(__name__)
 
-DEPLOYMENT = "publish-metadata/default"
 LEDGER_KIND = "wcmp2-record"
 RECORD_COPIES = "metadata-records"
 
@@ -211,22 +209,6 @@ def _check_public_url(url: str) -> str:
     return url
 
 
-def write_exactly(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically (temporary file + rename), readable by a web server."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def serving_plan(
     record_id: str, public_url: str | None, settings: ChainSettings
 ) -> tuple[str, Path | None]:
@@ -261,7 +243,7 @@ def serve_record_task(
     """Write the exact record bytes under the metadata directory (when configured)."""
     href, target = serving_plan(loaded.record_id, public_url, settings)
     if target is not None:
-        write_exactly(target, loaded.raw)
+        write_atomically(target, loaded.raw, PUBLIC)
         get_run_logger().info("record served as %s (%d bytes) at %s", target, len(loaded.raw), href)
     else:
         get_run_logger().info("record announced at %s (served elsewhere)", href)
@@ -310,7 +292,7 @@ def record_metadata_task(
     copy: Path | None = None
     if loaded is not None:
         copy = result_storage(settings) / RECORD_COPIES / record_file_name(record_id)
-        write_exactly(copy, loaded.raw)
+        write_atomically(copy, loaded.raw, PUBLIC)
     return Ledger.in_dir(settings.results_dir).record(
         notification.properties.data_id,
         notification_id=notification.id,
@@ -351,11 +333,12 @@ def _failure_markdown(error: BaseException, params: dict[str, Any]) -> str:
     lines += [
         "The ledger records only acknowledged publications (see the run's logs and the "
         "validation table). Fix the record and run the "
-        f"`{DEPLOYMENT}` deployment again (Prefect UI: Deployments > publish-metadata > Run > "
+        f"`{PUBLISH_METADATA}` deployment again (Prefect UI: Deployments > "
+        f"{PUBLISH_METADATA_FLOW} > Run > "
         "Custom run), or:",
         "",
         "```sh",
-        f"prefect deployment run '{DEPLOYMENT}' --param record_location=<path-or-url> "
+        f"prefect deployment run '{PUBLISH_METADATA}' --param record_location=<path-or-url> "
         "--param operation=create",
         "```",
         "",
@@ -376,7 +359,7 @@ def _params_json(**params: Any) -> dict[str, Any]:
 
 
 @flow(
-    name="publish-metadata",
+    name=PUBLISH_METADATA_FLOW,
     flow_run_name=_run_label,
     description="Validate a WCMP2 discovery metadata record, serve it and publish its WIS2 "
     "notification on origin/a/wis2/<centre-id>/metadata.",
@@ -453,7 +436,7 @@ def _publish_metadata(
     topic = metadata_topic(centre_id)
     previous = _ledger_entry(settings, centre_id, rid)
     published_before = previous is not None and previous.rel != "deletion"
-    rel = relation_for(operation, published_before)
+    rel = relation_for(operation, previous, republication=True)
     if operation == "update" and not published_before:
         logger.warning("record %s was never published by this node: publishing it as canonical",
                        rid)
@@ -540,7 +523,7 @@ class RepublishResult(BaseModel):
 
 
 @flow(
-    name="republish-metadata",
+    name=REPUBLISH_METADATA_FLOW,
     description="Publish again (rel=update) every WCMP2 record this node currently publishes.",
 )
 def republish_metadata() -> RepublishResult:

@@ -17,6 +17,7 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
+from chain.deployments import PUBLISH_NOTIFICATION, PUBLISH_NOTIFICATION_FLOW
 from chain.settings import ChainSettings
 from flows.artifacts import (
     artifact_key,
@@ -37,9 +38,7 @@ from wis2.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
-DEPLOYMENT = "publish-notification/default"
-
-__all__ = ["DEPLOYMENT", "PublishResult", "PublishedNotification", "as_event", "event_json",
+__all__ = ["PublishResult", "PublishedNotification", "as_event", "event_json",
            "file_label", "publish_notification"]
 
 
@@ -62,7 +61,7 @@ def run_name() -> str:
 
 
 @flow(
-    name="publish-notification",
+    name=PUBLISH_NOTIFICATION_FLOW,
     flow_run_name=run_name,
     validate_parameters=False,  # the flow parses the event itself to name the bad fields
     description="Turn one file-diffusion CloudEvent (STAC item) into WIS2 notification(s), "
@@ -89,7 +88,7 @@ def publish_notification(event: CloudEvent, dataset: str | None = None) -> Publi
             error=exc,
             event=event_json(event),
             field_errors=errors,
-            deployment=DEPLOYMENT,
+            deployment=PUBLISH_NOTIFICATION,
         )
         raise
 

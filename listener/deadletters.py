@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from chain.files import exclusive_lock, write_atomically
 from wis2.errors import FieldError
 
 log = logging.getLogger(__name__)
@@ -104,38 +101,13 @@ class DeadLetterStore:
         return self.dir / f"{letter_id}.json"
 
     def _write(self, letter: DeadLetter) -> Path:
-        self.dir.mkdir(parents=True, exist_ok=True)
         target = self.path(letter.id)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                out.write(letter.model_dump_json(indent=2))
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        try:  # make the rename durable
-            dir_fd = os.open(self.dir, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError:
-            pass
+        write_atomically(target, letter.model_dump_json(indent=2))
         return target
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
         """Serialise read-modify-write of records (listener and CLI may update one at once)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        return exclusive_lock(self.dir / ".lock")
 
     def add(self, letter: DeadLetter) -> DeadLetter:
         """Store `letter`; the same topic+payload again updates the existing record."""

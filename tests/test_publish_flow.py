@@ -36,11 +36,12 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import Artifact, FlowRun
 
 from blocks.mqtt_broker import MqttBroker
-from chain.ledger import Ledger, relation_for
+from chain.ledger import Ledger
 from chain.mqtt import MqttConnection, connect
 from flows.publish_notification import PublishResult, publish_notification
 from tests.fixtures.paths import BUFR_EVENT, NETCDF_EVENT
 from wis2.dataset import load_dataset
+from wis2.relations import relation_for
 from wis2.validation import validate_notification
 
 pytestmark = pytest.mark.timeout(180)
@@ -472,14 +473,14 @@ def test_verify_data_rejects_a_wrong_checksum(
 def test_ledger_records_and_decides_the_relation(tmp_path: Path) -> None:
     ledger = Ledger.in_dir(tmp_path)
     assert ledger.get("wis2/x/a") is None
-    assert relation_for(None, "sha256:AAA", deletion=False) == "canonical"
+    assert relation_for("create", None, "sha256:AAA") == "canonical"
     entry = ledger.record("wis2/x/a", notification_id="n1", rel="canonical", checksum="sha256:AAA")
     assert Ledger.in_dir(tmp_path).get("wis2/x/a") == entry
-    assert relation_for(entry, "sha256:AAA", deletion=False) == "canonical"
-    assert relation_for(entry, "sha256:BBB", deletion=False) == "update"
-    assert relation_for(entry, "sha256:BBB", deletion=True) == "deletion"
+    assert relation_for("create", entry, "sha256:AAA") == "canonical"
+    assert relation_for("create", entry, "sha256:BBB") == "update"
+    assert relation_for("delete", entry, "sha256:BBB") == "deletion"
     gone = ledger.record("wis2/x/a", notification_id="n2", rel="deletion")
-    assert relation_for(gone, "sha256:CCC", deletion=False) == "canonical"
+    assert relation_for("create", gone, "sha256:CCC") == "canonical"
 
 
 def test_ledger_keeps_every_concurrent_write(tmp_path: Path) -> None:

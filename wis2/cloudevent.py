@@ -24,8 +24,8 @@ from pydantic import (
 from wis2.errors import FieldError, InvalidInput, field_errors_from
 from wis2.multihash import decode_multihash, integrity_from_multihash
 from wis2.notification import Integrity
+from wis2.relations import Operation
 
-Operation = Literal["create", "update", "delete"]
 _DELETE_WORDS = {"delete", "deleted", "deletion", "removed", "remove"}
 _UPDATE_WORDS = {"update", "updated", "modified", "changed", "modify"}
 _URL_SCHEMES = {"http", "https", "ftp", "ftps"}

@@ -12,11 +12,12 @@ from pathlib import Path
 from prefect import task
 from prefect.logging import get_run_logger
 
-from chain.ledger import Ledger, relation_for
+from chain.ledger import Ledger
 from wis2.cloudevent import CloudEvent
 from wis2.dataset import DatasetDescription
 from wis2.mapping import build_notifications
 from wis2.notification import Notification
+from wis2.relations import relation_for
 
 from .caching import BUILD_CACHE
 
@@ -34,7 +35,8 @@ def notifications_for(
     built = build_notifications(event, dataset, pubtime=pubtime)
     needs_update = [
         note.rel == "canonical"
-        and relation_for(ledger.get(note.properties.data_id), checksum_of(note), False) == "update"
+        and relation_for("create", ledger.get(note.properties.data_id), checksum_of(note))
+        == "update"
         for note in built
     ]
     if not any(needs_update):
