@@ -20,9 +20,9 @@ from chain.ledger import Ledger
 from chain.mqtt import MqttConnection
 from chain.settings import ChainSettings
 from flows.tasks import (
+    BrokerReceipt,
     ConfiguredTasks,
     DataMismatch,
-    PublishReceipt,
     configured_tasks,
     load_broker_connection,
     load_dataset_task,
@@ -38,7 +38,10 @@ from wis2.validation import ValidationFailed
 log = logging.getLogger(__name__)
 
 
-class PublishedNotification(BaseModel):
+class NotificationOutcome(BaseModel):
+    """One notification of a run: what it announced, and whether this run sent it (`sent`) or an
+    earlier run had (a cache hit: not sent again)."""
+
     id: str
     data_id: str
     rel: str | None
@@ -120,17 +123,17 @@ class Pipeline:
 
 
 @dataclass
-class EventPublication:
-    """What `publish_event` did for one event."""
+class ProcessedEvent:
+    """One event through the pipeline: its notifications, which were sent, the validation rows."""
 
     event: CloudEvent
     notifications: list[Notification]
     sent: list[bool]  # per notification: False when published earlier (cache hit)
     validation_rows: list[dict[str, Any]]
 
-    def published(self) -> list[PublishedNotification]:
+    def published(self) -> list[NotificationOutcome]:
         return [
-            PublishedNotification(
+            NotificationOutcome(
                 id=note.id,
                 data_id=note.properties.data_id,
                 rel=note.rel,
@@ -144,7 +147,7 @@ class EventPublication:
 
 def publish_event(
     raw_event: Any, pipeline: Pipeline, *, validation_key: str | None
-) -> EventPublication:
+) -> ProcessedEvent:
     """Build, validate, verify, publish and record the notification(s) of one event.
 
     `validation_key`: key of the validation table artifact; None creates none (the caller
@@ -170,7 +173,7 @@ def publish_event(
     sent: list[bool] = []
     for note in notifications:
         state = tasks.publish(note, pipeline.dataset.topic, connection, return_state=True)
-        receipt: PublishReceipt = state.result()  # raises the publish error after retries
+        receipt: BrokerReceipt = state.result()  # raises the publish error after retries
         sent.append(state.name != "Cached")
         logger.info("notification %s: %s", receipt.notification_id,
                     "sent" if sent[-1] else "already published (cached)")
@@ -178,5 +181,5 @@ def publish_event(
     fresh = [note for note, was_sent in zip(notifications, sent, strict=True) if was_sent]
     if fresh:
         record_publication_task(fresh, pipeline.ledger_path)
-    return EventPublication(event=event, notifications=notifications, sent=sent,
+    return ProcessedEvent(event=event, notifications=notifications, sent=sent,
                             validation_rows=rows)

@@ -25,8 +25,8 @@ from chain.deployments import PUBLISH_BATCH_FLOW, PUBLISH_NOTIFICATION
 from chain.settings import ChainSettings
 from flows.artifacts import artifact_key, batch_failure_artifact, batch_table_artifact
 from flows.pipeline import (
+    NotificationOutcome,
     Pipeline,
-    PublishedNotification,
     event_json,
     field_errors_of,
     file_label,
@@ -45,11 +45,11 @@ class EventOutcome(BaseModel):
     event_id: str | None
     label: str
     status: Literal["published", "cached", "failed"]  # cached: every notification published earlier
-    notifications: list[PublishedNotification] = []
+    notifications: list[NotificationOutcome] = []
     error: str | None = None
 
 
-class BatchResult(BaseModel):
+class BatchRunResult(BaseModel):
     """What a batch run did (the flow's return value, also when it ends Failed)."""
 
     dataset: str
@@ -146,7 +146,7 @@ def publish_batch(events: list[CloudEvent], dataset: str | None = None) -> State
                       "status": "sent" if n.sent else "already published (cached)"}
                      for n in published]
 
-    result = BatchResult(
+    result = BatchRunResult(
         dataset=pipeline.dataset.name if pipeline else dataset_name,
         topic=pipeline.dataset.topic if pipeline else None,
         verified=settings.verify_data,
