@@ -45,6 +45,14 @@ class ChainSettings(BaseSettings):
         default=2.0, ge=0, description="Seconds before the first retry; doubles on each retry"
     )
     retry_jitter_factor: float = Field(default=0.5, ge=0, description="Random extra delay factor")
+    # Backfills (`backfill` flow, `wis2-chain backfill`): how fast and in which groups.
+    backfill_rate: float = Field(
+        default=20.0, ge=0,
+        description="Most notifications per second a backfill sends (0: no limit); live events "
+        "keep their latency beside it",
+    )
+    backfill_batch_size: int = Field(
+        default=50, ge=1, description="Events per publish-batch run of a backfill")
     broker_block: str = Field(default="wis2-broker", description="Name of the MqttBroker block")
     # Discovery metadata (publish-metadata flow): where records are served from, if by this node.
     metadata_dir: Path | None = Field(
