@@ -10,10 +10,12 @@ import contextvars
 import copy
 import hashlib
 import json
+import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import closing
 from datetime import UTC, datetime
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -36,7 +38,7 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import Artifact, FlowRun
 
 from blocks.mqtt_broker import MqttBroker
-from chain.ledger import Ledger
+from chain.ledger import Ledger, LedgerEntry
 from chain.mqtt import MqttConnection, connect
 from flows.publish_notification import NotificationRunResult, publish_notification
 from tests.fixtures.paths import BUFR_EVENT, NETCDF_EVENT
@@ -484,7 +486,7 @@ def test_ledger_records_and_decides_the_relation(tmp_path: Path) -> None:
 
 
 def test_ledger_keeps_every_concurrent_write(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "ledger.json")
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
     keys = [f"wis2/x/{i}" for i in range(40)]
     threads = [
         threading.Thread(
@@ -497,7 +499,19 @@ def test_ledger_keeps_every_concurrent_write(tmp_path: Path) -> None:
     for thread in threads:
         thread.join()
     assert sorted(ledger.all()) == sorted(keys)
-    assert json.loads(ledger.path.read_text())  # valid JSON
+    with closing(sqlite3.connect(ledger.path)) as db:  # a sound database
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_ledger_imports_the_json_ledger_of_earlier_versions(tmp_path: Path) -> None:
+    entry = {"checksum": "sha256:AAA", "notification_id": "n1", "rel": "canonical",
+             "pubtime": "2026-11-01T00:00:00Z", "recorded_at": "2026-11-01T00:00:01+00:00",
+             "kind": "wcmp2-record"}
+    (tmp_path / "publication-ledger.json").write_text(json.dumps({"wis2/x/a": entry}))
+    ledger = Ledger.in_dir(tmp_path)
+    assert ledger.get("wis2/x/a") == LedgerEntry.model_validate(entry)
+    ledger.forget("wis2/x/a")
+    assert Ledger.in_dir(tmp_path).get("wis2/x/a") is None  # imported once, not again
 
 
 def test_artifacts_do_not_leak_the_password(on_session_broker: Subscriber, session_broker) -> None:
