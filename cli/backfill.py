@@ -66,7 +66,7 @@ def _run_deployment(parameters: dict[str, Any], timeout: float) -> tuple[bool, s
     from prefect.deployments import run_deployment
 
     flow_run = run_deployment(BACKFILL, parameters=parameters, timeout=0)
-    typer.echo(f"backfill run {flow_run.name} ({flow_run.id}) created; waiting for a worker")
+    typer.echo(f"backfill run {flow_run.id} of {BACKFILL} created; waiting for a worker")
     deadline = time.monotonic() + timeout if timeout else None
     with _bar() as bar, get_client(sync_client=True) as client:
         task = bar.add_task("scheduled", total=100.0)
