@@ -9,6 +9,7 @@ a refused batch) falls back to one run per event.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from listener.backoff import ApiBackoff
 from listener.batching import BatchPolicy
@@ -23,17 +24,16 @@ from wis2.errors import FieldError
 log = logging.getLogger("listener")
 
 
+@dataclass(eq=False)
 class RunCreation:
-    def __init__(
-        self, creator: RunCreator, api: ApiBackoff, session: MqttSession, rejecter: Rejecter,
-        batches: BatchPolicy, metrics: Metrics,
-    ) -> None:
-        self.creator = creator
-        self.api = api
-        self.session = session
-        self.rejecter = rejecter
-        self.batches = batches
-        self.metrics = metrics
+    """Creates the runs of accepted messages (through `api`, with back-off), acknowledges them."""
+
+    creator: RunCreator
+    api: ApiBackoff
+    session: MqttSession
+    rejecter: Rejecter
+    batches: BatchPolicy
+    metrics: Metrics
 
     async def create(self, members: list[Accepted]) -> None:
         """One batch run for `members` (same route), or one run each."""

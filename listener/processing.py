@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 
 from listener.backoff import ApiBackoff
 from listener.batching import BatchPolicy, by_route, collect
@@ -20,21 +21,19 @@ from listener.stopping import StopSignal
 log = logging.getLogger("listener")
 
 
+@dataclass(eq=False)
 class Processor:
-    def __init__(
-        self, settings: ListenerSettings, queue: asyncio.Queue[Inbound | None],
-        session: MqttSession, api: ApiBackoff, rejecter: Rejecter, batches: BatchPolicy,
-        runs: RunCreation, metrics: Metrics, stop: StopSignal,
-    ) -> None:
-        self.settings = settings
-        self.queue = queue
-        self.session = session
-        self.api = api
-        self.rejecter = rejecter
-        self.batches = batches
-        self.runs = runs
-        self.metrics = metrics
-        self.stop = stop
+    """What each worker does with the messages it takes from `queue`."""
+
+    settings: ListenerSettings
+    queue: asyncio.Queue[Inbound | None]
+    session: MqttSession
+    api: ApiBackoff
+    rejecter: Rejecter
+    batches: BatchPolicy
+    runs: RunCreation
+    metrics: Metrics
+    stop: StopSignal
 
     async def worker(self) -> None:
         """Take messages until the stop; none while the API is unavailable."""

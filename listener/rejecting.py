@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 
 from listener.deadletters import DeadLetter, DeadLetterStore
 from listener.messages import Inbound, Rejection
@@ -14,11 +15,13 @@ from listener.session import MqttSession
 log = logging.getLogger("listener")
 
 
+@dataclass(eq=False)
 class Rejecter:
-    def __init__(self, store: DeadLetterStore, metrics: Metrics, session: MqttSession) -> None:
-        self.store = store
-        self.metrics = metrics
-        self.session = session
+    """Sends messages to the dead-letter store, then acknowledges them."""
+
+    store: DeadLetterStore
+    metrics: Metrics
+    session: MqttSession
 
     async def dead_letter(self, item: Inbound, rejection: Rejection) -> None:
         """Store `item` in the dead-letter store with why, then acknowledge it."""

@@ -100,8 +100,10 @@ class Listener:
             async with RunCreator(timeout=s.api_timeout) as creator:
                 runs = RunCreation(creator, self.api, self.session, self.rejecter, self.batches,
                                    self.metrics)
-                processor = Processor(s, self.queue, self.session, self.api, self.rejecter,
-                                      self.batches, runs, self.metrics, self.stop)
+                processor = Processor(
+                    settings=s, queue=self.queue, session=self.session, api=self.api,
+                    rejecter=self.rejecter, batches=self.batches, runs=runs,
+                    metrics=self.metrics, stop=self.stop)
                 self.session.start(
                     lambda item: loop.call_soon_threadsafe(self.queue.put_nowait, item))
                 workers = [asyncio.create_task(processor.worker())
