@@ -60,8 +60,8 @@ def as_event(event: CloudEvent | dict[str, Any] | str | bytes) -> CloudEvent:
 
 def event_json(event: Any) -> Any:
     """The event as the operator should see it (JSON data, as received when possible)."""
-    if isinstance(event, BaseModel):
-        return event.model_dump(mode="json", by_alias=True, exclude_none=True)
+    if isinstance(event, CloudEvent):
+        return event.to_dict()
     if isinstance(event, bytes | str):
         try:
             return json.loads(event)

@@ -42,6 +42,14 @@ def deadletter_id(topic: str, payload: bytes) -> str:
     return hashlib.sha256(topic.encode() + b"\x00" + payload).hexdigest()[:16]
 
 
+def _stored_payload(payload: bytes) -> tuple[str | None, str | None]:
+    """(`payload`, `payload_base64`) of a record: the text when it is UTF-8, else base64."""
+    try:
+        return payload.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return None, base64.b64encode(payload).decode("ascii")
+
+
 class Replay(BaseModel):
     at: datetime
     topic: str
@@ -78,10 +86,7 @@ class DeadLetter(BaseModel):
         errors: list[FieldError] | None = None, received: datetime | None = None,
     ) -> DeadLetter:
         received = received or utcnow()
-        try:
-            text, b64 = payload.decode("utf-8"), None
-        except UnicodeDecodeError:
-            text, b64 = None, base64.b64encode(payload).decode("ascii")
+        text, b64 = _stored_payload(payload)
         return cls(
             id=deadletter_id(topic, payload), topic=topic, reason=reason, message=message,
             errors=errors or [], received=received, last_received=received, size=len(payload),
@@ -171,11 +176,7 @@ class DeadLetterStore:
         """Replace the payload to replay (the record keeps its id)."""
         with self._locked():
             letter = self.get(letter_id)
-            try:
-                letter.payload, letter.payload_base64 = payload.decode("utf-8"), None
-            except UnicodeDecodeError:
-                letter.payload = None
-                letter.payload_base64 = base64.b64encode(payload).decode("ascii")
+            letter.payload, letter.payload_base64 = _stored_payload(payload)
             letter.size = len(payload)
             self._write(letter)
         return letter
