@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import uuid
@@ -12,17 +13,25 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
+from listener.backoff import ApiBackoff, backoff_delays
+from listener.batching import BatchPolicy, by_route, collect
 from listener.deadletters import DeadLetter, DeadLetterStore
+from listener.messages import Accepted, Inbound, Rejection, check_message
 from listener.observability import LogfmtFormatter, Metrics
 from listener.runs import (
+    ApiRejected,
+    ApiUnavailable,
+    DeploymentMissing,
+    RunCreated,
     RunCreator,
     batch_idempotency_key,
     batch_parameters,
     idempotency_key,
     run_parameters,
 )
-from listener.service import Rejection, check_message
+from listener.session import InFlight
 from listener.settings import ListenerSettings, Route
+from listener.stopping import StopSignal
 from tests.fixtures.paths import BUFR_EVENT
 
 
@@ -209,3 +218,185 @@ def test_run_creation_skips_the_servers_schema_check() -> None:
     assert body["idempotency_key"] == idempotency_key(event, route.deployment)
     assert body["parameters"] == run_parameters(event, route)
     assert body["state"]["type"] == "SCHEDULED"
+
+
+def test_unreadable_payloads_keep_the_listeners_wording() -> None:
+    """The payload is parsed once (by parse_event); the reasons and messages stay the listener's."""
+    s = settings()
+
+    def rejected(payload: bytes) -> Rejection:
+        rejection = check_message(s, "diffusion/files/a", payload)
+        assert isinstance(rejection, Rejection)
+        if rejection.reason in ("not_utf8", "not_json"):
+            assert [(e.path, e.message) for e in rejection.errors] == [("$", rejection.message)]
+        return rejection
+
+    assert rejected(b"ok \xc3").reason == "not_utf8"
+    assert rejected(b"ok \xc3").message == (
+        "payload is not UTF-8 text (invalid byte at offset 3)")
+    assert rejected(b"{not json").reason == "not_json"
+    assert rejected(b"{not json").message == ("payload is not JSON: Expecting property name "
+                                              "enclosed in double quotes at line 1 column 2")
+    assert rejected(b"").message == "payload is not JSON: Expecting value at line 1 column 1"
+    deep = b"[" * 100000 + b"]" * 100000
+    with pytest.raises(RecursionError) as recursion:
+        json.loads(deep)
+    assert rejected(deep).reason == "not_json"
+    assert rejected(deep).message == f"payload is not JSON that can be read: {recursion.value}"
+    digits = b'{"n": ' + b"1" * 5000 + b"}"
+    with pytest.raises(ValueError) as too_long:
+        json.loads(digits)
+    assert rejected(digits).message == f"payload is not JSON that can be read: {too_long.value}"
+    # JSON that is not an object is an invalid event; a JSON string is not parsed a second time
+    assert rejected(b"[1, 2]").message == (
+        "invalid event: $: a CloudEvent is a JSON object, not list")
+    double_encoded = json.dumps(BUFR_EVENT.read_text()).encode()
+    assert rejected(double_encoded).reason == "invalid_event"
+    assert rejected(double_encoded).message == (
+        "invalid event: $: a CloudEvent is a JSON object, not str")
+
+
+def inbound(n: int = 0, received: float = 0.0) -> Inbound:
+    return Inbound(topic=f"diffusion/files/{n}", payload=b"{}", mid=n, qos=1, dup=False,
+                   generation=1, received=received)
+
+
+def test_in_flight_counts_and_ages() -> None:
+    now = [100.0]
+    in_flight = InFlight(clock=lambda: now[0])
+    assert (in_flight.count(), in_flight.oldest_age()) == (0, 0.0)
+    a, b = inbound(1, received=90.0), inbound(2, received=95.0)
+    in_flight.add(a)
+    in_flight.add(b)
+    assert (in_flight.count(), in_flight.oldest_age()) == (2, 10.0)
+    assert a in in_flight and inbound(3) not in in_flight
+    in_flight.remove(a)
+    in_flight.remove(a)  # twice: no error
+    assert (in_flight.count(), in_flight.oldest_age()) == (1, 5.0)
+
+
+def test_backoff_delays_double_up_to_the_maximum() -> None:
+    assert list(itertools.islice(backoff_delays(1.0, 10.0), 6)) == [1, 2, 4, 8, 10, 10]
+    assert list(itertools.islice(backoff_delays(5.0, 5.0), 2)) == [5, 5]
+
+
+def api_backoff(stop: StopSignal, abandoned: list[Inbound]) -> tuple[ApiBackoff, Metrics]:
+    metrics = Metrics()
+    s = settings(retry_min_delay=0.001, retry_max_delay=0.002)
+    return ApiBackoff(s, metrics, stop, abandoned.append), metrics
+
+
+def created() -> RunCreated:
+    return RunCreated(run_id=uuid.uuid4(), name="quiet-fox", created=True)
+
+
+def test_api_backoff_retries_while_unavailable() -> None:
+    async def scenario() -> None:
+        stop, abandoned = StopSignal(), []
+        api, metrics = api_backoff(stop, abandoned)
+        answers: list[Exception | RunCreated] = [
+            ApiUnavailable("HTTP 503"), DeploymentMissing("not deployed"), created()]
+        statuses = []
+
+        async def call() -> RunCreated:
+            statuses.append((api.status, api.ok.is_set()))
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        result = await api.call(call, [inbound()], {"event_id": "e"})
+        assert result is not None and result.name == "quiet-fox"
+        # 503 marks the API unavailable (the other workers wait); a missing deployment does not
+        assert statuses == [("unknown", True), ("unavailable: HTTP 503", False),
+                            ("unavailable: HTTP 503", False)]
+        assert (api.status, api.ok.is_set(), abandoned) == ("ok", True, [])
+        assert metrics.api_errors._value.get() == 2
+
+        async def missing() -> RunCreated:
+            raise DeploymentMissing("no batch deployment")
+
+        with pytest.raises(DeploymentMissing):
+            await api.call(missing, [inbound()], {}, retry_missing=False)
+
+        async def refused() -> RunCreated:
+            raise ApiRejected("HTTP 422: bad parameters")
+
+        api.ok.clear()
+        with pytest.raises(ApiRejected):
+            await api.call(refused, [inbound()], {})
+        assert api.ok.is_set()
+
+    asyncio.run(scenario())
+
+
+def test_api_backoff_gives_up_on_stop_leaving_messages_unacknowledged() -> None:
+    async def scenario() -> None:
+        stop, abandoned = StopSignal(), []
+        api, _ = api_backoff(stop, abandoned)
+        items = [inbound(1), inbound(2)]
+
+        async def down() -> RunCreated:
+            stop.set()  # the stop comes while the call is failing
+            raise ApiUnavailable("connection refused")
+
+        assert await api.call(down, items, {}) is None
+        assert abandoned == items
+
+    asyncio.run(scenario())
+
+
+def test_batch_policy_remembers_missing_batch_deployments(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    policy = BatchPolicy(max_size=50, recheck=60, clock=lambda: now[0])
+    route = Route(topic_filter="diffusion/files/#")
+    assert policy.allows(route)
+    assert not policy.allows(Route(topic_filter="a/#", batch_deployment=None))
+    assert not BatchPolicy(max_size=1).allows(route)
+    with caplog.at_level(logging.WARNING, logger="listener"):
+        policy.missing("publish-batch/default", DeploymentMissing("not found"))
+        now[0] = 30.0
+        policy.missing("publish-batch/default", DeploymentMissing("not found"))
+    assert sum("batch deployment missing" in r.getMessage() for r in caplog.records) == 1
+    now[0] = 90.0
+    assert not policy.allows(route)  # 60 s since it was last found missing, not more
+    now[0] = 90.5
+    assert policy.allows(route)  # looked up again
+    policy.missing("publish-batch/default", DeploymentMissing("not found"))
+    policy.found("publish-batch/default")
+    assert policy.allows(route)
+
+
+def test_collect_takes_a_burst_grouped_by_route() -> None:
+    event = check_message(settings(), "diffusion/files/x", BUFR_EVENT.read_bytes())[1]
+    meteo, other = Route(topic_filter="diffusion/files/meteo/#"), Route(topic_filter="#")
+
+    async def accept(item: Inbound) -> Accepted | None:
+        if item.mid == 3:
+            return None  # dead-lettered
+        return Accepted(item, meteo if item.mid % 2 else other, event)
+
+    async def scenario() -> None:
+        queue: asyncio.Queue[Inbound | None] = asyncio.Queue()
+        for n in range(1, 7):
+            queue.put_nowait(inbound(n))
+        first = Accepted(inbound(0), other, event)
+        taken = await collect(first, queue, accept, max_size=4, max_wait=0, stop=StopSignal())
+        assert [a.item.mid for a in taken] == [0, 1, 2, 4]  # 3 was rejected; 5 and 6 wait
+        assert queue.qsize() == 2
+        groups = by_route(taken)
+        assert [[a.item.mid for a in group] for group in groups] == [[0, 2, 4], [1]]
+        # a stop signal (None) in the queue is handed back to the workers
+        queue.put_nowait(None)
+        taken = await collect(first, queue, accept, max_size=10, max_wait=0, stop=StopSignal())
+        assert [a.item.mid for a in taken] == [0, 5, 6]
+        assert queue.get_nowait() is None
+        stopped = StopSignal()
+        stopped.set()
+        queue.put_nowait(inbound(7))
+        assert await collect(first, queue, accept, max_size=10, max_wait=0, stop=stopped) == [
+            first]
+
+    asyncio.run(scenario())

@@ -19,7 +19,6 @@ from wis2.cloudevent import parse_event
 from wis2.dataset import DatasetDescription, load_dataset
 from wis2.errors import InvalidInput
 from wis2.mapping import (
-    REL_FOR_OPERATION,
     build_notifications,
     data_assets,
     data_id_for,
@@ -27,6 +26,7 @@ from wis2.mapping import (
 )
 from wis2.multihash import integrity_of, multihash_of
 from wis2.notification import WNM_CONFORMANCE
+from wis2.relations import RELATION_OF_OPERATION
 from wis2.validation import validate_notification
 
 PUBTIME = datetime(2025, 3, 28, 14, 31, 5, tzinfo=UTC)
@@ -53,7 +53,8 @@ def bufr() -> dict[str, Any]:
 
 
 def test_rel_for_operation() -> None:
-    assert REL_FOR_OPERATION == {"create": "canonical", "update": "update", "delete": "deletion"}
+    expected = {"create": "canonical", "update": "update", "delete": "deletion"}
+    assert expected == RELATION_OF_OPERATION
 
 
 def test_bufr_reference_event(argo: DatasetDescription) -> None:
@@ -398,7 +399,7 @@ def test_any_valid_event_builds_or_is_refused_by_field(
         data = message.to_dict()
         json.dumps(data)
         assert ("datetime" in data["properties"]) != ("start_datetime" in data["properties"])
-        assert message.rel == REL_FOR_OPERATION[event.operation]
+        assert message.rel == RELATION_OF_OPERATION[event.operation]
         content_value = data["properties"].get("content", {}).get("value", "")
         assert len(content_value) <= 4096
         assert bool(content_value) <= (inline and event.operation != "delete")

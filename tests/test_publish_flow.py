@@ -10,10 +10,12 @@ import contextvars
 import copy
 import hashlib
 import json
+import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import closing
 from datetime import UTC, datetime
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -36,11 +38,12 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import Artifact, FlowRun
 
 from blocks.mqtt_broker import MqttBroker
-from chain.ledger import Ledger, relation_for
+from chain.ledger import Ledger, LedgerEntry
 from chain.mqtt import MqttConnection, connect
-from flows.publish_notification import PublishResult, publish_notification
+from flows.publish_notification import NotificationRunResult, publish_notification
 from tests.fixtures.paths import BUFR_EVENT, NETCDF_EVENT
 from wis2.dataset import load_dataset
+from wis2.relations import relation_for
 from wis2.validation import validate_notification
 
 pytestmark = pytest.mark.timeout(180)
@@ -172,7 +175,7 @@ def test_reference_event_is_published(on_session_broker: Subscriber, load_event,
     event = load_event()
     state = run(event)
     assert state.is_completed(), state.message
-    result: PublishResult = state.result()
+    result: NotificationRunResult = state.result()
     flow_run_id = state.state_details.flow_run_id
 
     # the run: completed, named after the file
@@ -215,8 +218,8 @@ def test_same_event_again_reuses_the_notification(on_session_broker: Subscriber)
     first = run(bufr_event())
     second = run(bufr_event())
     assert first.is_completed() and second.is_completed(), second.message
-    one: PublishResult = first.result()
-    two: PublishResult = second.result()
+    one: NotificationRunResult = first.result()
+    two: NotificationRunResult = second.result()
     assert first.state_details.flow_run_id != second.state_details.flow_run_id
     assert two.ids == one.ids
     assert [n.pubtime for n in two.notifications] == [n.pubtime for n in one.notifications]
@@ -249,7 +252,7 @@ def test_concurrent_runs_of_one_event_publish_one_notification(
     for thread in threads:
         thread.join(120)
     assert len(states) == 2 and all(s.is_completed() for s in states), states
-    results: list[PublishResult] = [s.result() for s in states]
+    results: list[NotificationRunResult] = [s.result() for s in states]
     assert results[0].ids == results[1].ids
     assert sorted(n.sent for r in results for n in r.notifications) == [False, True]
     messages = on_session_broker.settle()
@@ -265,7 +268,7 @@ def test_changed_file_is_published_as_update(on_session_broker: Subscriber, chai
     asset["file:size"] = len(content)
     state = run(changed)
     assert state.is_completed(), state.message
-    second: PublishResult = state.result()
+    second: NotificationRunResult = state.result()
 
     assert second.notifications[0].data_id == first.notifications[0].data_id
     assert second.ids != first.ids
@@ -287,7 +290,7 @@ def test_deletion_event_publishes_a_deletion(on_session_broker: Subscriber, chai
     deletion["operation"] = "delete"
     state = run(deletion)
     assert state.is_completed(), state.message
-    second: PublishResult = state.result()
+    second: NotificationRunResult = state.result()
     assert second.notifications[0].rel == "deletion"
     assert second.notifications[0].data_id == first.notifications[0].data_id
     messages = on_session_broker.wait_for(2)
@@ -401,7 +404,7 @@ def test_broker_down_then_up_retries_and_publishes_once(chain, mqtt_broker) -> N
 
         state = outcome["state"]
         assert state.is_completed(), state.message
-        result: PublishResult = state.result()
+        result: NotificationRunResult = state.result()
         messages = sub.wait_for(1, timeout=30)
         messages = sub.settle(1.0)
         assert [m["id"] for _, m in messages] == result.ids
@@ -472,18 +475,18 @@ def test_verify_data_rejects_a_wrong_checksum(
 def test_ledger_records_and_decides_the_relation(tmp_path: Path) -> None:
     ledger = Ledger.in_dir(tmp_path)
     assert ledger.get("wis2/x/a") is None
-    assert relation_for(None, "sha256:AAA", deletion=False) == "canonical"
+    assert relation_for("create", None, "sha256:AAA") == "canonical"
     entry = ledger.record("wis2/x/a", notification_id="n1", rel="canonical", checksum="sha256:AAA")
     assert Ledger.in_dir(tmp_path).get("wis2/x/a") == entry
-    assert relation_for(entry, "sha256:AAA", deletion=False) == "canonical"
-    assert relation_for(entry, "sha256:BBB", deletion=False) == "update"
-    assert relation_for(entry, "sha256:BBB", deletion=True) == "deletion"
+    assert relation_for("create", entry, "sha256:AAA") == "canonical"
+    assert relation_for("create", entry, "sha256:BBB") == "update"
+    assert relation_for("delete", entry, "sha256:BBB") == "deletion"
     gone = ledger.record("wis2/x/a", notification_id="n2", rel="deletion")
-    assert relation_for(gone, "sha256:CCC", deletion=False) == "canonical"
+    assert relation_for("create", gone, "sha256:CCC") == "canonical"
 
 
 def test_ledger_keeps_every_concurrent_write(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "ledger.json")
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
     keys = [f"wis2/x/{i}" for i in range(40)]
     threads = [
         threading.Thread(
@@ -496,7 +499,19 @@ def test_ledger_keeps_every_concurrent_write(tmp_path: Path) -> None:
     for thread in threads:
         thread.join()
     assert sorted(ledger.all()) == sorted(keys)
-    assert json.loads(ledger.path.read_text())  # valid JSON
+    with closing(sqlite3.connect(ledger.path)) as db:  # a sound database
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_ledger_imports_the_json_ledger_of_earlier_versions(tmp_path: Path) -> None:
+    entry = {"checksum": "sha256:AAA", "notification_id": "n1", "rel": "canonical",
+             "pubtime": "2026-11-01T00:00:00Z", "recorded_at": "2026-11-01T00:00:01+00:00",
+             "kind": "wcmp2-record"}
+    (tmp_path / "publication-ledger.json").write_text(json.dumps({"wis2/x/a": entry}))
+    ledger = Ledger.in_dir(tmp_path)
+    assert ledger.get("wis2/x/a") == LedgerEntry.model_validate(entry)
+    ledger.forget("wis2/x/a")
+    assert Ledger.in_dir(tmp_path).get("wis2/x/a") is None  # imported once, not again
 
 
 def test_artifacts_do_not_leak_the_password(on_session_broker: Subscriber, session_broker) -> None:

@@ -9,7 +9,7 @@ from pathlib import PurePosixPath
 from urllib.parse import unquote, urlsplit
 from uuid import UUID, uuid4
 
-from wis2.cloudevent import CloudEvent, Operation, StacAsset, StacItem
+from wis2.cloudevent import CloudEvent, StacAsset, StacItem
 from wis2.dataset import DatasetDescription
 from wis2.errors import FieldError, InvalidInput, json_path
 from wis2.notification import (
@@ -20,10 +20,7 @@ from wis2.notification import (
     NotificationProperties,
     rfc3339,
 )
-
-REL_FOR_OPERATION: dict[str, str] = {
-    "create": "canonical", "update": "update", "delete": "deletion",
-}
+from wis2.relations import RELATION_OF_OPERATION, Operation
 
 
 def data_assets(item: StacItem, dataset: DatasetDescription) -> list[tuple[str, StacAsset]]:
@@ -115,7 +112,7 @@ def build_notifications(
     ]
     if refused:
         raise InvalidInput(refused, "event")
-    rel = REL_FOR_OPERATION[operation or event.operation]
+    rel = RELATION_OF_OPERATION[operation or event.operation]
     published = rfc3339(pubtime or datetime.now(UTC))
     props = item.properties
     if props.start_datetime is not None and props.end_datetime is not None:
