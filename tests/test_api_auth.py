@@ -161,7 +161,13 @@ def test_a_listener_whose_credentials_are_refused_keeps_its_events(
                               ready=lambda: _healthz(metrics_port))
     listener.start(90)
     metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+    log = tmp_path / "listener.log"
     try:
+        # a new session: the event must be sent once the broker acknowledged the subscription
+        deadline = time.monotonic() + 60
+        while "msg=subscribed" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
         publish_once(node.state.connection("fileserver"), node.settings.event_topic,
                      node.event_payload(DATA / "demo-event.json"))
         deadline = time.monotonic() + 60
