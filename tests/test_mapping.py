@@ -94,7 +94,7 @@ def test_netcdf_reference_event(argo: DatasetDescription) -> None:
     assert abs(datetime.fromisoformat(props.pubtime) - datetime.now(UTC)).total_seconds() < 60
     (link,) = message.links
     assert (link.rel, link.type, link.length) == ("canonical", "application/x-netcdf", 25620)
-    assert UUID(message.id).version == 4
+    assert UUID(message.id).version == 5  # derived from the event (notification_id)
 
 
 @pytest.mark.parametrize("path", [BUFR_EVENT, NETCDF_EVENT], ids=lambda p: p.stem)
@@ -268,11 +268,21 @@ def test_bad_data_id_template_is_named(template: str, argo: DatasetDescription) 
     assert "href_path" in str(info.value) and "'argo'" in str(info.value)
 
 
-def test_same_event_gives_same_data_id_and_new_ids(argo: DatasetDescription) -> None:
+def test_same_event_gives_the_same_notification_id(argo: DatasetDescription) -> None:
+    """Built again (another host, after a crash): the same id, a UUID (version 5); another
+    operation, another file version or another event gives another id."""
     event = parse_event(bufr())
     one, two = (build_notifications(event, argo)[0] for _ in range(2))
     assert one.properties.data_id == two.properties.data_id
-    assert one.id != two.id
+    assert one.id == two.id and UUID(one.id).version == 5
+    update = build_notifications(event, argo, operation="update")[0]
+    changed = bufr()
+    next(iter(changed["data"]["assets"].values()))["file:checksum"] = "1220" + "ab" * 32
+    other = bufr()
+    other["id"] = "another-event"
+    ids = {one.id, update.id, build_notifications(parse_event(changed), argo)[0].id,
+           build_notifications(parse_event(other), argo)[0].id}
+    assert len(ids) == 4
 
 
 # ---- a second, non-Argo dataset: data/datasets/synop.json, no code change -------------------
