@@ -19,7 +19,7 @@ from wis2.cloudevent import parse_event
 from wis2.dataset import load_dataset
 from wis2.mapping import build_notifications
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LISTENER_EXISTS = importlib.util.find_spec("listener.__main__") is not None
 
 

@@ -28,7 +28,7 @@ from prefect.workers.base import BaseWorker
 from blocks.mqtt_broker import MqttBroker
 from localnode.prefect_server import prefect_cli
 from tests.fixtures.paths import BUFR_EVENT, REPO
-from tests.test_publish_flow import ARGO, BUFR_ASSET, Subscriber, read_artifacts
+from tests.integration.test_publish_notification import ARGO, BUFR_ASSET, Subscriber, read_artifacts
 from worker.warm import WarmWorker
 
 pytestmark = pytest.mark.timeout(240)
@@ -105,7 +105,7 @@ def warm_node(prefect_api, session_broker, tmp_path_factory) -> Iterator[WarmNod
 
     deployment_id = deploy("publish-notification",
                            "flows/publish_notification.py:publish_notification")
-    sleep_deployment_id = deploy("warm-test-sleep", "tests/warm_flows.py:sleep_flow")
+    sleep_deployment_id = deploy("warm-test-sleep", "tests/integration/warm_flows.py:sleep_flow")
     env.update(
         PREFECT_WORKER_QUERY_SECONDS="1",
         PREFECT_LOGGING_LEVEL="INFO",
