@@ -2,6 +2,7 @@
 
 The flow is called in-process (tracked by the API); what it published is read from an MQTT
 subscriber on the dataset topic, and its runs and artifacts are read back with the client.
+The ledger alone is tested in tests/unit/chain/test_ledger.py.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import Artifact, FlowRun
 
 from blocks.mqtt_broker import MqttBroker
-from chain.ledger import Ledger, relation_for
+from chain.ledger import Ledger
 from chain.mqtt import MqttConnection, connect
 from flows.publish_notification import PublishResult, publish_notification
 from tests.fixtures.paths import BUFR_EVENT, NETCDF_EVENT
@@ -466,37 +467,7 @@ def test_verify_data_rejects_a_wrong_checksum(
 
 
 # --------------------------------------------------------------------------------------------
-# the ledger
-
-
-def test_ledger_records_and_decides_the_relation(tmp_path: Path) -> None:
-    ledger = Ledger.in_dir(tmp_path)
-    assert ledger.get("wis2/x/a") is None
-    assert relation_for(None, "sha256:AAA", deletion=False) == "canonical"
-    entry = ledger.record("wis2/x/a", notification_id="n1", rel="canonical", checksum="sha256:AAA")
-    assert Ledger.in_dir(tmp_path).get("wis2/x/a") == entry
-    assert relation_for(entry, "sha256:AAA", deletion=False) == "canonical"
-    assert relation_for(entry, "sha256:BBB", deletion=False) == "update"
-    assert relation_for(entry, "sha256:BBB", deletion=True) == "deletion"
-    gone = ledger.record("wis2/x/a", notification_id="n2", rel="deletion")
-    assert relation_for(gone, "sha256:CCC", deletion=False) == "canonical"
-
-
-def test_ledger_keeps_every_concurrent_write(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "ledger.json")
-    keys = [f"wis2/x/{i}" for i in range(40)]
-    threads = [
-        threading.Thread(
-            target=lambda k=key: Ledger(ledger.path).record(k, notification_id=k, rel="canonical")
-        )
-        for key in keys
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert sorted(ledger.all()) == sorted(keys)
-    assert json.loads(ledger.path.read_text())  # valid JSON
+# secrets
 
 
 def test_artifacts_do_not_leak_the_password(on_session_broker: Subscriber, session_broker) -> None:
