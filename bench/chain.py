@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from bench.collect import Collector
 from bench.events import BenchEvent
 from bench.stats import LatencySummary, summarize
+from chain.deployments import PUBLISH_BATCH_FLOW, PUBLISH_NOTIFICATION_FLOW
 from chain.mqtt import MqttConnection, MqttError, Publisher
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FLOW_NAMES = ("publish-notification", "publish-batch")
+FLOW_NAMES = (PUBLISH_NOTIFICATION_FLOW, PUBLISH_BATCH_FLOW)
 
 
 class Delivery(BaseModel):

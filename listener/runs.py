@@ -57,16 +57,12 @@ def batch_idempotency_key(events: Sequence[CloudEvent], deployment: str) -> str:
     return f"wis2-listener:{deployment}:batch:{hashlib.sha256(material.encode()).hexdigest()}"
 
 
-def _event_json(event: CloudEvent) -> dict[str, Any]:
-    return event.model_dump(mode="json", by_alias=True, exclude_none=True)
-
-
 def run_parameters(event: CloudEvent, route: Route) -> dict[str, Any]:
-    return {"event": _event_json(event), "dataset": route.dataset}
+    return {"event": event.to_dict(), "dataset": route.dataset}
 
 
 def batch_parameters(events: Sequence[CloudEvent], route: Route) -> dict[str, Any]:
-    return {"events": [_event_json(event) for event in events], "dataset": route.dataset}
+    return {"events": [event.to_dict() for event in events], "dataset": route.dataset}
 
 
 def _detail(response: httpx.Response) -> str:

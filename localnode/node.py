@@ -23,6 +23,8 @@ from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.launcher import BrokerConfig, RunningBroker, start_broker
+from chain.deployments import PUBLISH_METADATA, PUBLISH_NOTIFICATION_FLOW
+from chain.files import write_atomically
 from chain.mqtt import MqttConnection, connect, publish_once
 from chain.processes import ManagedProcess, port_is_open
 from localnode.prefect_server import PrefectServer, prefect_cli
@@ -77,10 +79,7 @@ class NodeState(BaseModel):
     def save(self, path: Path) -> None:
         data = self.model_dump(mode="json")
         data["passwords"] = {k: v.get_secret_value() for k, v in self.passwords.items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
+        write_atomically(path, json.dumps(data, indent=2))  # mode 0600: it holds passwords
 
     @classmethod
     def load(cls, path: Path) -> NodeState:
@@ -272,11 +271,11 @@ class LocalNode:
     def publish_metadata(self, record: Path) -> None:
         """Run the publish-metadata deployment for `record` and wait for it (metadata first)."""
         params = json.dumps({"record_location": str(record.resolve()), "operation": "create"})
-        self._run([prefect_cli(), "deployment", "run", "publish-metadata/default",
+        self._run([prefect_cli(), "deployment", "run", PUBLISH_METADATA,
                    "--params", params, "--watch", "--watch-timeout", "180"],
                   self.child_env(), "publish metadata")
 
-    def latest_flow_run_url(self, flow_name: str = "publish-notification") -> str | None:
+    def latest_flow_run_url(self, flow_name: str = PUBLISH_NOTIFICATION_FLOW) -> str | None:
         import asyncio
 
         from prefect.client.orchestration import get_client

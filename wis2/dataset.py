@@ -12,7 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-CENTRE_ID_PATTERN = r"^[a-z0-9]+(-[a-z0-9.]+)+$"
+from wis2.topics import CENTRE_ID_PATTERN
+
 DEFAULT_DATASETS_DIR = Path(__file__).resolve().parents[1] / "data" / "datasets"
 
 

@@ -28,8 +28,8 @@ def _settings(**values) -> ChainSettings:
 
 
 def test_register_blocks_saves_broker_and_every_dataset(prefect_api) -> None:
-    settings = _settings(mqtt_host="broker.example", mqtt_port=8883, mqtt_tls=True,
-                         mqtt_username="publisher", mqtt_password="s3cret-pw")
+    settings = _settings(mqtt={"host": "broker.example", "port": 8883, "tls": True,
+                               "username": "publisher", "password": "s3cret-pw"})
     saved = register_blocks(settings)
 
     assert f"mqtt-broker/{settings.broker_block}" in saved
@@ -48,9 +48,10 @@ def test_register_blocks_saves_broker_and_every_dataset(prefect_api) -> None:
 
 
 def test_register_blocks_is_idempotent_and_overwrites(prefect_api) -> None:
-    settings = _settings(mqtt_port=1883)
+    settings = _settings(mqtt={"port": 1883})
     register_blocks(settings)
-    register_blocks(settings.model_copy(update={"mqtt_port": 2883}))
+    moved = settings.mqtt.model_copy(update={"port": 2883})
+    register_blocks(settings.model_copy(update={"mqtt": moved}))
     assert MqttBroker.load(settings.broker_block).port == 2883
 
 

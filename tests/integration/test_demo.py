@@ -133,3 +133,25 @@ def test_demo_event_command_reaches_the_running_node(demo_node: LocalNode, publi
     )
     assert done.returncode == 0, done.stderr
     assert "sent" in done.stdout
+
+
+def test_backfill_command_runs_the_deployment_with_a_worker(
+    demo_node: LocalNode, published: dict, tmp_path: Path
+) -> None:
+    """`wis2-chain backfill DIR` on the demo node: a backfill/default run taken by the node's
+    worker; the sample file (already published, here announced by another event) is not
+    announced again; the command follows the run to its end."""
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    event = json.loads(demo_node.event_payload(DATA / "demo-event.json"))
+    event["id"] = "backfill-of-the-sample"
+    (archive / "sample.json").write_text(json.dumps(event))
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("wis2-chain")), "backfill", str(archive),
+         "--timeout", "180"],
+        env=demo_node.child_env(), capture_output=True, text=True, cwd=tmp_path, timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "of backfill/default created" in done.stdout
+    assert "done: 1/1 entries: 0 published, 1 already published" in done.stdout

@@ -20,6 +20,7 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
 from blocks.mqtt_broker import MqttBroker
+from chain.deployments import PUBLISH_NOTIFICATION
 from chain.mqtt import connect
 from localnode.prefect_server import prefect_cli
 from tests.fixtures.paths import BUFR_EVENT, REPO
@@ -28,7 +29,6 @@ from wis2.dataset import load_dataset
 pytestmark = pytest.mark.timeout(300)
 
 POOL = "wis2-pool"
-DEPLOYMENT = "publish-notification/default"
 
 
 def prefect(args: list[str], env: dict[str, str], timeout: float = 120) -> str:
@@ -53,7 +53,7 @@ def deployed(prefect_api, tmp_path_factory) -> dict[str, str]:
 
 def test_deployment_describes_the_event(deployed) -> None:
     with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name(DEPLOYMENT)
+        deployment = client.read_deployment_by_name(PUBLISH_NOTIFICATION)
 
     assert deployment.work_pool_name == POOL
     assert deployment.entrypoint == "flows/publish_notification.py:publish_notification"
@@ -99,7 +99,7 @@ def test_a_worker_runs_the_deployment(deployed, session_broker, tmp_path: Path) 
 
     event = json.loads(BUFR_EVENT.read_text(encoding="utf-8"))
     event["id"] = f"deploy-{uuid.uuid4().hex[:8]}"
-    flow_run = run_deployment(DEPLOYMENT, parameters={"event": event}, timeout=0)
+    flow_run = run_deployment(PUBLISH_NOTIFICATION, parameters={"event": event}, timeout=0)
 
     env = dict(deployed)
     env.update(

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from flows.publish_batch import BatchResult, publish_batch
+from flows.publish_batch import BatchRunResult, publish_batch
 from tests.integration import test_publish_notification
 from tests.integration.test_publish_notification import (
     ARGO,
@@ -45,7 +45,7 @@ def test_batch_publishes_the_others_when_one_fails_and_replays_as_cached(
 
     state = publish_batch(events=events, dataset="argo", return_state=True)
     assert state.is_failed()
-    result: BatchResult = state.result(raise_on_failure=False)
+    result: BatchRunResult = state.result(raise_on_failure=False)
     assert [e.status for e in result.events] == ["published", "published", "failed",
                                                  "published"]
     messages = on_session_broker.wait_for(3)
@@ -76,7 +76,7 @@ def test_batch_publishes_the_others_when_one_fails_and_replays_as_cached(
     # the same batch again (a redelivery grouped the same way): nothing new is published
     again = publish_batch(events=events, dataset="argo", return_state=True)
     assert again.is_failed()
-    second: BatchResult = again.result(raise_on_failure=False)
+    second: BatchRunResult = again.result(raise_on_failure=False)
     assert [e.status for e in second.events] == ["cached", "cached", "failed", "cached"]
     assert second.ids == result.ids
     assert [m["id"] for _, m in on_session_broker.settle()] == [m["id"] for _, m in messages]
@@ -93,8 +93,8 @@ def test_batch_of_good_events_completes_and_overlaps_an_earlier_batch(
     assert first.is_completed(), first.message
     second = publish_batch(events=[numbered_event(i) for i in (11, 12)], return_state=True)
     assert second.is_completed(), second.message
-    one: BatchResult = first.result()
-    two: BatchResult = second.result()
+    one: BatchRunResult = first.result()
+    two: BatchRunResult = second.result()
     assert [e.status for e in two.events] == ["cached", "published"]
     assert two.events[0].notifications[0].id == one.events[1].notifications[0].id
     messages = on_session_broker.settle()

@@ -39,7 +39,7 @@ from prefect.client.schemas.objects import Artifact, FlowRun
 from blocks.mqtt_broker import MqttBroker
 from chain.ledger import Ledger
 from chain.mqtt import MqttConnection, connect
-from flows.publish_notification import PublishResult, publish_notification
+from flows.publish_notification import NotificationRunResult, publish_notification
 from tests.fixtures.paths import BUFR_EVENT, NETCDF_EVENT
 from wis2.dataset import load_dataset
 from wis2.validation import validate_notification
@@ -173,7 +173,7 @@ def test_reference_event_is_published(on_session_broker: Subscriber, load_event,
     event = load_event()
     state = run(event)
     assert state.is_completed(), state.message
-    result: PublishResult = state.result()
+    result: NotificationRunResult = state.result()
     flow_run_id = state.state_details.flow_run_id
 
     # the run: completed, named after the file
@@ -216,8 +216,8 @@ def test_same_event_again_reuses_the_notification(on_session_broker: Subscriber)
     first = run(bufr_event())
     second = run(bufr_event())
     assert first.is_completed() and second.is_completed(), second.message
-    one: PublishResult = first.result()
-    two: PublishResult = second.result()
+    one: NotificationRunResult = first.result()
+    two: NotificationRunResult = second.result()
     assert first.state_details.flow_run_id != second.state_details.flow_run_id
     assert two.ids == one.ids
     assert [n.pubtime for n in two.notifications] == [n.pubtime for n in one.notifications]
@@ -250,7 +250,7 @@ def test_concurrent_runs_of_one_event_publish_one_notification(
     for thread in threads:
         thread.join(120)
     assert len(states) == 2 and all(s.is_completed() for s in states), states
-    results: list[PublishResult] = [s.result() for s in states]
+    results: list[NotificationRunResult] = [s.result() for s in states]
     assert results[0].ids == results[1].ids
     assert sorted(n.sent for r in results for n in r.notifications) == [False, True]
     messages = on_session_broker.settle()
@@ -266,7 +266,7 @@ def test_changed_file_is_published_as_update(on_session_broker: Subscriber, chai
     asset["file:size"] = len(content)
     state = run(changed)
     assert state.is_completed(), state.message
-    second: PublishResult = state.result()
+    second: NotificationRunResult = state.result()
 
     assert second.notifications[0].data_id == first.notifications[0].data_id
     assert second.ids != first.ids
@@ -288,7 +288,7 @@ def test_deletion_event_publishes_a_deletion(on_session_broker: Subscriber, chai
     deletion["operation"] = "delete"
     state = run(deletion)
     assert state.is_completed(), state.message
-    second: PublishResult = state.result()
+    second: NotificationRunResult = state.result()
     assert second.notifications[0].rel == "deletion"
     assert second.notifications[0].data_id == first.notifications[0].data_id
     messages = on_session_broker.wait_for(2)
@@ -402,7 +402,7 @@ def test_broker_down_then_up_retries_and_publishes_once(chain, mqtt_broker) -> N
 
         state = outcome["state"]
         assert state.is_completed(), state.message
-        result: PublishResult = state.result()
+        result: NotificationRunResult = state.result()
         messages = sub.wait_for(1, timeout=30)
         messages = sub.settle(1.0)
         assert [m["id"] for _, m in messages] == result.ids

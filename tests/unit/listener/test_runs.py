@@ -9,6 +9,7 @@ import uuid
 
 import httpx
 
+from listener.messages import check_message
 from listener.runs import (
     RunCreator,
     batch_idempotency_key,
@@ -16,13 +17,9 @@ from listener.runs import (
     idempotency_key,
     run_parameters,
 )
-from listener.service import check_message
-from listener.settings import ListenerSettings, Route
+from listener.settings import Route
 from tests.fixtures.paths import BUFR_EVENT
-
-
-def settings(**kw) -> ListenerSettings:
-    return ListenerSettings(_env_file=None, **kw)  # type: ignore[call-arg]
+from tests.unit.listener.helpers import settings
 
 
 def test_batch_keys_and_parameters() -> None:

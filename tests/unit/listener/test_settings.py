@@ -7,11 +7,8 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from listener.settings import ListenerSettings, Route
-
-
-def settings(**kw) -> ListenerSettings:
-    return ListenerSettings(_env_file=None, **kw)  # type: ignore[call-arg]
+from listener.settings import Route
+from tests.unit.listener.helpers import settings
 
 
 def test_defaults_and_env(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,7 +19,6 @@ from wis2.cloudevent import parse_event
 from wis2.dataset import DatasetDescription, load_dataset
 from wis2.errors import InvalidInput
 from wis2.mapping import (
-    REL_FOR_OPERATION,
     build_notifications,
     data_assets,
     data_id_for,
@@ -27,6 +26,7 @@ from wis2.mapping import (
 )
 from wis2.multihash import integrity_of, multihash_of
 from wis2.notification import WNM_CONFORMANCE
+from wis2.relations import RELATION_OF_OPERATION
 from wis2.validation import validate_notification
 
 PUBTIME = datetime(2025, 3, 28, 14, 31, 5, tzinfo=UTC)
@@ -53,7 +53,8 @@ def bufr() -> dict[str, Any]:
 
 
 def test_rel_for_operation() -> None:
-    assert REL_FOR_OPERATION == {"create": "canonical", "update": "update", "delete": "deletion"}
+    expected = {"create": "canonical", "update": "update", "delete": "deletion"}
+    assert expected == RELATION_OF_OPERATION
 
 
 def test_bufr_reference_event(argo: DatasetDescription) -> None:
@@ -93,7 +94,7 @@ def test_netcdf_reference_event(argo: DatasetDescription) -> None:
     assert abs(datetime.fromisoformat(props.pubtime) - datetime.now(UTC)).total_seconds() < 60
     (link,) = message.links
     assert (link.rel, link.type, link.length) == ("canonical", "application/x-netcdf", 25620)
-    assert UUID(message.id).version == 4
+    assert UUID(message.id).version == 5  # derived from the event (notification_id)
 
 
 @pytest.mark.parametrize("path", [BUFR_EVENT, NETCDF_EVENT], ids=lambda p: p.stem)
@@ -267,11 +268,21 @@ def test_bad_data_id_template_is_named(template: str, argo: DatasetDescription) 
     assert "href_path" in str(info.value) and "'argo'" in str(info.value)
 
 
-def test_same_event_gives_same_data_id_and_new_ids(argo: DatasetDescription) -> None:
+def test_same_event_gives_the_same_notification_id(argo: DatasetDescription) -> None:
+    """Built again (another host, after a crash): the same id, a UUID (version 5); another
+    operation, another file version or another event gives another id."""
     event = parse_event(bufr())
     one, two = (build_notifications(event, argo)[0] for _ in range(2))
     assert one.properties.data_id == two.properties.data_id
-    assert one.id != two.id
+    assert one.id == two.id and UUID(one.id).version == 5
+    update = build_notifications(event, argo, operation="update")[0]
+    changed = bufr()
+    next(iter(changed["data"]["assets"].values()))["file:checksum"] = "1220" + "ab" * 32
+    other = bufr()
+    other["id"] = "another-event"
+    ids = {one.id, update.id, build_notifications(parse_event(changed), argo)[0].id,
+           build_notifications(parse_event(other), argo)[0].id}
+    assert len(ids) == 4
 
 
 # ---- a second, non-Argo dataset: data/datasets/synop.json, no code change -------------------
@@ -398,7 +409,7 @@ def test_any_valid_event_builds_or_is_refused_by_field(
         data = message.to_dict()
         json.dumps(data)
         assert ("datetime" in data["properties"]) != ("start_datetime" in data["properties"])
-        assert message.rel == REL_FOR_OPERATION[event.operation]
+        assert message.rel == RELATION_OF_OPERATION[event.operation]
         content_value = data["properties"].get("content", {}).get("value", "")
         assert len(content_value) <= 4096
         assert bool(content_value) <= (inline and event.operation != "delete")

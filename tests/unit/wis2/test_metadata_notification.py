@@ -7,6 +7,7 @@ import hashlib
 import json
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -21,8 +22,8 @@ from wis2.metadata_notification import (
     record_datetime,
     record_file_name,
     record_id_of,
-    relation_for,
 )
+from wis2.relations import relation_for
 from wis2.topics import metadata_topic
 from wis2.validation import validate_notification
 from wis2.wcmp2 import validate_wcmp2
@@ -85,13 +86,16 @@ def test_deletion_without_bytes_has_metadata_id_and_no_integrity() -> None:
         build_metadata_notification(record, None, href="https://x/a.json", rel="update")
 
 
+PUBLISHED = SimpleNamespace(rel="canonical", checksum="sha512:AAA")
+
+
 def test_relation_is_decided_by_what_was_already_published() -> None:
-    assert relation_for("create", already_published=False) == "canonical"
-    assert relation_for("update", already_published=False) == "canonical"
-    assert relation_for("create", already_published=True) == "update"
-    assert relation_for("update", already_published=True) == "update"
-    assert relation_for("delete", already_published=True) == "deletion"
-    assert relation_for("delete", already_published=False) == "deletion"
+    assert relation_for("create", None, republication=True) == "canonical"
+    assert relation_for("update", None, republication=True) == "canonical"
+    assert relation_for("create", PUBLISHED, republication=True) == "update"
+    assert relation_for("update", PUBLISHED, republication=True) == "update"
+    assert relation_for("delete", PUBLISHED, republication=True) == "deletion"
+    assert relation_for("delete", None, republication=True) == "deletion"
 
 
 @pytest.mark.parametrize(
