@@ -7,11 +7,12 @@ BIN := $(VENV)/bin
 WIS2_BUNDLE_DIR ?= $(if $(wildcard ../shared/wis2-bundle/README.md),../shared/wis2-bundle,)
 export WIS2_BUNDLE_DIR
 
-.PHONY: help venv install mosquitto docker-compose chromium nginx bundles lint test demo demo-event broker-config blocks bench clean
+.PHONY: help venv install mosquitto docker-compose chromium nginx bundles lint test test-unit demo demo-event broker-config blocks bench clean
 
 help:
 	@echo "make demo   - start the whole chain on loopback and publish the sample Argo event"
 	@echo "make test   - set up and run the whole test suite (ruff + pytest)"
+	@echo "make test-unit - the unit tests alone (tests/unit/: no broker, no Prefect server)"
 	@echo "make bundles, make broker-config, make blocks, make lint"
 
 $(BIN)/python:
@@ -62,6 +63,11 @@ lint: install
 TEST_WORKERS ?= 2
 test: install mosquitto docker-compose chromium nginx bundles lint
 	$(BIN)/python -m pytest $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
+
+# tests/unit/ alone (what `pytest -m "not integration"` selects): no service, a few seconds.
+# mosquitto for its mosquitto_passwd tool, docker-compose for `docker-compose config`.
+test-unit: install mosquitto docker-compose bundles
+	$(BIN)/python -m pytest tests/unit
 
 # Render the broker's mosquitto.conf, acl and passwd into run/broker from WIS2_BROKER_* (.env).
 broker-config: install mosquitto

@@ -25,10 +25,17 @@ import pytest
 from broker.launcher import RunningBroker
 from chain.processes import ManagedProcess
 from localnode.prefect_server import PrefectServer, prefect_cli
-from tests import test_listener
 from tests.fixtures.paths import BUFR_EVENT, REPO
-from tests.test_listener import TOPIC, Deployment, Listener, publish, run_events, wait_for
-from tests.test_publish_flow import Subscriber
+from tests.integration import test_listener
+from tests.integration.test_listener import (
+    TOPIC,
+    Deployment,
+    Listener,
+    publish,
+    run_events,
+    wait_for,
+)
+from tests.integration.test_publish_notification import Subscriber
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

@@ -2,6 +2,7 @@
 
 The flow is called in-process (tracked by the API); what it published is read from an MQTT
 subscriber on the dataset topic, and its runs and artifacts are read back with the client.
+The ledger alone is tested in tests/unit/chain/test_ledger.py.
 """
 
 from __future__ import annotations
@@ -10,12 +11,10 @@ import contextvars
 import copy
 import hashlib
 import json
-import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import closing
 from datetime import UTC, datetime
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -38,12 +37,11 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import Artifact, FlowRun
 
 from blocks.mqtt_broker import MqttBroker
-from chain.ledger import Ledger, LedgerEntry
+from chain.ledger import Ledger
 from chain.mqtt import MqttConnection, connect
 from flows.publish_notification import NotificationRunResult, publish_notification
 from tests.fixtures.paths import BUFR_EVENT, NETCDF_EVENT
 from wis2.dataset import load_dataset
-from wis2.relations import relation_for
 from wis2.validation import validate_notification
 
 pytestmark = pytest.mark.timeout(180)
@@ -469,49 +467,7 @@ def test_verify_data_rejects_a_wrong_checksum(
 
 
 # --------------------------------------------------------------------------------------------
-# the ledger
-
-
-def test_ledger_records_and_decides_the_relation(tmp_path: Path) -> None:
-    ledger = Ledger.in_dir(tmp_path)
-    assert ledger.get("wis2/x/a") is None
-    assert relation_for("create", None, "sha256:AAA") == "canonical"
-    entry = ledger.record("wis2/x/a", notification_id="n1", rel="canonical", checksum="sha256:AAA")
-    assert Ledger.in_dir(tmp_path).get("wis2/x/a") == entry
-    assert relation_for("create", entry, "sha256:AAA") == "canonical"
-    assert relation_for("create", entry, "sha256:BBB") == "update"
-    assert relation_for("delete", entry, "sha256:BBB") == "deletion"
-    gone = ledger.record("wis2/x/a", notification_id="n2", rel="deletion")
-    assert relation_for("create", gone, "sha256:CCC") == "canonical"
-
-
-def test_ledger_keeps_every_concurrent_write(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "ledger.sqlite3")
-    keys = [f"wis2/x/{i}" for i in range(40)]
-    threads = [
-        threading.Thread(
-            target=lambda k=key: Ledger(ledger.path).record(k, notification_id=k, rel="canonical")
-        )
-        for key in keys
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert sorted(ledger.all()) == sorted(keys)
-    with closing(sqlite3.connect(ledger.path)) as db:  # a sound database
-        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-
-
-def test_ledger_imports_the_json_ledger_of_earlier_versions(tmp_path: Path) -> None:
-    entry = {"checksum": "sha256:AAA", "notification_id": "n1", "rel": "canonical",
-             "pubtime": "2026-11-01T00:00:00Z", "recorded_at": "2026-11-01T00:00:01+00:00",
-             "kind": "wcmp2-record"}
-    (tmp_path / "publication-ledger.json").write_text(json.dumps({"wis2/x/a": entry}))
-    ledger = Ledger.in_dir(tmp_path)
-    assert ledger.get("wis2/x/a") == LedgerEntry.model_validate(entry)
-    ledger.forget("wis2/x/a")
-    assert Ledger.in_dir(tmp_path).get("wis2/x/a") is None  # imported once, not again
+# secrets
 
 
 def test_artifacts_do_not_leak_the_password(on_session_broker: Subscriber, session_broker) -> None:

@@ -3,7 +3,7 @@
 Each test registers a deployment of a flow named "publish-notification" (no worker: runs are only
 created) under a name of its own and routes the listener to it, then counts that deployment's
 flow runs through the Prefect client. These tests run with batching off (no batch deployment in
-the route): one run per event; tests/test_listener_batching.py covers batching.
+the route): one run per event; tests/integration/test_listener_batching.py covers batching.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from flows.publish_batch import BatchRunResult, publish_batch
-from tests import test_publish_flow
-from tests.test_publish_flow import (
+from tests.integration import test_publish_notification
+from tests.integration.test_publish_notification import (
     ARGO,
     BUFR_ASSET,
     Subscriber,
@@ -20,8 +20,8 @@ from tests.test_publish_flow import (
 )
 
 pytestmark = pytest.mark.timeout(180)
-chain = test_publish_flow.chain  # the fixtures, shared
-on_session_broker = test_publish_flow.on_session_broker
+chain = test_publish_notification.chain  # the fixtures, shared
+on_session_broker = test_publish_notification.on_session_broker
 
 
 def numbered_event(i: int) -> dict[str, Any]:

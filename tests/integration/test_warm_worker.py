@@ -23,25 +23,16 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.objects import FlowRun
 from prefect.states import Cancelling
-from prefect.workers.base import BaseWorker
 
 from blocks.mqtt_broker import MqttBroker
 from localnode.prefect_server import prefect_cli
 from tests.fixtures.paths import BUFR_EVENT, REPO
-from tests.test_publish_flow import ARGO, BUFR_ASSET, Subscriber, read_artifacts
-from worker.warm import WarmWorker
+from tests.integration.test_publish_notification import ARGO, BUFR_ASSET, Subscriber, read_artifacts
 
 pytestmark = pytest.mark.timeout(240)
 
 POOL = "wis2-warm-test"
 LIMIT = 2
-
-
-def test_entry_point_registers_the_worker_type() -> None:
-    assert BaseWorker.get_worker_class_from_type("wis2-warm") is WarmWorker
-    assert "wis2-warm" in BaseWorker.get_all_available_worker_types()
-    template = WarmWorker.get_default_base_job_template()
-    assert "env" in template["variables"]["properties"]  # prefect.yaml's job_variables.env
 
 
 class WarmNode:
@@ -105,7 +96,7 @@ def warm_node(prefect_api, session_broker, tmp_path_factory) -> Iterator[WarmNod
 
     deployment_id = deploy("publish-notification",
                            "flows/publish_notification.py:publish_notification")
-    sleep_deployment_id = deploy("warm-test-sleep", "tests/warm_flows.py:sleep_flow")
+    sleep_deployment_id = deploy("warm-test-sleep", "tests/integration/warm_flows.py:sleep_flow")
     env.update(
         PREFECT_WORKER_QUERY_SECONDS="1",
         PREFECT_LOGGING_LEVEL="INFO",

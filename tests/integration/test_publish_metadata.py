@@ -22,7 +22,7 @@ from blocks.mqtt_broker import MqttBroker
 from chain.ledger import Ledger
 from chain.mqtt import connect
 from flows.publish_metadata import publish_metadata, republish_metadata
-from tests.fixtures.paths import ARGO_METADATA, DATA, REPO
+from tests.fixtures.paths import ARGO_METADATA, DATA
 from wis2.metadata_notification import Wcmp2Record
 from wis2.validation import validate_notification
 
@@ -229,22 +229,6 @@ def test_republish_sends_an_update_for_each_current_record(node, subscriber) -> 
         assert msg["properties"]["integrity"]["value"] == _sha512_b64(data)
     time.sleep(1)
     assert len(subscriber.messages) == 6, "the deleted record is not republished"
-
-
-def test_prefect_yaml_declares_the_metadata_deployments() -> None:
-    """publish-metadata/default on demand; republish-metadata/daily at 03:00 UTC."""
-    import yaml
-    from prefect.flows import load_flow_from_entrypoint
-
-    project = yaml.safe_load((REPO / "prefect.yaml").read_text(encoding="utf-8"))
-    by_flow = {}
-    for deployment in project["deployments"]:
-        flow_obj = load_flow_from_entrypoint(str(REPO / deployment["entrypoint"]))
-        by_flow[f"{flow_obj.name}/{deployment['name']}"] = deployment
-    assert "publish-metadata/default" in by_flow
-    daily = by_flow["republish-metadata/daily"]
-    assert daily["schedules"] == [{"cron": "0 3 * * *", "timezone": "UTC", "active": True}]
-    assert daily["work_pool"]["name"] == by_flow["publish-metadata/default"]["work_pool"]["name"]
 
 
 def test_unreachable_broker_fails_the_run_and_records_nothing(node, monkeypatch) -> None:

@@ -21,13 +21,17 @@ from typing import Any
 import pytest
 
 from flows.backfill import BackfillCounts, backfill
-from tests import test_publish_flow
-from tests.test_publish_batch import numbered_event
-from tests.test_publish_flow import Subscriber, read_artifacts, read_flow_run
+from tests.integration import test_publish_notification
+from tests.integration.test_publish_batch import numbered_event
+from tests.integration.test_publish_notification import (
+    Subscriber,
+    read_artifacts,
+    read_flow_run,
+)
 
 pytestmark = pytest.mark.timeout(240)
-chain = test_publish_flow.chain  # the fixtures, shared
-on_session_broker = test_publish_flow.on_session_broker
+chain = test_publish_notification.chain  # the fixtures, shared
+on_session_broker = test_publish_notification.on_session_broker
 
 
 def write_events(directory: Path, events: list[dict[str, Any]]) -> Path:

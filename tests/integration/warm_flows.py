@@ -1,4 +1,5 @@
-"""A flow for tests/test_warm_worker.py: runs long enough for concurrent runs to overlap."""
+"""A flow for tests/integration/test_warm_worker.py: runs long enough for concurrent runs to
+overlap."""
 
 from __future__ import annotations
 

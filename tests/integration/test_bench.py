@@ -1,5 +1,6 @@
 """The benchmark keeps working: `python -m bench.run --tiny --profile sqlite` on the real stack
-(its own broker, Prefect server, worker, listener on free ports), plus the pure helpers."""
+(its own broker, Prefect server, worker, listener on free ports), and its CPU hogs (busy
+processes). The pure helpers: tests/unit/bench/."""
 
 from __future__ import annotations
 
@@ -12,63 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.events import EventFactory
-from bench.intake import parse_metrics
 from bench.report import markdown
-from bench.stats import percentile, summarize
-from wis2.cloudevent import parse_event
-from wis2.dataset import load_dataset
-from wis2.mapping import build_notifications
+from tests.fixtures.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 LISTENER_EXISTS = importlib.util.find_spec("listener.__main__") is not None
-
-
-def test_percentiles_nearest_rank():
-    values = [float(v) for v in range(1, 101)]
-    assert percentile(values, 50) == 50.0
-    assert percentile(values, 90) == 90.0
-    assert percentile(values, 99) == 99.0
-    assert percentile(values, 100) == 100.0
-    assert percentile([], 50) is None
-    summary = summarize([0.5, 1.5, 2.5])
-    assert (summary.count, summary.p50, summary.max) == (3, 1.5, 2.5)
-    with pytest.raises(ValueError, match="percentile"):
-        percentile(values, 101)
-
-
-def test_events_are_distinct_and_match_their_notifications():
-    dataset = load_dataset("argo")
-    factory = EventFactory(dataset, "BENCHTEST", files_url="http://127.0.0.1:9999")
-    events = factory.batch("steady", 3)
-    parsed = [parse_event(e.payload) for e in events]
-    assert len({p.id for p in parsed}) == 3
-    assert len({e.data_id for e in events}) == 3
-    checksums = {a.file_checksum for p in parsed for a in p.data.assets.values()}
-    assert len(checksums) == 3
-    for event, p in zip(events, parsed, strict=True):
-        (note,) = build_notifications(p, dataset)
-        assert note.properties.data_id == event.data_id
-        assert event.data_id.endswith(f"/{event.name}.csv")
-        assert note.links[0].href.startswith("http://127.0.0.1:9999/argo/")
-        assert note.properties.integrity is not None
-        assert note.properties.integrity.method == "sha256"
-
-
-def test_listener_metrics_are_read_from_the_prometheus_text():
-    text = "\n".join([
-        "# HELP wis2_listener_events_received_total Messages received from the broker",
-        "wis2_listener_events_received_total 12.0",
-        'wis2_listener_runs_created_total{deployment="publish-notification/default"} 2.0',
-        'wis2_listener_runs_created_total{deployment="publish-batch/default"} 3.0',
-        'wis2_listener_rejected_total{reason="not_json"} 1.0',
-        'wis2_listener_rejected_total{reason="too_large"} 0.0',
-        "wis2_listener_in_flight 4.0",
-        "wis2_listener_runs_created_created 1.7e+09",
-    ])
-    counters = parse_metrics(text)
-    assert (counters.received, counters.runs_created, counters.rejected, counters.in_flight) == (
-        12.0, 5.0, 1.0, 4.0)
 
 
 @pytest.mark.slow
