@@ -1,4 +1,5 @@
-"""`wis2-chain`: dry-run builds, validation, bundles and Prefect blocks from the command line."""
+"""`wis2-chain`: dry-run builds, validation, bundles, Prefect blocks and backfills from the command
+line."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from typing import Annotated, Literal
 import typer
 
 from chain.settings import ChainSettings
+from cli.backfill import backfill_command
 
 app = typer.Typer(help="WIS2 node publishing chain", no_args_is_help=True)
 bundles_app = typer.Typer(help="WIS2 validator bundles", no_args_is_help=True)
 app.add_typer(bundles_app, name="bundles")
+app.command("backfill")(backfill_command)
 
 
 def _read(path: Path) -> bytes:
@@ -153,7 +156,7 @@ def send_event(
             for error in exc.errors:
                 typer.echo(f"  {error.path}: {error.message}", err=True)
             raise typer.Exit(1) from None
-    conn = ChainSettings().mqtt_connection()
+    conn = ChainSettings().mqtt.connection()
     try:
         publish_once(conn, topic, raw, qos=1)
     except MqttError as exc:
