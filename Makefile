@@ -7,11 +7,12 @@ BIN := $(VENV)/bin
 WIS2_BUNDLE_DIR ?= $(if $(wildcard ../shared/wis2-bundle/README.md),../shared/wis2-bundle,)
 export WIS2_BUNDLE_DIR
 
-.PHONY: help venv install mosquitto postgresql docker-compose chromium bundles lint test demo demo-event broker-config blocks bench clean
+.PHONY: help venv install mosquitto postgresql docker-compose chromium nginx bundles lint test test-unit demo demo-event broker-config blocks bench clean
 
 help:
 	@echo "make demo   - start the whole chain on loopback and publish the sample Argo event"
 	@echo "make test   - set up and run the whole test suite (ruff + pytest)"
+	@echo "make test-unit - the unit tests alone (tests/unit/: no broker, no Prefect server)"
 	@echo "make bundles, make broker-config, make blocks, make lint"
 
 $(BIN)/python:
@@ -52,6 +53,13 @@ chromium:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y chromium; \
 	  else echo "run: sudo apt-get install -y chromium" >&2; exit 1; fi; }
 
+# The TLS proxy of compose.yml (deploy/prefect-ui-tls.conf) is tested with Debian's nginx.
+nginx:
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
+	  echo "nginx not found: installing Debian's nginx-light package"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y nginx-light; \
+	  else echo "run: sudo apt-get install -y nginx-light" >&2; exit 1; fi; }
+
 bundles: install
 	$(BIN)/wis2-chain bundles install $(if $(WIS2_BUNDLE_DIR),--from "$(WIS2_BUNDLE_DIR)")
 
@@ -61,8 +69,13 @@ lint: install
 # Test files run in TEST_WORKERS parallel pytest processes (one file stays in one process, so a
 # file's broker, Prefect server and worker fixtures are shared as written); 1 runs them in order.
 TEST_WORKERS ?= 2
-test: install mosquitto postgresql docker-compose chromium bundles lint
+test: install mosquitto postgresql docker-compose chromium nginx bundles lint
 	$(BIN)/python -m pytest $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
+
+# tests/unit/ alone (what `pytest -m "not integration"` selects): no service, a few seconds.
+# mosquitto for its mosquitto_passwd tool, docker-compose for `docker-compose config`.
+test-unit: install mosquitto docker-compose bundles
+	$(BIN)/python -m pytest tests/unit
 
 # Render the broker's mosquitto.conf, acl and passwd into run/broker from WIS2_BROKER_* (.env).
 broker-config: install mosquitto

@@ -1,0 +1,1 @@
+"""`make bench`: the end-to-end benchmark of a local node (not shipped)."""

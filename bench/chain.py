@@ -23,15 +23,18 @@ from pydantic import BaseModel
 from bench.collect import Collector
 from bench.events import BenchEvent
 from bench.stats import LatencySummary, summarize
+from chain.deployments import PUBLISH_BATCH_FLOW, PUBLISH_NOTIFICATION_FLOW
 from chain.mqtt import MqttConnection, MqttError, Publisher
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
     from prefect.client.schemas.filters import FlowFilter
 
+    from localnode.node import NodeState
+
 log = logging.getLogger(__name__)
 
-FLOW_NAMES = ("publish-notification", "publish-batch")
+FLOW_NAMES = (PUBLISH_NOTIFICATION_FLOW, PUBLISH_BATCH_FLOW)
 
 
 class Delivery(BaseModel):
@@ -186,12 +189,12 @@ def _event_ids(parameters: dict) -> list[str]:
 
 
 @asynccontextmanager
-async def _client(api_url: str) -> AsyncIterator[PrefectClient]:
+async def _client(node: NodeState) -> AsyncIterator[PrefectClient]:
     """A Prefect client of the node's API (this process's own settings left as they are)."""
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
-    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+    with temporary_settings(updates=node.prefect_settings()):
         async with get_client() as client:
             yield client
 
@@ -202,9 +205,9 @@ def _chain_flows() -> FlowFilter:
     return FlowFilter(name=FlowFilterName(any_=list(FLOW_NAMES)))
 
 
-async def _read_runs(api_url: str) -> list[tuple[list[str], str]]:
+async def _read_runs(node: NodeState) -> list[tuple[list[str], str]]:
     runs: list[tuple[list[str], str]] = []
-    async with _client(api_url) as client:
+    async with _client(node) as client:
         offset = 0
         while True:
             page = await client.read_flow_runs(flow_filter=_chain_flows(), limit=200,
@@ -216,20 +219,20 @@ async def _read_runs(api_url: str) -> list[tuple[list[str], str]]:
             offset += len(page)
 
 
-def flow_run_counts(api_url: str, phase_marker: str, settle: float = 0.0) -> FlowRunCounts:
+def flow_run_counts(node: NodeState, phase_marker: str, settle: float = 0.0) -> FlowRunCounts:
     """Count the flow runs whose event id contains `phase_marker` (the events of one phase);
     wait up to `settle` seconds for the unfinished ones (they finish after publishing)."""
     deadline = time.monotonic() + settle
-    counts = _flow_run_counts(api_url, phase_marker)
+    counts = _flow_run_counts(node, phase_marker)
     while counts.unfinished and counts.error is None and time.monotonic() < deadline:
         time.sleep(2)
-        counts = _flow_run_counts(api_url, phase_marker)
+        counts = _flow_run_counts(node, phase_marker)
     return counts
 
 
-def _flow_run_counts(api_url: str, phase_marker: str) -> FlowRunCounts:
+def _flow_run_counts(node: NodeState, phase_marker: str) -> FlowRunCounts:
     try:
-        runs = asyncio.run(_read_runs(api_url))
+        runs = asyncio.run(_read_runs(node))
     except Exception as exc:  # the server may be overloaded: report it, do not fail the bench
         log.warning("cannot read flow runs: %s", exc)
         return FlowRunCounts(total=0, by_state={}, failed=0, unfinished=0,
@@ -248,7 +251,7 @@ def _flow_run_counts(api_url: str, phase_marker: str) -> FlowRunCounts:
     )
 
 
-async def _delete_unstarted(api_url: str) -> int:
+async def _delete_unstarted(node: NodeState) -> int:
     from prefect.client.schemas.filters import (
         FlowRunFilter,
         FlowRunFilterState,
@@ -259,7 +262,7 @@ async def _delete_unstarted(api_url: str) -> int:
     unstarted = FlowRunFilter(state=FlowRunFilterState(
         type=FlowRunFilterStateType(any_=[StateType.SCHEDULED, StateType.PENDING])))
     deleted = 0
-    async with _client(api_url) as client:
+    async with _client(node) as client:
         while True:
             page = await client.read_flow_runs(flow_filter=_chain_flows(),
                                                flow_run_filter=unstarted, limit=200)
@@ -270,6 +273,6 @@ async def _delete_unstarted(api_url: str) -> int:
                 return deleted
 
 
-def delete_unstarted_runs(api_url: str) -> int:
+def delete_unstarted_runs(node: NodeState) -> int:
     """Delete the runs no worker has taken (after the intake phase, with the pool paused)."""
-    return asyncio.run(_delete_unstarted(api_url))
+    return asyncio.run(_delete_unstarted(node))

@@ -88,11 +88,6 @@ class FaultContext:
     notes: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def api_url(self) -> str:
-        assert self.node.server is not None
-        return self.node.server.api_url
-
-    @property
     def metrics_url(self) -> str:
         s = self.node.settings
         return f"http://{s.host}:{s.metrics_port}/metrics"
@@ -167,7 +162,7 @@ def count_deliveries(ctx: FaultContext, result: FaultResult, events: Sequence[Be
     result.distinct_message_ids_for_duplicates = distinct
     if arrivals and not result.lost:
         result.recovery_seconds = round(max(max(arrivals) - back_at, 0.0), 2)
-    runs = chain.flow_run_counts(ctx.api_url, marker, settle=30 if not result.lost else 5)
+    runs = chain.flow_run_counts(ctx.node.state, marker, settle=30 if not result.lost else 5)
     result.runs = runs
     result.unfinished_runs = runs.unfinished
     return result

@@ -314,7 +314,7 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
                     result["intake_processes"] = [u.model_dump() for u in mon.stop()]
                     log.info("intake: %s events/s", intake.intake_eps)
                 finally:
-                    deleted = chain.delete_unstarted_runs(state.prefect_api_url)
+                    deleted = chain.delete_unstarted_runs(state)
                     _work_pool(node, "resume", WORK_POOL)
                 log.info("intake: %d scheduled runs deleted, work pool resumed", deleted)
 
@@ -328,7 +328,7 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
                 result["steady"] = steady.model_dump()
                 result["steady_processes"] = [u.model_dump() for u in mon.stop()]
                 result["steady_runs"] = chain.flow_run_counts(
-                    state.prefect_api_url, f"{tag}_steady_",
+                    state, f"{tag}_steady_",
                     settle=30 if steady.lost == 0 else 0).model_dump()
                 log.info("steady: %d/%d received, p50 %s s", steady.received, steady.events_sent,
                          steady.latency.p50)
@@ -342,7 +342,7 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
                 result["burst"] = burst.model_dump()
                 result["burst_processes"] = [u.model_dump() for u in mon.stop()]
                 result["burst_runs"] = chain.flow_run_counts(
-                    state.prefect_api_url, f"{tag}_burst_",
+                    state, f"{tag}_burst_",
                     settle=30 if burst.drained else 0).model_dump()
                 log.info("burst: %d/%d received in %.0f s", burst.received, burst.events_sent,
                          burst.elapsed_seconds)

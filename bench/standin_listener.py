@@ -21,10 +21,10 @@ import time
 
 from pydantic import SecretStr
 
+from chain.deployments import PUBLISH_NOTIFICATION
 from chain.mqtt import MqttConnection, connect
 
 log = logging.getLogger("bench.standin_listener")
-DEPLOYMENT = "publish-notification/default"
 
 
 def main() -> None:
@@ -54,7 +54,7 @@ def main() -> None:
             continue
         for attempt in range(1, 6):
             try:
-                run_deployment(DEPLOYMENT, parameters={"event": event}, timeout=0)
+                run_deployment(PUBLISH_NOTIFICATION, parameters={"event": event}, timeout=0)
                 break
             except Exception as exc:
                 log.error("creating the flow run failed (attempt %d): %s", attempt, exc)

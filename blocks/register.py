@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def broker_block_from_settings(settings: ChainSettings) -> MqttBroker:
     """The MqttBroker block described by the `WIS2_MQTT_*` settings."""
-    return MqttBroker.from_connection(settings.mqtt_connection())
+    return MqttBroker.from_connection(settings.mqtt)
 
 
 def register_blocks(settings: ChainSettings | None = None) -> list[str]:

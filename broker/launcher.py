@@ -19,7 +19,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -28,8 +27,10 @@ from typing import Literal, get_args
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from chain.files import atomic_path, write_atomically
 from chain.mqtt import MqttConnection
 from chain.processes import ManagedProcess, port_is_open
+from wis2.topics import CENTRE_ID_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ ROLES: tuple[Role, ...] = get_args(Role)
 Transport = Literal["tcp", "websockets"]
 
 _USERNAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
-_CENTRE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}[a-z0-9]$")
+_CENTRE_ID = re.compile(CENTRE_ID_PATTERN)
 _EXPIRY = re.compile(r"^[1-9][0-9]*[hdwmy]$")
 _LOOPBACK_FOR = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # how local clients reach "any"
 
@@ -131,7 +132,7 @@ class BrokerConfig(BaseSettings):
         if not _CENTRE_ID.match(value):
             raise ValueError(
                 f"centre_id {value!r} is not a WIS2 centre-id "
-                "(lower-case letters, digits, '-' or '_', 2 to 64 characters)"
+                "(lower-case letters and digits in dash-separated parts, e.g. fr-ifremer-argo)"
             )
         return value
 
@@ -240,19 +241,6 @@ def _current_user() -> str:
         return str(os.geteuid())
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write atomically, readable by the owner only."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _render_passwd(config: BrokerConfig, path: Path) -> None:
     """Build the password file afresh with `mosquitto_passwd -b`, then swap it in.
 
@@ -260,10 +248,7 @@ def _render_passwd(config: BrokerConfig, path: Path) -> None:
     left out (and cannot log in).
     """
     tool = _executable(config.mosquitto_passwd_bin)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o600)
+    with atomic_path(path) as tmp:
         for role in ROLES:
             user = config.users.role(role)
             if user.password is None:
@@ -282,10 +267,6 @@ def _render_passwd(config: BrokerConfig, path: Path) -> None:
                     f"mosquitto_passwd failed for user {user.username!r}: "
                     f"{(result.stderr or result.stdout).strip()}"
                 )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _socket_domain_line(host: str) -> str:
@@ -314,7 +295,7 @@ def render_config(config: BrokerConfig, run_dir: Path) -> Path:
     acl_path, passwd_path = run_dir / "acl", run_dir / "passwd"
 
     users = config.users
-    _write_private(
+    write_atomically(
         acl_path,
         _template("acl.tmpl").substitute(
             centre_id=config.centre_id, **{role: users.role(role).username for role in ROLES}
@@ -354,7 +335,7 @@ def render_config(config: BrokerConfig, run_dir: Path) -> Path:
         )
     else:
         log.info("no WIS2_BROKER_CERTFILE/KEYFILE: MQTTS and WSS listeners are off")
-    _write_private(conf_path, text)
+    write_atomically(conf_path, text)
     _hand_over(run_dir, config.run_as)
     log.info("broker configuration rendered in %s", run_dir)
     return conf_path

@@ -1,26 +1,25 @@
-"""A small publication ledger: what this node last published for each key (a WNM `data_id`).
+"""The publication ledger: what this node last published for each key (a WNM `data_id`).
 
-The flows consult it to choose the link relation of a new notification:
+The flows consult it to choose the link relation of a new notification (`wis2.relations`):
+nothing recorded (or a deletion) gives ``canonical``, a different checksum ``update``, the same
+checksum a redelivery (nothing new is announced). Keys and extra fields are free-form: the
+metadata flow records WCMP2 record identifiers the same way.
 
-- nothing recorded (or the last publication was a deletion): ``canonical``;
-- recorded with a different checksum: ``update``;
-- recorded with the same checksum: a redelivery (the cached notification is reused).
-
-It is one JSON file (``{key: entry}``), read and written under an exclusive file lock
-(``<file>.lock``, `fcntl.flock`) and replaced atomically (temporary file + `os.replace`), so
-concurrent flow runs on one worker host never lose or corrupt an entry. Keys and extra fields
-are free-form: the metadata flow records WCMP2 record identifiers the same way.
+It is one SQLite database (``publication-ledger.sqlite3`` in the results directory), indexed by
+key so that an archive of a million files costs the same per lookup as ten. WAL journal: a
+committed entry survives the process being killed (a power cut may lose the last ones).
+Concurrent flow runs of one host (threads or processes) share it safely. A ledger of an earlier
+version (``publication-ledger.json`` beside it) is imported once, the first time the database is
+opened.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
-import tempfile
+import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,23 @@ from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger(__name__)
 
-LEDGER_FILE = "publication-ledger.json"
+LEDGER_FILE = "publication-ledger.sqlite3"
+LEGACY_FILE = "publication-ledger.json"  # the ledger of versions before 2026-11-29
+BUSY_TIMEOUT_S = 60.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS publications (
+    key TEXT PRIMARY KEY,
+    checksum TEXT,
+    notification_id TEXT NOT NULL,
+    rel TEXT NOT NULL,
+    pubtime TEXT,
+    recorded_at TEXT NOT NULL,
+    extra TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS imports (source TEXT PRIMARY KEY, entries INTEGER NOT NULL);
+"""
+_COLUMNS = ("checksum", "notification_id", "rel", "pubtime", "recorded_at")
 
 
 class LedgerEntry(BaseModel):
@@ -49,11 +64,10 @@ class LedgerEntry(BaseModel):
 
 
 class Ledger:
-    """A publication ledger stored in one JSON file (created on first write)."""
+    """A publication ledger stored in one SQLite database (created on first use)."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.lock_path = self.path.with_name(self.path.name + ".lock")
 
     @classmethod
     def in_dir(cls, directory: Path | str) -> Ledger:
@@ -61,50 +75,57 @@ class Ledger:
         return cls(Path(directory) / LEDGER_FILE)
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        """A connection in a transaction (committed on success, rolled back on error)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.lock_path.open("a") as lock_file:
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
+        with closing(sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S,
+                                     isolation_level=None)) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")  # WAL: safe when killed, not on power loss
+            conn.executescript(_SCHEMA)
+            self._import_legacy(conn)
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                yield
-            finally:
-                fcntl.flock(lock_file, fcntl.LOCK_UN)
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
-    def _read(self) -> dict[str, Any]:
+    def _import_legacy(self, conn: sqlite3.Connection) -> None:
+        legacy = self.path.with_name(LEGACY_FILE)
+        if not legacy.is_file():
+            return
+        conn.execute("BEGIN IMMEDIATE")
         try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return {}
-        try:
-            data = json.loads(text) if text.strip() else {}
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"publication ledger {self.path} is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ValueError(f"publication ledger {self.path} must hold a JSON object")
-        return data
-
-    def _write(self, data: dict[str, Any]) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(data, handle, indent=1, sort_keys=True)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
+            if conn.execute("SELECT 1 FROM imports WHERE source = ?",
+                            (str(legacy),)).fetchone() is None:
+                data = json.loads(legacy.read_text(encoding="utf-8") or "{}")
+                if not isinstance(data, dict):
+                    raise ValueError(f"publication ledger {legacy} must hold a JSON object")
+                for key, raw in data.items():
+                    _upsert(conn, key, LedgerEntry.model_validate(raw))
+                conn.execute("INSERT INTO imports VALUES (?, ?)", (str(legacy), len(data)))
+                log.info("imported %d entries of %s into %s", len(data), legacy, self.path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            conn.execute("ROLLBACK")
             raise
+        conn.execute("COMMIT")
 
     def get(self, key: str) -> LedgerEntry | None:
         """The entry recorded for `key`, or None."""
-        with self._locked():
-            raw = self._read().get(key)
-        return None if raw is None else LedgerEntry.model_validate(raw)
+        with self._connect() as conn:
+            row = conn.execute(
+                "SELECT checksum, notification_id, rel, pubtime, recorded_at, extra "
+                "FROM publications WHERE key = ?", (key,)).fetchone()
+        return None if row is None else _entry(row)
 
     def all(self) -> dict[str, LedgerEntry]:
-        with self._locked():
-            data = self._read()
-        return {key: LedgerEntry.model_validate(value) for key, value in data.items()}
+        with self._connect() as conn:
+            rows = conn.execute(
+                "SELECT key, checksum, notification_id, rel, pubtime, recorded_at, extra "
+                "FROM publications ORDER BY key").fetchall()
+        return {row[0]: _entry(row[1:]) for row in rows}
 
     def record(
         self,
@@ -120,29 +141,31 @@ class Ledger:
         entry = LedgerEntry(
             checksum=checksum, notification_id=notification_id, rel=rel, pubtime=pubtime, **extra
         )
-        with self._locked():
-            data = self._read()
-            data[key] = entry.model_dump(mode="json")
-            self._write(data)
+        with self._connect() as conn:
+            _upsert(conn, key, entry)
         log.debug("ledger %s: %s -> %s (%s)", self.path, key, notification_id, rel)
         return entry
 
     def forget(self, key: str) -> bool:
         """Remove `key`; True when it was there."""
-        with self._locked():
-            data = self._read()
-            found = data.pop(key, None) is not None
-            if found:
-                self._write(data)
-        return found
+        with self._connect() as conn:
+            return conn.execute("DELETE FROM publications WHERE key = ?", (key,)).rowcount > 0
 
 
-def relation_for(previous: LedgerEntry | None, checksum: str | None, deletion: bool) -> str:
-    """The link relation of a new publication given what the ledger recorded for its key."""
-    if deletion:
-        return "deletion"
-    if previous is None or previous.rel == "deletion":
-        return "canonical"
-    if previous.checksum != checksum:
-        return "update"
-    return previous.rel
+def _upsert(conn: sqlite3.Connection, key: str, entry: LedgerEntry) -> None:
+    data = entry.model_dump(mode="json")
+    extra = {k: v for k, v in data.items() if k not in _COLUMNS}
+    conn.execute(
+        "INSERT INTO publications (key, checksum, notification_id, rel, pubtime, recorded_at, "
+        "extra) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+        "checksum = excluded.checksum, notification_id = excluded.notification_id, "
+        "rel = excluded.rel, pubtime = excluded.pubtime, recorded_at = excluded.recorded_at, "
+        "extra = excluded.extra",
+        (key, *(data[c] for c in _COLUMNS), json.dumps(extra, sort_keys=True)),
+    )
+
+
+def _entry(row: tuple[Any, ...]) -> LedgerEntry:
+    checksum, notification_id, rel, pubtime, recorded_at, extra = row
+    return LedgerEntry(checksum=checksum, notification_id=notification_id, rel=rel,
+                       pubtime=pubtime, recorded_at=recorded_at, **json.loads(extra or "{}"))

@@ -24,23 +24,37 @@ log = logging.getLogger(__name__)
 
 
 class MqttConnection(BaseModel):
-    """How to reach and log in to a broker. The password is a secret: never logged."""
+    """How to reach and log in to a broker. The password is a secret: never logged.
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=1883, ge=1, le=65535)
-    transport: Literal["tcp", "websockets"] = "tcp"
-    ws_path: str = "/mqtt"
-    tls: bool = False
+    The one definition of a broker connection: the `MqttBroker` block and the listener's settings
+    are connections (they subclass it), `ChainSettings.mqtt` holds one."""
+
+    host: str = Field(default="127.0.0.1", description="Broker host name or address")
+    port: int = Field(default=1883, ge=1, le=65535, description="Broker port")
+    transport: Literal["tcp", "websockets"] = Field(default="tcp", description="tcp or websockets")
+    ws_path: str = Field(default="/mqtt", description="WebSocket path (websockets only)")
+    tls: bool = Field(default=False, description="Use TLS")
     ca_certs: str | None = Field(default=None, description="CA bundle file for TLS")
     tls_insecure: bool = Field(default=False, description="Skip host name check (tests only)")
-    username: str | None = None
-    password: SecretStr | None = None
-    client_id_prefix: str = "wis2-chain"
-    keepalive: int = 60
+    username: str | None = Field(default=None, description="Account name")
+    password: SecretStr | None = Field(default=None, description="Password of that account")
+    client_id_prefix: str = Field(default="wis2-chain", description="MQTT client id prefix")
+    keepalive: int = Field(default=60, description="Seconds between keep-alive pings")
+
+    def connection(self) -> MqttConnection:
+        """This connection as a plain `MqttConnection` (from a subclass: a block, settings)."""
+        fields = set(MqttConnection.model_fields)
+        return MqttConnection.model_validate(self.model_dump(include=fields))
 
     def describe(self) -> str:
         scheme = ("ws" if self.transport == "websockets" else "mqtt") + ("s" if self.tls else "")
         return f"{scheme}://{self.username or ''}@{self.host}:{self.port}"
+
+
+class PublisherConnection(MqttConnection):
+    """A connection of the chain's publishing account (the flows' default)."""
+
+    username: str | None = Field(default="publisher", description="Account allowed to publish")
 
 
 class MqttError(RuntimeError):

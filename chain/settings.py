@@ -4,19 +4,21 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from chain.mqtt import MqttConnection
+from chain.mqtt import PublisherConnection
 from wis2.dataset import DEFAULT_DATASETS_DIR
 
 
 class ChainSettings(BaseSettings):
     """Configuration of the publishing chain (flows, CLI, block registration)."""
 
-    model_config = SettingsConfigDict(env_prefix="WIS2_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="WIS2_", env_file=".env", extra="ignore",
+        env_nested_delimiter="_", env_nested_max_split=1,  # WIS2_MQTT_CA_CERTS -> mqtt.ca_certs
+    )
 
     bundle_dir: Path | None = Field(
         default=None,
@@ -31,6 +33,15 @@ class ChainSettings(BaseSettings):
         default=True, description="Download each canonical link and check length and integrity"
     )
     verify_timeout: float = Field(default=30.0, description="Seconds allowed to download a file")
+    verify_max_bytes: int = Field(
+        default=2 * 1024**3, gt=0,
+        description="Largest file the verification downloads (bytes); a longer announced length "
+        "or download is refused",
+    )
+    verify_max_seconds: float = Field(
+        default=900.0, gt=0,
+        description="Longest time one file's download may take (a slower one is retried)",
+    )
     results_dir: Path = Field(
         default=Path.home() / ".wis2-chain" / "results",
         description="Where cached task results and the publication ledger are persisted",
@@ -43,6 +54,18 @@ class ChainSettings(BaseSettings):
         default=2.0, ge=0, description="Seconds before the first retry; doubles on each retry"
     )
     retry_jitter_factor: float = Field(default=0.5, ge=0, description="Random extra delay factor")
+    cache_lock_timeout: float | None = Field(
+        default=300.0, gt=0,
+        description="Seconds a cache lock may be held (a killed holder's lock also expires at "
+        "once on its own host); unset: no timeout")
+    # Backfills (`backfill` flow, `wis2-chain backfill`): how fast and in which groups.
+    backfill_rate: float = Field(
+        default=20.0, ge=0,
+        description="Most notifications per second a backfill sends (0: no limit); live events "
+        "keep their latency beside it",
+    )
+    backfill_batch_size: int = Field(
+        default=50, ge=1, description="Events per publish-batch run of a backfill")
     broker_block: str = Field(default="wis2-broker", description="Name of the MqttBroker block")
     # Discovery metadata (publish-metadata flow): where records are served from, if by this node.
     metadata_dir: Path | None = Field(
@@ -52,25 +75,9 @@ class ChainSettings(BaseSettings):
         default=None, description="Public URL of metadata_dir (records: <url>/<record-id>.json)"
     )
 
-    # Defaults for the `MqttBroker` block created by `wis2-chain blocks register`.
-    mqtt_host: str = "127.0.0.1"
-    mqtt_port: int = 1883
-    mqtt_transport: Literal["tcp", "websockets"] = "tcp"
-    mqtt_ws_path: str = "/mqtt"
-    mqtt_tls: bool = False
-    mqtt_ca_certs: str | None = None
-    mqtt_username: str | None = "publisher"
-    mqtt_password: SecretStr | None = None
-    mqtt_client_id_prefix: str = "wis2-chain"
-
-    def mqtt_connection(self) -> MqttConnection:
-        """The broker connection described by the `WIS2_MQTT_*` settings."""
-        return MqttConnection(
-            host=self.mqtt_host, port=self.mqtt_port, transport=self.mqtt_transport,
-            ws_path=self.mqtt_ws_path, tls=self.mqtt_tls, ca_certs=self.mqtt_ca_certs,
-            username=self.mqtt_username, password=self.mqtt_password,
-            client_id_prefix=self.mqtt_client_id_prefix,
-        )
+    # The broker the flows publish on when no `MqttBroker` block exists, and the defaults of the
+    # block created by `wis2-chain blocks register`: WIS2_MQTT_HOST, WIS2_MQTT_PORT, ...
+    mqtt: PublisherConnection = Field(default_factory=PublisherConnection)
 
 
 @lru_cache

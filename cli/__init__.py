@@ -1,0 +1,1 @@
+"""The `wis2-chain` command line (`cli.main:app`)."""

@@ -1,4 +1,5 @@
-"""`wis2-chain`: dry-run builds, validation, bundles and Prefect blocks from the command line."""
+"""`wis2-chain`: dry-run builds, validation, bundles, Prefect blocks and backfills from the command
+line."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from typing import Annotated, Literal
 import typer
 
 from chain.settings import ChainSettings
+from cli.backfill import backfill_command
 
 app = typer.Typer(help="WIS2 node publishing chain", no_args_is_help=True)
 bundles_app = typer.Typer(help="WIS2 validator bundles", no_args_is_help=True)
 app.add_typer(bundles_app, name="bundles")
+app.command("backfill")(backfill_command)
 
 
 def _read(path: Path) -> bytes:
@@ -153,7 +156,7 @@ def send_event(
             for error in exc.errors:
                 typer.echo(f"  {error.path}: {error.message}", err=True)
             raise typer.Exit(1) from None
-    conn = ChainSettings().mqtt_connection()
+    conn = ChainSettings().mqtt.connection()
     try:
         publish_once(conn, topic, raw, qos=1)
     except MqttError as exc:
@@ -179,3 +182,25 @@ def blocks_register() -> None:
         raise typer.Exit(1) from None
     for slug in saved:
         typer.echo(f"saved block {slug}")
+
+
+@app.command()
+def recover(
+    pool: Annotated[str, typer.Option(help="work pool whose stranded runs to reschedule")] =
+    "wis2-pool",
+    watch: Annotated[bool, typer.Option(help="keep looking every WIS2_RECOVERY_INTERVAL")] = False,
+) -> None:
+    """Reschedule the flow runs of POOL stranded by a dead worker (WIS2_RECOVERY_*; the
+    wis2-warm worker does it itself: run this alongside Prefect's process worker)."""
+    import asyncio
+
+    from worker.recovery import RecoverySettings
+    from worker.recovery import watch as watch_pool
+
+    try:
+        asyncio.run(watch_pool(pool, RecoverySettings(), once=not watch))
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:  # API unreachable on a single look
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None

@@ -18,6 +18,7 @@ from prefect.artifacts import (
     create_table_artifact,
 )
 
+from chain.deployments import PUBLISH_NOTIFICATION
 from wis2.errors import FieldError
 from wis2.notification import Notification
 
@@ -84,35 +85,37 @@ def failure_artifact(
     *,
     key: str,
     error: BaseException | str,
-    event: Any,
+    received: Any,
     field_errors: Sequence[FieldError] = (),
-    deployment: str = "publish-notification/default",
+    title: str = "Publication failed",
+    received_title: str = "Event as received",
+    replay: Sequence[str] | None = None,
 ) -> None:
-    """Markdown: what failed, the field errors, and the exact event JSON to fix and replay."""
+    """Markdown: what failed, the field errors, how to replay and the exact input to fix.
+
+    `received`: the input as the run got it (an event; a metadata run's parameters); `replay`:
+    how to run it again (default: a custom run of `publish-notification` with the event)."""
     kind = type(error).__name__ if isinstance(error, BaseException) else "Error"
-    lines = [
-        "# Publication failed",
-        "",
-        f"**{kind}**: {error}",
-        "",
-    ]
+    lines = [f"# {title}", "", f"**{kind}**: {error}", ""]
     if field_errors:
         lines += _field_table(field_errors)
-    lines += ["## Event as received", "", *_replay_lines(deployment), "", _json_block(event)]
+    lines += [f"## {received_title}", "", *(replay or event_replay_lines()), "",
+              _json_block(received)]
     create_markdown_artifact(
         markdown="\n".join(lines), key=key, description=f"Failed: {error}"[:500]
     )
 
 
-def _replay_lines(deployment: str) -> list[str]:
+def event_replay_lines(deployment: str = PUBLISH_NOTIFICATION) -> list[str]:
     """How to replay one event with the single-event deployment."""
     return [
         "Fix it and start a custom run of the "
         f"`{deployment}` deployment with this JSON as the `event` parameter "
-        "(Prefect UI: Deployments > publish-notification > Run > Custom run), or with the CLI:",
+        f"(Prefect UI: Deployments > {deployment.split('/')[0]} > Run > Custom run), "
+        "or with the CLI:",
         "",
         "```sh",
-        "prefect deployment run 'publish-notification/default' "
+        f"prefect deployment run '{deployment}' "
         "--params \"$(jq -n --argjson e \"$(cat event.json)\" '{event:$e}')\"",
         "```",
     ]
@@ -135,7 +138,7 @@ def batch_failure_artifact(
     key: str,
     failures: Sequence[dict[str, Any]],
     total: int,
-    deployment: str = "publish-notification/default",
+    deployment: str = PUBLISH_NOTIFICATION,
 ) -> None:
     """Markdown: each failed event of a batch (error, bad fields, exact JSON to replay).
 
@@ -148,7 +151,7 @@ def batch_failure_artifact(
         "The other events of the batch were published. Replay each failed event on its own, "
         "after fixing it:",
         "",
-        *_replay_lines(deployment),
+        *event_replay_lines(deployment),
         "",
     ]
     for failure in failures:

@@ -20,15 +20,16 @@ from chain.ledger import Ledger
 from chain.mqtt import MqttConnection
 from chain.settings import ChainSettings
 from flows.tasks import (
+    BrokerReceipt,
     ConfiguredTasks,
     DataMismatch,
-    PublishReceipt,
     configured_tasks,
     load_broker_connection,
     load_dataset_task,
     record_publication_task,
     validate_notifications_task,
 )
+from flows.tasks.build import checksum_of
 from wis2.cloudevent import CloudEvent, parse_event
 from wis2.dataset import DatasetDescription
 from wis2.errors import FieldError, InvalidInput
@@ -38,7 +39,10 @@ from wis2.validation import ValidationFailed
 log = logging.getLogger(__name__)
 
 
-class PublishedNotification(BaseModel):
+class NotificationOutcome(BaseModel):
+    """One notification of a run: what it announced, and whether this run sent it (`sent`) or an
+    earlier run had (a cache hit: not sent again)."""
+
     id: str
     data_id: str
     rel: str | None
@@ -56,8 +60,8 @@ def as_event(event: CloudEvent | dict[str, Any] | str | bytes) -> CloudEvent:
 
 def event_json(event: Any) -> Any:
     """The event as the operator should see it (JSON data, as received when possible)."""
-    if isinstance(event, BaseModel):
-        return event.model_dump(mode="json", by_alias=True, exclude_none=True)
+    if isinstance(event, CloudEvent):
+        return event.to_dict()
     if isinstance(event, bytes | str):
         try:
             return json.loads(event)
@@ -109,6 +113,19 @@ class Pipeline:
             ledger_path=str(Ledger.in_dir(settings.results_dir).path),
         )
 
+    def announced_before(self, note: Notification) -> str | None:
+        """The id under which this node already announced the same file with the same checksum
+        (by another event: a file announced twice, an archive backfilled after live
+        publication), else None. A deletion, or a file without checksum, is never skipped."""
+        checksum = checksum_of(note)
+        if note.rel == "deletion" or checksum is None:
+            return None
+        entry = Ledger(self.ledger_path).get(note.properties.data_id)
+        if (entry is None or entry.rel == "deletion" or entry.checksum != checksum
+                or entry.notification_id == note.id):
+            return None
+        return entry.notification_id
+
     def connection(self) -> MqttConnection:
         """The broker to publish with, loaded on first use (after validation passed)."""
         if self._connection is None:
@@ -120,31 +137,45 @@ class Pipeline:
 
 
 @dataclass
-class EventPublication:
-    """What `publish_event` did for one event."""
+class ProcessedEvent:
+    """One event through the pipeline: its notifications, which were sent, the validation rows."""
 
     event: CloudEvent
     notifications: list[Notification]
     sent: list[bool]  # per notification: False when published earlier (cache hit)
     validation_rows: list[dict[str, Any]]
+    # per notification: the id under which another event already announced the same file with
+    # the same checksum (not announced again), else None
+    earlier_ids: list[str | None] = field(default_factory=list)
 
-    def published(self) -> list[PublishedNotification]:
+    def published(self) -> list[NotificationOutcome]:
+        earlier = self.earlier_ids or [None] * len(self.notifications)
         return [
-            PublishedNotification(
-                id=note.id,
+            NotificationOutcome(
+                id=earlier_id or note.id,
                 data_id=note.properties.data_id,
                 rel=note.rel,
                 pubtime=note.properties.pubtime,
                 href=next((lk.href for lk in note.links if lk.rel == note.rel), None),
                 sent=was_sent,
             )
-            for note, was_sent in zip(self.notifications, self.sent, strict=True)
+            for note, was_sent, earlier_id in zip(self.notifications, self.sent, earlier,
+                                                  strict=True)
         ]
+
+
+def _in_ledger(ledger_path: str, note: Notification) -> bool:
+    """Whether the ledger holds this publication, or a later one, of the note's data_id. A run
+    killed after the broker's PUBACK and before the record leaves it out: its rerun finds the
+    publication cached and records it all the same."""
+    entry = Ledger(ledger_path).get(note.properties.data_id)
+    return entry is not None and (entry.notification_id == note.id
+                                  or (entry.pubtime or "") >= note.properties.pubtime)
 
 
 def publish_event(
     raw_event: Any, pipeline: Pipeline, *, validation_key: str | None
-) -> EventPublication:
+) -> ProcessedEvent:
     """Build, validate, verify, publish and record the notification(s) of one event.
 
     `validation_key`: key of the validation table artifact; None creates none (the caller
@@ -160,23 +191,35 @@ def publish_event(
             [FieldError(path="$.data.assets", message="no data asset to announce")], what="event"
         )
     rows = validate_notifications_task(notifications, pipeline.dataset.topic, validation_key)
+    earlier = [pipeline.announced_before(note) for note in notifications]
+    for note, earlier_id in zip(notifications, earlier, strict=True):
+        if earlier_id:
+            logger.info("%s: this file with this checksum was already announced as %s: "
+                        "not announced again", note.properties.data_id, earlier_id)
+    to_send = [note for note, earlier_id in zip(notifications, earlier, strict=True)
+               if not earlier_id]
 
-    if settings.verify_data:
-        tasks.verify(notifications, settings.verify_timeout)
-    else:
+    if settings.verify_data and to_send:
+        tasks.verify(to_send, settings.verify_timeout, settings.verify_max_bytes,
+                     settings.verify_max_seconds)
+    elif not settings.verify_data:
         logger.info("data verification is off (WIS2_VERIFY_DATA=false)")
 
-    connection = pipeline.connection()
     sent: list[bool] = []
-    for note in notifications:
-        state = tasks.publish(note, pipeline.dataset.topic, connection, return_state=True)
-        receipt: PublishReceipt = state.result()  # raises the publish error after retries
+    for note, earlier_id in zip(notifications, earlier, strict=True):
+        if earlier_id:
+            sent.append(False)
+            continue
+        state = tasks.publish(note, pipeline.dataset.topic, pipeline.connection(),
+                              return_state=True)
+        receipt: BrokerReceipt = state.result()  # raises the publish error after retries
         sent.append(state.name != "Cached")
         logger.info("notification %s: %s", receipt.notification_id,
                     "sent" if sent[-1] else "already published (cached)")
 
-    fresh = [note for note, was_sent in zip(notifications, sent, strict=True) if was_sent]
+    fresh = [note for note, was_sent, earlier_id in zip(notifications, sent, earlier, strict=True)
+             if was_sent or (not earlier_id and not _in_ledger(pipeline.ledger_path, note))]
     if fresh:
         record_publication_task(fresh, pipeline.ledger_path)
-    return EventPublication(event=event, notifications=notifications, sent=sent,
-                            validation_rows=rows)
+    return ProcessedEvent(event=event, notifications=notifications, sent=sent,
+                          validation_rows=rows, earlier_ids=earlier)

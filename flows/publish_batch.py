@@ -21,11 +21,12 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 from pydantic import BaseModel
 
+from chain.deployments import PUBLISH_BATCH_FLOW, PUBLISH_NOTIFICATION
 from chain.settings import ChainSettings
 from flows.artifacts import artifact_key, batch_failure_artifact, batch_table_artifact
 from flows.pipeline import (
+    NotificationOutcome,
     Pipeline,
-    PublishedNotification,
     event_json,
     field_errors_of,
     file_label,
@@ -36,8 +37,6 @@ from wis2.validation import ValidationFailed
 
 log = logging.getLogger(__name__)
 
-DEPLOYMENT = "publish-batch/default"
-SINGLE_DEPLOYMENT = "publish-notification/default"
 
 
 class EventOutcome(BaseModel):
@@ -46,11 +45,11 @@ class EventOutcome(BaseModel):
     event_id: str | None
     label: str
     status: Literal["published", "cached", "failed"]  # cached: every notification published earlier
-    notifications: list[PublishedNotification] = []
+    notifications: list[NotificationOutcome] = []
     error: str | None = None
 
 
-class BatchResult(BaseModel):
+class BatchRunResult(BaseModel):
     """What a batch run did (the flow's return value, also when it ends Failed)."""
 
     dataset: str
@@ -84,7 +83,7 @@ def _event_id(raw: Any) -> str | None:
 
 
 @flow(
-    name="publish-batch",
+    name=PUBLISH_BATCH_FLOW,
     flow_run_name=run_name,
     validate_parameters=False,  # each event is parsed on its own: a bad one fails alone
     description="Publish the WIS2 notifications of several file-diffusion CloudEvents (a burst "
@@ -147,7 +146,7 @@ def publish_batch(events: list[CloudEvent], dataset: str | None = None) -> State
                       "status": "sent" if n.sent else "already published (cached)"}
                      for n in published]
 
-    result = BatchResult(
+    result = BatchRunResult(
         dataset=pipeline.dataset.name if pipeline else dataset_name,
         topic=pipeline.dataset.topic if pipeline else None,
         verified=settings.verify_data,
@@ -166,7 +165,7 @@ def publish_batch(events: list[CloudEvent], dataset: str | None = None) -> State
     logger.info("batch %s: %s", label, summary)
     if failures:
         batch_failure_artifact(key=artifact_key("failed", label), failures=failures,
-                               total=len(events), deployment=SINGLE_DEPLOYMENT)
+                               total=len(events), deployment=PUBLISH_NOTIFICATION)
         names = ", ".join(f"{f['label']} ({_first_line(f)})" for f in failures)
         return Failed(message=f"{len(failures)} of {len(events)} event(s) failed: {names}"[:2000],
                       data=result)

@@ -17,6 +17,7 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
+from chain.deployments import PUBLISH_NOTIFICATION_FLOW
 from chain.settings import ChainSettings
 from flows.artifacts import (
     artifact_key,
@@ -25,8 +26,8 @@ from flows.artifacts import (
     notification_artifact,
 )
 from flows.pipeline import (
+    NotificationOutcome,
     Pipeline,
-    PublishedNotification,
     as_event,
     event_json,
     file_label,
@@ -37,20 +38,24 @@ from wis2.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
-DEPLOYMENT = "publish-notification/default"
+__all__ = [
+    "NotificationOutcome",
+    "NotificationRunResult",
+    "as_event",
+    "event_json",
+    "file_label",
+    "publish_notification",
+]
 
-__all__ = ["DEPLOYMENT", "PublishResult", "PublishedNotification", "as_event", "event_json",
-           "file_label", "publish_notification"]
 
-
-class PublishResult(BaseModel):
+class NotificationRunResult(BaseModel):
     """What a run published (also the flow's return value)."""
 
     event_id: str
     dataset: str
     topic: str
     verified: bool
-    notifications: list[PublishedNotification]
+    notifications: list[NotificationOutcome]
 
     @property
     def ids(self) -> list[str]:
@@ -62,13 +67,13 @@ def run_name() -> str:
 
 
 @flow(
-    name="publish-notification",
+    name=PUBLISH_NOTIFICATION_FLOW,
     flow_run_name=run_name,
     validate_parameters=False,  # the flow parses the event itself to name the bad fields
     description="Turn one file-diffusion CloudEvent (STAC item) into WIS2 notification(s), "
     "validate and publish them.",
 )
-def publish_notification(event: CloudEvent, dataset: str | None = None) -> PublishResult:
+def publish_notification(event: CloudEvent, dataset: str | None = None) -> NotificationRunResult:
     """Publish the WIS2 notification(s) announcing the file(s) of `event`.
 
     Args:
@@ -87,16 +92,15 @@ def publish_notification(event: CloudEvent, dataset: str | None = None) -> Publi
         failure_artifact(
             key=artifact_key("failed", label),
             error=exc,
-            event=event_json(event),
+            received=event_json(event),
             field_errors=errors,
-            deployment=DEPLOYMENT,
         )
         raise
 
 
 def _publish(
     raw_event: Any, dataset_name: str, settings: ChainSettings, label: str
-) -> PublishResult:
+) -> NotificationRunResult:
     event = as_event(raw_event)
     pipeline = Pipeline.load(dataset_name, settings)
     done = publish_event(event, pipeline, validation_key=artifact_key("validation", label))
@@ -105,7 +109,7 @@ def _publish(
         topic, done.notifications, key=artifact_key("wnm", label), published=done.sent
     )
     data_link_artifacts(done.notifications, key=artifact_key("data", label))
-    return PublishResult(
+    return NotificationRunResult(
         event_id=event.id,
         dataset=pipeline.dataset.name,
         topic=topic,

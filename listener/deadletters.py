@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from chain.files import exclusive_lock, write_atomically
 from wis2.errors import FieldError
 
 log = logging.getLogger(__name__)
@@ -43,6 +40,14 @@ def utcnow() -> datetime:
 
 def deadletter_id(topic: str, payload: bytes) -> str:
     return hashlib.sha256(topic.encode() + b"\x00" + payload).hexdigest()[:16]
+
+
+def _stored_payload(payload: bytes) -> tuple[str | None, str | None]:
+    """(`payload`, `payload_base64`) of a record: the text when it is UTF-8, else base64."""
+    try:
+        return payload.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return None, base64.b64encode(payload).decode("ascii")
 
 
 class Replay(BaseModel):
@@ -81,10 +86,7 @@ class DeadLetter(BaseModel):
         errors: list[FieldError] | None = None, received: datetime | None = None,
     ) -> DeadLetter:
         received = received or utcnow()
-        try:
-            text, b64 = payload.decode("utf-8"), None
-        except UnicodeDecodeError:
-            text, b64 = None, base64.b64encode(payload).decode("ascii")
+        text, b64 = _stored_payload(payload)
         return cls(
             id=deadletter_id(topic, payload), topic=topic, reason=reason, message=message,
             errors=errors or [], received=received, last_received=received, size=len(payload),
@@ -104,38 +106,13 @@ class DeadLetterStore:
         return self.dir / f"{letter_id}.json"
 
     def _write(self, letter: DeadLetter) -> Path:
-        self.dir.mkdir(parents=True, exist_ok=True)
         target = self.path(letter.id)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                out.write(letter.model_dump_json(indent=2))
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        try:  # make the rename durable
-            dir_fd = os.open(self.dir, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError:
-            pass
+        write_atomically(target, letter.model_dump_json(indent=2))
         return target
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
         """Serialise read-modify-write of records (listener and CLI may update one at once)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        return exclusive_lock(self.dir / ".lock")
 
     def add(self, letter: DeadLetter) -> DeadLetter:
         """Store `letter`; the same topic+payload again updates the existing record."""
@@ -199,11 +176,7 @@ class DeadLetterStore:
         """Replace the payload to replay (the record keeps its id)."""
         with self._locked():
             letter = self.get(letter_id)
-            try:
-                letter.payload, letter.payload_base64 = payload.decode("utf-8"), None
-            except UnicodeDecodeError:
-                letter.payload = None
-                letter.payload_base64 = base64.b64encode(payload).decode("ascii")
+            letter.payload, letter.payload_base64 = _stored_payload(payload)
             letter.size = len(payload)
             self._write(letter)
         return letter

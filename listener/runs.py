@@ -57,16 +57,12 @@ def batch_idempotency_key(events: Sequence[CloudEvent], deployment: str) -> str:
     return f"wis2-listener:{deployment}:batch:{hashlib.sha256(material.encode()).hexdigest()}"
 
 
-def _event_json(event: CloudEvent) -> dict[str, Any]:
-    return event.model_dump(mode="json", by_alias=True, exclude_none=True)
-
-
 def run_parameters(event: CloudEvent, route: Route) -> dict[str, Any]:
-    return {"event": _event_json(event), "dataset": route.dataset}
+    return {"event": event.to_dict(), "dataset": route.dataset}
 
 
 def batch_parameters(events: Sequence[CloudEvent], route: Route) -> dict[str, Any]:
-    return {"events": [_event_json(event) for event in events], "dataset": route.dataset}
+    return {"events": [event.to_dict() for event in events], "dataset": route.dataset}
 
 
 def _detail(response: httpx.Response) -> str:
@@ -105,6 +101,9 @@ class RunCreator:
             code = exc.response.status_code
             if code >= 500 or code in (408, 429):
                 raise ApiUnavailable(_detail(exc.response)) from None
+            if code in (401, 403):  # wrong credentials: keep the events, do not dead-letter them
+                raise ApiUnavailable(f"{_detail(exc.response)}: the Prefect API refused this "
+                                     "listener's credentials (PREFECT_API_AUTH_STRING)") from None
             raise ApiRejected(_detail(exc.response)) from None
         except (TimeoutError, httpx.HTTPError, OSError) as exc:
             raise ApiUnavailable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from None

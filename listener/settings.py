@@ -14,10 +14,8 @@ from paho.mqtt.client import topic_matches_sub
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from chain.deployments import PUBLISH_BATCH, PUBLISH_NOTIFICATION
 from chain.mqtt import MqttConnection
-
-DEFAULT_DEPLOYMENT = "publish-notification/default"
-DEFAULT_BATCH_DEPLOYMENT = "publish-batch/default"
 
 
 def _check_filter(value: str) -> str:
@@ -58,9 +56,9 @@ class Route(BaseModel):
     events that arrive together start one run of `batch_deployment` (None: never batched)."""
 
     topic_filter: str
-    deployment: str = DEFAULT_DEPLOYMENT
+    deployment: str = PUBLISH_NOTIFICATION
     batch_deployment: str | None = Field(
-        default=DEFAULT_BATCH_DEPLOYMENT,
+        default=PUBLISH_BATCH,
         description="Deployment of a flow taking `events` (a list) for bursts; None: no batching",
     )
     dataset: str | None = Field(default="argo", description="`dataset` parameter of the run")
@@ -79,26 +77,20 @@ class Route(BaseModel):
         return topic_matches_sub(strip_share(self.topic_filter), topic)
 
 
-class ListenerSettings(BaseSettings):
-    """Configuration of `wis2-listener` (`python -m listener`)."""
+class ListenerSettings(BaseSettings, MqttConnection):
+    """Configuration of `wis2-listener` (`python -m listener`). The broker connection fields
+    (`host`, `port`, `tls`, `username`, `password`...) are `chain.mqtt.MqttConnection`'s."""
 
     model_config = SettingsConfigDict(
         env_prefix="WIS2_LISTENER_", env_file=".env", extra="ignore"
     )
 
-    # ---- broker ---------------------------------------------------------------------------
-    host: str = Field(default="127.0.0.1", description="Broker host")
-    port: int = Field(default=1883, ge=1, le=65535, description="Broker port")
+    # ---- broker (MqttConnection's fields, with the listener's defaults) --------------------
     broker_host: str | None = Field(default=None, description="Alias of `host` (wins if set)")
     broker_port: int | None = Field(default=None, ge=1, le=65535, description="Alias of `port`")
-    transport: Literal["tcp", "websockets"] = "tcp"
-    ws_path: str = "/mqtt"
-    tls: bool = False
-    ca_certs: str | None = Field(default=None, description="CA bundle file for TLS")
-    tls_insecure: bool = Field(default=False, description="Skip the host name check (tests)")
-    username: str | None = "listener"
-    password: SecretStr | None = None
-    keepalive: int = Field(default=30, ge=5)
+    username: str | None = Field(default="listener", description="Account allowed to subscribe")
+    keepalive: int = Field(default=30, ge=5, description="Seconds between keep-alive pings")
+    client_id_prefix: str = Field(default="wis2-listener", description="MQTT client id prefix")
     client_id: str = Field(
         default="wis2-chain-listener",
         description="Fixed MQTT client id: the broker keeps this client's session and queues "
@@ -179,15 +171,12 @@ class ListenerSettings(BaseSettings):
         return self
 
     def connection(self, replay: bool = False) -> MqttConnection:
-        username, password = self.username, self.password
+        """The broker connection; `replay`: with the replay account when one is set."""
+        connection = super().connection()
         if replay and self.replay_username:
-            username, password = self.replay_username, self.replay_password
-        return MqttConnection(
-            host=self.host, port=self.port, transport=self.transport, ws_path=self.ws_path,
-            tls=self.tls, ca_certs=self.ca_certs, tls_insecure=self.tls_insecure,
-            username=username, password=password, keepalive=self.keepalive,
-            client_id_prefix="wis2-listener",
-        )
+            connection = connection.model_copy(
+                update={"username": self.replay_username, "password": self.replay_password})
+        return connection
 
     def route_for(self, topic: str) -> Route | None:
         return next((r for r in self.routes if r.matches(topic)), None)

@@ -47,7 +47,8 @@ def run(settings: NodeSettings, postgres: bool = False) -> int:
         print(f"\nWIS2 notification received on {received['topic']}:")
         print(json.dumps(received["message"], indent=2))
         print(f"\nflow run:   {node.latest_flow_run_url()}")
-        print(f"Prefect UI: {state.ui_url}")
+        print(f"Prefect UI: {state.ui_url} (login: the prefect_auth_string of "
+              f"{settings.run_dir / 'node.json'})")
         print(f"logs:       {settings.run_dir / 'logs'}")
         print("another event: make demo-event EVENT=path/to/event.json")
         print("Ctrl-C stops every process of the demo.", flush=True)

@@ -2,8 +2,11 @@
 worker, blocks, deployments, listener and a small HTTP file server for the demo data.
 
 `LocalNode.start()` brings everything up in order and `stop()` stops every process it started.
-Its state (ports and the generated broker passwords) is written to `<run_dir>/node.json` (mode 0600)
-so that `make demo-event` can send another event to the running node."""
+The Prefect API and UI ask for a generated "user:password" auth string (Prefect's basic
+authentication), given to the worker, the listener and every CLI call.
+Its state (ports, the generated broker passwords and the Prefect auth string) is written to
+`<run_dir>/node.json` (mode 0600) so that `make demo-event` can send another event to the running
+node."""
 
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.launcher import BrokerConfig, RunningBroker, start_broker
+from chain.deployments import PUBLISH_METADATA, PUBLISH_NOTIFICATION_FLOW
+from chain.files import write_atomically
 from chain.mqtt import MqttConnection, connect, publish_once
 from chain.processes import ManagedProcess, port_is_open
 from localnode.prefect_server import PrefectServer, prefect_cli
@@ -58,6 +63,9 @@ class NodeSettings(BaseSettings):
     worker_type: Literal["warm", "process"] = Field(
         default="warm", description="wis2-warm worker (runs in its process) or Prefect's process")
     worker_limit: int = Field(default=8, ge=1, description="Flow runs at once (worker --limit)")
+    prefect_auth_string: SecretStr | None = Field(
+        default=None, description="'user:password' the Prefect API and UI ask for "
+        "(default: admin and a generated password, in node.json)")
 
 
 class NodeState(BaseModel):
@@ -69,6 +77,14 @@ class NodeState(BaseModel):
     ui_url: str
     files_url: str
     passwords: dict[str, SecretStr]
+    prefect_auth_string: SecretStr
+
+    def prefect_settings(self) -> dict:
+        """Prefect client settings for this node (`temporary_settings(updates=...)`)."""
+        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL
+
+        return {PREFECT_API_URL: self.prefect_api_url,
+                PREFECT_API_AUTH_STRING: self.prefect_auth_string.get_secret_value()}
 
     def connection(self, role: str) -> MqttConnection:
         return MqttConnection(host=self.host, port=self.broker_port, username=role,
@@ -77,10 +93,8 @@ class NodeState(BaseModel):
     def save(self, path: Path) -> None:
         data = self.model_dump(mode="json")
         data["passwords"] = {k: v.get_secret_value() for k, v in self.passwords.items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
+        data["prefect_auth_string"] = self.prefect_auth_string.get_secret_value()
+        write_atomically(path, json.dumps(data, indent=2))  # mode 0600: it holds passwords
 
     @classmethod
     def load(cls, path: Path) -> NodeState:
@@ -93,6 +107,11 @@ class PortTaken(RuntimeError):
 
 class LocalNode:
     WORKER_QUERY_SECONDS = "1"  # the worker polls for new runs every second (compose.yml too)
+    # Recovery (worker/recovery.py): a worker heartbeat every 10 s, so a dead worker's runs are
+    # rescheduled ~30 s after it died; a fixed name, so a restarted worker reclaims its own at
+    # once (compose.yml too).
+    WORKER_HEARTBEAT_SECONDS = "10"
+    WORKER_NAME = "wis2-local-worker"
 
     def __init__(self, settings: NodeSettings | None = None) -> None:
         self.settings = settings or NodeSettings()
@@ -103,6 +122,8 @@ class LocalNode:
         self.passwords = {role: SecretStr(secrets.token_urlsafe(18))
                           for role in ("fileserver", "listener", "publisher", "monitor")}
         self.passwords["everyone"] = SecretStr("everyone")
+        self.prefect_auth_string = self.settings.prefect_auth_string or SecretStr(
+            f"admin:{secrets.token_urlsafe(18)}")
 
     # ---- addresses -------------------------------------------------------------------------
     @property
@@ -114,7 +135,8 @@ class LocalNode:
         assert self.server is not None
         return NodeState(host=self.settings.host, broker_port=self.settings.broker_port,
                          prefect_api_url=self.server.api_url, ui_url=self.server.url,
-                         files_url=self.files_url, passwords=self.passwords)
+                         files_url=self.files_url, passwords=self.passwords,
+                         prefect_auth_string=self.prefect_auth_string)
 
     def check_ports(self) -> None:
         s = self.settings
@@ -190,6 +212,7 @@ class LocalNode:
         if self.run_dir.exists():
             shutil.rmtree(self.run_dir)
         (self.run_dir / "www" / "metadata").mkdir(parents=True)
+        self.run_dir.chmod(0o700)  # secrets (node.json, the Prefect database, broker files)
         (self.run_dir / "www" / "argo").symlink_to(REPO / "data" / "files" / "argo")
         py = sys.executable
 
@@ -203,7 +226,8 @@ class LocalNode:
 
         log.info("starting the Prefect server (UI) on port %s", s.prefect_port)
         self.server = PrefectServer(self.run_dir / "prefect", port=s.prefect_port, host=s.host,
-                                    ui=True, database_url=s.database_url)
+                                    ui=True, database_url=s.database_url,
+                                    auth_string=self.prefect_auth_string)
         self.processes.append(self.server)
         self.server.start(timeout=180)
         env = self.child_env()
@@ -218,8 +242,13 @@ class LocalNode:
         self._run([str(Path(py).with_name("wis2-chain")), "blocks", "register"], env,
                   "register blocks")
         self._run([prefect, "--no-prompt", "deploy", "--all"], env, "deploy")
+        worker_env = {**env, "PREFECT_WORKER_HEARTBEAT_SECONDS": self.WORKER_HEARTBEAT_SECONDS}
         self._spawn("worker", [prefect, "worker", "start", "--pool", WORK_POOL, "--type",
-                               worker_type, "--limit", str(s.worker_limit)], env)
+                               worker_type, "--limit", str(s.worker_limit),
+                               "--name", self.WORKER_NAME], worker_env)
+        if worker_type == "process":  # wis2-warm reschedules stranded runs itself
+            self._spawn("recover", [str(Path(py).with_name("wis2-chain")), "recover", "--pool",
+                                    WORK_POOL, "--watch"], env)
         self._spawn("listener", [py, "-m", "listener"], self.listener_env(),
                     ready=lambda: port_is_open(s.host, s.metrics_port), timeout=90)
         state = self.state
@@ -272,17 +301,17 @@ class LocalNode:
     def publish_metadata(self, record: Path) -> None:
         """Run the publish-metadata deployment for `record` and wait for it (metadata first)."""
         params = json.dumps({"record_location": str(record.resolve()), "operation": "create"})
-        self._run([prefect_cli(), "deployment", "run", "publish-metadata/default",
+        self._run([prefect_cli(), "deployment", "run", PUBLISH_METADATA,
                    "--params", params, "--watch", "--watch-timeout", "180"],
                   self.child_env(), "publish metadata")
 
-    def latest_flow_run_url(self, flow_name: str = "publish-notification") -> str | None:
+    def latest_flow_run_url(self, flow_name: str = PUBLISH_NOTIFICATION_FLOW) -> str | None:
         import asyncio
 
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.filters import FlowFilter, FlowFilterName
         from prefect.client.schemas.sorting import FlowRunSort
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect.settings import temporary_settings
 
         async def latest() -> str | None:
             async with get_client() as client:
@@ -292,6 +321,6 @@ class LocalNode:
                 return str(runs[0].id) if runs else None
 
         assert self.server is not None
-        with temporary_settings(updates={PREFECT_API_URL: self.server.api_url}):
+        with temporary_settings(updates=self.server.client_settings()):
             run_id = asyncio.run(latest())
         return f"{self.server.url}/runs/flow-run/{run_id}" if run_id else None

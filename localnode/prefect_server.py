@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import httpx
+from pydantic import SecretStr
 
 from chain.processes import ManagedProcess, free_port
 
@@ -17,7 +18,11 @@ def prefect_cli() -> str:
 
 
 class PrefectServer(ManagedProcess):
-    """`prefect server start` on loopback. `api_url` is what clients put in PREFECT_API_URL."""
+    """`prefect server start` on loopback. `api_url` is what clients put in PREFECT_API_URL.
+
+    With `auth_string` ("user:password"), the API and the UI ask for it (Prefect's basic
+    authentication, PREFECT_SERVER_API_AUTH_STRING); `client_env()` gives it to clients
+    (PREFECT_API_AUTH_STRING). Only `GET /api/health` and `/api/ready` answer without it."""
 
     def __init__(
         self,
@@ -27,8 +32,10 @@ class PrefectServer(ManagedProcess):
         database_url: str | None = None,
         ui: bool = False,
         extra_env: dict[str, str] | None = None,
+        auth_string: SecretStr | None = None,
     ) -> None:
         self.home = Path(home)
+        self.auth_string = auth_string
         self.host = host
         self.port = port or free_port(host)
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -44,6 +51,8 @@ class PrefectServer(ManagedProcess):
             PREFECT_SERVER_API_HOST=host,
             PREFECT_SERVER_API_PORT=str(self.port),
         )
+        if auth_string is not None:
+            env["PREFECT_SERVER_API_AUTH_STRING"] = auth_string.get_secret_value()
         env.update(extra_env or {})
         super().__init__(
             "prefect-server",
@@ -69,4 +78,16 @@ class PrefectServer(ManagedProcess):
 
     def client_env(self) -> dict[str, str]:
         """Environment for a process that talks to this server."""
-        return {"PREFECT_API_URL": self.api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        env = {"PREFECT_API_URL": self.api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        if self.auth_string is not None:
+            env["PREFECT_API_AUTH_STRING"] = self.auth_string.get_secret_value()
+        return env
+
+    def client_settings(self) -> dict:
+        """Prefect settings for this process's client (`temporary_settings(updates=...)`)."""
+        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL
+
+        updates: dict = {PREFECT_API_URL: self.api_url}
+        if self.auth_string is not None:
+            updates[PREFECT_API_AUTH_STRING] = self.auth_string.get_secret_value()
+        return updates

@@ -1,13 +1,14 @@
 """The incoming file-diffusion event: a CloudEvent 1.0 envelope whose `data` is a STAC 1.1 item
 with the `file` extension. `parse_event` turns raw bytes into a `CloudEvent` or raises
-`InvalidInput` listing every bad field with its JSON path."""
+`InvalidInput` listing every bad field with its JSON path (`UnreadableEvent` when the bytes are
+not UTF-8 JSON text at all); `CloudEvent.to_dict` is the event as JSON data."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -24,8 +25,8 @@ from pydantic import (
 from wis2.errors import FieldError, InvalidInput, field_errors_from
 from wis2.multihash import decode_multihash, integrity_from_multihash
 from wis2.notification import Integrity
+from wis2.relations import Operation
 
-Operation = Literal["create", "update", "delete"]
 _DELETE_WORDS = {"delete", "deleted", "deletion", "removed", "remove"}
 _UPDATE_WORDS = {"update", "updated", "modified", "changed", "modify"}
 _URL_SCHEMES = {"http", "https", "ftp", "ftps"}
@@ -240,6 +241,18 @@ class CloudEvent(BaseModel):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
+class UnreadableEvent(InvalidInput):
+    """The raw event is not UTF-8 JSON text, so no field could be read. `cause` is the decoder's
+    error (`UnicodeDecodeError`, `json.JSONDecodeError`, `RecursionError` or `ValueError`), for
+    callers that word the problem their own way (the MQTT listener's dead-letter reasons)."""
+
+    def __init__(
+        self, errors: Iterable[FieldError], what: str = "event", cause: BaseException | None = None
+    ) -> None:
+        super().__init__(errors, what)
+        self.cause = cause
+
+
 def _event_errors(exc: ValidationError) -> list[FieldError]:
     """Field errors with JSON paths as the user wrote them (no union tags such as `Point`)."""
     errors = field_errors_from(exc)
@@ -258,21 +271,20 @@ def parse_event(raw: bytes | str | Mapping[str, Any]) -> CloudEvent:
         try:
             raw = bytes(raw).decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise InvalidInput(
-                [FieldError(path="$", message=f"not UTF-8 text (byte {exc.start})")], "event"
-            ) from None
+            message = f"not UTF-8 text (byte {exc.start})"
+            raise UnreadableEvent([FieldError(path="$", message=message)], cause=exc) from None
     if isinstance(raw, str):
         try:
             raw = json.loads(raw)
         except json.JSONDecodeError as exc:
             message = f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-            raise InvalidInput([FieldError(path="$", message=message)], "event") from None
-        except RecursionError:
+            raise UnreadableEvent([FieldError(path="$", message=message)], cause=exc) from None
+        except RecursionError as exc:
             message = "not JSON that can be read: nested too deeply"
-            raise InvalidInput([FieldError(path="$", message=message)], "event") from None
+            raise UnreadableEvent([FieldError(path="$", message=message)], cause=exc) from None
         except ValueError as exc:  # e.g. an integer with too many digits
             message = f"not JSON that can be read: {exc}"
-            raise InvalidInput([FieldError(path="$", message=message)], "event") from None
+            raise UnreadableEvent([FieldError(path="$", message=message)], cause=exc) from None
     if not isinstance(raw, Mapping):
         message = f"a CloudEvent is a JSON object, not {type(raw).__name__}"
         raise InvalidInput([FieldError(path="$", message=message)], "event")

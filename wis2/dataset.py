@@ -9,10 +9,12 @@ import json
 import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-CENTRE_ID_PATTERN = r"^[a-z0-9]+(-[a-z0-9.]+)+$"
+from wis2.topics import CENTRE_ID_PATTERN
+
 DEFAULT_DATASETS_DIR = Path(__file__).resolve().parents[1] / "data" / "datasets"
 
 
@@ -45,6 +47,37 @@ class DatasetDescription(BaseModel):
     inline_content: bool = Field(
         default=False, description="Embed the data in the message when it is small enough"
     )
+    allowed_href_prefixes: list[str] = Field(
+        default_factory=list,
+        description="URL prefixes (http(s)://host/path/) an announced file may start with; "
+        "empty: any http(s)/ftp URL",
+    )
+
+    @field_validator("allowed_href_prefixes")
+    @classmethod
+    def _prefixes_are_url_directories(cls, prefixes: list[str]) -> list[str]:
+        for prefix in prefixes:
+            parts = urlsplit(prefix)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"allowed_href_prefixes: {prefix!r} is not an http(s) URL")
+            if not parts.path.endswith("/") or parts.query or parts.fragment:
+                raise ValueError(
+                    f"allowed_href_prefixes: {prefix!r} must end with '/' (a directory: "
+                    "'https://host/data' would also allow 'https://host/database')"
+                )
+        return prefixes
+
+    def href_refusal(self, href: str) -> str | None:
+        """Why `href` may not be announced for this dataset, or None when it may."""
+        if not self.allowed_href_prefixes:
+            return None
+        segments = unquote(urlsplit(href).path).split("/")
+        if any(segment in (".", "..") for segment in segments):
+            return f"{href!r} has '.' or '..' path segments"
+        if any(href.startswith(prefix) for prefix in self.allowed_href_prefixes):
+            return None
+        allowed = ", ".join(self.allowed_href_prefixes)
+        return f"{href!r} is outside the dataset's allowed_href_prefixes ({allowed})"
 
     @model_validator(mode="after")
     def _topic_belongs_to_dataset(self) -> DatasetDescription:

@@ -7,11 +7,11 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from urllib.parse import unquote, urlsplit
-from uuid import UUID, uuid4
+from uuid import NAMESPACE_URL, UUID, uuid5
 
-from wis2.cloudevent import CloudEvent, Operation, StacAsset, StacItem
+from wis2.cloudevent import CloudEvent, StacAsset, StacItem
 from wis2.dataset import DatasetDescription
-from wis2.errors import FieldError, InvalidInput
+from wis2.errors import FieldError, InvalidInput, json_path
 from wis2.notification import (
     MAX_INLINE_CONTENT_CHARS,
     Content,
@@ -20,10 +20,7 @@ from wis2.notification import (
     NotificationProperties,
     rfc3339,
 )
-
-REL_FOR_OPERATION: dict[str, str] = {
-    "create": "canonical", "update": "update", "delete": "deletion",
-}
+from wis2.relations import RELATION_OF_OPERATION, Operation
 
 
 def data_assets(item: StacItem, dataset: DatasetDescription) -> list[tuple[str, StacAsset]]:
@@ -90,6 +87,19 @@ def inline_content(data: bytes) -> Content | None:
     return content if len(content.value) <= MAX_INLINE_CONTENT_CHARS else None
 
 
+# Namespace of the notification ids (UUIDv5): an id is a name in it, see `notification_id`.
+NOTIFICATION_NAMESPACE = uuid5(NAMESPACE_URL, "urn:wis2-chain:notification")
+
+
+def notification_id(event: CloudEvent, operation: Operation, dataset: str, data_id: str) -> UUID:
+    """The id of the notification announcing `data_id` for this event: a UUID (version 5)
+    derived from the event identity (source, id, asset checksums), the operation, the dataset and
+    the data_id. The same event gives the same id on any host, after any crash, retry or re-run
+    (Global Brokers drop a repeated id); a changed file or another operation gives another."""
+    name = "\n".join((event.identity_key(), operation, dataset, data_id))
+    return uuid5(NOTIFICATION_NAMESPACE, name)
+
+
 def build_notifications(
     event: CloudEvent,
     dataset: DatasetDescription,
@@ -97,9 +107,10 @@ def build_notifications(
     operation: Operation | None = None,
     pubtime: datetime | None = None,
     contents: Mapping[str, bytes] | None = None,
-    new_id: Callable[[], UUID] = uuid4,
+    new_id: Callable[[], UUID] | None = None,
 ) -> list[Notification]:
-    """One notification per data asset of the event's item."""
+    """One notification per data asset of the event's item; ids from `notification_id` unless
+    `new_id` gives them."""
     item = event.data
     assets = data_assets(item, dataset)
     if not assets:
@@ -108,7 +119,15 @@ def build_notifications(
             [FieldError(path="$.data.assets", message=f"no asset with a data role ({roles})")],
             "event",
         )
-    rel = REL_FOR_OPERATION[operation or event.operation]
+    refused = [
+        FieldError(path=json_path(("data", "assets", key, "href")), message=reason)
+        for key, asset in assets
+        if (reason := dataset.href_refusal(asset.href))
+    ]
+    if refused:
+        raise InvalidInput(refused, "event")
+    operation = operation or event.operation
+    rel = RELATION_OF_OPERATION[operation]
     published = rfc3339(pubtime or datetime.now(UTC))
     props = item.properties
     if props.start_datetime is not None and props.end_datetime is not None:
@@ -120,15 +139,17 @@ def build_notifications(
 
     notifications = []
     for key, asset in assets:
+        data_id = data_id_for(dataset, item, key, asset)
         content = None
         if dataset.inline_content and contents and key in contents and rel != "deletion":
             content = inline_content(contents[key])
         notifications.append(
             Notification(
-                id=str(new_id()),
+                id=str(new_id() if new_id else notification_id(event, operation, dataset.name,
+                                                                data_id)),
                 geometry=geometry,
                 properties=NotificationProperties(
-                    data_id=data_id_for(dataset, item, key, asset),
+                    data_id=data_id,
                     metadata_id=dataset.metadata_id,
                     pubtime=published,
                     integrity=asset.integrity,

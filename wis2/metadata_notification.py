@@ -22,7 +22,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,18 +32,18 @@ from wis2.notification import (
     WNM_CONFORMANCE,
     IntegrityMethod,
     Link,
-    LinkRel,
     Notification,
     NotificationProperties,
     rfc3339,
 )
+from wis2.relations import LinkRel
+from wis2.topics import CENTRE_ID
 
 WCMP2_CONFORMANCE = "http://wis.wmo.int/spec/wcmp/2/conf/core"
 METADATA_MEDIA_TYPE = "application/geo+json"
 RECORD_ID_PATTERN = re.compile(
-    r"^urn:wmo:md:(?P<centre_id>[a-z0-9]+(?:-[a-z0-9.]+)+):(?P<local>[^\s/\\]+)$"
+    rf"^urn:wmo:md:(?P<centre_id>{CENTRE_ID}):(?P<local>[^\s/\\]+)$"
 )
-Operation = Literal["create", "update", "delete"]
 
 
 class Wcmp2Record(BaseModel):
@@ -169,14 +169,6 @@ def record_datetime(record: Mapping[str, Any]) -> str:
         [FieldError(path="$.properties.created", message="missing (and no properties.updated)")],
         "metadata record",
     )
-
-
-def relation_for(operation: Operation, already_published: bool) -> LinkRel:
-    """The link relation: ``deletion`` for a delete, else ``canonical`` the first time this node
-    publishes the record and ``update`` afterwards (whatever the requested operation says)."""
-    if operation == "delete":
-        return "deletion"
-    return "update" if already_published else "canonical"
 
 
 def build_metadata_notification(

@@ -84,6 +84,11 @@ def digest(data: bytes, method: IntegrityMethod) -> bytes:
     return hashlib.new(_HASHLIB_NAMES[method], data).digest()
 
 
+def new_hasher(method: IntegrityMethod) -> hashlib._Hash:
+    """An incremental hashlib object for a WNM integrity method (`update()` chunk by chunk)."""
+    return hashlib.new(_HASHLIB_NAMES[method])
+
+
 def multihash_of(data: bytes, method: IntegrityMethod = "sha3-256") -> str:
     """Hex multihash of `data` (as a file server would put in `file:checksum`)."""
     value = digest(data, method)

@@ -8,9 +8,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from wis2.relations import LINK_RELATIONS, LinkRel
+
 WNM_CONFORMANCE = "http://wis.wmo.int/spec/wnm/1/conf/core"
 IntegrityMethod = Literal["sha256", "sha384", "sha512", "sha3-256", "sha3-384", "sha3-512"]
-LinkRel = Literal["canonical", "update", "deletion"]
 MAX_MESSAGE_BYTES = 8192
 MAX_INLINE_CONTENT_CHARS = 4096
 
@@ -83,10 +84,12 @@ class Notification(BaseModel):
         """Compact JSON as published on the broker."""
         return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
 
+    def announcing_link(self) -> Link | None:
+        """The one link of relation canonical, update or deletion (None if there is none)."""
+        return next((link for link in self.links if link.rel in LINK_RELATIONS), None)
+
     @property
-    def rel(self) -> str | None:
+    def rel(self) -> LinkRel | None:
         """The one canonical/update/deletion relation of this message."""
-        for link in self.links:
-            if link.rel in ("canonical", "update", "deletion"):
-                return link.rel
-        return None
+        link = self.announcing_link()
+        return link.rel if link else None  # type: ignore[return-value]

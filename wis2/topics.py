@@ -10,6 +10,10 @@ from pywis_topics.topics import TopicHierarchy
 log = logging.getLogger(__name__)
 
 ORIGIN_PREFIX = "origin/a/wis2/"
+# A centre-id (level 4 of the topic hierarchy): lower-case letters and digits in two or more
+# dash-separated parts (``fr-ifremer-argo``, ``de-dwd``), as in the WIS2 centre-id table.
+CENTRE_ID = r"[a-z0-9]+(?:-[a-z0-9]+)+"
+CENTRE_ID_PATTERN = rf"^{CENTRE_ID}$"
 
 
 @lru_cache

@@ -22,13 +22,13 @@ from pydantic import BaseModel
 
 from wis2.multihash import DIGEST_LENGTHS
 from wis2.notification import MAX_INLINE_CONTENT_CHARS, MAX_MESSAGE_BYTES
+from wis2.relations import LINK_RELATIONS
 from wis2.topics import centre_id_of_topic, publication_topic_problem
 
 log = logging.getLogger(__name__)
 
 Profile = Literal["publish", "spec"]
 Severity = Literal["error", "warning"]
-LINK_RELATIONS = ("canonical", "update", "deletion")
 RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
 

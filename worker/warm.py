@@ -27,6 +27,10 @@ What it does differently from the `process` worker (by design, because runs shar
   on until its current task ends; the server refuses to start its next tasks, and when the flow
   returns the worker marks it Cancelled. A worker stopped with SIGTERM/SIGINT waits for the runs
   in progress to finish.
+- **Recovery** (`worker/recovery.py`): while it polls its pool, the worker reschedules the runs
+  stranded by a dead worker of the pool (Pending or Running, no heartbeat from their worker), and
+  at start those it had claimed itself under the same `--name` before it was killed; a run
+  rescheduled `WIS2_RECOVERY_MAX_RETRIES` times ends Failed instead.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 import anyio.to_thread
+from prefect.client.schemas.objects import FlowRun
 from prefect.workers.base import (
     BaseJobConfiguration,
     BaseVariables,
@@ -55,10 +60,11 @@ from prefect.workers.base import (
 from pydantic import Field, PrivateAttr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.recovery import PoolRecovery, Recovered
+
 if TYPE_CHECKING:
     from uuid import UUID
 
-    from prefect.client.schemas.objects import FlowRun
     from prefect.flows import Flow
     from prefect.states import State
 
@@ -198,6 +204,9 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         self._flows = FlowCache()
         self._threads = anyio.CapacityLimiter(self._limit or DEFAULT_THREADS)
         self._project_dir = WarmWorkerSettings().resolved_project_dir()
+        self._executing: set[UUID] = set()  # runs this process is executing (recovery skips)
+        self._recovery = PoolRecovery(self._work_pool_name, own_name=self.name,
+                                      own_runs=self._own_runs)
         if self._limit is None:
             log.warning("wis2-warm worker started without --limit: at most %d flow runs at once",
                         DEFAULT_THREADS)
@@ -215,9 +224,17 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         if ignored:
             run_logger.debug("wis2-warm runs in the worker's environment; job variables env not "
                              "applied: %s", ", ".join(ignored))
+        self._executing.add(flow_run.id)  # before started(): never seen as stranded
         if task_status is not None:
             task_status.started(os.getpid())  # the run's "infrastructure" is this process
 
+        try:
+            return await self._run(flow_run, configuration, run_logger, identifier)
+        finally:
+            self._executing.discard(flow_run.id)
+
+    async def _run(self, flow_run: FlowRun, configuration: WarmJobConfiguration,
+                   run_logger: Any, identifier: str) -> WarmWorkerResult:
         try:
             entrypoint = self._entrypoint(flow_run, configuration)
             context = contextvars.copy_context()  # settings/profile of the worker for the thread
@@ -237,13 +254,33 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         ok = state.is_completed() or await self._finish_cancelling(flow_run)
         return WarmWorkerResult(identifier=identifier, status_code=0 if ok else 1)
 
+    def _own_runs(self) -> set[UUID]:
+        """Runs this worker holds: being submitted (claimed) or executing."""
+        return self._executing | set(self._submitting_flow_run_ids)
+
+    async def get_and_submit_flow_runs(self) -> list[FlowRun]:
+        """Before each poll (at most every WIS2_RECOVERY_INTERVAL): reschedule stranded runs."""
+        if self._client is not None:
+            recovered: list[Recovered] = await self._recovery.maybe_run(self.client)
+            for item in recovered:
+                self._logger.warning("recovery: %s flow run %s (%s): %s", item.action,
+                                     item.name, item.flow_run_id, item.reason)
+        return await super().get_and_submit_flow_runs()
+
     async def _give_worker_labels_to_flow_run(self, flow_run_id: UUID) -> None:
-        """The worker's labels only describe the run: an API too busy to store them (503 after
-        the client's retries, seen on SQLite under bursts) must not crash a run that can go on."""
-        try:
-            await super()._give_worker_labels_to_flow_run(flow_run_id)
-        except Exception as exc:
-            log.warning("flow run %s: worker labels not set: %s", flow_run_id, exc)
+        """The worker's labels tell the recovery which worker holds the run (a Pending run
+        without them is only recovered after WIS2_RECOVERY_UNCLAIMED_TIMEOUT): retried; an API
+        too busy to store them (503 after the retries, seen on SQLite under bursts) must not
+        crash a run that can go on."""
+        for attempt in range(4):
+            try:
+                await super()._give_worker_labels_to_flow_run(flow_run_id)
+                return
+            except Exception as exc:
+                if attempt == 3:
+                    log.warning("flow run %s: worker labels not set: %s", flow_run_id, exc)
+                    return
+                await anyio.sleep(0.5 * 2 ** attempt)
 
     @staticmethod
     def _entrypoint(flow_run: FlowRun, configuration: WarmJobConfiguration) -> str:

@@ -7,18 +7,19 @@ retries, delays).
 
 from __future__ import annotations
 
-from .build import build_notifications_task
+from .build import build_metadata_notification_task, build_notifications_task
 from .configured import ConfiguredTasks, configured_tasks
 from .dataset import load_dataset_task
-from .publish import PublishReceipt, load_broker_connection, publish_notification_task
+from .publish import BrokerReceipt, load_broker_connection, publish_notification_task
 from .record import record_publication_task
 from .validate import validate_notifications_task
 from .verify import DataMismatch, verify_data_task
 
 __all__ = [
+    "BrokerReceipt",
     "ConfiguredTasks",
     "DataMismatch",
-    "PublishReceipt",
+    "build_metadata_notification_task",
     "build_notifications_task",
     "configured_tasks",
     "load_broker_connection",

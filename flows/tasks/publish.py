@@ -22,8 +22,8 @@ from wis2.notification import Notification
 from .caching import PUBLISH_CACHE
 
 
-class PublishReceipt(BaseModel):
-    """What the broker acknowledged."""
+class BrokerReceipt(BaseModel):
+    """The broker's acknowledgement (PUBACK) of one notification: the publish task's result."""
 
     notification_id: str
     data_id: str
@@ -31,6 +31,9 @@ class PublishReceipt(BaseModel):
     rel: str | None
     published_at: str
     bytes: int
+
+
+PublishReceipt = BrokerReceipt  # its name until 2026-11: publish results cached then
 
 
 def load_broker_connection(settings: ChainSettings) -> tuple[MqttConnection, str]:
@@ -48,7 +51,7 @@ def load_broker_connection(settings: ChainSettings) -> tuple[MqttConnection, str
 @task(name="publish-notification", cache_policy=PUBLISH_CACHE, persist_result=True)
 def publish_notification_task(
     notification: Notification, topic: str, connection: MqttConnection, timeout: float = 10.0
-) -> PublishReceipt:
+) -> BrokerReceipt:
     """Publish one notification (QoS 1) and return the receipt once the broker acknowledged it."""
     payload = notification.to_json().encode("utf-8")
     with Publisher(connection, timeout=timeout) as publisher:
@@ -56,7 +59,7 @@ def publish_notification_task(
     get_run_logger().info(
         "published %s on %s via %s", notification.id, topic, connection.describe()
     )
-    return PublishReceipt(
+    return BrokerReceipt(
         notification_id=notification.id,
         data_id=notification.properties.data_id,
         topic=topic,

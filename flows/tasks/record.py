@@ -1,8 +1,9 @@
-"""Task: record what was published in the publication ledger (for later update decisions)."""
+"""Task: record what was published in the publication ledger (for later relation decisions)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -14,8 +15,11 @@ from .build import checksum_of
 
 
 @task(name="record-publication", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
-def record_publication_task(notifications: list[Notification], ledger_path: str) -> int:
-    """Record each notification against its data_id; returns how many were recorded."""
+def record_publication_task(
+    notifications: list[Notification], ledger_path: str, details: dict[str, Any] | None = None
+) -> int:
+    """Record each notification against its data_id (with `details`, extra fields of the entry:
+    what the metadata flow needs to republish a record); returns how many were recorded."""
     ledger = Ledger(Path(ledger_path))
     for note in notifications:
         ledger.record(
@@ -24,5 +28,6 @@ def record_publication_task(notifications: list[Notification], ledger_path: str)
             rel=note.rel or "canonical",
             checksum=checksum_of(note),
             pubtime=note.properties.pubtime,
+            **(details or {}),
         )
     return len(notifications)

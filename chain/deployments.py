@@ -1,0 +1,22 @@
+"""The chain's Prefect flows and deployments by name: one place for every process that starts,
+finds or describes runs (listener, flows' replay hints, local node, bench). `prefect.yaml`
+declares the same deployments (a unit test checks that they agree)."""
+
+from __future__ import annotations
+
+DEPLOYMENT_NAME = "default"
+
+PUBLISH_NOTIFICATION_FLOW = "publish-notification"
+PUBLISH_BATCH_FLOW = "publish-batch"
+PUBLISH_METADATA_FLOW = "publish-metadata"
+REPUBLISH_METADATA_FLOW = "republish-metadata"
+BACKFILL_FLOW = "backfill"
+
+PUBLISH_NOTIFICATION = f"{PUBLISH_NOTIFICATION_FLOW}/{DEPLOYMENT_NAME}"
+PUBLISH_BATCH = f"{PUBLISH_BATCH_FLOW}/{DEPLOYMENT_NAME}"
+PUBLISH_METADATA = f"{PUBLISH_METADATA_FLOW}/{DEPLOYMENT_NAME}"
+REPUBLISH_METADATA = f"{REPUBLISH_METADATA_FLOW}/daily"  # scheduled once a day
+
+BACKFILL = f"{BACKFILL_FLOW}/{DEPLOYMENT_NAME}"
+
+ALL = (PUBLISH_NOTIFICATION, PUBLISH_BATCH, PUBLISH_METADATA, REPUBLISH_METADATA, BACKFILL)

@@ -1,0 +1,164 @@
+"""The orchestration of `make demo`, run in the background: the sample event's notification must
+reach a real pywis-pubsub `subscribe` process (a simulated Global Broker) that validates it, and the
+Prefect UI must show the completed flow run named after the sample file with its notification
+artifact (headless Chromium through Playwright)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from chain.processes import ManagedProcess, free_port
+from localnode.node import LocalNode, NodeSettings
+from tests.fixtures.paths import DATA, REPO
+
+pytestmark = pytest.mark.slow
+
+SAMPLE_FILE = "D6990001_001.csv"
+SCREENSHOT_DIR = REPO / "run" / "test-output"
+
+
+@pytest.fixture(scope="module")
+def demo_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]:
+    settings = NodeSettings(
+        _env_file=None,
+        run_dir=tmp_path_factory.mktemp("demo-node"),
+        broker_port=free_port(), broker_ws_port=free_port(), prefect_port=free_port(),
+        files_port=free_port(), metrics_port=free_port(), timeout=180,
+    )
+    node = LocalNode(settings)
+    try:
+        node.start()
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture(scope="module")
+def global_broker(demo_node: LocalNode, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """pywis-pubsub's own `subscribe`, as `everyone`, validating each message."""
+    workdir = tmp_path_factory.mktemp("global-broker")
+    output = workdir / "received.jsonl"
+    env = dict(os.environ)
+    env.update(
+        WIS2_GB_SIM_BROKER=f"mqtt://everyone:everyone@127.0.0.1:{demo_node.settings.broker_port}",
+        WIS2_GB_SIM_OUTPUT=str(output),
+        PYTHONPATH=str(REPO),
+    )
+    subscriber = ManagedProcess(
+        "pywis-pubsub-subscribe",
+        [str(Path(sys.executable).with_name("pywis-pubsub")), "subscribe",
+         "--config", str(REPO / "broker" / "global-broker-sim.yml"), "--verbosity", "INFO"],
+        log_path=workdir / "subscribe.log", env=env,
+    )
+    subscriber.start()
+    time.sleep(3)  # let it connect and subscribe before the event is sent
+    try:
+        yield output
+    finally:
+        subscriber.stop()
+
+
+@pytest.fixture(scope="module")
+def published(demo_node: LocalNode, global_broker: Path) -> dict:
+    demo_node.publish_metadata(demo_node.settings.metadata_record)
+    return demo_node.send_and_wait(DATA / "demo-event.json", demo_node.settings.event_topic,
+                                   demo_node.settings.timeout)
+
+
+def test_sample_event_reaches_a_validating_global_broker(published: dict, global_broker: Path):
+    assert published["message"]["properties"]["data_id"].endswith(SAMPLE_FILE)
+    deadline = time.monotonic() + 60
+    records: list[dict] = []
+    while time.monotonic() < deadline:
+        if global_broker.exists():
+            records = [json.loads(line) for line in global_broker.read_text().splitlines()]
+            if any("/data/" in r["topic"] for r in records):
+                break
+        time.sleep(0.5)
+    data = [r for r in records if "/data/" in r["topic"]]
+    assert len(data) == 1, records
+    assert data[0]["valid"], data[0]["summary"]
+    assert data[0]["message"]["id"] == published["message"]["id"]
+    assert any(r["topic"].endswith("/metadata") and r["valid"] for r in records), records
+
+
+def test_prefect_ui_shows_the_run_and_its_notification(published: dict, demo_node: LocalNode):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("Debian's chromium is not installed (make test installs it)")
+    from playwright.sync_api import sync_playwright
+
+    run_url = demo_node.latest_flow_run_url()
+    assert run_url, "no flow run found"
+    SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=chromium,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"],
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            # The API asks for the node's auth string: the UI shows its login form first.
+            page.goto(f"{demo_node.state.ui_url}/runs", wait_until="networkidle")
+            login = page.get_by_placeholder("admin:pass")
+            login.wait_for(timeout=60_000)
+            page.screenshot(path=str(SCREENSHOT_DIR / "prefect-login.png"), full_page=True)
+            login.fill(demo_node.state.prefect_auth_string.get_secret_value())
+            page.get_by_role("button", name="Login").click()
+            page.wait_for_url("**/runs**", timeout=60_000)
+            page.get_by_text(SAMPLE_FILE).first.wait_for(timeout=60_000)
+            page.screenshot(path=str(SCREENSHOT_DIR / "prefect-runs.png"), full_page=True)
+            page.goto(run_url, wait_until="networkidle")
+            page.get_by_text("Completed").first.wait_for(timeout=60_000)
+            page.get_by_text("Artifacts", exact=True).first.click()
+            page.get_by_text("wnm-", exact=False).first.wait_for(timeout=60_000)
+            page.screenshot(path=str(SCREENSHOT_DIR / "prefect-run-artifacts.png"), full_page=True)
+        finally:
+            page.screenshot(path=str(SCREENSHOT_DIR / "prefect-last-page.png"), full_page=True)
+            browser.close()
+    assert (SCREENSHOT_DIR / "prefect-run-artifacts.png").stat().st_size > 10_000
+
+
+def test_demo_event_command_reaches_the_running_node(demo_node: LocalNode, published: dict):
+    """`make demo-event` uses the node's state file to send as the file server."""
+    done = subprocess.run(
+        [sys.executable, "-m", "localnode.demo", "send", str(DATA / "demo-event.json")],
+        env={**os.environ, "WIS2_DEMO_RUN_DIR": str(demo_node.run_dir),
+             "WIS2_DEMO_FILES_PORT": str(demo_node.settings.files_port)},
+        capture_output=True, text=True, cwd=REPO, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "sent" in done.stdout
+
+
+def test_backfill_command_runs_the_deployment_with_a_worker(
+    demo_node: LocalNode, published: dict, tmp_path: Path
+) -> None:
+    """`wis2-chain backfill DIR` on the demo node: a backfill/default run taken by the node's
+    worker; the sample file (already published, here announced by another event) is not
+    announced again; the command follows the run to its end."""
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    event = json.loads(demo_node.event_payload(DATA / "demo-event.json"))
+    event["id"] = "backfill-of-the-sample"
+    (archive / "sample.json").write_text(json.dumps(event))
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("wis2-chain")), "backfill", str(archive),
+         "--timeout", "180"],
+        env=demo_node.child_env(), capture_output=True, text=True, cwd=tmp_path, timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "of backfill/default created" in done.stdout
+    assert "done: 1/1 entries: 0 published, 1 already published" in done.stdout

@@ -1,0 +1,245 @@
+"""publish-metadata / republish-metadata against a real Prefect API and a real broker.
+
+The flows run in this process (tracked by the session's Prefect server); a subscriber with the
+public `everyone` account checks what the Global Brokers would receive on the metadata topic.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blocks.mqtt_broker import MqttBroker
+from chain.ledger import Ledger
+from chain.mqtt import connect
+from flows.publish_metadata import publish_metadata, republish_metadata
+from tests.fixtures.paths import ARGO_METADATA, DATA
+from wis2.metadata_notification import Wcmp2Record
+from wis2.validation import validate_notification
+
+pytestmark = pytest.mark.timeout(180)
+
+TOPIC = "origin/a/wis2/fr-ifremer-argo/metadata"
+ARGO_ID = "urn:wmo:md:fr-ifremer-argo:cor:msg:argo"
+BASE_URL = "https://node.example.org/wis2/metadata"
+DEMO = DATA / "demo-metadata.json"
+
+
+class Subscriber:
+    """The public `everyone` account subscribed to the centre's metadata topic."""
+
+    def __init__(self, broker: Any) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self.topics: list[str] = []
+        self._cond = threading.Condition()
+        subscribed = threading.Event()
+        self.client = connect(broker.connection("everyone"))
+        self.client.on_subscribe = lambda *args: subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.subscribe(TOPIC, qos=1)
+        assert subscribed.wait(10), "subscription not acknowledged"
+
+    def _on_message(self, client, userdata, message) -> None:
+        with self._cond:
+            self.topics.append(message.topic)
+            self.messages.append(json.loads(message.payload))
+            self._cond.notify_all()
+
+    def wait_for(self, count: int, timeout: float = 15) -> list[dict[str, Any]]:
+        with self._cond:
+            self._cond.wait_for(lambda: len(self.messages) >= count, timeout)
+            return list(self.messages)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def node(
+    prefect_api, session_broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[dict[str, Path]]:
+    """Settings of one node: its own results (ledger), metadata directory and broker block."""
+    block = f"md-broker-{uuid.uuid4().hex[:8]}"
+    MqttBroker.from_connection(session_broker.connection("publisher")).save(block)
+    paths = {"results": tmp_path / "results", "metadata": tmp_path / "www" / "metadata"}
+    monkeypatch.setenv("WIS2_RESULTS_DIR", str(paths["results"]))
+    monkeypatch.setenv("WIS2_METADATA_DIR", str(paths["metadata"]))
+    monkeypatch.setenv("WIS2_METADATA_BASE_URL", BASE_URL)
+    monkeypatch.setenv("WIS2_BROKER_BLOCK", block)
+    monkeypatch.setenv("WIS2_PUBLISH_RETRIES", "1")
+    monkeypatch.setenv("WIS2_RETRY_BASE_DELAY", "0.2")
+    monkeypatch.setenv("WIS2_WCMP2_KPI", "false")
+    yield paths
+
+
+@pytest.fixture
+def subscriber(session_broker) -> Iterator[Subscriber]:
+    sub = Subscriber(session_broker)
+    yield sub
+    sub.close()
+
+
+def _assert_valid(message: dict[str, Any]) -> None:
+    report = validate_notification(message, topic=TOPIC, profile="publish")
+    assert report.ok, report.rows()
+
+
+def _sha512_b64(data: bytes) -> str:
+    return base64.b64encode(hashlib.sha512(data).digest()).decode()
+
+
+def test_canonical_then_update_then_deletion(node, subscriber) -> None:
+    raw = ARGO_METADATA.read_bytes()
+    served = node["metadata"] / f"{ARGO_ID}.json"
+
+    first = publish_metadata(record_location=str(ARGO_METADATA))
+    (msg,) = subscriber.wait_for(1)
+    _assert_valid(msg)
+    assert subscriber.topics == [TOPIC]
+    assert first.rel == "canonical" and msg["id"] == first.notification_id
+    props = msg["properties"]
+    assert props["data_id"] == f"wis2/fr-ifremer-argo/metadata/{ARGO_ID}"
+    assert props["metadata_id"] == ARGO_ID
+    assert props["datetime"] == "2025-08-20T14:00:00Z"
+    (link,) = msg["links"]
+    assert link["rel"] == "canonical"
+    assert link["type"] == "application/geo+json"
+    assert link["href"] == f"{BASE_URL}/{ARGO_ID}.json"
+    # the served file holds exactly the announced bytes
+    assert served.read_bytes() == raw
+    assert link["length"] == len(served.read_bytes())
+    assert props["integrity"] == {"method": "sha512", "value": _sha512_b64(served.read_bytes())}
+
+    second = publish_metadata(record_location=str(ARGO_METADATA), operation="create")
+    messages = subscriber.wait_for(2)
+    assert len(messages) == 2
+    _assert_valid(messages[1])
+    assert second.rel == "update" and messages[1]["links"][0]["rel"] == "update"
+    assert messages[1]["id"] != messages[0]["id"]
+    assert messages[1]["properties"]["data_id"] == props["data_id"]
+
+    third = publish_metadata(record_id=ARGO_ID, operation="delete")
+    messages = subscriber.wait_for(3)
+    assert len(messages) == 3
+    _assert_valid(messages[2])
+    deletion = messages[2]
+    assert third.rel == "deletion"
+    assert deletion["links"][0]["rel"] == "deletion"
+    assert deletion["links"][0]["href"] == link["href"]
+    assert deletion["properties"]["metadata_id"] == ARGO_ID
+    assert not served.exists(), "the deleted record is no longer served"
+    ledger = Ledger.in_dir(node["results"]).get(props["data_id"])
+    assert ledger is not None and ledger.rel == "deletion"
+
+    # published again after its deletion: a new first publication
+    again = publish_metadata(record_location=str(ARGO_METADATA))
+    assert again.rel == "canonical"
+    assert subscriber.wait_for(4)[3]["links"][0]["rel"] == "canonical"
+
+
+def test_pasted_record_served_elsewhere(node, subscriber, monkeypatch) -> None:
+    monkeypatch.delenv("WIS2_METADATA_DIR")
+    monkeypatch.delenv("WIS2_METADATA_BASE_URL")
+    record = Wcmp2Record.model_validate_json(DEMO.read_bytes())
+
+    with pytest.raises(Exception, match="public_url"):
+        publish_metadata(record=record)
+
+    url = "https://www.example.org/argo/demo-metadata.json"
+    result = publish_metadata(record=record, public_url=url)
+    (msg,) = subscriber.wait_for(1)
+    _assert_valid(msg)
+    assert result.rel == "canonical" and result.served_path is None
+    assert msg["links"][0]["href"] == url
+    assert msg["links"][0]["length"] == len(record.to_bytes())
+    assert msg["properties"]["integrity"]["value"] == _sha512_b64(record.to_bytes())
+    assert msg["properties"]["datetime"] == "2026-11-27T00:00:00Z"  # properties.updated
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (
+            lambda r: r.__setitem__("id", "urn:wmo:md:fr-ifremer-argo"),
+            "identifier 'urn:wmo:md:fr-ifremer-argo'",
+        ),
+        (
+            lambda r: r["links"][0].__setitem__(
+                "channel", "origin/a/wis2/de-dwd/data/core/weather/surface-based-observations/synop"
+            ),
+            "channel 'origin/a/wis2/de-dwd/data/core/weather/surface-based-observations/synop'",
+        ),
+        (
+            lambda r: r["links"][0].__setitem__(
+                "channel", "origin/a/wis2/fr-ifremer-argo/data/core/not-a-discipline/x"
+            ),
+            "origin/a/wis2/fr-ifremer-argo/data/core/not-a-discipline/x",
+        ),
+    ],
+    ids=["broken-identifier", "other-centre-channel", "invalid-channel"],
+)
+def test_invalid_record_fails_and_nothing_is_published(node, subscriber, change, named) -> None:
+    record = json.loads(DEMO.read_text(encoding="utf-8"))
+    change(record)
+    state = publish_metadata(record=record, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception) as err:
+        state.result()
+    assert named in str(err.value), str(err.value)
+    time.sleep(1.5)
+    assert subscriber.messages == []
+    assert not list(node["metadata"].glob("*")) if node["metadata"].exists() else True
+    assert Ledger.in_dir(node["results"]).all() == {}
+
+
+def test_republish_sends_an_update_for_each_current_record(node, subscriber) -> None:
+    demo = json.loads(DEMO.read_text(encoding="utf-8"))
+    demo["id"] = "urn:wmo:md:fr-ifremer-argo:demo-profiles"
+    publish_metadata(record_location=str(ARGO_METADATA))
+    publish_metadata(record=demo)
+    gone = dict(demo, id="urn:wmo:md:fr-ifremer-argo:withdrawn")
+    publish_metadata(record=gone)
+    publish_metadata(record_id=gone["id"], operation="delete")
+    assert len(subscriber.wait_for(4)) == 4
+
+    result = republish_metadata()
+    messages = subscriber.wait_for(6)
+    assert len(messages) == 6
+    updates = messages[4:]
+    for msg in updates:
+        _assert_valid(msg)
+        assert msg["links"][0]["rel"] == "update"
+    assert {m["properties"]["metadata_id"] for m in updates} == {ARGO_ID, demo["id"]}
+    assert {p.record_id for p in result.republished} == {ARGO_ID, demo["id"]}
+    # still exactly the announced bytes on disk
+    for msg in updates:
+        name = msg["properties"]["metadata_id"] + ".json"
+        data = (node["metadata"] / name).read_bytes()
+        assert msg["links"][0]["length"] == len(data)
+        assert msg["properties"]["integrity"]["value"] == _sha512_b64(data)
+    time.sleep(1)
+    assert len(subscriber.messages) == 6, "the deleted record is not republished"
+
+
+def test_unreachable_broker_fails_the_run_and_records_nothing(node, monkeypatch) -> None:
+    from chain.processes import free_port
+
+    block = f"md-down-{uuid.uuid4().hex[:8]}"
+    MqttBroker(host="127.0.0.1", port=free_port("127.0.0.1"), username="publisher").save(block)
+    monkeypatch.setenv("WIS2_BROKER_BLOCK", block)
+    monkeypatch.setenv("WIS2_PUBLISH_RETRIES", "0")
+    state = publish_metadata(record_location=str(ARGO_METADATA), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="cannot reach broker"):
+        state.result()
+    assert Ledger.in_dir(node["results"]).all() == {}, "only a successful publish is recorded"

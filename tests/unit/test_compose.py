@@ -1,0 +1,146 @@
+"""compose.yml cannot be started here (no Docker engine): check it with `docker-compose config`
+and check that everything it names exists in the repository or is a pinned public image."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.fixtures.paths import REPO
+
+COMPOSE = REPO / "compose.yml"
+PINNED = re.compile(r"^[a-z0-9./-]+:(?!latest$)[A-Za-z0-9._-]+$")
+
+
+@pytest.fixture(scope="module")
+def resolved() -> dict:
+    docker_compose = shutil.which("docker-compose")
+    if docker_compose is None:
+        pytest.fail("docker-compose is not installed (make test installs Debian's docker-compose)")
+    done = subprocess.run(
+        [docker_compose, "--env-file", str(REPO / ".env.example"), "-f", str(COMPOSE), "config"],
+        capture_output=True, text=True, cwd=REPO, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return yaml.safe_load(done.stdout)
+
+
+def test_expected_services(resolved: dict) -> None:
+    assert {
+        "mosquitto", "postgres", "prefect-server", "prefect-worker", "listener",
+        "argo-event-diffusion", "wis2-global-broker", "broker-config",
+    } <= set(resolved["services"])
+    assert resolved["services"]["argo-event-diffusion"]["profiles"] == ["demo"]
+
+
+def test_images_are_pinned_or_built_here(resolved: dict) -> None:
+    for name, service in resolved["services"].items():
+        if "build" in service:
+            context = Path(service["build"]["context"])
+            assert context == REPO, f"{name} builds outside the repository"
+            assert (context / service["build"].get("dockerfile", "Dockerfile")).is_file()
+        else:
+            image = service["image"]
+            assert PINNED.match(image), f"{name}: image {image!r} is not pinned to a version"
+
+
+def test_chain_settings_match_the_benchmarked_ones(resolved: dict) -> None:
+    """The speed settings bench/RESULTS.md measured (postgres profile) are the deployed ones."""
+    from bench.node import PROFILE_LISTENER_SETTINGS
+    from localnode.node import LocalNode
+
+    services = resolved["services"]
+    worker_env = services["prefect-worker"]["environment"]
+    assert "--type wis2-warm --limit 8" in " ".join(services["prefect-worker"]["command"])
+    assert worker_env["PREFECT_WORKER_QUERY_SECONDS"] == LocalNode.WORKER_QUERY_SECONDS
+    listener_env = services["listener"]["environment"]
+    for name, value in PROFILE_LISTENER_SETTINGS["postgres"].items():
+        assert listener_env[f"WIS2_LISTENER_{name}"] == value
+    assert listener_env["WIS2_LISTENER_BATCH_MAX_SIZE"] == "50"
+
+
+def test_volumes_and_files_exist(resolved: dict) -> None:
+    declared = set(resolved.get("volumes", {}))
+    operator_dirs = {env_example()["WIS2_TLS_DIR"]}  # the certificates are the operator's
+    for name, service in resolved["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume["source"] if isinstance(volume, dict) else volume.split(":")[0]
+            if source in operator_dirs:
+                continue
+            if source.startswith(("/", ".")):
+                assert Path(source).exists(), f"{name}: bind mount {source} missing"
+            else:
+                assert source in declared, f"{name}: volume {source} not declared"
+
+
+def test_commands_name_files_of_the_repo(resolved: dict) -> None:
+    text = COMPOSE.read_text()
+    for path in ("broker/global-broker-sim.yml", "data/demo-event.json",
+                 "deploy/prefect-ui-tls.conf"):
+        assert path in text and (REPO / path).is_file()
+
+
+def test_secrets_come_from_env_file() -> None:
+    text = COMPOSE.read_text()
+    assert "change-me" not in text
+    env_example = (REPO / ".env.example").read_text()
+    for variable in re.findall(r"\$\{(\w+):\?", text):
+        assert variable in env_example, f"{variable} required by compose.yml, not in .env.example"
+
+
+def env_example() -> dict[str, str]:
+    lines = (REPO / ".env.example").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+
+
+def published_ports(service: dict) -> list[tuple[str, int, int]]:
+    """(host address, host port, container port) of each published port."""
+    ports = []
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            ports.append((port.get("host_ip", "0.0.0.0"), int(port["published"]),
+                          int(port["target"])))
+        else:  # "[host_ip:]published:target[/proto]"
+            parts = str(port).split("/")[0].split(":")
+            host = parts[0] if len(parts) == 3 else "0.0.0.0"
+            ports.append((host, int(parts[-2]), int(parts[-1])))
+    return ports
+
+
+def test_only_tls_listeners_and_the_authenticated_ui_are_published(resolved: dict) -> None:
+    services = resolved["services"]
+    public = {(name, published, target)
+              for name, service in services.items()
+              for host, published, target in published_ports(service)
+              if not host.startswith("127.")}
+    assert public == {("mosquitto", 8883, 8883), ("mosquitto", 8084, 8084),
+                      ("prefect-ui-tls", 4200, 4443)}
+    # plain MQTT and the Prefect server: the compose network only
+    assert {"1883", "8081"} <= {str(p) for p in services["mosquitto"].get("expose", [])}
+    assert "ports" not in services["prefect-server"]
+    # the broker really has the TLS listeners on those ports
+    broker = services["broker-config"]["environment"]
+    assert (broker["WIS2_BROKER_TLS_PORT"], broker["WIS2_BROKER_WSS_PORT"]) == ("8883", "8084")
+    assert broker["WIS2_BROKER_CERTFILE"] and broker["WIS2_BROKER_KEYFILE"]
+    # the UI proxy speaks TLS on its published port and forwards to the server
+    conf = (REPO / "deploy" / "prefect-ui-tls.conf").read_text()
+    assert re.search(r"listen\s+4443\s+ssl;", conf)
+    assert "proxy_pass http://prefect-server:4200;" in conf
+    assert env_example()["PREFECT_UI_API_URL"].startswith("https://")
+
+
+def test_the_prefect_api_asks_every_client_for_the_auth_string(resolved: dict) -> None:
+    services = resolved["services"]
+    secret = services["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"]
+    assert secret == env_example()["PREFECT_AUTH_STRING"]
+    for client in ("prefect-worker", "listener"):
+        env = services[client]["environment"]
+        assert env["PREFECT_API_AUTH_STRING"] == secret, client
+    text = COMPOSE.read_text()
+    assert "${PREFECT_AUTH_STRING:?" in text  # from .env, never written in the file
+    assert secret not in text

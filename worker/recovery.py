@@ -1,0 +1,326 @@
+"""Recovery of flow runs stranded by a dead worker: reschedule them, a bounded number of times.
+
+Prefect 3.9 workers only take Scheduled runs, and nothing on the server moves a Pending or
+Running run whose worker died (SIGKILL, OOM, a lost host): its events would never be published.
+This module finds such runs in a work pool and moves them back to Scheduled, so that any worker
+of the pool (the same one restarted, or another one already running) runs them again. Rerunning
+is safe: the build and publish tasks are cached per event and per notification id
+(`flows/tasks/caching.py`), so a rerun publishes the same notification (same message id) and
+never sends an acknowledged one again; the cache locks of the dead run expire with it.
+
+How a run is found stranded, with Prefect's own records only:
+
+- a worker labels each run it claims (`prefect.worker.name`, Prefect's worker labels) and sends
+  heartbeats (`PREFECT_WORKER_HEARTBEAT_SECONDS`); a Pending or Running run whose worker has not
+  sent one for `worker_timeout` (default: 3 heartbeat intervals, Prefect's own "offline" rule)
+  is stranded;
+- a worker that starts again with the same `--name` reclaims at once the runs labelled with its
+  name whose state predates its start and that it is not running (`own_name`/`own_runs`: the
+  `wis2-warm` worker); give each live worker its own name;
+- a Pending run that no worker labelled (killed between the claim and the label) is stranded
+  once it has been Pending for `unclaimed_timeout`;
+- a run Crashed because its process died (Prefect's process worker reports "Process exited
+  with status code: -9", e.g. after the OOM killer) in the last hour is stranded too: Prefect
+  retries never cover Crashed.
+
+Each stranded run is proposed a Scheduled state named `Recovering` (server orchestration rules
+apply: never forced), whose message names the dead worker. A run that was already rescheduled
+and taken again `max_retries` times (counted in its state history) is proposed Failed instead,
+with a `failed-...` artifact naming its event(s): a run that keeps killing its worker is not
+retried forever. The `wis2-warm` worker runs this every `interval` seconds while it polls its pool;
+with Prefect's `process` worker, run `wis2-chain recover --pool <pool> --watch` alongside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from uuid import UUID
+
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.objects import FlowRun, Worker
+
+log = logging.getLogger(__name__)
+
+WORKER_LABEL = "prefect.worker.name"  # set by BaseWorker._give_worker_labels_to_flow_run
+RECOVERING = "Recovering"  # name of the Scheduled state given to a rescheduled run
+HEARTBEAT_MULTIPLE = 3  # Prefect's foreman: offline after 3 missed heartbeats
+# Crashed state messages of a flow-run process that died (runner's state proposer, BaseWorker)
+PROCESS_DIED = ("Process exited with status code", "Flow run infrastructure exited with non-zero")
+CRASHED_LOOKBACK = timedelta(hours=1)  # older Crashed runs are left to the operator
+
+
+class RecoverySettings(BaseSettings):
+    """`WIS2_RECOVERY_*`: how stranded runs are found and how often they are retried."""
+
+    model_config = SettingsConfigDict(env_prefix="WIS2_RECOVERY_", env_file=".env",
+                                      extra="ignore")
+
+    enabled: bool = Field(default=True, description="Look for stranded runs at all")
+    interval: float = Field(default=10.0, gt=0, description="Seconds between two looks")
+    worker_timeout: float | None = Field(
+        default=None, gt=0,
+        description="Seconds without a heartbeat after which a worker is dead; default: 3 times "
+        "the heartbeat interval it registered (PREFECT_WORKER_HEARTBEAT_SECONDS)")
+    unclaimed_timeout: float = Field(
+        default=45.0, gt=0, description="Seconds a Pending run without a worker label may wait")
+    max_retries: int = Field(
+        default=3, ge=0, description="Reschedules of one run; then it is marked Failed")
+    crashed_grace: float = Field(
+        default=30.0, ge=0,
+        description="Seconds a Crashed run is left alone first: the process worker reports a "
+        "dead process twice, the second time late, and would crash the rescheduled run again")
+
+
+@dataclass(frozen=True)
+class Recovered:
+    """What was done to one stranded run."""
+
+    flow_run_id: UUID
+    name: str
+    action: str  # "rescheduled" | "failed" | "skipped"
+    reason: str
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def worker_is_dead(worker: Worker | None, settings: RecoverySettings, now: datetime) -> str | None:
+    """Why `worker` counts as dead (None: alive)."""
+    if worker is None:
+        return "is not registered in the pool any more"
+    if worker.last_heartbeat_time is None:
+        return "never sent a heartbeat"
+    timeout = settings.worker_timeout or HEARTBEAT_MULTIPLE * (worker.heartbeat_interval_seconds
+                                                               or 30)
+    silent = (now - _aware(worker.last_heartbeat_time)).total_seconds()
+    if silent > timeout:
+        return f"sent no heartbeat for {silent:.0f} s (timeout {timeout:.0f} s)"
+    return None
+
+
+def stranded_reason(run: FlowRun, workers: dict[str, Worker], settings: RecoverySettings,
+                    now: datetime, own_name: str | None = None,
+                    own_runs: Collection[UUID] = (),
+                    own_since: datetime | None = None) -> str | None:
+    """Why the Pending/Running/Crashed `run` is stranded (None: leave it)."""
+    state = run.state
+    if state is not None and state.is_crashed():
+        message = state.message or ""
+        age = now - _aware(state.timestamp)
+        if (message.startswith(PROCESS_DIED) and age < CRASHED_LOOKBACK
+                and age.total_seconds() >= settings.crashed_grace):
+            return f"Crashed: {message.strip()}"
+        return None
+    if state is None or not (state.is_pending() or state.is_running()):
+        return None
+    if run.id in own_runs:  # this worker holds it (maybe not labelled yet)
+        return None
+    claimant = (run.labels or {}).get(WORKER_LABEL)
+    if claimant is None:
+        age = (now - _aware(state.timestamp)).total_seconds()
+        if state.is_pending() and age > settings.unclaimed_timeout:
+            return f"Pending for {age:.0f} s and claimed by no worker"
+        return None  # a Running run without a label: cannot tell who runs it
+    if own_name is not None and claimant == own_name:
+        if own_since is not None and _aware(state.timestamp) >= own_since:
+            return None  # since this worker started: another live worker of the same name
+        return f"claimed by this worker ({own_name}) before it restarted"
+    dead = worker_is_dead(workers.get(str(claimant)), settings, now)
+    return f"its worker {claimant} {dead}" if dead else None
+
+
+def event_summaries(parameters: dict[str, Any]) -> list[dict[str, Any]]:
+    """The event(s) a run was given (`event` or `events`), as received."""
+    if isinstance(parameters.get("events"), list):
+        return [e for e in parameters["events"] if isinstance(e, dict)]
+    event = parameters.get("event")
+    return [event] if isinstance(event, dict) else []
+
+
+def _files(event: dict[str, Any]) -> list[str]:
+    assets = (event.get("data") or {}).get("assets") or {}
+    return sorted(str(a.get("href", k)).rsplit("/", 1)[-1] for k, a in assets.items()
+                  if isinstance(a, dict))
+
+
+def _artifact_key(name: str) -> str:
+    key = re.sub(r"[^a-z0-9]+", "-", f"failed-{name}".lower()).strip("-")
+    return key[:80].rstrip("-")
+
+
+def failure_markdown(run: FlowRun, reason: str, attempts: int) -> str:
+    """The failure report of a run given up on: why, and each event to replay."""
+    events = event_summaries(run.parameters or {})
+    lines = [
+        f"# Given up after {attempts} recoveries",
+        "",
+        f"Each time this run was executing, its worker or process died without finishing it; last: "
+        f"{reason}. It is not retried again (WIS2_RECOVERY_MAX_RETRIES).",
+        "Look for what kills the worker (its log, `dmesg` for the OOM killer), fix it, then "
+        "replay each event with a custom run of `publish-notification/default` (`event`).",
+        "",
+        f"## {len(events)} event(s)",
+        "",
+    ]
+    for event in events:
+        lines += [f"### event `{event.get('id')}`: {', '.join(_files(event)) or 'no file'}", "",
+                  "```json", json.dumps(event, indent=2, ensure_ascii=False, default=str), "```",
+                  ""]
+    return "\n".join(lines)
+
+
+async def _recovery_count(client: PrefectClient, run: FlowRun) -> int:
+    """Reschedules of `run` that a worker took (a `Recovering` state followed by Pending or
+    Running). One followed by nothing but a late Crashed report of the former attempt does not
+    count: the run did not run again."""
+    states = sorted(await client.read_flow_run_states(run.id), key=lambda s: s.timestamp)
+    count, rescheduled = 0, False
+    for state in states:
+        if state.name == RECOVERING and state.is_scheduled():
+            rescheduled = True
+        elif rescheduled and (state.is_pending() or state.is_running()):
+            count, rescheduled = count + 1, False
+    return count
+
+
+async def _reschedule(client: PrefectClient, run: FlowRun, reason: str,
+                      settings: RecoverySettings) -> Recovered:
+    from prefect.client.schemas.actions import ArtifactCreate
+    from prefect.states import Failed, Scheduled
+
+    done = await _recovery_count(client, run)
+    events = ", ".join(f"{e.get('id')}" for e in event_summaries(run.parameters or {}))
+    if done >= settings.max_retries:
+        message = (f"Failed after {done} recoveries: {reason}; not retried again "
+                   f"(events: {events or 'none'})")[:2000]
+        result = await client.set_flow_run_state(run.id, Failed(message=message))
+        if result.status.value == "ACCEPT":
+            await client.create_artifact(ArtifactCreate(
+                key=_artifact_key(run.name), type="markdown", flow_run_id=run.id,
+                data=failure_markdown(run, reason, done),
+                description=f"Given up after {done} recoveries: {reason}"[:500]))
+            log.error("flow run %s (%s) failed: %s", run.name, run.id, message)
+            return Recovered(run.id, run.name, "failed", message)
+        return Recovered(run.id, run.name, "skipped", f"Failed refused: {result.details}")
+    message = (f"Rescheduled (recovery {done + 1} of {settings.max_retries}): "
+               f"{reason}")[:2000]
+    result = await client.set_flow_run_state(
+        run.id, Scheduled(name=RECOVERING, scheduled_time=_now(), message=message))
+    if result.status.value != "ACCEPT":
+        return Recovered(run.id, run.name, "skipped", f"Scheduled refused: {result.details}")
+    log.info("flow run %s (%s) was %s: %s", run.name, run.id, run.state.name, message)
+    return Recovered(run.id, run.name, "rescheduled", message)
+
+
+async def recover_pool(client: PrefectClient, pool: str, settings: RecoverySettings,
+                       own_name: str | None = None,
+                       own_runs: Callable[[], Collection[UUID]] = frozenset,
+                       own_since: datetime | None = None) -> list[Recovered]:
+    """Reschedule (or fail, past `max_retries`) the stranded runs of `pool`, once."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterEndTime,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        WorkPoolFilter,
+        WorkPoolFilterName,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    workers = {w.name: w for w in await client.read_workers_for_work_pool(pool)}
+    runs: list[FlowRun] = []
+    while True:
+        page = await client.read_flow_runs(
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=[StateType.PENDING, StateType.RUNNING]))),
+            limit=200, offset=len(runs))
+        runs += page
+        if len(page) < 200:
+            break
+    runs += await client.read_flow_runs(
+        work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
+        flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CRASHED])),
+            end_time=FlowRunFilterEndTime(after_=_now() - CRASHED_LOOKBACK)),
+        limit=200)
+    done: list[Recovered] = []
+    for run in runs:
+        if stranded_reason(run, workers, settings, _now(), own_name, own_runs(),
+                           own_since) is None:
+            continue
+        try:
+            # read again: the run may have ended, or been claimed by this worker meanwhile
+            run = await client.read_flow_run(run.id)
+            reason = stranded_reason(run, workers, settings, _now(), own_name, own_runs(),
+                                     own_since)
+            if reason is None:
+                continue
+            done.append(await _reschedule(client, run, reason, settings))
+        except Exception as exc:  # next look will try again
+            log.warning("cannot recover flow run %s (%s): %s", run.name, run.id, exc)
+    return done
+
+
+class PoolRecovery:
+    """Looks for stranded runs of a pool at most every `settings.interval` seconds."""
+
+    def __init__(self, pool: str, settings: RecoverySettings | None = None,
+                 own_name: str | None = None,
+                 own_runs: Callable[[], Collection[UUID]] = frozenset) -> None:
+        self.pool = pool
+        self.settings = settings or RecoverySettings()
+        self.own_name = own_name
+        self.own_runs = own_runs
+        self.own_since = _now()  # runs claimed under own_name before this: a former process
+        self._next = 0.0
+
+    async def maybe_run(self, client: PrefectClient) -> list[Recovered]:
+        """One look if the interval has passed (never raises: the next look tries again)."""
+        if not self.settings.enabled or time.monotonic() < self._next:
+            return []
+        self._next = time.monotonic() + self.settings.interval
+        try:
+            return await recover_pool(client, self.pool, self.settings, self.own_name,
+                                      self.own_runs, self.own_since)
+        except Exception as exc:
+            log.warning("looking for stranded flow runs of pool %s failed: %s", self.pool, exc)
+            return []
+
+
+async def watch(pool: str, settings: RecoverySettings, once: bool = False) -> None:
+    """`wis2-chain recover`: look for stranded runs of `pool` every interval (or once)."""
+    from prefect.client.orchestration import get_client
+
+    recovery = PoolRecovery(pool, settings)
+    async with get_client() as client:
+        while True:
+            for item in await recovery.maybe_run(client):
+                if item.action == "rescheduled":  # (failed ones are logged as errors)
+                    log.warning("rescheduled flow run %s (%s): %s", item.name, item.flow_run_id,
+                                item.reason)
+            if once:
+                return
+            await asyncio.sleep(max(0.0, recovery._next - time.monotonic()))
+
+
+__all__ = ["RECOVERING", "PoolRecovery", "Recovered", "RecoverySettings", "recover_pool",
+           "stranded_reason", "watch", "worker_is_dead"]
