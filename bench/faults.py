@@ -6,23 +6,7 @@ Each scenario is a function registered with `@scenario("name")`; it receives a `
 the origin-topic collector) and returns a `FaultResult`: events sent, notifications lost, data_ids
 published more than once, time to recover, runs left unfinished. Adding a scenario is one more
 decorated function in this module (or in a module this one imports, so that `bench.run` knows
-its name), e.g.:
-
-    @scenario("worker-sigkill-mid-burst")
-    def worker_sigkill_mid_burst(ctx: FaultContext) -> FaultResult:
-        events = ctx.factory.batch("worker", ctx.events)
-        result = FaultResult(scenario="worker-sigkill-mid-burst", events_sent=len(events))
-        ctx.close_gate()
-        ctx.publish(events)
-        ctx.wait("a run held at the gate", lambda: ctx.gate()["held"] >= 1)
-        worker = ctx.node.process("worker")
-        worker.kill()
-        killed_at = time.monotonic()
-        ctx.open_gate()
-        worker.start()
-        back = time.monotonic()
-        result.down_seconds = round(back - killed_at, 2)
-        return count_deliveries(ctx, result, events, wall_from_monotonic(back), "_worker_")
+its name): see `worker_sigkill_mid_burst`, the shortest.
 
 "Mid-burst" is made, never raced: the node's file server holds every download while its gate is
 closed (`bench/gated_files.py`), so flow runs that verify their data are provably Running when
@@ -275,6 +259,41 @@ def broker_sigkill_listener_away(ctx: FaultContext) -> FaultResult:
                          "s after the last acknowledgement"))
     broker.start(timeout=60)
     listener.start(timeout=90)
+    back_at = time.monotonic()
+    result.down_seconds = round(back_at - killed_at, 2)
+    return count_deliveries(ctx, result, events, wall_from_monotonic(back_at), f"_{phase}_")
+
+
+@scenario("worker-sigkill-mid-burst")
+def worker_sigkill_mid_burst(ctx: FaultContext) -> FaultResult:
+    """The whole burst is in flow runs, those the worker took held Running at the file server's
+    gate; the worker is SIGKILLed (its process group: with the process worker, its flow-run
+    processes too) and started again with the same command line (same `--name`): its recovery
+    (worker/recovery.py) reschedules the runs the dead worker had claimed."""
+    name = "worker-sigkill-mid-burst"
+    phase = "worker"
+    events = ctx.factory.batch(phase, ctx.events)
+    result = FaultResult(scenario=name, events_sent=len(events))
+    worker = ctx.node.process("worker")
+    before = ctx.counters()
+    ctx.close_gate()
+    try:
+        ctx.publish(events)
+        ctx.wait("the listener acknowledges the burst (each event in a flow run)",
+                 lambda: (c := ctx.counters()).received - before.received >= len(events)
+                 and c.in_flight == 0)
+        runs = int(ctx.counters().runs_created - before.runs_created)
+        in_flight = max(1, min(runs, ctx.node.settings.worker_limit))
+        ctx.wait(f"{in_flight} flow run(s) held at the file server's gate",
+                 lambda: ctx.gate()["held"] >= in_flight)
+        held = ctx.gate()["held"]
+        worker.kill()
+        killed_at = time.monotonic()
+        result.killed = (f"worker SIGKILLed with {held} download(s) of Running flow runs held at "
+                         f"the file server, {runs} run(s) created for {len(events)} events")
+    finally:
+        ctx.open_gate()
+    worker.start()
     back_at = time.monotonic()
     result.down_seconds = round(back_at - killed_at, 2)
     return count_deliveries(ctx, result, events, wall_from_monotonic(back_at), f"_{phase}_")

@@ -111,7 +111,8 @@ def test_tiny_fault_phase(tmp_path: Path):
     run = results["profiles"]["sqlite"]
     assert "burst" not in run and "floor" not in run  # --faults-only
     faults = run["faults"]
-    assert set(faults) == {"prefect-server-sigkill-mid-burst", "broker-sigkill-listener-away"}
+    assert set(faults) == {"prefect-server-sigkill-mid-burst", "broker-sigkill-listener-away",
+                           "worker-sigkill-mid-burst"}
     for name, f in faults.items():
         assert f["error"] is None, (name, f)
         assert f["events_sent"] == 6 and f["received"] == 6 and f["lost"] == 0, (name, f)

@@ -9,8 +9,8 @@ def test_a_fault_scenario_is_one_registered_function():
     """The hook another scenario (e.g. a worker SIGKILLed mid-burst) plugs into."""
     from bench import faults
 
-    assert {"prefect-server-sigkill-mid-burst", "broker-sigkill-listener-away"} <= set(
-        faults.SCENARIOS)
+    assert {"prefect-server-sigkill-mid-burst", "broker-sigkill-listener-away",
+            "worker-sigkill-mid-burst"} <= set(faults.SCENARIOS)
 
     @faults.scenario("test-noop")
     def noop(ctx: faults.FaultContext) -> faults.FaultResult:
