@@ -101,6 +101,15 @@ class FaultContext:
             time.sleep(0.1)
         raise TimeoutError(f"{what}: not within {timeout or self.timeout:.0f}s")
 
+    def wait_listener_subscribed(self) -> None:
+        """The node is up once the listener serves /metrics, which it does before its broker
+        session has subscribed: on a new session, an event published in between would not be
+        queued for it. Wait for its `subscribed` log line (logged on the broker's SUBACK)."""
+        log_path = self.node.process("listener").log_path
+        self.wait("the listener's subscription acknowledged by the broker",
+                  lambda: "msg=subscribed" in log_path.read_text(errors="replace")
+                  or '"msg": "subscribed"' in log_path.read_text(errors="replace"))
+
     def counters(self) -> ListenerCounters:
         return read_counters(self.metrics_url)
 
@@ -314,6 +323,7 @@ def prepare(node: BenchNode) -> None:
 def run_faults(ctx: FaultContext, names: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the scenarios (all registered ones by default), one after the other."""
     prepare(ctx.node)
+    ctx.wait_listener_subscribed()
     results: dict[str, Any] = {}
     for name in names or list(SCENARIOS):
         log.info("fault scenario %s (%d events)", name, ctx.events)
@@ -368,8 +378,10 @@ def fault_node(run_dir: Path, database: str = "sqlite", events: int = 10,
         factory = EventFactory(load_dataset("argo"), tag, files_url=state.files_url,
                                real_files=True)
         with Collector(state.connection("everyone"), settings.centre_id) as collector:
-            yield FaultContext(node=node, factory=factory, collector=collector, events=events,
+            ctx = FaultContext(node=node, factory=factory, collector=collector, events=events,
                                timeout=timeout, topic=settings.event_topic)
+            ctx.wait_listener_subscribed()
+            yield ctx
     finally:
         if node is not None:
             node.stop()
