@@ -106,6 +106,7 @@ class PortTaken(RuntimeError):
 
 
 class LocalNode:
+    WORKER_CLIENT_MAX_RETRIES = "7"  # compose.yml too (measured: bench/RESULTS.md, fault phase)
     WORKER_QUERY_SECONDS = "1"  # the worker polls for new runs every second (compose.yml too)
     # Recovery (worker/recovery.py): a worker heartbeat every 10 s, so a dead worker's runs are
     # rescheduled ~30 s after it died; a fixed name, so a restarted worker reclaims its own at
@@ -242,7 +243,9 @@ class LocalNode:
         self._run([str(Path(py).with_name("wis2-chain")), "blocks", "register"], env,
                   "register blocks")
         self._run([prefect, "--no-prompt", "deploy", "--all"], env, "deploy")
-        worker_env = {**env, "PREFECT_WORKER_HEARTBEAT_SECONDS": self.WORKER_HEARTBEAT_SECONDS}
+        worker_env = {**env, "PREFECT_WORKER_HEARTBEAT_SECONDS": self.WORKER_HEARTBEAT_SECONDS,
+                      # ~4 minutes of API retries: a run rides out a Prefect server restart
+                      "PREFECT_CLIENT_MAX_RETRIES": self.WORKER_CLIENT_MAX_RETRIES}
         self._spawn("worker", [prefect, "worker", "start", "--pool", WORK_POOL, "--type",
                                worker_type, "--limit", str(s.worker_limit),
                                "--name", self.WORKER_NAME], worker_env)

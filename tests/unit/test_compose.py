@@ -58,6 +58,7 @@ def test_chain_settings_match_the_benchmarked_ones(resolved: dict) -> None:
     worker_env = services["prefect-worker"]["environment"]
     assert "--type wis2-warm --limit 8" in " ".join(services["prefect-worker"]["command"])
     assert worker_env["PREFECT_WORKER_QUERY_SECONDS"] == LocalNode.WORKER_QUERY_SECONDS
+    assert worker_env["PREFECT_CLIENT_MAX_RETRIES"] == LocalNode.WORKER_CLIENT_MAX_RETRIES
     listener_env = services["listener"]["environment"]
     for name, value in PROFILE_LISTENER_SETTINGS["postgres"].items():
         assert listener_env[f"WIS2_LISTENER_{name}"] == value
