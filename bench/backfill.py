@@ -14,10 +14,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from bench import chain
 from bench.chain import Delivery, _delivery
 from bench.collect import Collector
-from bench.events import BenchEvent
+from bench.events import BenchEvent, EventFactory
+from chain.mqtt import MqttConnection
 
 
 class BackfillResult(Delivery):
@@ -72,3 +75,38 @@ def run_backfill(
         achieved_rate=round(collector.received(data_ids) / elapsed, 2) if elapsed else 0.0,
         **delivery,
     )
+
+
+def run_phase(
+    factory: EventFactory, env: dict[str, str], collector: Collector, fileserver: MqttConnection,
+    topic: str, opts: Any, archive: Path, abort: threading.Event,
+) -> dict[str, Any]:
+    """The backfill of `opts.backfill` events and, while it runs, a steady stream of live events
+    (`opts.rate` per second for `opts.steady_seconds`): {"backfill": ..., "steady_beside": ...}."""
+    events = factory.batch("backfill", opts.backfill)
+    live = factory.batch("beside", max(1, round(opts.steady_seconds * opts.rate)))
+    started = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def backfill() -> None:
+        outcome["backfill"] = run_backfill(
+            events, archive, env, collector, opts.backfill_rate or None,
+            opts.backfill_batch_size, opts.backfill_timeout, abort, on_start=started.set)
+        outcome["ended"] = time.monotonic()
+
+    thread = threading.Thread(target=backfill, name="backfill", daemon=True)
+    thread.start()
+    started.wait(60)
+    # the live stream starts once the backfill's first notifications are out
+    collector.wait_for(events[:1] and [events[0].data_id], time.monotonic() + 300, abort)
+    steady = chain.run_steady(live, fileserver, topic, collector, opts.rate,
+                              opts.steady_drain_timeout, abort)
+    steady_ended = time.monotonic()
+    thread.join(opts.backfill_timeout + 120)
+    result = outcome.get("backfill")
+    return {
+        "backfill": result.model_dump() if result else {"message": "did not finish"},
+        "steady_beside_backfill": steady.model_dump(),
+        # the live stream ran entirely while the backfill was going on
+        "steady_within_backfill": outcome.get("ended", float("inf")) >= steady_ended,
+    }

@@ -26,7 +26,7 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def _processes(r: dict[str, Any]) -> list[str]:
-    phases = [p for p in ("floor", "steady", "burst", "intake", "faults")
+    phases = [p for p in ("floor", "steady", "burst", "intake", "backfill", "faults")
               if f"{p}_processes" in r]
     if not phases:
         return []
@@ -119,6 +119,27 @@ def _profile(name: str, r: dict[str, Any]) -> list[str]:
              "events per run", "dead letters"],
             [[i["publish_seconds"], took, i["intake_eps"], i["runs_created"],
               i["events_per_run"], i["rejected"]]])
+    if r.get("backfill", {}).get("events_sent") is not None:
+        k = r["backfill"]
+        limit = f"{_f(k['rate_limit'], 0)}/s" if k["rate_limit"] else "none"
+        out += [f"### Backfill: {k['events_sent']} events through `wis2-chain backfill` "
+                f"(rate limit {limit}, {k['batch_size']} per batch run)", ""]
+        out += _table(
+            ["time s", "all announced", "notifications/s held", "received", "missing",
+             "dup. data_ids", "second message ids", "exit code", "summary"],
+            [[k["elapsed_seconds"], "yes" if k["drained"] else "no", k["achieved_rate"],
+              k["received"], k["lost"], k["duplicate_data_ids"],
+              k["distinct_message_ids_for_duplicates"], k["exit_code"], k["message"]]])
+        s = r.get("steady_beside_backfill")
+        if s:
+            lat = s["latency"]
+            within = "entirely" if r.get("steady_within_backfill") else "partly"
+            out += [f"Live events beside it ({within} during the backfill): {s['rate']} "
+                    f"event/s for {s['seconds']} s:", ""]
+            out += _table(["events sent", "received", "missing", "p50 s", "p90 s", "p99 s",
+                           "max s"],
+                          [[s["events_sent"], s["received"], s["lost"], lat["p50"],
+                            lat["p90"], lat["p99"], lat["max"]]])
     if r.get("faults"):
         out += ["### Faults: one process SIGKILLed, then started again", ""]
         rows = []

@@ -13,8 +13,10 @@ off), then measures:
 3. steady: one event every 1/rate s for --steady-seconds, latency event published -> notification;
 4. burst: --burst distinct events at once, time to drain (bounded by --drain-timeout), lost and
    duplicated notifications, failed flow runs;
-
-5. faults (--faults; --faults-only skips 1-4): scenarios of bench/faults.py on the live node
+5. backfill: --backfill distinct events in a JSON-lines archive announced with `wis2-chain
+   backfill` (the node's worker, rate limit --backfill-rate), while a steady stream of live
+   events goes on beside it: time, rate held, lost and duplicated, live latency beside it;
+6. faults (--faults; --faults-only skips 1-5): scenarios of bench/faults.py on the live node
    (Prefect server SIGKILLed mid-burst and restarted, broker SIGKILLed while the listener is
    away...): lost and duplicated notifications, time to recover, runs left unfinished;
 
@@ -26,7 +28,6 @@ the machine's available memory falls below --min-available-mb.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -39,7 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import chain, faults
+from bench import backfill, chain, faults
 from bench.collect import Collector
 from bench.events import EventFactory
 from bench.floor import run_floor
@@ -47,6 +48,7 @@ from bench.intake import run_intake
 from bench.load import CpuHogs
 from bench.machine import describe
 from bench.node import PROFILE_LISTENER_SETTINGS, BenchNode
+from bench.options import Options, parse_args
 from bench.procmon import ProcessMonitor
 from bench.report import markdown
 from chain.processes import free_port
@@ -59,113 +61,6 @@ log = logging.getLogger("bench")
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out"
-
-
-class Options(argparse.Namespace):
-    profile: str
-    steady_seconds: float
-    rate: float
-    steady_drain_timeout: float
-    burst: int
-    drain_timeout: float
-    floor_events: int | None
-    pool_limit: int
-    worker: str
-    worker_limit: int
-    batch_max_size: int
-    listener_setting: list[str]
-    intake: int
-    min_available_mb: float
-    cpu_hogs: int
-    tiny: bool
-    out: Path | None
-    listener: str
-    dataset: str
-    faults: bool
-    faults_only: bool
-    fault_scenario: list[str]
-    fault_events: int
-    fault_timeout: float
-    server_down_seconds: float
-    broker_setting: list[str]
-    chain_env: list[str]
-
-
-def parse_args(argv: list[str] | None = None) -> Options:
-    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
-    p.add_argument("--profile", choices=["sqlite", "postgres", "all"], default="all",
-                   help="Prefect server database (all: sqlite, then postgres when reachable)")
-    p.add_argument("--steady-seconds", type=float, default=60.0)
-    p.add_argument("--rate", type=float, default=1.0, help="events per second, steady phase")
-    p.add_argument("--steady-drain-timeout", type=float, default=300.0,
-                   help="seconds to wait for the steady phase's stragglers")
-    p.add_argument("--burst", type=int, default=1000, help="events published at once")
-    p.add_argument("--drain-timeout", type=float, default=900.0,
-                   help="seconds the burst may take to drain; what arrived by then is reported")
-    p.add_argument("--floor-events", type=int, default=None,
-                   help="events through the in-process floor (default: --burst)")
-    p.add_argument("--worker", choices=["warm", "process"], default="warm",
-                   help="warm: the wis2-warm worker (flow runs in-process); process: Prefect's "
-                   "process worker (one Python process per run)")
-    p.add_argument("--worker-limit", type=int, default=8,
-                   help="`prefect worker start --limit`: flow runs at the same time")
-    p.add_argument("--pool-limit", type=int, default=0,
-                   help="work pool concurrency limit set for the run (0: none)")
-    p.add_argument("--batch-max-size", type=int, default=50,
-                   help="WIS2_LISTENER_BATCH_MAX_SIZE: events per batch run (1: no batching)")
-    p.add_argument("--listener-setting", action="append", default=[], metavar="NAME=VALUE",
-                   help="another listener setting, as WIS2_LISTENER_<NAME>=VALUE (repeatable), "
-                   "e.g. API_CONCURRENCY=4")
-    p.add_argument("--intake", type=int, default=1000,
-                   help="events of the listener intake phase (0: skip it)")
-    p.add_argument("--min-available-mb", type=float, default=1500.0,
-                   help="abort a phase when the machine's available memory falls below this")
-    p.add_argument("--cpu-hogs", type=int, default=0, metavar="N",
-                   help="N busy processes run through the measured phases (background load; "
-                   "the floor is measured under it too)")
-    p.add_argument("--faults", action="store_true",
-                   help="after the measured phases, run the fault scenarios (bench/faults.py) on "
-                   "the live node: lost / duplicated notifications and time to recover")
-    p.add_argument("--faults-only", action="store_true",
-                   help="only the fault scenarios (no floor, intake, steady, burst)")
-    p.add_argument("--fault-scenario", action="append", default=[], metavar="NAME",
-                   choices=sorted(faults.SCENARIOS),
-                   help="run only this scenario (repeatable; default: all)")
-    p.add_argument("--fault-events", type=int, default=200, help="events per fault scenario")
-    p.add_argument("--fault-timeout", type=float, default=600.0,
-                   help="deadline (s) of each wait of a fault scenario")
-    p.add_argument("--server-down-seconds", type=float, default=0.0,
-                   help="keep the SIGKILLed Prefect server down at least this long (default: "
-                   "start it again at once)")
-    p.add_argument("--broker-setting", action="append", default=[], metavar="NAME=VALUE",
-                   help="a node broker setting, as WIS2_BROKER_<NAME>=VALUE (repeatable), e.g. "
-                   "AUTOSAVE_ON_CHANGES=false AUTOSAVE_INTERVAL=60 (the former, non-durable "
-                   "default)")
-    p.add_argument("--chain-env", action="append", default=[], metavar="NAME=VALUE",
-                   help="an environment variable of every chain process (worker, listener...), "
-                   "e.g. PREFECT_CLIENT_MAX_RETRIES=7 (repeatable)")
-    p.add_argument("--tiny", action="store_true",
-                   help="5 events per phase, short timeouts (the test suite's smoke run)")
-    p.add_argument("--out", type=Path, default=None, help="output directory")
-    p.add_argument("--dataset", default="argo")
-    p.add_argument("--listener", choices=["project", "standin"], default="project",
-                   help="project: `python -m listener`; standin: bench/standin_listener.py, a "
-                   "minimal stand-in (one flow run per event, nothing else) to measure the Prefect "
-                   "side when the project's listener is unavailable")
-    opts = p.parse_args(argv, namespace=Options())
-    for option in ("listener_setting", "broker_setting", "chain_env"):
-        for item in getattr(opts, option):
-            if "=" not in item or not item.split("=", 1)[0]:
-                p.error(f"--{option.replace('_', '-')} {item!r}: expected NAME=VALUE")
-    opts.faults = opts.faults or opts.faults_only
-    if opts.tiny:
-        opts.steady_seconds, opts.rate, opts.burst = 5.0, 1.0, 5
-        opts.intake = min(opts.intake, 5)
-        opts.steady_drain_timeout, opts.drain_timeout = 60.0, 60.0
-        opts.floor_events = 5
-        opts.fault_events = min(opts.fault_events, 6)
-        opts.fault_timeout = min(opts.fault_timeout, 180.0)
-    return opts
 
 
 # ---- one profile --------------------------------------------------------------------------------
@@ -347,7 +242,16 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
                 log.info("burst: %d/%d received in %.0f s", burst.received, burst.events_sent,
                          burst.elapsed_seconds)
 
-            # 5. faults, on the live node
+            # 5. backfill: an archive through `wis2-chain backfill`, a steady stream beside it
+            if opts.backfill > 0 and not abort.is_set() and not opts.faults_only:
+                mon = monitor().start()
+                result.update(backfill.run_phase(
+                    factory, node.child_env(), collector, fileserver, topic, opts,
+                    settings.run_dir / "backfill-archive.jsonl", abort))
+                result["backfill_processes"] = [u.model_dump() for u in mon.stop()]
+                log.info("backfill: %s", result["backfill"]["message"])
+
+            # 6. faults, on the live node
             if opts.faults and not abort.is_set() and opts.listener == "project":
                 mon = monitor().start()
                 ctx = faults.FaultContext(

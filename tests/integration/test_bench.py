@@ -72,6 +72,14 @@ def test_tiny_bench_run(tmp_path: Path):
     assert intake["intake_eps"] > 0 and intake["rejected"] == 0
     assert 1 <= intake["runs_created"] <= 5
     assert "### Listener intake alone" in done.stdout
+    backfill = run["backfill"]
+    assert backfill["events_sent"] == 5 and backfill["exit_code"] == 0, backfill
+    assert backfill["received"] == 5 and backfill["lost"] == 0, backfill
+    assert backfill["duplicate_data_ids"] == 0 and backfill["drained"]
+    assert "5 published" in backfill["message"]
+    beside = run["steady_beside_backfill"]
+    assert beside["received"] == beside["events_sent"] == 5 and beside["lost"] == 0
+    assert "### Backfill: 5 events" in done.stdout
 
 
 def test_cpu_hogs_spin_while_in_use_and_stop_after():

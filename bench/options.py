@@ -1,0 +1,132 @@
+"""The options of `python -m bench.run` (`make bench BENCH_ARGS="..."`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from bench import faults
+
+DESCRIPTION = "The end-to-end benchmark of the chain (bench/run.py)."
+
+
+class Options(argparse.Namespace):
+    profile: str
+    steady_seconds: float
+    rate: float
+    steady_drain_timeout: float
+    burst: int
+    drain_timeout: float
+    floor_events: int | None
+    pool_limit: int
+    worker: str
+    worker_limit: int
+    batch_max_size: int
+    listener_setting: list[str]
+    intake: int
+    min_available_mb: float
+    cpu_hogs: int
+    tiny: bool
+    out: Path | None
+    listener: str
+    dataset: str
+    faults: bool
+    faults_only: bool
+    fault_scenario: list[str]
+    fault_events: int
+    fault_timeout: float
+    server_down_seconds: float
+    broker_setting: list[str]
+    chain_env: list[str]
+    backfill: int
+    backfill_rate: float
+    backfill_batch_size: int
+    backfill_timeout: float
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=DESCRIPTION)
+    p.add_argument("--profile", choices=["sqlite", "postgres", "all"], default="all",
+                   help="Prefect server database (all: sqlite, then postgres when reachable)")
+    p.add_argument("--steady-seconds", type=float, default=60.0)
+    p.add_argument("--rate", type=float, default=1.0, help="events per second, steady phase")
+    p.add_argument("--steady-drain-timeout", type=float, default=300.0,
+                   help="seconds to wait for the steady phase's stragglers")
+    p.add_argument("--burst", type=int, default=1000, help="events published at once")
+    p.add_argument("--drain-timeout", type=float, default=900.0,
+                   help="seconds the burst may take to drain; what arrived by then is reported")
+    p.add_argument("--floor-events", type=int, default=None,
+                   help="events through the in-process floor (default: --burst)")
+    p.add_argument("--worker", choices=["warm", "process"], default="warm",
+                   help="warm: the wis2-warm worker (flow runs in-process); process: Prefect's "
+                   "process worker (one Python process per run)")
+    p.add_argument("--worker-limit", type=int, default=8,
+                   help="`prefect worker start --limit`: flow runs at the same time")
+    p.add_argument("--pool-limit", type=int, default=0,
+                   help="work pool concurrency limit set for the run (0: none)")
+    p.add_argument("--batch-max-size", type=int, default=50,
+                   help="WIS2_LISTENER_BATCH_MAX_SIZE: events per batch run (1: no batching)")
+    p.add_argument("--listener-setting", action="append", default=[], metavar="NAME=VALUE",
+                   help="another listener setting, as WIS2_LISTENER_<NAME>=VALUE (repeatable), "
+                   "e.g. API_CONCURRENCY=4")
+    p.add_argument("--intake", type=int, default=1000,
+                   help="events of the listener intake phase (0: skip it)")
+    p.add_argument("--min-available-mb", type=float, default=1500.0,
+                   help="abort a phase when the machine's available memory falls below this")
+    p.add_argument("--cpu-hogs", type=int, default=0, metavar="N",
+                   help="N busy processes run through the measured phases (background load; "
+                   "the floor is measured under it too)")
+    p.add_argument("--backfill", type=int, default=10000,
+                   help="events of the backfill phase: an archive announced with `wis2-chain "
+                   "backfill` through the node's worker, a steady stream beside it (0: skip it)")
+    p.add_argument("--backfill-rate", type=float, default=50.0,
+                   help="the backfill's rate limit, notifications/s (0: none)")
+    p.add_argument("--backfill-batch-size", type=int, default=50,
+                   help="events per publish-batch run of the backfill")
+    p.add_argument("--backfill-timeout", type=float, default=1800.0,
+                   help="seconds the backfill may take; what arrived by then is reported")
+    p.add_argument("--faults", action="store_true",
+                   help="after the measured phases, run the fault scenarios (bench/faults.py) on "
+                   "the live node: lost / duplicated notifications and time to recover")
+    p.add_argument("--faults-only", action="store_true",
+                   help="only the fault scenarios (no floor, intake, steady, burst)")
+    p.add_argument("--fault-scenario", action="append", default=[], metavar="NAME",
+                   choices=sorted(faults.SCENARIOS),
+                   help="run only this scenario (repeatable; default: all)")
+    p.add_argument("--fault-events", type=int, default=200, help="events per fault scenario")
+    p.add_argument("--fault-timeout", type=float, default=600.0,
+                   help="deadline (s) of each wait of a fault scenario")
+    p.add_argument("--server-down-seconds", type=float, default=0.0,
+                   help="keep the SIGKILLed Prefect server down at least this long (default: "
+                   "start it again at once)")
+    p.add_argument("--broker-setting", action="append", default=[], metavar="NAME=VALUE",
+                   help="a node broker setting, as WIS2_BROKER_<NAME>=VALUE (repeatable), e.g. "
+                   "AUTOSAVE_ON_CHANGES=false AUTOSAVE_INTERVAL=60 (the former, non-durable "
+                   "default)")
+    p.add_argument("--chain-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="an environment variable of every chain process (worker, listener...), "
+                   "e.g. PREFECT_CLIENT_MAX_RETRIES=7 (repeatable)")
+    p.add_argument("--tiny", action="store_true",
+                   help="5 events per phase, short timeouts (the test suite's smoke run)")
+    p.add_argument("--out", type=Path, default=None, help="output directory")
+    p.add_argument("--dataset", default="argo")
+    p.add_argument("--listener", choices=["project", "standin"], default="project",
+                   help="project: `python -m listener`; standin: bench/standin_listener.py, a "
+                   "minimal stand-in (one flow run per event, nothing else) to measure the Prefect "
+                   "side when the project's listener is unavailable")
+    opts = p.parse_args(argv, namespace=Options())
+    for option in ("listener_setting", "broker_setting", "chain_env"):
+        for item in getattr(opts, option):
+            if "=" not in item or not item.split("=", 1)[0]:
+                p.error(f"--{option.replace('_', '-')} {item!r}: expected NAME=VALUE")
+    opts.faults = opts.faults or opts.faults_only
+    if opts.tiny:
+        opts.steady_seconds, opts.rate, opts.burst = 5.0, 1.0, 5
+        opts.intake = min(opts.intake, 5)
+        opts.steady_drain_timeout, opts.drain_timeout = 60.0, 60.0
+        opts.floor_events = 5
+        opts.backfill = min(opts.backfill, 5)
+        opts.backfill_timeout = min(opts.backfill_timeout, 180.0)
+        opts.fault_events = min(opts.fault_events, 6)
+        opts.fault_timeout = min(opts.fault_timeout, 180.0)
+    return opts
