@@ -21,6 +21,7 @@ from chain.mqtt import publish_once
 from chain.processes import ManagedProcess, free_port
 from localnode.node import LocalNode, NodeSettings
 from localnode.prefect_server import prefect_cli
+from tests.fixtures.node import running_node
 from tests.fixtures.paths import DATA, REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -30,17 +31,8 @@ SECRETS_REQUEST = ("POST", "/block_documents/filter", {"include_secrets": True})
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]:
-    settings = NodeSettings(
-        _env_file=None, run_dir=tmp_path_factory.mktemp("auth-node"),
-        broker_port=free_port(), broker_ws_port=free_port(), prefect_port=free_port(),
-        files_port=free_port(), metrics_port=free_port(), timeout=180,
-    )
-    node = LocalNode(settings)
-    try:
-        node.start()
+    with running_node(tmp_path_factory.mktemp("auth-node")) as node:
         yield node
-    finally:
-        node.stop()
 
 
 @pytest.fixture(scope="module")

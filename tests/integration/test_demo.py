@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from chain.processes import ManagedProcess, free_port
-from localnode.node import LocalNode, NodeSettings
+from chain.processes import ManagedProcess
+from localnode.node import LocalNode
+from tests.fixtures.node import running_node
 from tests.fixtures.paths import DATA, REPO
 
 pytestmark = pytest.mark.slow
@@ -28,18 +29,8 @@ SCREENSHOT_DIR = REPO / "run" / "test-output"
 
 @pytest.fixture(scope="module")
 def demo_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]:
-    settings = NodeSettings(
-        _env_file=None,
-        run_dir=tmp_path_factory.mktemp("demo-node"),
-        broker_port=free_port(), broker_ws_port=free_port(), prefect_port=free_port(),
-        files_port=free_port(), metrics_port=free_port(), timeout=180,
-    )
-    node = LocalNode(settings)
-    try:
-        node.start()
+    with running_node(tmp_path_factory.mktemp("demo-node")) as node:
         yield node
-    finally:
-        node.stop()
 
 
 @pytest.fixture(scope="module")

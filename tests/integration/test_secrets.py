@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from chain.mqtt import publish_once
-from chain.processes import free_port
-from localnode.node import LocalNode, NodeSettings
+from localnode.node import LocalNode
+from tests.fixtures.node import running_node
 from tests.fixtures.paths import DATA
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -29,17 +29,8 @@ SECRET_HOLDERS = {"node.json", "prefect.db", "prefect.db-wal", "prefect.db-shm"}
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]:
-    settings = NodeSettings(
-        _env_file=None, run_dir=tmp_path_factory.mktemp("secrets-node"),
-        broker_port=free_port(), broker_ws_port=free_port(), prefect_port=free_port(),
-        files_port=free_port(), metrics_port=free_port(), timeout=180,
-    )
-    node = LocalNode(settings)
-    try:
-        node.start()
+    with running_node(tmp_path_factory.mktemp("secrets-node")) as node:
         yield node
-    finally:
-        node.stop()
 
 
 def secrets_of(node: LocalNode) -> dict[str, str]:
