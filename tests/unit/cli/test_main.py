@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -146,17 +145,6 @@ def test_validate_bad_json(tmp_path: Path) -> None:
     result = runner.invoke(app, ["validate", str(_write(tmp_path, "x.json", "not json"))])
     assert result.exit_code == 1
     assert "not JSON" in result.stdout
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setattr(import_module("pywis_pubsub.schema"), "USERDIR", home / ".pywis-pubsub")
-    monkeypatch.setattr(import_module("pywcmp.util"), "get_userdir", lambda: home / ".pywcmp")
-    monkeypatch.setattr(import_module("pywis_topics.util"), "get_userdir",
-                        lambda: home / ".pywis-topics")
-    return home
 
 
 def test_bundles_status_and_install(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-from importlib import import_module
 from pathlib import Path
 
 import pytest
@@ -15,19 +14,6 @@ import pytest
 from tests.fixtures.paths import BUNDLE_DIR, REPO
 from wis2 import bundles
 from wis2.bundles import BundleError, bundle_status, install_bundles
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Point the three libraries' user directories into tmp_path/home."""
-    # (the packages shadow some module names with click groups: go through import_module)
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setattr(import_module("pywis_pubsub.schema"), "USERDIR", home / ".pywis-pubsub")
-    monkeypatch.setattr(import_module("pywcmp.util"), "get_userdir", lambda: home / ".pywcmp")
-    monkeypatch.setattr(import_module("pywis_topics.util"), "get_userdir",
-                        lambda: home / ".pywis-topics")
-    return home
 
 
 @pytest.fixture
