@@ -12,6 +12,10 @@ Where the results live (`result_storage`): ``WIS2_RESULTS_URL=redis://host:port/
 Redis, Prefect's own `RedisStorageContainer` block, shared by every worker host (a run rescheduled
 on another host finds the results of the first); unset, files in ``WIS2_RESULTS_DIR`` (one host).
 
+Prefect takes a result storage block only once saved on the server: the Redis one is saved as
+``redis-storage-container/wis2-results-<hash of the URL>`` (once per process; the URL is a secret
+field of the block).
+
 No transaction locks (Prefect's lock managers): the pipeline holds the ledger's claim of the
 event's data_ids from the build to the ledger record (`flows.pipeline.Pipeline.claimed`), so two
 runs of one event, or of two events for one file, never build or publish at the same time on any
@@ -24,12 +28,14 @@ Redis round trip per task and a second way to wait, for nothing.
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from prefect.blocks.redis import RedisStorageContainer
 from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.filesystems import WritableFileSystem
+from pydantic import SecretStr
 
 from chain.settings import ChainSettings
 
@@ -57,7 +63,16 @@ def result_storage(settings: ChainSettings) -> Path | WritableFileSystem:
     """Redis (WIS2_RESULTS_URL), else the results directory (Prefect reads a `Path` as an
     unsaved LocalFileSystem storage)."""
     if settings.results_url is not None:
-        return RedisStorageContainer(connection_string=settings.results_url)
+        return redis_storage(settings.results_url.get_secret_value())
     results = Path(settings.results_dir).expanduser().resolve()
     results.mkdir(parents=True, exist_ok=True)
     return results
+
+
+@lru_cache(maxsize=4)
+def redis_storage(url: str) -> RedisStorageContainer:
+    """Prefect's Redis result storage for `url`, saved as a block (Prefect requires it)."""
+    block = RedisStorageContainer(connection_string=SecretStr(url))
+    block.save("wis2-results-" + hashlib.sha256(url.encode("utf-8")).hexdigest()[:12],
+               overwrite=True)
+    return block
