@@ -27,10 +27,12 @@ API (one interface, two implementations)::
         ...
 
 `claim` holds every given data_id for the whole node until the block exits: a second claim of any
-of them (another thread, process or worker host) waits. Keys are taken in one global order (no
-deadlock between two claims of overlapping sets). A claim waiting longer than `timeout` seconds
-(None: no limit) raises `ClaimTimeout` naming the data_id. A holder that dies (even SIGKILL)
-releases its claims at once: SQLite ledger, ``fcntl.flock`` lock files under
+of them (another thread, process or worker host) waits; a claim inside a claim of the same
+thread takes only what that thread does not hold yet (a batch may claim all its data_ids, then
+`publish_event` claims each event's again without waiting for itself). Keys are taken in one
+global order (no deadlock between two claims of overlapping sets). A claim waiting longer than
+`timeout` seconds (None: no limit) raises `ClaimTimeout` naming the data_id. A holder that dies
+(even SIGKILL) releases its claims at once: SQLite ledger, ``fcntl.flock`` lock files under
 ``<results dir>/claims`` (released by the kernel); PostgreSQL ledger, session advisory locks on a
 connection of the claim's own (released by the server when the connection ends; TCP keepalives
 notice a dead host within about 30 s).
@@ -57,6 +59,7 @@ from chain.ledger_entry import (
     LedgerUnavailable,
     claim_key,
     entry_of_row,
+    new_claims,
     ordered_claims,
 )
 from chain.ledger_postgres import PostgresLedger
@@ -228,8 +231,8 @@ class SqliteLedger:
         directory = self.path.parent / "claims"
         directory.mkdir(parents=True, exist_ok=True)
         deadline = None if timeout is None else time.monotonic() + timeout
-        with ExitStack() as held:
-            for bucket, data_id in ordered_claims(data_ids, CLAIM_BUCKETS):
+        with new_claims(self.location, data_ids, CLAIM_BUCKETS) as todo, ExitStack() as held:
+            for bucket, data_id in todo:
                 fd = os.open(directory / f"{bucket:03x}.lock", os.O_RDWR | os.O_CREAT, 0o600)
                 held.callback(os.close, fd)  # closing releases the lock
                 _flock(fd, deadline, data_id, timeout)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -64,6 +66,26 @@ def ordered_claims(data_ids: Iterable[str], space: int | None = None) -> list[tu
         key = claim_key(data_id) % space if space else claim_key(data_id)
         keys.setdefault(key, data_id)
     return sorted(keys.items())
+
+
+_HELD = threading.local()  # per thread: {ledger location: keys held by its claims}
+
+
+@contextmanager
+def new_claims(location: str, data_ids: Iterable[str], space: int | None = None
+               ) -> Iterator[list[tuple[int, str]]]:
+    """The keys of `ordered_claims` this thread does not hold yet (a claim inside a claim of the
+    same thread, e.g. per event inside a claim of the whole batch, does not wait for itself);
+    they count as held by this thread until the block exits."""
+    held: dict[str, set[int]] = _HELD.__dict__.setdefault("by_location", {})
+    mine = held.setdefault(location, set())
+    todo = [(key, data_id) for key, data_id in ordered_claims(data_ids, space)
+            if key not in mine]
+    mine.update(key for key, _ in todo)
+    try:
+        yield todo
+    finally:
+        mine.difference_update(key for key, _ in todo)
 
 
 def entry_of_row(row: tuple[Any, ...] | Any) -> LedgerEntry:

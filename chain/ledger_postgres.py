@@ -9,7 +9,8 @@ a lost connection is reopened, and after `CONNECT_ATTEMPTS` failed attempts the 
 recorded by the rerun of its event).
 
 Claims (`claim`): session-level advisory locks ``pg_advisory_lock(<64-bit hash of data_id>)``,
-taken in ascending key order on a connection of the claim's own; closing it releases them. The
+taken in ascending key order on a connection dedicated to claims (one per thread, reused:
+``pg_advisory_unlock_all()`` at the end of each claim). The
 server also releases them when the connection dies: a SIGKILLed worker's claims are free at once;
 TCP keepalives (client side and the session's ``tcp_keepalives_*``) notice a dead host within
 about 30 s.
@@ -33,7 +34,7 @@ from chain.ledger_entry import (
     LedgerEntry,
     LedgerUnavailable,
     entry_of_row,
-    ordered_claims,
+    new_claims,
 )
 
 log = logging.getLogger(__name__)
@@ -153,23 +154,49 @@ class PostgresLedger:
 
     @contextmanager
     def claim(self, data_ids: Iterable[str], timeout: float | None) -> Iterator[None]:
-        """Hold `data_ids` for the whole node (advisory locks on a connection of our own)."""
+        """Hold `data_ids` for the whole node (advisory locks on a connection of the claim's
+        own, kept for the thread's next claim once its locks are released)."""
+        with new_claims(self.location, data_ids) as todo:
+            if not todo:
+                yield
+                return
+            conn = self._claim_connection()
+            try:
+                # 0: wait without limit; lock_timeout also bounds advisory lock waits
+                conn.execute(f"SET lock_timeout = {int((timeout or 0) * 1000)}")
+                for key, data_id in todo:
+                    try:
+                        conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+                    except errors.LockNotAvailable:
+                        raise ClaimTimeout(data_id, timeout) from None
+                    except psycopg.OperationalError as exc:
+                        raise LedgerUnavailable(
+                            f"publication ledger WIS2_LEDGER_URL={self.location}: claiming "
+                            f"{data_id!r} failed: {exc}".strip()) from exc
+                yield
+            finally:
+                self._release(conn)
+
+    def _claim_connection(self) -> psycopg.Connection[Any]:
+        idle = getattr(self._local, "claim_conn", None)
+        self._local.claim_conn = None
+        if idle is not None and not idle.closed and not idle.broken:
+            return idle
         conn = self._open(purpose="claim")
+        # the server notices a dead client host too (user-settable GUCs)
+        for name in ("idle", "interval", "count"):
+            conn.execute(f"SET tcp_keepalives_{name} = {KEEPALIVES['keepalives_' + name]}")
+        return conn
+
+    def _release(self, conn: psycopg.Connection[Any]) -> None:
+        """Release every advisory lock of the session; keep the connection for the next claim
+        (closed instead when anything is wrong: closing releases them too)."""
         try:
-            conn.execute("SET tcp_keepalives_idle = 10")
-            conn.execute("SET tcp_keepalives_interval = 5")
-            conn.execute("SET tcp_keepalives_count = 4")
-            # 0: wait without limit; lock_timeout also bounds advisory lock waits
-            conn.execute(f"SET lock_timeout = {int((timeout or 0) * 1000)}")
-            for key, data_id in ordered_claims(data_ids):
-                try:
-                    conn.execute("SELECT pg_advisory_lock(%s)", (key,))
-                except errors.LockNotAvailable:
-                    raise ClaimTimeout(data_id, timeout) from None
-                except psycopg.OperationalError as exc:
-                    raise LedgerUnavailable(
-                        f"publication ledger WIS2_LEDGER_URL={self.location}: claiming "
-                        f"{data_id!r} failed: {exc}".strip()) from exc
-            yield
-        finally:
-            conn.close()  # releases every advisory lock of the session
+            conn.execute("SELECT pg_advisory_unlock_all()")
+        except psycopg.Error:
+            conn.close()
+            return
+        old = getattr(self._local, "claim_conn", None)
+        if old is not None:
+            old.close()
+        self._local.claim_conn = conn

@@ -20,7 +20,6 @@ from chain.processes import free_port
 from localnode.postgres import PG_USER, PostgresCluster
 from localnode.redis import RedisServer
 from tests.fixtures.paths import BUFR_EVENT
-from tests.fixtures.services import postgres_cluster, redis_server  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(180)
 REPO = Path(__file__).resolve().parents[2]
@@ -33,7 +32,7 @@ def ledger_url(cluster: PostgresCluster, database: str) -> str:
 
 # ---- the ledger in PostgreSQL ----------------------------------------------------------------
 def test_the_postgres_ledger_records_and_decides_like_the_sqlite_one(
-        postgres_cluster: PostgresCluster, tmp_path: Path) -> None:  # noqa: F811
+        postgres_cluster: PostgresCluster, tmp_path: Path) -> None:
     """Same entries, extra fields kept; the table is created by the first of many concurrent
     first uses."""
     sqlite = SqliteLedger.in_dir(tmp_path)
@@ -103,7 +102,7 @@ def claim_holder() -> Iterator[object]:
 
 @pytest.mark.parametrize("kind", ["postgresql", "sqlite"])
 def test_a_claimed_data_id_waits_and_a_killed_holder_frees_it_at_once(
-        kind: str, postgres_cluster: PostgresCluster, tmp_path: Path,  # noqa: F811
+        kind: str, postgres_cluster: PostgresCluster, tmp_path: Path,
         claim_holder: object) -> None:
     location = (ledger_url(postgres_cluster, "claims") if kind == "postgresql"
                 else str(SqliteLedger.in_dir(tmp_path).path))
@@ -142,7 +141,7 @@ print(json.dumps({"state": state.name, "ids": [n.id for n in notes],
 
 
 def test_a_build_result_in_redis_is_a_cache_hit_on_another_host(
-        redis_server: RedisServer, tmp_path: Path, prefect_api: object) -> None:  # noqa: F811
+        redis_server: RedisServer, tmp_path: Path, prefect_api: object) -> None:
     """Two processes sharing nothing but Redis (own WIS2_RESULTS_DIR, own working directory):
     the second reads the first's build as a cache hit: same ids, same pubtime."""
     outputs = []

@@ -90,19 +90,25 @@ def test_a_claim_waits_for_the_holder_and_times_out_naming_the_data_id(tmp_path:
         with SqliteLedger.in_dir(tmp_path).claim(["wis2/x/b", "wis2/x/a"], timeout=30):
             order.append("second")
 
-    with ledger.claim(["wis2/x/a"], timeout=1):
+    def timed_out() -> None:
         with pytest.raises(ClaimTimeout, match=r"'wis2/x/a'.*0.2 s.*WIS2_CACHE_LOCK_TIMEOUT"):
             with SqliteLedger.in_dir(tmp_path).claim(["wis2/x/a"], timeout=0.2):
                 pass
         with ledger.claim(["wis2/x/other"], timeout=0.2):  # another data_id: not held
-            pass
+            order.append("other")
+
+    with ledger.claim(["wis2/x/a"], timeout=1):
+        checker = threading.Thread(target=timed_out)
+        checker.start()
+        checker.join()
+        assert order == ["other"]
         waiter = threading.Thread(target=second)
         waiter.start()
         waiter.join(0.3)
         assert waiter.is_alive()  # waits for the holder
         order.append("first")
     waiter.join(10)
-    assert order == ["first", "second"]
+    assert order == ["other", "first", "second"]
 
 
 def test_claims_are_taken_in_one_order_each_key_once() -> None:
@@ -126,3 +132,28 @@ def test_the_ledger_location_follows_the_settings(tmp_path: Path) -> None:
         ChainSettings(ledger_url="mysql://db/x")
     with pytest.raises(ValidationError, match="redis://"):
         ChainSettings(results_url="http://cache:6379")
+
+
+def test_a_claim_inside_a_claim_of_the_same_thread_does_not_wait_for_itself(
+        tmp_path: Path) -> None:
+    ledger = SqliteLedger.in_dir(tmp_path)
+    outside: list[BaseException] = []
+
+    def other_thread() -> None:
+        try:
+            with ledger.claim(["wis2/x/b"], timeout=0.2):
+                pass
+        except ClaimTimeout as exc:
+            outside.append(exc)
+
+    with ledger.claim(["wis2/x/a", "wis2/x/b"], timeout=0.5):  # a batch
+        with SqliteLedger.in_dir(tmp_path).claim(["wis2/x/b"], timeout=0.5):  # one event of it
+            pass
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+        assert len(outside) == 1  # still held for the other threads after the inner claim
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    assert len(outside) == 1  # released with the outer claim
