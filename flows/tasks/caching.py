@@ -28,12 +28,14 @@ Redis round trip per task and a second way to wait, for nothing.
 from __future__ import annotations
 
 import hashlib
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from prefect.blocks.redis import RedisStorageContainer
 from prefect.cache_policies import CacheKeyFnPolicy
+from prefect.exceptions import ObjectAlreadyExists
 from prefect.filesystems import WritableFileSystem
 from pydantic import SecretStr
 
@@ -69,10 +71,24 @@ def result_storage(settings: ChainSettings) -> Path | WritableFileSystem:
     return results
 
 
-@lru_cache(maxsize=4)
+_SAVING = threading.Lock()
+
+
 def redis_storage(url: str) -> RedisStorageContainer:
     """Prefect's Redis result storage for `url`, saved as a block (Prefect requires it)."""
+    with _SAVING:  # the concurrent flow runs of a warm worker: one saves, the others reuse it
+        return _saved_redis_storage(url)
+
+
+@lru_cache(maxsize=4)
+def _saved_redis_storage(url: str) -> RedisStorageContainer:
     block = RedisStorageContainer(connection_string=SecretStr(url))
-    block.save("wis2-results-" + hashlib.sha256(url.encode("utf-8")).hexdigest()[:12],
-               overwrite=True)
-    return block
+    name = "wis2-results-" + hashlib.sha256(url.encode("utf-8")).hexdigest()[:12]
+    for attempt in (1, 2, 3):
+        try:
+            block.save(name, overwrite=True)
+            return block
+        except ObjectAlreadyExists:  # another host registered the block (type) at the same time
+            if attempt == 3:
+                raise
+    raise AssertionError("unreachable")
