@@ -433,3 +433,26 @@ def test_a_cached_publication_missing_from_the_ledger_is_recorded(
     entry = ledger.get(data_id)
     assert entry is not None and entry.notification_id == first.ids[0]
     assert [m["id"] for _, m in on_session_broker.settle()] == first.ids
+
+
+def test_a_notification_the_ledger_holds_is_not_sent_again_without_its_cache(
+    on_session_broker: Subscriber, chain: Any  # noqa: F811 (fixtures of test_publish_notification)
+) -> None:
+    """Another host (the ledger shared, the cached results not), or a lost results directory:
+    the event is built again -- the same notification id -- and the ledger says the broker
+    acknowledged it: nothing is sent again."""
+    import shutil
+
+    from chain.ledger import SqliteLedger
+    from tests.integration.test_publish_notification import bufr_event, run
+
+    first = run(bufr_event()).result()
+    for cached in chain.results.glob("wnm-*"):
+        cached.unlink() if cached.is_file() else shutil.rmtree(cached)
+    assert not list(chain.results.glob("wnm-*"))
+    again = run(bufr_event())
+    assert again.is_completed(), again.message
+    assert [(n.id, n.sent) for n in again.result().notifications] == [(first.ids[0], False)]
+    assert [m["id"] for _, m in on_session_broker.settle()] == first.ids
+    entry = SqliteLedger.in_dir(chain.results).get(first.notifications[0].data_id)
+    assert entry is not None and entry.notification_id == first.ids[0]
