@@ -122,7 +122,7 @@ def test_two_worker_hosts_share_one_truth(
     files = GatedFileServer(DEMO_FILE, allow=30)
     try:
         # (a) a burst of 1,000 events, one worker SIGKILLed in the middle --------------------
-        events = [file_event("host", i, files.url) for i in range(200)]
+        events = [file_event("host", i, files.url) for i in range(1000)]
         create_runs(node, "publish-batch",
                     [{"events": events[i:i + 25]} for i in range(0, len(events), 25)])
         doomed = host_worker(node, "doomed", 4).start()
