@@ -45,7 +45,7 @@ class ClaimTimeout(TimeoutError):
         self.data_id = data_id
         super().__init__(
             f"data_id {data_id!r} is being published by another run and was not released "
-            f"within {timeout:g} s (WIS2_CACHE_LOCK_TIMEOUT); run this event again later")
+            f"within {timeout or 0:g} s (WIS2_CACHE_LOCK_TIMEOUT); run this event again later")
 
 
 class LedgerUnavailable(RuntimeError):
