@@ -152,6 +152,25 @@ class PostgresLedger:
         return self._run(lambda c: c.execute(
             "DELETE FROM publications WHERE key = %s", (key,)).rowcount > 0)
 
+    def add_missing(self, entries: dict[str, LedgerEntry]) -> int:
+        """Add the entries whose key is not recorded yet (an existing entry is kept: it is
+        newer); returns how many were added. Moving a node's SQLite ledger here."""
+        rows = [(key, *columns, extra) for key, (columns, extra) in
+                ((key, entry.columns()) for key, entry in entries.items())]
+
+        def insert(conn: psycopg.Connection[Any]) -> int:
+            added = 0
+            with conn.transaction(), conn.cursor() as cursor:
+                for row in rows:
+                    cursor.execute(
+                        "INSERT INTO publications (key, checksum, notification_id, rel, pubtime, "
+                        "recorded_at, extra) VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb) "
+                        "ON CONFLICT (key) DO NOTHING", row)
+                    added += cursor.rowcount
+            return added
+
+        return self._run(insert)
+
     @contextmanager
     def claim(self, data_ids: Iterable[str], timeout: float | None) -> Iterator[None]:
         """Hold `data_ids` for the whole node (advisory locks on a connection of the claim's

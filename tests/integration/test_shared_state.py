@@ -165,3 +165,30 @@ def test_a_build_result_in_redis_is_a_cache_hit_on_another_host(
 
     with redis.Redis.from_url(redis_server.url()) as client:
         assert len(client.keys("wnm-build-*")) == 1
+
+
+def test_a_hosts_sqlite_ledger_is_imported_into_postgresql(
+        postgres_cluster: PostgresCluster, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`wis2-chain ledger-import`: a node moving to several worker hosts keeps its history
+    (the relations of its files); an entry already in PostgreSQL is kept."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    url = ledger_url(postgres_cluster, "ledger_import")
+    local = SqliteLedger.in_dir(tmp_path)
+    local.record("wis2/x/a", notification_id="n1", rel="canonical", checksum="sha256:AAA")
+    local.record("wis2/x/b", notification_id="n2", rel="canonical", checksum="sha256:BBB")
+    shared = PostgresLedger(url)
+    newer = shared.record("wis2/x/b", notification_id="n3", rel="update", checksum="sha256:CCC")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WIS2_RESULTS_DIR", str(tmp_path))
+    monkeypatch.setenv("WIS2_LEDGER_URL", url)
+    done = CliRunner().invoke(app, ["ledger-import"])
+    assert done.exit_code == 0, done.output
+    assert "imported 1 of 2 entries" in done.output
+    assert shared.all() == {"wis2/x/a": local.get("wis2/x/a"), "wis2/x/b": newer}
+    monkeypatch.delenv("WIS2_LEDGER_URL")
+    refused = CliRunner().invoke(app, ["ledger-import"])
+    assert refused.exit_code == 2 and "WIS2_LEDGER_URL is not set" in refused.output
