@@ -200,7 +200,8 @@ def _in_ledger(ledger: Ledger, note: Notification) -> bool:
 def publish_event(
     raw_event: Any, pipeline: Pipeline, *, validation_key: str | None
 ) -> ProcessedEvent:
-    """Build, validate, verify, publish and record the notification(s) of one event.
+    """Build, validate, verify, publish and record the notification(s) of one event, its
+    data_ids claimed for the whole node meanwhile (`Pipeline.claimed`).
 
     `validation_key`: key of the validation table artifact; None creates none (the caller
     reports the returned rows). Raises on the first failing step (nothing published then, except
