@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +21,10 @@ from chain.processes import free_port
 from localnode.postgres import PG_USER, PostgresCluster
 from localnode.redis import RedisServer
 from tests.fixtures.paths import BUFR_EVENT
+from tests.integration.test_publish_notification import (  # noqa: F401  (fixtures)
+    chain,
+    on_session_broker,
+)
 
 pytestmark = pytest.mark.timeout(180)
 REPO = Path(__file__).resolve().parents[2]
@@ -192,3 +197,31 @@ def test_a_hosts_sqlite_ledger_is_imported_into_postgresql(
     monkeypatch.delenv("WIS2_LEDGER_URL")
     refused = CliRunner().invoke(app, ["ledger-import"])
     assert refused.exit_code == 2 and "WIS2_LEDGER_URL is not set" in refused.output
+
+
+def test_an_event_whose_file_stays_claimed_fails_naming_the_data_id(
+        on_session_broker: Any, chain: Any, claim_holder: Any,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another run holds the file longer than WIS2_CACHE_LOCK_TIMEOUT: the run fails, its message
+    names the data_id, nothing is published; once the holder is gone the event goes through."""
+    from tests.integration.test_publish_notification import bufr_event, read_artifacts, run
+
+    monkeypatch.setenv("WIS2_CACHE_LOCK_TIMEOUT", "1")
+    from wis2.cloudevent import parse_event
+    from wis2.dataset import load_dataset
+    from wis2.mapping import data_ids_of
+
+    [data_id] = data_ids_of(parse_event(json.dumps(bufr_event())), load_dataset("argo"))
+    holder = claim_holder(str(SqliteLedger.in_dir(chain.results).path), data_id)
+    state = run(bufr_event())
+    assert state.is_failed()
+    assert data_id in state.message and "WIS2_CACHE_LOCK_TIMEOUT" in state.message
+    failures = [a for a in read_artifacts(state.state_details.flow_run_id).values()
+                if a.key and a.key.startswith("failed-")]
+    assert failures and data_id in failures[0].data
+    assert on_session_broker.settle() == []
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(10)
+    again = run(bufr_event())
+    assert again.is_completed(), again.message
+    assert [m["properties"]["data_id"] for _, m in on_session_broker.wait_for(1)] == [data_id]
