@@ -5,8 +5,8 @@ Each scenario is a function registered with `@scenario("name")`; it receives a `
 (the running node, an event factory whose events name files the node's file server really serves,
 the origin-topic collector) and returns a `FaultResult`: events sent, notifications lost, data_ids
 published more than once, time to recover, runs left unfinished. Adding a scenario is one more
-decorated function in this module (or in a module this one imports, so that `bench.run` knows
-its name): see `worker_sigkill_mid_burst`, the shortest.
+decorated function in this module (or in a module `bench/options.py` imports, so that `bench.run`
+knows its name, as `bench/faults_scaled.py`): see `worker_sigkill_mid_burst`, the shortest.
 
 "Mid-burst" is made, never raced: the node's file server holds every download while its gate is
 closed (`bench/gated_files.py`), so flow runs that verify their data are provably Running when
@@ -389,6 +389,3 @@ def fault_node(run_dir: Path, database: str = "sqlite", events: int = 10,
             node.stop()
         if postgres is not None:
             postgres.cleanup()
-
-
-from bench import faults_scaled  # noqa: E402,F401  (registers the scaled node's scenarios)

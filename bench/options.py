@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench import faults
+from bench import faults, faults_scaled  # noqa: F401 (registers its scenarios)
 
 DESCRIPTION = "The end-to-end benchmark of the chain (bench/run.py)."
 
