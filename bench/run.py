@@ -84,6 +84,9 @@ def _pids(node: LocalNode) -> dict[str, int]:
     for proc in node.processes:
         if proc.pid is not None and proc.running:
             pids[proc.name] = proc.pid
+    services = getattr(node.server, "services", None)  # the split Prefect server's
+    if services is not None and services.running and services.pid:
+        pids[services.name] = services.pid
     postgres = getattr(node, "postgres", None)
     if postgres is not None and postgres.running and postgres.pid:
         pids["postgres"] = postgres.pid

@@ -7,7 +7,9 @@ README "Listener replicas"): the QoS 1 messages it received and had not acknowle
 persistent session and are sent to it again (DUP) when it comes back under the same client id;
 they are not given to the other member. Messages published while it is away are still shared
 out round-robin, and its share is queued in its session too (up to `max_queued_messages`).
-So nothing is lost, provided the replica comes back.
+So nothing is lost, provided the replica comes back, or its events are drained: a replica
+started with `WIS2_LISTENER_RETIRE=true` resumes its session and unsubscribes, takes what the
+session holds, and gets no new turn.
 
 "The middle" is made: replica 1 reaches the Prefect API through a gate (tests/fixtures/gates.py)
 that lets its first run creation through and holds the next ones, so when it is killed it
@@ -32,9 +34,14 @@ from chain.processes import free_port
 from localnode.node import NodeSettings
 from localnode.scaled import ScaledNode, Topology
 from tests.fixtures.gates import ApiGate
+from tests.integration import test_listener
+from tests.integration.test_listener import Deployment, event_payload, publish, wait_for
 from wis2.dataset import load_dataset
 
 TOPIC = "diffusion/files/coriolis/argo/csv"
+# The listener tests' fixtures: a deployment with no worker, listeners as processes.
+deployment = test_listener.deployment
+make_listener = test_listener.make_listener
 
 
 class GatedReplicaNode(ScaledNode):
@@ -122,3 +129,39 @@ def test_replica_sigkilled_mid_burst_loses_and_doubles_nothing(node: GatedReplic
     assert restarted["wis2_listener_events_received_total"] >= 1
     assert "session_present=True" in replica.tail(400)
     assert restarted["wis2_listener_in_flight"] == 0
+
+
+def test_a_retired_replica_drains_its_session_and_gets_no_new_turn(
+    mqtt_broker, deployment: Deployment, make_listener,
+) -> None:
+    """Replica 1 is stopped (its session keeps its subscription, so its turns of the shared
+    subscription queue up there); started again with RETIRE, it takes them and unsubscribes:
+    later events all go to replica 2."""
+    shared = '["$share/wis2/diffusion/files/#"]'
+    one = make_listener(deployment.api_url, deployment.full_name, subscriptions=shared,
+                        client_id="replica-one").start(60)
+    two = make_listener(deployment.api_url, deployment.full_name, subscriptions=shared,
+                        client_id="replica-two").start(60)
+    for replica in (one, two):
+        wait_for(lambda r=replica: "msg=subscribed" in r.tail(200), 30, "the subscription",
+                 replica.debug)
+    assert one.stop() == 0  # SIGTERM: a clean exit, the session (and its subscription) stays
+    publish(mqtt_broker, [(TOPIC, event_payload("away", i)) for i in range(20)])
+    one.env["WIS2_LISTENER_RETIRE"] = "true"
+    one.start(60)
+    wait_for(lambda: "unsubscribed (retiring)" in one.tail(200), 30, "the unsubscription",
+             one.debug)
+    wait_for(lambda: len(deployment.runs()) == 20, 60, "20 runs", one.debug)
+    wait_for(lambda: one.metrics()["wis2_listener_in_flight"] == 0
+             and two.metrics()["wis2_listener_in_flight"] == 0, 30, "all acknowledged")
+    drained = one.metrics()["wis2_listener_events_received_total"]
+    taken_by_two = two.metrics()["wis2_listener_events_received_total"]
+    assert drained >= 1 and drained + taken_by_two == 20  # its turns had waited in its session
+
+    publish(mqtt_broker, [(TOPIC, event_payload("later", i)) for i in range(10)])
+    wait_for(lambda: len(deployment.runs()) == 30, 60, "30 runs", two.debug)
+    time.sleep(1)
+    assert one.metrics()["wis2_listener_events_received_total"] == drained  # no new turn
+    assert two.metrics()["wis2_listener_events_received_total"] == taken_by_two + 10
+    assert sorted(deployment.event_ids()) == sorted(
+        [f"away-{i:04d}" for i in range(20)] + [f"later-{i:04d}" for i in range(10)])
