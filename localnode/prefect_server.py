@@ -85,9 +85,11 @@ class PrefectServer(ManagedProcess):
         self.services: ManagedProcess | None = None
         if separate_services:
             argv.append("--no-services")
+            services_log = self.home / "services.log"
             self.services = ManagedProcess(
                 "prefect-services", [prefect_cli(), "server", "services", "start"],
-                log_path=self.home / "services.log", env=env)
+                log_path=services_log, env=env,
+                ready=lambda: "Starting services" in services_log.read_text(errors="replace"))
         super().__init__("prefect-server", argv, log_path=self.home / "server.log", env=env,
                          ready=self.healthy)
 
