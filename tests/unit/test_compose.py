@@ -173,8 +173,9 @@ def test_worker_hosts_share_only_the_ledger_and_the_results_services(resolved: d
     assert len(set().union(*results_volumes)) == len(workers), "each worker its own volume"
     for worker in workers:
         worker_env = services[worker]["environment"]
-        assert worker_env["WIS2_LEDGER_URL"] == (
-            f"postgresql://prefect:{env['POSTGRES_PASSWORD']}@postgres:5432/ledger"), worker
+        # the password in libpq's PGPASSWORD, never in the URL (flows hand it to their tasks)
+        assert worker_env["WIS2_LEDGER_URL"] == "postgresql://prefect@postgres:5432/ledger", worker
+        assert worker_env["PGPASSWORD"] == env["POSTGRES_PASSWORD"], worker
         assert worker_env["WIS2_RESULTS_URL"] == (
             f"redis://:{env['REDIS_PASSWORD']}@redis:6379/1"), worker
         assert worker_env["WIS2_RESULTS_DIR"].startswith("/var/lib/wis2-chain/")
