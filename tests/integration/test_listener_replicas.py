@@ -78,9 +78,9 @@ def node(tmp_path: Path) -> Iterator[GatedReplicaNode]:
         broker_ws_port=free_port(), prefect_port=free_port(), files_port=free_port(),
         metrics_port=free_port(), verify_data=False, timeout=180,
     )
-    # One worker: the replicas are under test; the workers' shared state is issue 14's other
-    # items (with one worker, a redelivered event's second batch run finds its cached results).
-    node = GatedReplicaNode(settings, Topology(workers=1, listeners=2))
+    # Two worker hosts sharing the ledger and the results: a redelivered event grouped into
+    # another batch run may run on the other worker, and finds its notification there too.
+    node = GatedReplicaNode(settings, Topology(workers=2, listeners=2))
     try:
         node.start()
         node.publish_metadata(settings.metadata_record)
