@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import closing, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -145,6 +145,14 @@ class Ledger:
             _upsert(conn, key, entry)
         log.debug("ledger %s: %s -> %s (%s)", self.path, key, notification_id, rel)
         return entry
+
+    def record_many(self, entries: Mapping[str, LedgerEntry]) -> int:
+        """Record (replace) several publications in one transaction; returns how many."""
+        with self._connect() as conn:
+            for key, entry in entries.items():
+                _upsert(conn, key, entry)
+        log.debug("ledger %s: %d entries recorded", self.path, len(entries))
+        return len(entries)
 
     def forget(self, key: str) -> bool:
         """Remove `key`; True when it was there."""
