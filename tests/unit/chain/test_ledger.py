@@ -53,3 +53,13 @@ def test_ledger_imports_the_json_ledger_of_earlier_versions(tmp_path: Path) -> N
     assert ledger.get("wis2/x/a") == LedgerEntry.model_validate(entry)
     ledger.forget("wis2/x/a")
     assert Ledger.in_dir(tmp_path).get("wis2/x/a") is None  # imported once, not again
+
+
+def test_ledger_records_many_in_one_transaction(tmp_path: Path) -> None:
+    ledger = Ledger.in_dir(tmp_path)
+    ledger.record("wis2/x/a", notification_id="old", rel="canonical", checksum="sha256:AAA")
+    entries = {"wis2/x/a": LedgerEntry(notification_id="n1", rel="update", checksum="sha256:B"),
+               "wis2/x/b": LedgerEntry(notification_id="n2", rel="canonical", pubtime="t")}
+    assert ledger.record_many(entries) == 2
+    assert Ledger.in_dir(tmp_path).all() == entries
+    assert ledger.record_many({}) == 0
