@@ -16,6 +16,7 @@ recorded, as the per-event pipeline would (one round for a batch of distinct fil
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,8 +98,9 @@ def _round(items: list[BatchEvent], pipeline: Pipeline) -> list[BatchEvent]:
     # record_batch_task below decides and records the relation of the round's data_ids.
     tasks, settings, topic = pipeline.tasks, pipeline.settings, pipeline.dataset.topic
     logger = get_run_logger()
-    built = build_batch_task(quote([i.event for i in items]), pipeline.dataset,
-                             pipeline.ledger_path, quote(tasks.build))
+    built = _each(len(items), lambda: build_batch_task(
+        quote([i.event for i in items]), pipeline.dataset, pipeline.ledger_path,
+        quote(tasks.build)))
     deferred: list[BatchEvent] = []
     active: list[_Active] = []
     for item, result in zip(items, built, strict=True):
@@ -114,8 +116,12 @@ def _round(items: list[BatchEvent], pipeline: Pipeline) -> list[BatchEvent]:
             active.append(_Active(item=item, notifications=list(result)))
 
     active = _validated(active, topic)
-    for one in active:
-        one.earlier = [pipeline.announced_before(note) for note in one.notifications]
+    for one in list(active):
+        try:
+            one.earlier = [pipeline.announced_before(note) for note in one.notifications]
+        except Exception as exc:  # the ledger could not be read
+            one.fail(exc)
+            active.remove(one)
     repeated = [n.properties.data_id for one in active
                 for n, e in zip(one.notifications, one.earlier, strict=True) if e]
     if repeated:
@@ -136,11 +142,13 @@ def _round(items: list[BatchEvent], pipeline: Pipeline) -> list[BatchEvent]:
         except Exception as exc:  # no broker block/settings: nothing can be sent
             results = [Failure(exc)] * len(sending)
         else:
-            results = publish_batch_task(quote([one.to_send for one in sending]), topic,
-                                         connection, quote(tasks.publish), Retry.of(settings))
+            results = _each(len(sending), lambda: publish_batch_task(
+                quote([one.to_send for one in sending]), topic, connection,
+                quote(tasks.publish), Retry.of(settings)))
     outcome = dict(zip((id(one) for one in sending), results, strict=True))
 
     fresh: list[Notification] = []
+    recording: list[_Active] = []
     for one in active:
         result = outcome.get(id(one), [])
         if isinstance(result, Failure):
@@ -148,23 +156,42 @@ def _round(items: list[BatchEvent], pipeline: Pipeline) -> list[BatchEvent]:
             continue
         sent_now = iter(result)
         sent = [False if e else next(sent_now) for e in one.earlier]
-        fresh += [n for n, s, e in zip(one.notifications, sent, one.earlier, strict=True)
-                  if s or (not e and not _in_ledger(pipeline.ledger_path, n))]
+        new = [n for n, s, e in zip(one.notifications, sent, one.earlier, strict=True)
+               if s or (not e and not _in_ledger(pipeline.ledger_path, n))]
+        fresh += new
+        recording += [one] if new else []
         one.item.done = ProcessedEvent(event=one.item.event, notifications=one.notifications,
                                        sent=sent, validation_rows=one.rows,
                                        earlier_ids=one.earlier)  # type: ignore[arg-type]
     if fresh:
-        record_batch_task(quote(fresh), pipeline.ledger_path)
+        try:
+            record_batch_task(quote(fresh), pipeline.ledger_path)
+        except Exception as exc:  # published, not recorded: a rerun records them
+            for one in recording:
+                one.item.done = None
+                one.fail(exc)
     return deferred
+
+
+def _each(count: int, call: Callable[[], list[Any]]) -> list[Any]:
+    """A batch task's per-event results; when the task itself failed, that failure for each."""
+    try:
+        return call()
+    except Exception as exc:
+        get_run_logger().error("%s", exc)
+        return [Failure(exc)] * count
 
 
 def _validated(active: list[_Active], topic: str) -> list[_Active]:
     if not active:
         return active
-    checked = validate_batch_task(quote([one.notifications for one in active]), topic)
+    checked = _each(len(active), lambda: validate_batch_task(
+        quote([one.notifications for one in active]), topic))
     kept = []
     for one, result in zip(active, checked, strict=True):
-        if result.failure is not None:
+        if isinstance(result, Failure):
+            one.fail(result.error)
+        elif result.failure is not None:
             one.fail(result.failure)
         else:
             one.rows = result.rows
@@ -176,7 +203,8 @@ def _verified(active: list[_Active], settings: Any) -> list[_Active]:
     checking = [one for one in active if one.to_send]
     if not checking:
         return active
-    failures = verify_batch_task(quote([one.to_send for one in checking]), settings)
+    failures = _each(len(checking), lambda: verify_batch_task(
+        quote([one.to_send for one in checking]), settings))
     failed = set()
     for one, failure in zip(checking, failures, strict=True):
         if failure is not None:

@@ -249,3 +249,32 @@ def test_a_batch_killed_after_some_acknowledgements_then_rerun_sends_each_file_o
     per_file = Counter(m["properties"]["data_id"].rsplit("/", 1)[-1] for _, m in messages)
     assert per_file == {f"IOPX01_LFVX_{i:06d}.BU": 1 for i in range(60, 66)}, per_file
     assert sorted(m["id"] for _, m in messages) == sorted(result.ids)
+
+
+def test_a_file_that_does_not_match_fails_alone_in_a_verified_batch(
+    on_session_broker: Subscriber, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """WIS2_VERIFY_DATA on: one verify-batch task run downloads every file; the event whose
+    file does not match its checksum fails alone, naming the field, the others are published."""
+    from tests.fixtures.gates import GatedFileServer
+    from tests.integration.test_worker_crash import DEMO_FILE, file_event
+
+    monkeypatch.setenv("WIS2_VERIFY_DATA", "true")
+    files = GatedFileServer(DEMO_FILE, allow=100)
+    try:
+        events = [file_event("verified", i, files.url) for i in range(3)]
+        [asset] = events[1]["data"]["assets"].values()
+        asset["file:checksum"] = sha256_multihash(b"not this file")
+        state = publish_batch(events=events, return_state=True)
+    finally:
+        files.close()
+    assert state.is_failed()
+    result: BatchRunResult = state.result(raise_on_failure=False)
+    assert [e.status for e in result.events] == ["published", "failed", "published"]
+    assert "DataMismatch" in (result.events[1].error or "")
+    failure = read_artifacts(state.state_details.flow_run_id)[
+        "failed-batch-3-events-verified-0000-csv"].data
+    assert "$.properties.integrity.value" in failure and "verified-0001" in failure
+    runs = task_runs(state.state_details.flow_run_id, len(BATCH_TASKS) + 1)
+    assert task_names(runs) == sorted([*BATCH_TASKS, "verify-batch"])
+    assert len(on_session_broker.settle()) == 2
