@@ -1,9 +1,10 @@
-"""The per-event pipeline shared by the publishing flows (`publish-notification`, `publish-batch`).
+"""The per-event pipeline of the publishing flows, and what they share (`Pipeline`).
 
 One event: build its notifications (cached per event identity) -> validate them strictly ->
 verify the data (optional) -> publish each (cached per notification id, retried) -> record the
 fresh ones in the publication ledger. A flow run sets up a `Pipeline` once (dataset, configured
-tasks, ledger, broker connection) and calls `publish_event` for each of its events.
+tasks, ledger, broker connection) and calls `publish_event` for its event (`publish-notification`);
+`publish-batch` takes all its events through the same steps at once (`flows.batch_pipeline`).
 """
 
 from __future__ import annotations
