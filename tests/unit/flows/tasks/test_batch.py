@@ -1,23 +1,15 @@
-"""The pure parts of the batch tasks (flows/tasks/batch.py, flows/tasks/cache_store.py): retries,
-validation per event, receipts and ledger entries as the single-event tasks make them, and the
-cache store reading and writing exactly what a cached task's transaction does."""
+"""The pure parts of the batch tasks (flows/tasks/batch.py): retries, validation per event,
+receipts, cache keys and ledger entries as the single-event tasks make them."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
-from prefect.filesystems import LocalFileSystem
-from prefect.results import ResultStore
-from prefect.transactions import IsolationLevel, transaction
 
 from chain.ledger import LedgerEntry
 from chain.settings import ChainSettings
 from flows.tasks.batch import Retry, ledger_entry, publish_key, receipt, validate_all
 from flows.tasks.build import checksum_of
-from flows.tasks.cache_store import MISSING, CacheStore
-from flows.tasks.caching import ExpiringLockManager, publish_cache_key
+from flows.tasks.caching import publish_cache_key
 from tests.fixtures.paths import BUFR_EVENT
 from wis2.cloudevent import parse_event
 from wis2.dataset import load_dataset
@@ -83,29 +75,3 @@ def test_receipts_keys_and_ledger_entries_are_the_single_event_tasks_ones() -> N
     assert entry.model_dump(exclude={"recorded_at"}) == LedgerEntry(
         notification_id=note.id, rel="canonical", checksum=checksum_of(note),
         pubtime=note.properties.pubtime).model_dump(exclude={"recorded_at"})
-
-
-def store(tmp_path: Path) -> ResultStore:
-    return ResultStore(result_storage=LocalFileSystem(basepath=str(tmp_path / "results")),
-                       lock_manager=ExpiringLockManager(tmp_path / "locks"))
-
-
-def test_the_cache_store_and_a_task_transaction_read_each_other(tmp_path: Path) -> None:
-    note = notification()
-    cache = CacheStore(store=store(tmp_path))
-    assert cache.lookup("wnm-build-a") is MISSING and not cache.has("wnm-build-a")
-    with cache.locked("wnm-build-a"):
-        cache.save("wnm-build-a", [note])
-    assert not (tmp_path / "locks" / "wnm-build-a.lock").exists()
-    # what a cached task run finds (its transaction, a store of its own)
-    with transaction(key="wnm-build-a", store=store(tmp_path),
-                     isolation_level=IsolationLevel.SERIALIZABLE) as txn:
-        assert txn.is_committed()
-        assert txn.read().result == [note]
-    # what a task run writes on commit, the cache store reads
-    with transaction(key="wnm-published-b", store=store(tmp_path),
-                     isolation_level=IsolationLevel.SERIALIZABLE) as txn:
-        txn.stage(receipt(note, ARGO.topic, 7))
-    assert CacheStore(store=store(tmp_path)).lookup("wnm-published-b") == txn._staged_value
-    record = json.loads((tmp_path / "results" / "wnm-build-a").read_text())
-    assert record["metadata"]["storage_key"].endswith("wnm-build-a")
