@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from chain.ledger import Ledger, LedgerEntry
-from chain.mqtt import MqttConnection, MqttError, Publisher
+from chain.mqtt import MqttConnection, MqttError, Publisher, PublishRefused
 from chain.settings import ChainSettings
 from wis2.cloudevent import CloudEvent
 from wis2.dataset import DatasetDescription
@@ -231,8 +231,8 @@ def publish_batch_task(
     """Publish each notification (QoS 1, one connection, each PUBACK awaited) unless its
     publish-task cache key already holds a receipt; the receipt is written under that key right
     after the PUBACK. Per event: whether each notification was sent now (False: published
-    earlier). Once the broker failed past the retries, the remaining events fail with that error
-    (nothing of theirs was sent)."""
+    earlier). A message the broker refuses fails its event alone; once the connection failed past
+    the retries, the remaining events fail with that error (nothing of theirs was sent)."""
     logger = get_run_logger()
     cache = CacheStore.of(publish)
     broker = _Broker(connection, timeout)
@@ -257,6 +257,10 @@ def publish_batch_task(
                                    on_retry=lambda exc: logger.warning("publish retried: %s", exc))
                         cache.save(key, receipt(note, topic, len(payload)))
                         sent.append(True)
+            except PublishRefused as exc:  # this message refused (e.g. too large): alone
+                logger.error("publication refused: %s", exc)
+                out.append(Failure(exc))
+                continue
             except Exception as exc:
                 logger.error("publication failed: %s", exc)
                 broken = Failure(exc)
