@@ -278,3 +278,32 @@ def test_a_file_that_does_not_match_fails_alone_in_a_verified_batch(
     runs = task_runs(state.state_details.flow_run_id, len(BATCH_TASKS) + 1)
     assert task_names(runs) == sorted([*BATCH_TASKS, "verify-batch"])
     assert len(on_session_broker.settle()) == 2
+
+
+def test_a_batch_with_the_broker_away_fails_each_event_and_sends_them_once_later(
+    chain: Any, session_broker: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No broker past the retries: every event of the batch fails (replayable), nothing is
+    cached as published; the same batch once the broker is back sends each notification once."""
+    monkeypatch.setenv("WIS2_PUBLISH_RETRIES", "1")
+    monkeypatch.setenv("WIS2_RETRY_BASE_DELAY", "0.1")
+    direct = session_broker.connection("publisher")
+    gone = MqttPublishGate(direct.host, direct.port, allow=0)
+    gone.close()  # a port nobody listens on any more
+    MqttBroker.from_connection(direct.model_copy(update={"port": gone.port})).save(
+        chain.block, overwrite=True)
+    events = [numbered_event(i) for i in (70, 71, 72)]
+    state = publish_batch(events=events, return_state=True)
+    assert state.is_failed()
+    failed: BatchRunResult = state.result(raise_on_failure=False)
+    assert [e.status for e in failed.events] == ["failed"] * 3
+    assert "3 of 3 event(s) failed" in read_flow_run(state.state_details.flow_run_id).state.message
+
+    origin = Subscriber(session_broker.connection("everyone"), ARGO.topic)
+    chain.use_broker(session_broker)
+    again = publish_batch(events=events, return_state=True)
+    assert again.is_completed(), again.message
+    result: BatchRunResult = again.result()
+    assert [e.status for e in result.events] == ["published"] * 3
+    assert sorted(m["id"] for _, m in origin.settle()) == sorted(result.ids)
+    origin.close()
