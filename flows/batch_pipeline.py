@@ -10,13 +10,17 @@ alone (or the reverse) gets the same notification id and is not sent again.
 The relation of a notification (canonical / update) depends on what the ledger holds for its
 ``data_id``; events announcing the same file one after the other in one batch are therefore never
 in the same round: the later one is deferred to a next round, built once the earlier one is
-recorded, as the per-event pipeline would (one round for a batch of distinct files).
+recorded, as the per-event pipeline would (one round for a batch of distinct files). Each round
+holds the ledger's claim of its events' data_ids (`Pipeline.claimed`) from the build to the
+record, as `publish_event` does per event: a batch and any other run of the same files, on any
+worker host, decide and record their relations one after the other.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +40,7 @@ from flows.tasks.batch import (
 )
 from wis2.cloudevent import CloudEvent
 from wis2.errors import FieldError, InvalidInput
+from wis2.mapping import data_ids_of
 from wis2.notification import Notification
 
 log = logging.getLogger(__name__)
@@ -91,15 +96,41 @@ def publish_events(raw_events: list[Any], pipeline: Pipeline) -> list[BatchEvent
 
 
 def _round(items: list[BatchEvent], pipeline: Pipeline) -> list[BatchEvent]:
-    """Build -> validate -> verify -> publish -> record the events `items`; returns those
-    deferred to the next round (they announce a file an earlier event of this round announces).
-    """
-    # data_id claim spans build..record here: everything from build_batch_task to
-    # record_batch_task below decides and records the relation of the round's data_ids.
+    """Claim the data_ids of the events `items`, then build -> validate -> verify -> publish ->
+    record them; returns those deferred to the next round (they announce a file an earlier event
+    of this round announces). An event whose data_ids cannot be computed fails alone; when the
+    claim itself fails (a data_id held past WIS2_CACHE_LOCK_TIMEOUT, the ledger unreachable),
+    the round's events fail with that error (for replay), nothing of theirs built or sent."""
+    claiming: list[BatchEvent] = []
+    data_ids: set[str] = set()
+    for item in items:
+        try:
+            data_ids.update(data_ids_of(item.event, pipeline.dataset))  # type: ignore[arg-type]
+        except Exception as exc:  # as publish_event: this event alone
+            item.error = exc
+        else:
+            claiming.append(item)
+    if not claiming:
+        return []
+    # the data_id claim spans build..record here (in the flow's thread: claims are per thread),
+    # so that a round decides and records the relation of its files once for the whole node,
+    # also against runs on other worker hosts; publish-notification runs claim the same way
+    with ExitStack() as claim:
+        try:
+            claim.enter_context(pipeline.claimed(sorted(data_ids)))
+        except Exception as exc:
+            get_run_logger().error("%d event(s) not published: %s", len(claiming), exc)
+            for item in claiming:
+                item.error = exc
+            return []
+        return _claimed_round(claiming, pipeline)
+
+
+def _claimed_round(items: list[BatchEvent], pipeline: Pipeline) -> list[BatchEvent]:
     tasks, settings, topic = pipeline.tasks, pipeline.settings, pipeline.dataset.topic
     logger = get_run_logger()
     built = _each(len(items), lambda: build_batch_task(
-        quote([i.event for i in items]), pipeline.dataset, pipeline.ledger_path,
+        quote([i.event for i in items]), pipeline.dataset, pipeline.ledger_location,
         quote(tasks.build)))
     deferred: list[BatchEvent] = []
     active: list[_Active] = []
@@ -157,7 +188,7 @@ def _round(items: list[BatchEvent], pipeline: Pipeline) -> list[BatchEvent]:
         sent_now = iter(result)
         sent = [False if e else next(sent_now) for e in one.earlier]
         new = [n for n, s, e in zip(one.notifications, sent, one.earlier, strict=True)
-               if s or (not e and not _in_ledger(pipeline.ledger_path, n))]
+               if s or (not e and not _in_ledger(pipeline.ledger, n))]
         fresh += new
         recording += [one] if new else []
         one.item.done = ProcessedEvent(event=one.item.event, notifications=one.notifications,
@@ -165,7 +196,7 @@ def _round(items: list[BatchEvent], pipeline: Pipeline) -> list[BatchEvent]:
                                        earlier_ids=one.earlier)  # type: ignore[arg-type]
     if fresh:
         try:
-            record_batch_task(quote(fresh), pipeline.ledger_path)
+            record_batch_task(quote(fresh), pipeline.ledger_location)
         except Exception as exc:  # published, not recorded: a rerun records them
             for one in recording:
                 one.item.done = None

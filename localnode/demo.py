@@ -2,7 +2,10 @@
 event, print the notification, the flow run and the Prefect UI address, run until Ctrl-C.
 
 `python -m localnode.demo run --postgres` (`make demo DEMO_ARGS=--postgres`) puts the Prefect server
-on a PostgreSQL cluster of its own (`localnode/postgres.py`) instead of SQLite.
+on a PostgreSQL cluster of its own (`localnode/postgres.py`) instead of SQLite. `--scaled`
+(`make demo DEMO_ARGS=--scaled`, after `make postgresql redis`) starts the scaled node of
+`localnode/scaled.py` instead: 2 workers, 2 listener replicas on `$share`, PostgreSQL and Redis of
+its own; `--split-server` also splits the Prefect server into its API and services processes.
 
 `python -m localnode.demo send EVENT.json [--topic T]` (`make demo-event EVENT=...`) sends
 another event to the running demo node as its file server."""
@@ -20,17 +23,18 @@ from pathlib import Path
 from chain.mqtt import MqttError, publish_once
 from localnode.node import LocalNode, NodeSettings, NodeState, PortTaken
 from localnode.postgres import PostgresCluster
+from localnode.scaled import ScaledNode, Topology
 
 log = logging.getLogger("demo")
 
 
-def run(settings: NodeSettings, postgres: bool = False) -> int:
+def run(settings: NodeSettings, postgres: bool = False, scaled: Topology | None = None) -> int:
     cluster: PostgresCluster | None = None
-    node = LocalNode(settings)
+    node = LocalNode(settings) if scaled is None else ScaledNode(settings, scaled)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        if postgres and settings.database_url is None:
+        if postgres and settings.database_url is None and scaled is None:
             cluster = PostgresCluster(log_path=settings.run_dir.parent / "demo-postgres.log")
             cluster.start()
             settings = settings.model_copy(
@@ -92,6 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     run_parser = sub.add_parser("run", help="start the demo node (default)")
     run_parser.add_argument("--postgres", action="store_true",
                             help="the Prefect server on a PostgreSQL cluster of its own")
+    run_parser.add_argument("--scaled", action="store_true",
+                            help="2 workers, 2 listener replicas, PostgreSQL and Redis")
+    run_parser.add_argument("--split-server", action="store_true",
+                            help="with --scaled: the Prefect API and services in two processes")
     send_parser = sub.add_parser("send", help="send an event to the running demo node")
     send_parser.add_argument("event", type=Path)
     send_parser.add_argument("--topic", default=None)
@@ -101,7 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     settings = NodeSettings()
     if args.command == "send":
         sys.exit(send(settings, args.event, args.topic or settings.event_topic))
-    sys.exit(run(settings, postgres=getattr(args, "postgres", False)))
+    scaled = (Topology(separate_services=args.split_server)
+              if getattr(args, "scaled", False) else None)
+    sys.exit(run(settings, postgres=getattr(args, "postgres", False), scaled=scaled))
 
 
 if __name__ == "__main__":

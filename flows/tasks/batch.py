@@ -17,14 +17,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, TypeVar
 
 from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from chain.ledger import Ledger, LedgerEntry
+from chain.ledger import LedgerEntry, open_ledger
 from chain.mqtt import MqttConnection, MqttError, Publisher, PublishRefused
 from chain.settings import ChainSettings
 from wis2.cloudevent import CloudEvent
@@ -94,31 +93,31 @@ class Retry:
 # ------------------------------------------------------------------------------------ build
 @task(name="build-batch", cache_policy=NO_CACHE, retries=0)
 def build_batch_task(
-    events: Sequence[CloudEvent], dataset: DatasetDescription, ledger_path: str,
+    events: Sequence[CloudEvent], dataset: DatasetDescription, ledger: str,
     build: Task[Any, Any],
 ) -> list[list[Notification] | Failure | Deferred]:
     """The notifications of each event, from the build task's cache (`build`'s key and store)
     or built now and stored there. An event announcing a file that an earlier event of this
-    call announces is `DEFERRED` (not built, not cached)."""
+    call announces is `DEFERRED` (not built, not cached). `ledger`: the ledger's location
+    (`chain.ledger.ledger_location`); the caller holds the claim of the events' data_ids."""
     cache = CacheStore.of(build)
-    ledger = Ledger(Path(ledger_path))
+    ledger_ = open_ledger(ledger)
     claimed: set[str] = set()
     out: list[list[Notification] | Failure | Deferred] = []
     cached = 0
     for event in events:
         key = build_cache_key(None, {"event": event, "dataset": dataset})
         try:
-            with cache.locked(key):
-                notes = cache.lookup(key)
-                fresh = notes is MISSING
-                if fresh:
-                    notes = notifications_for(event, dataset, ledger, pubtime=datetime.now(UTC))
-                data_ids = {note.properties.data_id for note in notes}
-                if data_ids & claimed:
-                    out.append(DEFERRED)
-                    continue
-                if fresh:
-                    cache.save(key, notes)
+            notes = cache.lookup(key)
+            fresh = notes is MISSING
+            if fresh:
+                notes = notifications_for(event, dataset, ledger_, pubtime=datetime.now(UTC))
+            data_ids = {note.properties.data_id for note in notes}
+            if data_ids & claimed:
+                out.append(DEFERRED)
+                continue
+            if fresh:
+                cache.save(key, notes)
         except Exception as exc:
             out.append(Failure(exc))
             continue
@@ -247,16 +246,15 @@ def publish_batch_task(
             try:
                 for note in notes:
                     key = publish_key(note, topic)
-                    with cache.locked(key):
-                        if cache.has(key):
-                            sent.append(False)
-                            continue
-                        payload = note.to_json().encode("utf-8")
-                        retry.call(lambda payload=payload: broker.publish(topic, payload),
-                                   retry_if=lambda exc: isinstance(exc, MqttError | OSError),
-                                   on_retry=lambda exc: logger.warning("publish retried: %s", exc))
-                        cache.save(key, receipt(note, topic, len(payload)))
-                        sent.append(True)
+                    if cache.has(key):
+                        sent.append(False)
+                        continue
+                    payload = note.to_json().encode("utf-8")
+                    retry.call(lambda payload=payload: broker.publish(topic, payload),
+                               retry_if=lambda exc: isinstance(exc, MqttError | OSError),
+                               on_retry=lambda exc: logger.warning("publish retried: %s", exc))
+                    cache.save(key, receipt(note, topic, len(payload)))
+                    sent.append(True)
             except PublishRefused as exc:  # this message refused (e.g. too large): alone
                 logger.error("publication refused: %s", exc)
                 out.append(Failure(exc))
@@ -290,7 +288,8 @@ def ledger_entry(note: Notification) -> LedgerEntry:
 
 
 @task(name="record-batch", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
-def record_batch_task(notifications: Sequence[Notification], ledger_path: str) -> int:
-    """Record the notifications in the publication ledger in one transaction."""
+def record_batch_task(notifications: Sequence[Notification], ledger: str) -> int:
+    """Record the notifications in the publication ledger (`ledger`: its location) in one
+    transaction."""
     entries = {note.properties.data_id: ledger_entry(note) for note in notifications}
-    return Ledger(Path(ledger_path)).record_many(entries)
+    return open_ledger(ledger).record_many(entries)

@@ -4,18 +4,17 @@ A `publish-batch` run builds and publishes many events in a few task runs (`flow
 yet each event's notifications and each notification's receipt must stay cached under the SAME key
 as the single-event tasks use (`build_cache_key`, `publish_cache_key`), so that either path finds
 what the other did. `CacheStore.of(task)` is Prefect's own `ResultStore` as the task engine sets it
-up for that task (result storage, serializer, lock manager of its cache policy): a record written
-here is what a cache hit of that task reads, and the reverse. `locked(key)` takes the key's lock as
-a SERIALIZABLE task transaction does (so a batch and a single run of one event wait for each
-other); the lock of a process killed while holding it expires (`ExpiringLockManager`).
+up for that task (its result storage: the results directory, or Redis with WIS2_RESULTS_URL; its
+serializer): a record written here is what a cache hit of that task reads, and the reverse.
+
+No locks here, as for the single-event tasks (`caching`): the batch pipeline holds the ledger's
+claim of its round's data_ids from the build to the record (`flows.batch_pipeline`), which
+serializes a batch and any other run of the same files on every host.
 """
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import Task
@@ -29,28 +28,15 @@ MISSING: Any = object()  # `CacheStore.lookup`: nothing cached under the key
 
 @dataclass
 class CacheStore:
-    """The result store of one cached task; one lock holder per store (one batch task run)."""
+    """The result store of one cached task."""
 
     store: ResultStore
-    holder: str = field(default_factory=lambda: f"batch-{uuid.uuid4()}")
 
     @classmethod
     def of(cls, task: Task[Any, Any]) -> CacheStore:
         """The store the task engine uses for `task` (call inside a flow or task run)."""
         get_run_context()  # raises outside a run: the store would miss the run's settings
-        store = get_result_store().update_for_task(task)
-        if store.lock_manager is None:
-            raise ValueError(f"task {task.name!r} has no lock manager in its cache policy")
-        return cls(store=store)
-
-    @contextmanager
-    def locked(self, key: str) -> Iterator[None]:
-        """Hold the key's lock (waits for another holder, as a cached task run does)."""
-        self.store.acquire_lock(key, holder=self.holder)
-        try:
-            yield
-        finally:
-            self.store.release_lock(key, holder=self.holder)
+        return cls(store=get_result_store().update_for_task(task))
 
     def has(self, key: str) -> bool:
         return self.store.exists(key)
@@ -59,8 +45,8 @@ class CacheStore:
         """The cached value under `key`, else `MISSING`."""
         if not self.store.exists(key):
             return MISSING
-        return self.store.read(key, holder=self.holder).result
+        return self.store.read(key).result
 
     def save(self, key: str, value: Any) -> None:
-        """Write `value` under `key` as a task run's commit does (hold the key's lock)."""
-        self.store.write(value, key=key, holder=self.holder)
+        """Write `value` under `key` as a task run's commit does."""
+        self.store.write(value, key=key)
