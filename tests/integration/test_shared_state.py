@@ -255,6 +255,40 @@ def test_an_event_whose_file_stays_claimed_fails_naming_the_data_id(
     assert [m["properties"]["data_id"] for _, m in on_session_broker.wait_for(1)] == [data_id]
 
 
+def test_a_batch_round_claims_its_files_from_build_to_record(
+        on_session_broker: Any, chain: Any, claim_holder: Any,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A publish-batch run claims the data_ids of its events as publish-notification does:
+    while another process holds one of them past WIS2_CACHE_LOCK_TIMEOUT, the batch's events
+    fail naming it (nothing built, published or recorded); once the holder is gone the batch
+    publishes each file once."""
+    from flows.publish_batch import BatchRunResult, publish_batch
+    from tests.integration.test_publish_batch import numbered_event
+    from wis2.cloudevent import parse_event
+    from wis2.dataset import load_dataset
+    from wis2.mapping import data_ids_of
+
+    monkeypatch.setenv("WIS2_CACHE_LOCK_TIMEOUT", "1")
+    events = [numbered_event(i) for i in (80, 81)]
+    [held] = data_ids_of(parse_event(json.dumps(events[1])), load_dataset("argo"))
+    holder = claim_holder(str(SqliteLedger.in_dir(chain.results).path), held)
+    state = publish_batch(events=events, dataset="argo", return_state=True)
+    assert state.is_failed()
+    result: BatchRunResult = state.result(raise_on_failure=False)
+    assert [e.status for e in result.events] == ["failed", "failed"]
+    assert all(held in (e.error or "") and "WIS2_CACHE_LOCK_TIMEOUT" in (e.error or "")
+               for e in result.events), result.events
+    assert on_session_broker.settle() == []
+    assert SqliteLedger.in_dir(chain.results).all() == {}
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(10)
+    again = publish_batch(events=events, dataset="argo", return_state=True)
+    assert again.is_completed(), again.message
+    assert sorted(m["properties"]["data_id"] for _, m in on_session_broker.wait_for(2)) == \
+        sorted(n.data_id for e in again.result().events for n in e.notifications)
+    assert held in SqliteLedger.in_dir(chain.results).all()
+
+
 def test_a_batch_runs_results_in_redis_are_cache_hits_of_a_single_run_on_another_host(
         redis_server: RedisServer, chain: Any, on_session_broker: Any,  # noqa: F811
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
