@@ -22,6 +22,7 @@ API (one interface, two implementations)::
     ledger = open_ledger(location)            # location: ledger_location(settings)
     ledger.get(key) -> LedgerEntry | None
     ledger.record(key, notification_id=..., rel=..., checksum=..., pubtime=..., **extra)
+    ledger.record_many({key: LedgerEntry, ...})  # one transaction (a batch run's record)
     ledger.all(), ledger.forget(key)
     with ledger.claim(data_ids, timeout):     # held from the build to the ledger record
         ...
@@ -47,7 +48,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, closing, contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -100,6 +101,8 @@ class Ledger(Protocol):
 
     def record(self, key: str, *, notification_id: str, rel: str, checksum: str | None = None,
                pubtime: str | None = None, **extra: Any) -> LedgerEntry: ...
+
+    def record_many(self, entries: Mapping[str, LedgerEntry]) -> int: ...
 
     def forget(self, key: str) -> bool: ...
 
@@ -219,6 +222,14 @@ class SqliteLedger:
             _upsert(conn, key, entry)
         log.debug("ledger %s: %s -> %s (%s)", self.path, key, notification_id, rel)
         return entry
+
+    def record_many(self, entries: Mapping[str, LedgerEntry]) -> int:
+        """Record (replace) several publications in one transaction; returns how many."""
+        with self._connect() as conn:
+            for key, entry in entries.items():
+                _upsert(conn, key, entry)
+        log.debug("ledger %s: %d entries recorded", self.path, len(entries))
+        return len(entries)
 
     def forget(self, key: str) -> bool:
         """Remove `key`; True when it was there."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -55,6 +55,12 @@ CREATE TABLE IF NOT EXISTS publications (
     recorded_at TEXT NOT NULL,
     extra JSONB NOT NULL DEFAULT '{}'
 )"""
+_UPSERT = (
+    "INSERT INTO publications (key, checksum, notification_id, rel, pubtime, recorded_at, extra) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb) ON CONFLICT (key) DO UPDATE SET "
+    "checksum = excluded.checksum, notification_id = excluded.notification_id, "
+    "rel = excluded.rel, pubtime = excluded.pubtime, recorded_at = excluded.recorded_at, "
+    "extra = excluded.extra")
 _SELECT = "SELECT checksum, notification_id, rel, pubtime, recorded_at, extra FROM publications"
 
 T = TypeVar("T")
@@ -137,15 +143,25 @@ class PostgresLedger:
             checksum=checksum, notification_id=notification_id, rel=rel, pubtime=pubtime, **extra
         )
         columns, extra_json = entry.columns()
-        self._run(lambda c: c.execute(
-            "INSERT INTO publications (key, checksum, notification_id, rel, pubtime, "
-            "recorded_at, extra) VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb) "
-            "ON CONFLICT (key) DO UPDATE SET checksum = excluded.checksum, "
-            "notification_id = excluded.notification_id, rel = excluded.rel, "
-            "pubtime = excluded.pubtime, recorded_at = excluded.recorded_at, "
-            "extra = excluded.extra", (key, *columns, extra_json)))
+        self._run(lambda c: c.execute(_UPSERT, (key, *columns, extra_json)))
         log.debug("ledger %s: %s -> %s (%s)", self.location, key, notification_id, rel)
         return entry
+
+    def record_many(self, entries: Mapping[str, LedgerEntry]) -> int:
+        """Record (replace) several publications in one transaction (all or none); returns
+        how many."""
+        rows = [(key, *columns, extra) for key, (columns, extra) in
+                ((key, entry.columns()) for key, entry in entries.items())]
+        if not rows:
+            return 0
+
+        def upsert(conn: psycopg.Connection[Any]) -> None:
+            with conn.transaction(), conn.cursor() as cursor:
+                cursor.executemany(_UPSERT, rows)
+
+        self._run(upsert)
+        log.debug("ledger %s: %d entries recorded", self.location, len(rows))
+        return len(rows)
 
     def forget(self, key: str) -> bool:
         """Remove `key`; True when it was there."""

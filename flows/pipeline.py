@@ -1,10 +1,11 @@
-"""The per-event pipeline shared by the publishing flows (`publish-notification`, `publish-batch`).
+"""The per-event pipeline of the publishing flows, and what they share (`Pipeline`).
 
 One event: claim its data_ids -> build its notifications (cached per event identity) ->
 validate them strictly -> verify the data (optional) -> publish each (cached per notification id,
 retried) -> record the fresh ones in the publication ledger -> release the claim. A flow run sets
 up a `Pipeline` once (dataset, configured tasks, ledger, broker connection) and calls
-`publish_event` for each of its events.
+`publish_event` for its event (`publish-notification`); `publish-batch` takes all its events
+through the same steps at once (`flows.batch_pipeline`), its round's data_ids claimed likewise.
 
 The claim (`Pipeline.claimed`, the ledger's `claim`) makes one run at a time, on the whole node,
 decide and record the publication of a file: two events for one file processed at the same time

@@ -1,13 +1,14 @@
 """The `publish-batch` flow: several file-diffusion CloudEvents -> their WIS2 notifications.
 
 The MQTT listener starts one run of it for a burst of events (see listener/service.py) instead
-of one `publish-notification` run per event. Each event goes through the same per-event
-pipeline (`flows.pipeline.publish_event`: build cached per event identity, validate, verify,
-publish cached per notification id, record), one after the other. One event failing never stops
-the others: the run ends Failed with one artifact listing each failed event, its bad fields and
-its exact JSON to replay with `publish-notification`. An event already published by an earlier
-run (a redelivery grouped into another batch) publishes nothing new: same notification id, not
-sent again, shown as "already published (cached)".
+of one `publish-notification` run per event. The events go through the same steps as with the
+per-event pipeline, all at once, in a constant number of task runs per batch run
+(`flows.batch_pipeline`: build-batch, validate-batch, verify-batch, publish-batch, record-batch),
+with the same per-event caches (build per event identity, publication per notification id). One
+event failing never stops the others: the run ends Failed with one artifact listing each failed
+event, its bad fields and its exact JSON to replay with `publish-notification`. An event already
+published by an earlier run (a redelivery grouped into another batch, or a single run) publishes
+nothing new: same notification id, not sent again, shown as "already published (cached)".
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ from pydantic import BaseModel
 from chain.deployments import PUBLISH_BATCH_FLOW, PUBLISH_NOTIFICATION
 from chain.settings import ChainSettings
 from flows.artifacts import artifact_key, batch_failure_artifact, batch_table_artifact
+from flows.batch_pipeline import publish_events
 from flows.pipeline import (
     NotificationOutcome,
     Pipeline,
     event_json,
     field_errors_of,
     file_label,
-    publish_event,
 )
 from wis2.cloudevent import CloudEvent
 from wis2.validation import ValidationFailed
@@ -124,27 +125,25 @@ def publish_batch(events: list[CloudEvent], dataset: str | None = None) -> State
         for raw in events:
             failed(raw, exc)
 
-    if pipeline is not None:
-        for raw in events:
-            event_label = file_label(raw)
-            try:
-                done = publish_event(raw, pipeline, validation_key=None)
-            except Exception as exc:
-                if isinstance(exc, ValidationFailed):
-                    validation += [{"event": event_label, "notification": exc.report.subject,
-                                    **row} for row in exc.report.rows()]
-                failed(raw, exc)
-                continue
-            published = done.published()
-            validation += [{"event": event_label, **row} for row in done.validation_rows]
-            cached = not any(n.sent for n in published)
-            outcomes.append(EventOutcome(event_id=done.event.id, label=event_label,
-                                         status="cached" if cached else "published",
-                                         notifications=published))
-            rows += [{"event": event_label, "event_id": done.event.id,
-                      "notification": n.id, "data_id": n.data_id,
-                      "status": "sent" if n.sent else "already published (cached)"}
-                     for n in published]
+    for item in publish_events(events, pipeline) if pipeline is not None else []:
+        done = item.done
+        if done is None:
+            exc = item.error or RuntimeError("not published")
+            if isinstance(exc, ValidationFailed):
+                validation += [{"event": item.label, "notification": exc.report.subject,
+                                **row} for row in exc.report.rows()]
+            failed(item.raw, exc)
+            continue
+        published = done.published()
+        validation += [{"event": item.label, **row} for row in done.validation_rows]
+        cached = not any(n.sent for n in published)
+        outcomes.append(EventOutcome(event_id=done.event.id, label=item.label,
+                                     status="cached" if cached else "published",
+                                     notifications=published))
+        rows += [{"event": item.label, "event_id": done.event.id,
+                  "notification": n.id, "data_id": n.data_id,
+                  "status": "sent" if n.sent else "already published (cached)"}
+                 for n in published]
 
     result = BatchRunResult(
         dataset=pipeline.dataset.name if pipeline else dataset_name,

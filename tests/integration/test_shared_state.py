@@ -10,13 +10,20 @@ import signal
 import subprocess
 import sys
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from chain.ledger import ClaimTimeout, LedgerUnavailable, PostgresLedger, SqliteLedger
+from chain.ledger import (
+    ClaimTimeout,
+    LedgerEntry,
+    LedgerUnavailable,
+    PostgresLedger,
+    SqliteLedger,
+)
 from chain.processes import free_port
 from localnode.postgres import PG_USER, PostgresCluster
 from localnode.redis import RedisServer
@@ -69,6 +76,27 @@ def test_the_postgres_ledger_records_and_decides_like_the_sqlite_one(
         thread.join()
     assert errors == []
     assert len(fresh.all()) == 12
+
+
+@pytest.mark.parametrize("kind", ["postgresql", "sqlite"])
+def test_record_many_records_all_in_one_transaction_or_none(
+        kind: str, postgres_cluster: PostgresCluster, tmp_path: Path) -> None:
+    """`record_many` (a batch run's record-batch): the entries replace what was there, all at
+    once; an entry the database refuses leaves every entry of the call unrecorded."""
+    ledger = (PostgresLedger(ledger_url(postgres_cluster, "ledger_record_many"))
+              if kind == "postgresql" else SqliteLedger.in_dir(tmp_path))
+    ledger.record("wis2/x/a", notification_id="old", rel="canonical", checksum="sha256:AAA")
+    entries = {"wis2/x/a": LedgerEntry(notification_id="n1", rel="update", checksum="sha256:B",
+                                       pubtime="2026-11-30T00:00:00Z"),
+               "wis2/x/b": LedgerEntry(notification_id="n2", rel="canonical", kind="batch")}
+    assert ledger.record_many(entries) == 2
+    assert ledger.all() == entries
+    assert ledger.record_many({}) == 0
+    refused = LedgerEntry.model_construct(notification_id=None, rel="canonical")  # NOT NULL
+    with pytest.raises(Exception, match=r"(?i)not.null"):
+        ledger.record_many({"wis2/x/c": LedgerEntry(notification_id="n3", rel="canonical"),
+                            "wis2/x/d": refused})
+    assert ledger.all() == entries  # neither c nor d
 
 
 def test_an_unreachable_ledger_fails_naming_wis2_ledger_url() -> None:
@@ -225,3 +253,85 @@ def test_an_event_whose_file_stays_claimed_fails_naming_the_data_id(
     again = run(bufr_event())
     assert again.is_completed(), again.message
     assert [m["properties"]["data_id"] for _, m in on_session_broker.wait_for(1)] == [data_id]
+
+
+def test_a_batch_round_claims_its_files_from_build_to_record(
+        on_session_broker: Any, chain: Any, claim_holder: Any,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A publish-batch run claims the data_ids of its events as publish-notification does:
+    while another process holds one of them past WIS2_CACHE_LOCK_TIMEOUT, the batch's events
+    fail naming it (nothing built, published or recorded); once the holder is gone the batch
+    publishes each file once."""
+    from flows.publish_batch import BatchRunResult, publish_batch
+    from tests.integration.test_publish_batch import numbered_event
+    from wis2.cloudevent import parse_event
+    from wis2.dataset import load_dataset
+    from wis2.mapping import data_ids_of
+
+    monkeypatch.setenv("WIS2_CACHE_LOCK_TIMEOUT", "1")
+    events = [numbered_event(i) for i in (80, 81)]
+    [held] = data_ids_of(parse_event(json.dumps(events[1])), load_dataset("argo"))
+    holder = claim_holder(str(SqliteLedger.in_dir(chain.results).path), held)
+    state = publish_batch(events=events, dataset="argo", return_state=True)
+    assert state.is_failed()
+    result: BatchRunResult = state.result(raise_on_failure=False)
+    assert [e.status for e in result.events] == ["failed", "failed"]
+    assert all(held in (e.error or "") and "WIS2_CACHE_LOCK_TIMEOUT" in (e.error or "")
+               for e in result.events), result.events
+    assert on_session_broker.settle() == []
+    assert SqliteLedger.in_dir(chain.results).all() == {}
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(10)
+    again = publish_batch(events=events, dataset="argo", return_state=True)
+    assert again.is_completed(), again.message
+    assert sorted(m["properties"]["data_id"] for _, m in on_session_broker.wait_for(2)) == \
+        sorted(n.data_id for e in again.result().events for n in e.notifications)
+    assert held in SqliteLedger.in_dir(chain.results).all()
+
+
+def test_a_batch_runs_results_in_redis_are_cache_hits_of_a_single_run_on_another_host(
+        redis_server: RedisServer, chain: Any, on_session_broker: Any,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """WIS2_RESULTS_URL: the batch tasks read and write the results in Redis as the single-event
+    tasks do. A publish-notification run of a batched event on a host that shares only Redis
+    (own results directory, own ledger: only the cache can tell) finds its build and publication
+    cached: same id, not sent again; and the reverse."""
+    import redis
+
+    from flows.publish_batch import BatchRunResult, publish_batch
+    from flows.publish_notification import NotificationRunResult, publish_notification
+    from tests.integration.test_publish_batch import numbered_event, task_runs
+
+    def keys() -> set[bytes]:
+        with redis.Redis.from_url(redis_server.url()) as client:
+            return set(client.keys("wnm-*"))
+
+    before = keys()  # this module's earlier tests share the Redis server
+    monkeypatch.setenv("WIS2_RESULTS_URL", redis_server.url())
+    batch = publish_batch(events=[numbered_event(i) for i in (70, 71)], return_state=True)
+    assert batch.is_completed(), batch.message
+    batched: BatchRunResult = batch.result()
+    monkeypatch.setenv("WIS2_RESULTS_DIR", str(tmp_path / "other-host"))
+    alone = publish_notification(event=numbered_event(70), return_state=True)
+    assert alone.is_completed(), alone.message
+    single: NotificationRunResult = alone.result()
+    assert single.ids == [batched.events[0].notifications[0].id]
+    assert [n.sent for n in single.notifications] == [False]
+    states = {r.name.rsplit("-", 1)[0]: r.state_name
+              for r in task_runs(alone.state_details.flow_run_id, 5)}
+    assert states["build-notifications"] == "Cached", states
+    assert states["publish-notification"] == "Cached", states
+
+    first: NotificationRunResult = publish_notification(
+        event=numbered_event(72), return_state=True).result()
+    monkeypatch.setenv("WIS2_RESULTS_DIR", str(tmp_path / "third-host"))
+    again = publish_batch(events=[numbered_event(72)], return_state=True)
+    assert again.is_completed(), again.message
+    assert [e.status for e in again.result().events] == ["cached"]
+    assert again.result().ids == first.ids
+
+    assert len(on_session_broker.settle()) == 3  # 70, 71, 72: each once
+    for results in (chain.results, tmp_path / "other-host", tmp_path / "third-host"):
+        assert list(results.glob("wnm-*")) == []  # on no host's disk
+    written = Counter(key.decode().rsplit("-", 1)[0] for key in keys() - before)
+    assert written == {"wnm-build": 3, "wnm-published": 3}, written

@@ -157,3 +157,13 @@ def test_a_claim_inside_a_claim_of_the_same_thread_does_not_wait_for_itself(
     thread.start()
     thread.join()
     assert len(outside) == 1  # released with the outer claim
+
+
+def test_ledger_records_many_in_one_transaction(tmp_path: Path) -> None:
+    ledger = SqliteLedger.in_dir(tmp_path)
+    ledger.record("wis2/x/a", notification_id="old", rel="canonical", checksum="sha256:AAA")
+    entries = {"wis2/x/a": LedgerEntry(notification_id="n1", rel="update", checksum="sha256:B"),
+               "wis2/x/b": LedgerEntry(notification_id="n2", rel="canonical", pubtime="t")}
+    assert ledger.record_many(entries) == 2
+    assert SqliteLedger.in_dir(tmp_path).all() == entries
+    assert ledger.record_many({}) == 0
