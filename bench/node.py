@@ -9,10 +9,11 @@ from pathlib import Path
 
 from localnode.node import LocalNode, NodeSettings
 
-# Listener settings of each profile as deployed: the PostgreSQL server takes concurrent run
-# creations (compose.yml sets WIS2_LISTENER_API_CONCURRENCY=4); SQLite keeps the default 1.
-# --listener-setting overrides them.
-PROFILE_LISTENER_SETTINGS: dict[str, dict[str, str]] = {"postgres": {"API_CONCURRENCY": "4"}}
+# Listener settings of each profile as deployed (for the report: LocalNode sets them itself): the
+# PostgreSQL server takes concurrent run creations (compose.yml sets
+# WIS2_LISTENER_API_CONCURRENCY=4); SQLite keeps the default 1. --listener-setting overrides them.
+PROFILE_LISTENER_SETTINGS: dict[str, dict[str, str]] = {
+    "postgres": {"API_CONCURRENCY": LocalNode.POSTGRES_LISTENER_API_CONCURRENCY}}
 
 
 class BenchNode(LocalNode):

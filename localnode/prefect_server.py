@@ -38,13 +38,13 @@ class PrefectServer(ManagedProcess):
         self.auth_string = auth_string
         self.host = host
         self.port = port or free_port(host)
+        self.database_url = database_url or f"sqlite+aiosqlite:///{self.home / 'prefect.db'}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
         env.update(
             PREFECT_HOME=str(self.home),
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
             PREFECT_SERVER_UI_ENABLED="true" if ui else "false",
-            PREFECT_API_DATABASE_CONNECTION_URL=database_url
-            or f"sqlite+aiosqlite:///{self.home / 'prefect.db'}",
+            PREFECT_API_DATABASE_CONNECTION_URL=self.database_url,
             PREFECT_LOGGING_LEVEL="WARNING",
             # The UI asks the browser to call this API address (else it assumes port 4200).
             PREFECT_UI_API_URL=f"http://{host}:{self.port}/api",
