@@ -27,6 +27,9 @@ What it does differently from the `process` worker (by design, because runs shar
   on until its current task ends; the server refuses to start its next tasks, and when the flow
   returns the worker marks it Cancelled. A worker stopped with SIGTERM/SIGINT waits for the runs
   in progress to finish.
+- **Wake-up** (`worker/wakeup.py`): besides polling every PREFECT_WORKER_QUERY_SECONDS, the
+  worker listens to the server's event stream and polls at once when a run is scheduled in its
+  pool (`WIS2_WORKER_WAKEUP=false`: the poll alone); a lost stream only means the poll.
 - **Recovery** (`worker/recovery.py`): while it polls its pool, the worker reschedules the runs
   stranded by a dead worker of the pool (Pending or Running, no heartbeat from their worker), and
   at start those it had claimed itself under the same `--name` before it was killed; a run
