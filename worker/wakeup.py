@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 # Scheduled-type states a run of a pool enters before a worker takes it (state name = event name)
 WAKE_EVENTS = ("prefect.flow-run.Scheduled", "prefect.flow-run.Recovering",
                "prefect.flow-run.AwaitingRetry")
-MAX_RETRY_DELAY = 30.0
+FIRST_RETRY_DELAY, MAX_RETRY_DELAY = 1.0, 30.0  # seconds between two connection attempts
 RECONNECTION_ATTEMPTS = 2  # the subscriber's own quick retries before ours (with a delay)
 
 
@@ -64,7 +64,7 @@ class PoolWakeup:
         """Listen until cancelled; reconnect after any failure (see module)."""
         from prefect.events.clients import get_events_subscriber
 
-        delay, reported = 1.0, False
+        delay, reported = FIRST_RETRY_DELAY, False
         while True:
             try:
                 async with get_events_subscriber(
@@ -73,7 +73,7 @@ class PoolWakeup:
                     self.connected.set()
                     self._log.info("event stream connected: runs scheduled in pool %r are taken at "
                              "once (the poll stays the fallback)", self.pool_name)
-                    delay, reported = 1.0, False
+                    delay, reported = FIRST_RETRY_DELAY, False
                     self._wake("")  # runs scheduled while the stream was down
                     async for event in subscriber:
                         if pool_of(event) == self.pool_name:
