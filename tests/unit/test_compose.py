@@ -65,6 +65,15 @@ def test_chain_settings_match_the_benchmarked_ones(resolved: dict) -> None:
     assert listener_env["WIS2_LISTENER_BATCH_MAX_SIZE"] == "50"
 
 
+def test_server_settings_are_the_local_nodes(resolved: dict) -> None:
+    """The Prefect server's services and batching are those make demo and the bench run."""
+    from localnode.prefect_server import NODE_SERVER_SETTINGS
+
+    server_env = resolved["services"]["prefect-server"]["environment"]
+    for name, value in NODE_SERVER_SETTINGS.items():
+        assert server_env[name] == value, name
+
+
 def test_volumes_and_files_exist(resolved: dict) -> None:
     declared = set(resolved.get("volumes", {}))
     operator_dirs = {env_example()["WIS2_TLS_DIR"]}  # the certificates are the operator's
