@@ -115,6 +115,7 @@ class PortTaken(RuntimeError):
 
 class LocalNode:
     WORKER_CLIENT_MAX_RETRIES = "7"  # compose.yml too (measured: bench/RESULTS.md, fault phase)
+    CLIENT_CSRF_SUPPORT = "false"
     WORKER_QUERY_SECONDS = "1"  # the worker polls for new runs every second (compose.yml too)
     # Recovery (worker/recovery.py): a worker heartbeat every 10 s, so a dead worker's runs are
     # rescheduled ~30 s after it died; a fixed name, so a restarted worker reclaims its own at
@@ -176,6 +177,9 @@ class LocalNode:
         env.update({
             "PREFECT_LOGGING_LEVEL": "INFO",
             "PREFECT_WORKER_QUERY_SECONDS": self.WORKER_QUERY_SECONDS,
+            # The server has no CSRF protection: no GET /csrf-token (answered 422) per new client,
+            # i.e. per flow run on the worker (compose.yml too).
+            "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED": self.CLIENT_CSRF_SUPPORT,
             "WIS2_MQTT_HOST": s.host,
             "WIS2_MQTT_PORT": str(s.broker_port),
             "WIS2_MQTT_USERNAME": "publisher",
