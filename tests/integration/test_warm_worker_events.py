@@ -3,14 +3,15 @@ waiting for its poll (worker/wakeup.py), and still works by polling when the str
 
 Each test starts a real `prefect worker start --type wis2-warm` subprocess on a pool of its own
 with a deployment of a trivial flow (tests/integration/warm_flows.py). Timings are asserted
-against the poll interval, never against the machine's speed: with a 300 s poll (jitter: the next
-poll comes at least 210 s after the first one), a run created after the first poll and started
-within 60 s can only have been taken because of its event.
+against the poll interval, never against the machine's speed: with a 600 s poll (jitter: the next
+poll comes at least 420 s after the first one, longer than a test may last), a run created after
+the first poll and started at all can only have been taken because of its event.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 import uuid
@@ -21,14 +22,16 @@ from pathlib import Path
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
+from prefect.settings import temporary_settings
 
 from localnode.prefect_server import PrefectServer, prefect_cli
 from tests.fixtures.gates import ApiGate
 from tests.fixtures.paths import REPO
+from tests.fixtures.prefect_api import QUIET_SERVICES
 
 pytestmark = pytest.mark.timeout(240)
 
-LONG_POLL = 300  # seconds between two polls of the worker (PREFECT_WORKER_QUERY_SECONDS)
+LONG_POLL = 600  # seconds between two polls of the worker (PREFECT_WORKER_QUERY_SECONDS)
 CONNECTED = "event stream connected"
 
 
@@ -144,3 +147,33 @@ def test_without_the_event_stream_the_poll_still_takes_runs(prefect_api, tmp_pat
             assert CONNECTED not in log.read_text()
     finally:
         gate.close()
+
+
+def test_after_a_server_restart_the_stream_reconnects(tmp_path):
+    """The server is SIGKILLed and started again on the same port and database: the worker stays
+    up, subscribes again, and takes a new run from its event (still long before its poll)."""
+    server = PrefectServer(home=tmp_path / "server", extra_env=QUIET_SERVICES)
+    server.start(timeout=120)
+    try:
+        with temporary_settings(updates=server.client_settings()):
+            env = client_env(server, tmp_path / "home")
+            env["PREFECT_WORKER_QUERY_SECONDS"] = str(LONG_POLL)
+            pool, deployment_id = make_pool(env)
+            log = tmp_path / "worker.log"
+            with warm_worker(pool, env, log) as worker:
+                wait_for("subscribed", lambda: CONNECTED in log.read_text(), 120, log, worker)
+                wait_for("first poll", lambda: first_poll_done(pool), 120, log, worker)
+                server.stop(sig=signal.SIGKILL)
+                server = PrefectServer(home=tmp_path / "server", port=server.port,
+                                       extra_env=QUIET_SERVICES)
+                server.start(timeout=120)
+                wait_for("subscribed again", lambda: log.read_text().count(CONNECTED) >= 2,
+                         150, log, worker)
+                with get_client(sync_client=True) as client:
+                    created = client.create_flow_run_from_deployment(
+                        deployment_id, parameters={"seconds": 0})
+                run = wait_for("run final", lambda: final(created.id), 120, log, worker)
+                assert run.state is not None and run.state.is_completed(), run.state
+                assert started_after_creation(run) < LONG_POLL * 0.2
+    finally:
+        server.stop()
