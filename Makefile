@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 WIS2_BUNDLE_DIR ?= $(if $(wildcard ../shared/wis2-bundle/README.md),../shared/wis2-bundle,)
 export WIS2_BUNDLE_DIR
 
-.PHONY: help venv install mosquitto postgresql docker-compose chromium nginx bundles lint test test-unit demo demo-event broker-config blocks bench clean
+.PHONY: help venv install mosquitto postgresql redis docker-compose chromium nginx bundles lint test test-unit demo demo-event broker-config blocks bench clean
 
 help:
 	@echo "make demo   - start the whole chain on loopback and publish the sample Argo event"
@@ -39,6 +39,14 @@ postgresql:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y postgresql; \
 	  else echo "run: sudo apt-get install -y postgresql" >&2; exit 1; fi; }
 
+# Redis (redis-server): the tests and the bench start servers of their own on free ports
+# (localnode/redis.py) for the shared task results of several workers; nothing uses a system one.
+redis:
+	@command -v redis-server >/dev/null 2>&1 || test -x /usr/bin/redis-server || { \
+	  echo "redis-server not found: installing Debian's redis-server package"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y redis-server; \
+	  else echo "run: sudo apt-get install -y redis-server" >&2; exit 1; fi; }
+
 # compose.yml is checked with Debian's docker-compose (no Docker engine needed).
 docker-compose:
 	@command -v docker-compose >/dev/null 2>&1 || { \
@@ -69,7 +77,7 @@ lint: install
 # Test files run in TEST_WORKERS parallel pytest processes (one file stays in one process, so a
 # file's broker, Prefect server and worker fixtures are shared as written); 1 runs them in order.
 TEST_WORKERS ?= 2
-test: install mosquitto postgresql docker-compose chromium nginx bundles lint
+test: install mosquitto postgresql redis docker-compose chromium nginx bundles lint
 	$(BIN)/python -m pytest $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 # tests/unit/ alone (what `pytest -m "not integration"` selects): no service, a few seconds.
@@ -82,7 +90,7 @@ broker-config: install mosquitto
 	$(BIN)/wis2-broker --run-dir run/broker --render-only
 
 # The Prefect server of the demo runs on a PostgreSQL cluster of its own (DEMO_ARGS=--sqlite: SQLite).
-demo: install mosquitto $(if $(findstring --sqlite,$(DEMO_ARGS)),,postgresql) bundles
+demo: install mosquitto $(if $(findstring --sqlite,$(DEMO_ARGS)),,postgresql) $(if $(findstring --scaled,$(DEMO_ARGS)),redis) bundles
 	$(BIN)/python -m localnode.demo run $(DEMO_ARGS)
 
 # Send another event to the running demo node: make demo-event EVENT=path/to/event.json
@@ -95,7 +103,7 @@ blocks: install
 	$(BIN)/wis2-chain blocks register
 
 # End-to-end benchmark (minutes): make bench, or e.g. make bench BENCH_ARGS="--profile sqlite --burst 200"
-bench: install mosquitto postgresql bundles
+bench: install mosquitto postgresql redis bundles
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:

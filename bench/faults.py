@@ -5,8 +5,8 @@ Each scenario is a function registered with `@scenario("name")`; it receives a `
 (the running node, an event factory whose events name files the node's file server really serves,
 the origin-topic collector) and returns a `FaultResult`: events sent, notifications lost, data_ids
 published more than once, time to recover, runs left unfinished. Adding a scenario is one more
-decorated function in this module (or in a module this one imports, so that `bench.run` knows
-its name): see `worker_sigkill_mid_burst`, the shortest.
+decorated function in this module (or in a module `bench/options.py` imports, so that `bench.run`
+knows its name, as `bench/faults_scaled.py`): see `worker_sigkill_mid_burst`, the shortest.
 
 "Mid-burst" is made, never raced: the node's file server holds every download while its gate is
 closed (`bench/gated_files.py`), so flow runs that verify their data are provably Running when
@@ -71,11 +71,6 @@ class FaultContext:
     server_down_seconds: float = 0.0  # keep the killed Prefect server down at least this long
     notes: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def metrics_url(self) -> str:
-        s = self.node.settings
-        return f"http://{s.host}:{s.metrics_port}/metrics"
-
     # ---- the file server's gate -----------------------------------------------------------
     def close_gate(self) -> None:
         self.node.gate_file.touch()
@@ -104,14 +99,17 @@ class FaultContext:
     def wait_listener_subscribed(self) -> None:
         """The node is up once the listener serves /metrics, which it does before its broker
         session has subscribed: on a new session, an event published in between would not be
-        queued for it. Wait for its `subscribed` log line (logged on the broker's SUBACK)."""
-        log_path = self.node.process("listener").log_path
-        self.wait("the listener's subscription acknowledged by the broker",
-                  lambda: "msg=subscribed" in log_path.read_text(errors="replace")
-                  or '"msg": "subscribed"' in log_path.read_text(errors="replace"))
+        queued for it. Wait for its `subscribed` log line (logged on the broker's SUBACK), in
+        the log of every listener replica."""
+        for listener in self.node.listeners():
+            log_path = listener.log_path
+            self.wait(f"{listener.name}'s subscription acknowledged by the broker",
+                      lambda p=log_path: "msg=subscribed" in (text := p.read_text(
+                          errors="replace")) or '"msg": "subscribed"' in text)
 
     def counters(self) -> ListenerCounters:
-        return read_counters(self.metrics_url)
+        """The listener's counters (summed over the replicas of a scaled node)."""
+        return read_counters(self.node.listener_metrics_urls())
 
     def publish(self, events: Sequence[BenchEvent]) -> None:
         """As the file server: QoS 1, each one acknowledged by the broker (PUBACK)."""
@@ -122,6 +120,7 @@ class FaultContext:
 
 Scenario = Callable[[FaultContext], FaultResult]
 SCENARIOS: dict[str, Scenario] = {}
+REPLICAS_NEEDED: dict[str, int] = {}  # scenario -> listener replicas it needs (default 1)
 
 
 def scenario(name: str) -> Callable[[Scenario], Scenario]:
@@ -250,8 +249,9 @@ def broker_sigkill_listener_away(ctx: FaultContext) -> FaultResult:
     result = FaultResult(scenario=name, events_sent=len(events))
     broker = ctx.node.broker
     assert broker is not None
-    listener = ctx.node.process("listener")
-    listener.stop()
+    listeners = ctx.node.listeners()  # every replica away
+    for listener in listeners:
+        listener.stop()
     ctx.publish(events)  # every PUBACK received: the broker holds them for the listener
     acked = time.monotonic()
     saved = wait_for_broker_save(broker.run_dir / "data" / "mosquitto.db",
@@ -267,7 +267,8 @@ def broker_sigkill_listener_away(ctx: FaultContext) -> FaultResult:
                          f"its database file did not hold the last event {SAVE_WAIT_SECONDS:.0f} "
                          "s after the last acknowledgement"))
     broker.start(timeout=60)
-    listener.start(timeout=90)
+    for listener in listeners:
+        listener.start(timeout=90)
     back_at = time.monotonic()
     result.down_seconds = round(back_at - killed_at, 2)
     return count_deliveries(ctx, result, events, wall_from_monotonic(back_at), f"_{phase}_")
@@ -311,21 +312,22 @@ def worker_sigkill_mid_burst(ctx: FaultContext) -> FaultResult:
 def prepare(node: BenchNode) -> None:
     """Make the node's flows verify their data (restart the worker with FAULT_ENV if needed)."""
     node.gate_file.unlink(missing_ok=True)
-    worker = node.process("worker")
-    if all(worker.env.get(k) == v for k, v in FAULT_ENV.items()):
-        return
-    worker.stop(timeout=60)
-    worker.env.update(FAULT_ENV)
     node.extra_env.update(FAULT_ENV)
-    worker.start()
+    for worker in [p for p in node.processes if p.name.split("-")[0] == "worker"]:
+        if any(worker.env.get(k) != v for k, v in FAULT_ENV.items()):
+            worker.stop(timeout=60)
+            worker.env.update(FAULT_ENV)
+            worker.start()
 
 
 def run_faults(ctx: FaultContext, names: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the scenarios (all registered ones by default), one after the other."""
+    """Run the scenarios (by default all registered ones this node can run), one after the
+    other."""
     prepare(ctx.node)
     ctx.wait_listener_subscribed()
     results: dict[str, Any] = {}
-    for name in names or list(SCENARIOS):
+    replicas = len(ctx.node.listeners())
+    for name in names or [n for n in SCENARIOS if REPLICAS_NEEDED.get(n, 1) <= replicas]:
         log.info("fault scenario %s (%d events)", name, ctx.events)
         t0 = time.monotonic()
         try:

@@ -61,13 +61,21 @@ def parse_metrics(text: str) -> ListenerCounters:
     return counters
 
 
-def read_counters(metrics_url: str) -> ListenerCounters:
-    with urllib.request.urlopen(metrics_url, timeout=5) as response:  # noqa: S310 (loopback)
-        return parse_metrics(response.read().decode("utf-8"))
+def read_counters(metrics_url: str | Sequence[str]) -> ListenerCounters:
+    """The counters of one listener, or summed over several replicas."""
+    urls = [metrics_url] if isinstance(metrics_url, str) else list(metrics_url)
+    total = ListenerCounters()
+    for url in urls:
+        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 (loopback)
+            one = parse_metrics(response.read().decode("utf-8"))
+        for field in ListenerCounters.model_fields:
+            setattr(total, field, getattr(total, field) + getattr(one, field))
+    return total
 
 
 def run_intake(
-    events: Sequence[BenchEvent], conn: MqttConnection, topic: str, metrics_url: str,
+    events: Sequence[BenchEvent], conn: MqttConnection, topic: str,
+    metrics_url: str | Sequence[str],
     timeout: float, abort: threading.Event,
 ) -> IntakeResult:
     before = read_counters(metrics_url)

@@ -1,6 +1,7 @@
 """The benchmark's node: `localnode.node.LocalNode` with more listener settings, the optional
 stand-in listener, extra environment for the chain's processes, and the gated file server
-(`bench/gated_files.py`) in place of `python -m http.server`."""
+(`bench/gated_files.py`) in place of `python -m http.server`. `ScaledBenchNode`: the same on the
+scaled topology (`localnode/scaled.py`: N workers, M listener replicas, shared services)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import sys
 from pathlib import Path
 
 from localnode.node import LocalNode, NodeSettings
+from localnode.scaled import ScaledNode
 
 # Listener settings of each profile as deployed (for the report: LocalNode sets them itself): the
 # PostgreSQL server takes concurrent run creations (compose.yml sets
 # WIS2_LISTENER_API_CONCURRENCY=4); SQLite keeps the default 1. --listener-setting overrides them.
 PROFILE_LISTENER_SETTINGS: dict[str, dict[str, str]] = {
-    "postgres": {"API_CONCURRENCY": LocalNode.POSTGRES_LISTENER_API_CONCURRENCY}}
+    profile: {"API_CONCURRENCY": LocalNode.POSTGRES_LISTENER_API_CONCURRENCY}
+    for profile in ("postgres", "scaled")}
 
 
 class BenchNode(LocalNode):
@@ -24,8 +27,8 @@ class BenchNode(LocalNode):
 
     def __init__(self, settings: NodeSettings, standin_listener: bool = False,
                  listener_settings: dict[str, str] | None = None,
-                 extra_env: dict[str, str] | None = None) -> None:
-        super().__init__(settings)
+                 extra_env: dict[str, str] | None = None, **node_options) -> None:
+        super().__init__(settings, **node_options)
         self.standin_listener = standin_listener
         self.listener_settings = listener_settings or {}
         self.extra_env = extra_env or {}
@@ -45,7 +48,7 @@ class BenchNode(LocalNode):
         env.update({f"WIS2_LISTENER_{k.upper()}": v for k, v in self.listener_settings.items()})
         return env
 
-    def _spawn(self, name, argv, env, ready=None, timeout=60.0):
+    def _spawn(self, name, argv, env, ready=None, timeout=60.0, **options):
         if name == "listener" and self.standin_listener:
             argv = [sys.executable, "-m", "bench.standin_listener"]
         if name == "files":
@@ -53,11 +56,28 @@ class BenchNode(LocalNode):
             argv = [sys.executable, "-m", "bench.gated_files", str(s.files_port),
                     "--bind", s.host, "--directory", str(self.run_dir / "www"),
                     "--gate-file", str(self.gate_file)]
-        return super()._spawn(name, argv, env, ready=ready, timeout=timeout)
+        return super()._spawn(name, argv, env, ready=ready, timeout=timeout, **options)
 
     def process(self, name: str):
-        """The managed process `name` (worker, listener, files, prefect-server)."""
+        """The managed process `name` (worker, listener, files, prefect-server); on the scaled
+        node, `worker` and `listener` are the first ones (`worker-1`, `listener-1`)."""
         for proc in self.processes:
             if proc.name == name:
                 return proc
+        for proc in self.processes:
+            if proc.name.startswith(f"{name}-"):
+                return proc
         raise KeyError(f"no process {name!r} in this node")
+
+    def listeners(self) -> list:
+        """The listener processes (one, or the replicas of the scaled node)."""
+        return [p for p in self.processes if p.name == "listener"
+                or p.name.startswith("listener-")]
+
+    def listener_metrics_urls(self) -> list[str]:
+        ports = getattr(self, "listener_metrics_ports", [self.settings.metrics_port])
+        return [f"http://{self.settings.host}:{port}/metrics" for port in ports]
+
+
+class ScaledBenchNode(BenchNode, ScaledNode):
+    """The benchmark's node on the scaled topology (`topology=Topology(...)`)."""

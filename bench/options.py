@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench import faults
+from bench import faults, faults_scaled  # noqa: F401 (registers its scenarios)
 
 DESCRIPTION = "The end-to-end benchmark of the chain (bench/run.py)."
 
 
 class Options(argparse.Namespace):
     profile: str
+    scaled_workers: int
+    scaled_listeners: int
+    split_server: bool
     steady_seconds: float
     rate: float
     steady_drain_timeout: float
@@ -46,8 +49,17 @@ class Options(argparse.Namespace):
 
 def parse_args(argv: list[str] | None = None) -> Options:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=DESCRIPTION)
-    p.add_argument("--profile", choices=["sqlite", "postgres", "all"], default="all",
-                   help="Prefect server database (all: sqlite, then postgres when reachable)")
+    p.add_argument("--profile", choices=["sqlite", "postgres", "scaled", "all"], default="all",
+                   help="sqlite / postgres: the node with its Prefect server on that database; "
+                   "scaled: --scaled-workers workers, --scaled-listeners listener replicas on "
+                   "$share, shared PostgreSQL and Redis (localnode/scaled.py); all: the three, "
+                   "those needing PostgreSQL / Redis when installed")
+    p.add_argument("--scaled-workers", type=int, default=2, help="workers of the scaled node")
+    p.add_argument("--scaled-listeners", type=int, default=2,
+                   help="listener replicas of the scaled node")
+    p.add_argument("--split-server", action="store_true",
+                   help="scaled: the Prefect API and its background services in two processes "
+                   "(`prefect server start --no-services` + `prefect server services start`)")
     p.add_argument("--steady-seconds", type=float, default=60.0)
     p.add_argument("--rate", type=float, default=1.0, help="events per second, steady phase")
     p.add_argument("--steady-drain-timeout", type=float, default=300.0,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.compare import side_by_side
+
 
 def _f(value: Any, digits: int = 2) -> str:
     if value is None:
@@ -67,6 +69,13 @@ def _profile(name: str, r: dict[str, Any]) -> list[str]:
                         for k, v in (c.get("listener_settings") or {}).items())
         out += [f"Chain: `{c['worker']}` worker, `--limit {c['worker_limit']}`; listener "
                 f"batching {batching}{extra}.", ""]
+    if r.get("topology"):
+        t = r["topology"]
+        out += [f"Topology: {t['workers']} workers (own names, directories, results), "
+                f"{t['listeners']} listener replicas on `$share/{t['share_group']}/...`; "
+                "Prefect server " + ("API and background services in two processes"
+                                     if t["separate_services"] else "in one process")
+                + (", Redis messaging" if t["redis_messaging"] else "") + ".", ""]
     out += [f"Prefect database: {r.get('database')}; node start-up "
             f"{_f(r.get('startup_seconds'), 1)} s; work pool concurrency limit: "
             f"{r.get('pool_limit') or 'none'}.", ""]
@@ -189,6 +198,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"- events: {results.get('events')}",
         "",
     ]
+    lines += side_by_side(results.get("profiles", {}))
     for name, r in results.get("profiles", {}).items():
         lines += _profile(name, r)
     return "\n".join(lines) + "\n"

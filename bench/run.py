@@ -1,7 +1,9 @@
 """`python -m bench.run` (`make bench`): the end-to-end benchmark of the chain.
 
-For each profile (Prefect server on SQLite, and on a PostgreSQL cluster of its own,
-`localnode/postgres.py`, when PostgreSQL is installed) it starts the
+For each profile (Prefect server on SQLite; on a PostgreSQL cluster of its own,
+`localnode/postgres.py`, when PostgreSQL is installed; `scaled`: the node of `localnode/scaled.py`,
+2 workers and 2 listener replicas on `$share` sharing PostgreSQL and Redis, `--split-server` for
+the Prefect API and services in two processes) it starts the
 whole node on loopback with free ports (`localnode.node.LocalNode`: broker, Prefect server,
 work pool, blocks, deployments, worker (`--worker`: warm in-process or process-per-run), listener
 (`--batch-max-size`: adaptive batching, 1 = one run per event), file server; data verification
@@ -47,7 +49,7 @@ from bench.floor import run_floor
 from bench.intake import run_intake
 from bench.load import CpuHogs
 from bench.machine import describe
-from bench.node import PROFILE_LISTENER_SETTINGS, BenchNode
+from bench.node import PROFILE_LISTENER_SETTINGS, BenchNode, ScaledBenchNode
 from bench.options import Options, parse_args
 from bench.procmon import ProcessMonitor
 from bench.report import markdown
@@ -55,6 +57,8 @@ from chain.processes import free_port
 from localnode.node import WORK_POOL, LocalNode, NodeSettings
 from localnode.postgres import PostgresCluster, postgres_problem
 from localnode.prefect_server import prefect_cli
+from localnode.redis import redis_problem
+from localnode.scaled import Topology
 from wis2.dataset import load_dataset
 
 log = logging.getLogger("bench")
@@ -80,6 +84,9 @@ def _pids(node: LocalNode) -> dict[str, int]:
     for proc in node.processes:
         if proc.pid is not None and proc.running:
             pids[proc.name] = proc.pid
+    services = getattr(node.server, "services", None)  # the split Prefect server's
+    if services is not None and services.running and services.pid:
+        pids[services.name] = services.pid
     postgres = getattr(node, "postgres", None)
     if postgres is not None and postgres.running and postgres.pid:
         pids["postgres"] = postgres.pid
@@ -96,11 +103,20 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"profile": profile}
     database_url = None
     postgres: PostgresCluster | None = None
-    if profile == "postgres":
-        problem = postgres_problem()
+    topology: Topology | None = None
+    if profile in ("postgres", "scaled"):
+        problem = postgres_problem() or (redis_problem() if profile == "scaled" else None)
         if problem:
-            log.warning("postgres profile skipped: %s", problem)
+            log.warning("%s profile skipped: %s", profile, problem)
             return {"profile": profile, "skipped": problem}
+    if profile == "scaled":  # the node starts its own PostgreSQL and Redis (localnode/scaled.py)
+        topology = Topology(workers=opts.scaled_workers, listeners=opts.scaled_listeners,
+                            separate_services=opts.split_server)
+        result["topology"] = topology.model_dump()
+        result["database"] = ("PostgreSQL, a cluster of the node's own shared by every host "
+                              "(Prefect database, ledger database); Redis of its own (task "
+                              "results; Prefect messaging)")
+    elif profile == "postgres":
         postgres = PostgresCluster(log_path=out_dir / profile / "postgres.log").start()
         database_url = postgres.create_database("prefect")
         result["database"] = (f"PostgreSQL {postgres.bin_dir.parent.name}, a cluster of its own "
@@ -126,12 +142,14 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
         worker_limit=opts.worker_limit,
     )
     dataset = load_dataset(opts.dataset)
-    node = BenchNode(settings, standin_listener=opts.listener == "standin",
-                     listener_settings={"BATCH_MAX_SIZE": str(opts.batch_max_size),
-                                        **listener_settings},
-                     extra_env={**(faults.FAULT_ENV if opts.faults_only else {}),
-                                **dict(item.split("=", 1) for item in opts.chain_env)})
-    node.postgres = postgres
+    node_options = {"topology": topology} if profile == "scaled" else {}
+    node = (ScaledBenchNode if profile == "scaled" else BenchNode)(
+        settings, standin_listener=opts.listener == "standin",
+        listener_settings={"BATCH_MAX_SIZE": str(opts.batch_max_size), **listener_settings},
+        extra_env={**(faults.FAULT_ENV if opts.faults_only else {}),
+                   **dict(item.split("=", 1) for item in opts.chain_env)}, **node_options)
+    if postgres is not None:
+        node.postgres = postgres
     result["listener"] = ("stand-in (bench/standin_listener.py), NOT the project's listener"
                           if opts.listener == "standin" else "project (python -m listener)")
     abort = threading.Event()
@@ -168,7 +186,7 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
         def low_memory(available_mb: float) -> None:
             abort.set()
             for proc in node.processes:
-                if proc.name == "worker":
+                if proc.name.split("-")[0] == "worker":
                     proc.kill()
 
         def monitor() -> ProcessMonitor:
@@ -202,10 +220,8 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
                 try:
                     intake_events = factory.batch("intake", opts.intake)
                     mon = monitor().start()
-                    intake = run_intake(
-                        intake_events, fileserver, topic,
-                        f"http://{settings.host}:{settings.metrics_port}/metrics",
-                        opts.drain_timeout, abort)
+                    intake = run_intake(intake_events, fileserver, topic,
+                                        node.listener_metrics_urls(), opts.drain_timeout, abort)
                     result["intake"] = intake.model_dump()
                     result["intake_processes"] = [u.model_dump() for u in mon.stop()]
                     log.info("intake: %s events/s", intake.intake_eps)
@@ -267,10 +283,9 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
             if abort.is_set():
                 result["aborted"] = (f"available memory fell below {opts.min_available_mb} MB: "
                                      "the worker was killed and the phase stopped")
-            deadletters = settings.run_dir / "deadletters"
-            result["dead_letters"] = (
-                sum(1 for p in deadletters.rglob("*") if p.is_file())
-                if deadletters.is_dir() else 0)
+            result["dead_letters"] = sum(  # of every listener replica
+                1 for d in settings.run_dir.rglob("deadletters") for p in d.rglob("*")
+                if p.is_file())
             floor_eps = floor.throughput_eps if floor is not None else None
             chain_eps = result.get("burst", {}).get("throughput_eps")
             result["chain_to_floor_ratio"] = (
@@ -286,7 +301,7 @@ def run(opts: Options) -> tuple[dict[str, Any], Path]:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out_dir = opts.out or OUT / stamp
     out_dir.mkdir(parents=True, exist_ok=True)
-    profiles = ["sqlite", "postgres"] if opts.profile == "all" else [opts.profile]
+    profiles = ["sqlite", "postgres", "scaled"] if opts.profile == "all" else [opts.profile]
     results: dict[str, Any] = {
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "python -m bench.run " + " ".join(sys.argv[1:]),

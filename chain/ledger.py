@@ -1,36 +1,81 @@
-"""The publication ledger: what this node last published for each key (a WNM `data_id`).
+"""The publication ledger: what this node last published for each key (a WNM `data_id`), and the
+claims that make one run at a time decide and record a key's publication.
 
 The flows consult it to choose the link relation of a new notification (`wis2.relations`):
 nothing recorded (or a deletion) gives ``canonical``, a different checksum ``update``, the same
-checksum a redelivery (nothing new is announced). Keys and extra fields are free-form: the
-metadata flow records WCMP2 record identifiers the same way.
+checksum a redelivery (nothing new is announced). It records only publications the broker
+acknowledged. Keys and extra fields are free-form: the metadata flow records WCMP2 record
+identifiers the same way.
 
-It is one SQLite database (``publication-ledger.sqlite3`` in the results directory), indexed by
-key so that an archive of a million files costs the same per lookup as ten. WAL journal: a
-committed entry survives the process being killed (a power cut may lose the last ones).
-Concurrent flow runs of one host (threads or processes) share it safely. A ledger of an earlier
-version (``publication-ledger.json`` beside it) is imported once, the first time the database is
-opened.
+Where it lives (`ledger_location(settings)`, a string without secrets that flows pass to tasks):
+
+- ``WIS2_LEDGER_URL`` unset: one SQLite database, ``publication-ledger.sqlite3`` in
+  ``WIS2_RESULTS_DIR`` (the embedded default, zero set-up; one worker host). Indexed by key, WAL
+  journal: a committed entry survives the process being killed. A JSON ledger of an earlier
+  version (``publication-ledger.json`` beside it) is imported once.
+- ``WIS2_LEDGER_URL=postgresql://user@host:5432/db``: a table ``publications`` in that PostgreSQL
+  database (created on first use), shared by every worker host of the node
+  (`chain.ledger_postgres`).
+
+API (one interface, two implementations)::
+
+    ledger = open_ledger(location)            # location: ledger_location(settings)
+    ledger.get(key) -> LedgerEntry | None
+    ledger.record(key, notification_id=..., rel=..., checksum=..., pubtime=..., **extra)
+    ledger.all(), ledger.forget(key)
+    with ledger.claim(data_ids, timeout):     # held from the build to the ledger record
+        ...
+
+`claim` holds every given data_id for the whole node until the block exits: a second claim of any
+of them (another thread, process or worker host) waits; a claim inside a claim of the same
+thread takes only what that thread does not hold yet (a batch may claim all its data_ids, then
+`publish_event` claims each event's again without waiting for itself). Keys are taken in one
+global order (no deadlock between two claims of overlapping sets). A claim waiting longer than
+`timeout` seconds (None: no limit) raises `ClaimTimeout` naming the data_id. A holder that dies
+(even SIGKILL) releases its claims at once: SQLite ledger, ``fcntl.flock`` lock files under
+``<results dir>/claims`` (released by the kernel); PostgreSQL ledger, session advisory locks on a
+connection of the claim's own (released by the server when the connection ends; TCP keepalives
+notice a dead host within about 30 s).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import sqlite3
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
-from datetime import UTC, datetime
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, ExitStack, closing, contextmanager
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from chain.ledger_entry import (
+    ClaimTimeout,
+    LedgerEntry,
+    LedgerUnavailable,
+    claim_key,
+    entry_of_row,
+    new_claims,
+    ordered_claims,
+)
+from chain.ledger_postgres import PostgresLedger
+
+if TYPE_CHECKING:
+    from chain.settings import ChainSettings
+
+__all__ = ["ClaimTimeout", "Ledger", "LedgerEntry", "LedgerUnavailable", "PostgresLedger",
+           "SqliteLedger", "claim_key", "ledger_location", "open_ledger", "ordered_claims"]
 
 log = logging.getLogger(__name__)
 
 LEDGER_FILE = "publication-ledger.sqlite3"
 LEGACY_FILE = "publication-ledger.json"  # the ledger of versions before 2026-11-29
 BUSY_TIMEOUT_S = 60.0
+CLAIM_BUCKETS = 4096  # lock files of the SQLite ledger's claims (two data_ids may share one)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS publications (
@@ -44,46 +89,83 @@ CREATE TABLE IF NOT EXISTS publications (
 );
 CREATE TABLE IF NOT EXISTS imports (source TEXT PRIMARY KEY, entries INTEGER NOT NULL);
 """
-_COLUMNS = ("checksum", "notification_id", "rel", "pubtime", "recorded_at")
+class Ledger(Protocol):
+    """What every publication ledger offers (see the module docstring)."""
+
+    location: str
+
+    def get(self, key: str) -> LedgerEntry | None: ...
+
+    def all(self) -> dict[str, LedgerEntry]: ...
+
+    def record(self, key: str, *, notification_id: str, rel: str, checksum: str | None = None,
+               pubtime: str | None = None, **extra: Any) -> LedgerEntry: ...
+
+    def forget(self, key: str) -> bool: ...
+
+    def claim(self, data_ids: Iterable[str], timeout: float | None
+              ) -> AbstractContextManager[None]: ...
 
 
-class LedgerEntry(BaseModel):
-    """The last publication recorded for one key."""
-
-    model_config = ConfigDict(extra="allow")
-
-    checksum: str | None = Field(
-        default=None, description="Checksum of the published data, e.g. 'sha512:<base64>'"
-    )
-    notification_id: str = Field(description="`id` of the last notification published")
-    rel: str = Field(description="Link relation of that notification: canonical/update/deletion")
-    pubtime: str | None = None
-    recorded_at: str = Field(
-        default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds")
-    )
+def is_postgres_url(location: str) -> bool:
+    return location.startswith(("postgresql://", "postgres://"))
 
 
-class Ledger:
+def ledger_location(settings: ChainSettings) -> str:
+    """Where the node's ledger lives: WIS2_LEDGER_URL, else the SQLite file of WIS2_RESULTS_DIR."""
+    if settings.ledger_url:
+        return settings.ledger_url
+    return str(Path(settings.results_dir).expanduser().resolve() / LEDGER_FILE)
+
+
+@lru_cache(maxsize=16)
+def open_ledger(location: str) -> Ledger:
+    """The ledger at `location` (a PostgreSQL URL, else an SQLite file path); one per process."""
+    if is_postgres_url(location):
+        return PostgresLedger(location)
+    return SqliteLedger(location)
+
+
+class SqliteLedger:
     """A publication ledger stored in one SQLite database (created on first use)."""
+
+    _ready: set[Path] = set()
+    _ready_lock = threading.Lock()
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
+        self.location = str(self.path)
 
     @classmethod
-    def in_dir(cls, directory: Path | str) -> Ledger:
+    def in_dir(cls, directory: Path | str) -> SqliteLedger:
         """The ledger of a results directory."""
         return cls(Path(directory) / LEDGER_FILE)
+
+    def _prepare(self) -> None:
+        """Journal mode, schema and legacy import: once per process, under a file lock shared
+        with the other processes (concurrent first connections would otherwise fail with
+        'database is locked': switching to WAL does not wait for the busy timeout)."""
+        with self._ready_lock:
+            if self.path in self._ready:
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock_path = self.path.with_name(self.path.name + ".init-lock")
+            with open(lock_path, "a+b") as lock_file:
+                fcntl.flock(lock_file, fcntl.LOCK_EX)
+                with closing(sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S,
+                                             isolation_level=None)) as conn:
+                    conn.execute("PRAGMA journal_mode=WAL")  # persistent: stored in the file
+                    conn.executescript(_SCHEMA)
+                    self._import_legacy(conn)
+            self._ready.add(self.path)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         """A connection in a transaction (committed on success, rolled back on error)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._prepare()
         with closing(sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S,
                                      isolation_level=None)) as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")  # WAL: safe when killed, not on power loss
-            conn.executescript(_SCHEMA)
-            self._import_legacy(conn)
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
@@ -118,25 +200,17 @@ class Ledger:
             row = conn.execute(
                 "SELECT checksum, notification_id, rel, pubtime, recorded_at, extra "
                 "FROM publications WHERE key = ?", (key,)).fetchone()
-        return None if row is None else _entry(row)
+        return None if row is None else entry_of_row(row)
 
     def all(self) -> dict[str, LedgerEntry]:
         with self._connect() as conn:
             rows = conn.execute(
                 "SELECT key, checksum, notification_id, rel, pubtime, recorded_at, extra "
                 "FROM publications ORDER BY key").fetchall()
-        return {row[0]: _entry(row[1:]) for row in rows}
+        return {row[0]: entry_of_row(row[1:]) for row in rows}
 
-    def record(
-        self,
-        key: str,
-        *,
-        notification_id: str,
-        rel: str,
-        checksum: str | None = None,
-        pubtime: str | None = None,
-        **extra: Any,
-    ) -> LedgerEntry:
+    def record(self, key: str, *, notification_id: str, rel: str, checksum: str | None = None,
+               pubtime: str | None = None, **extra: Any) -> LedgerEntry:
         """Record (replace) the last publication for `key`; returns the stored entry."""
         entry = LedgerEntry(
             checksum=checksum, notification_id=notification_id, rel=rel, pubtime=pubtime, **extra
@@ -151,21 +225,40 @@ class Ledger:
         with self._connect() as conn:
             return conn.execute("DELETE FROM publications WHERE key = ?", (key,)).rowcount > 0
 
+    @contextmanager
+    def claim(self, data_ids: Iterable[str], timeout: float | None) -> Iterator[None]:
+        """Hold `data_ids` (flock'ed lock files under ``claims/`` beside the database)."""
+        directory = self.path.parent / "claims"
+        directory.mkdir(parents=True, exist_ok=True)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with new_claims(self.location, data_ids, CLAIM_BUCKETS) as todo, ExitStack() as held:
+            for bucket, data_id in todo:
+                fd = os.open(directory / f"{bucket:03x}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+                held.callback(os.close, fd)  # closing releases the lock
+                _flock(fd, deadline, data_id, timeout)
+            yield
+
+
+def _flock(fd: int, deadline: float | None, data_id: str, timeout: float | None) -> None:
+    pause = 0.01
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ClaimTimeout(data_id, timeout) from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
+
 
 def _upsert(conn: sqlite3.Connection, key: str, entry: LedgerEntry) -> None:
-    data = entry.model_dump(mode="json")
-    extra = {k: v for k, v in data.items() if k not in _COLUMNS}
+    columns, extra = entry.columns()
     conn.execute(
         "INSERT INTO publications (key, checksum, notification_id, rel, pubtime, recorded_at, "
         "extra) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
         "checksum = excluded.checksum, notification_id = excluded.notification_id, "
         "rel = excluded.rel, pubtime = excluded.pubtime, recorded_at = excluded.recorded_at, "
         "extra = excluded.extra",
-        (key, *(data[c] for c in _COLUMNS), json.dumps(extra, sort_keys=True)),
+        (key, *columns, extra),
     )
-
-
-def _entry(row: tuple[Any, ...]) -> LedgerEntry:
-    checksum, notification_id, rel, pubtime, recorded_at, extra = row
-    return LedgerEntry(checksum=checksum, notification_id=notification_id, rel=rel,
-                       pubtime=pubtime, recorded_at=recorded_at, **json.loads(extra or "{}"))

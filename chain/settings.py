@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from chain.mqtt import PublisherConnection
@@ -46,6 +46,17 @@ class ChainSettings(BaseSettings):
         default=Path.home() / ".wis2-chain" / "results",
         description="Where cached task results and the publication ledger are persisted",
     )
+    ledger_url: str | None = Field(
+        default=None,
+        description="PostgreSQL database of the publication ledger shared by every worker host, "
+        "e.g. postgresql://wis2@db:5432/wis2_ledger (no password in it: PGPASSWORD or ~/.pgpass); "
+        "unset: an SQLite ledger in results_dir (one worker host)",
+    )
+    results_url: SecretStr | None = Field(
+        default=None,
+        description="Redis holding the build and publish task results shared by every worker "
+        "host, e.g. redis://cache:6379/0; unset: files in results_dir (one worker host)",
+    )
     wnm_kpi: bool = Field(default=False, description="Also run pywis-pubsub's KPI (needs network)")
     wcmp2_kpi: bool = Field(default=False, description="Also run pywcmp's KPI (needs network)")
     # Retries of the flows' network tasks (verify data, publish): exponential backoff + jitter.
@@ -56,8 +67,8 @@ class ChainSettings(BaseSettings):
     retry_jitter_factor: float = Field(default=0.5, ge=0, description="Random extra delay factor")
     cache_lock_timeout: float | None = Field(
         default=300.0, gt=0,
-        description="Seconds a cache lock may be held (a killed holder's lock also expires at "
-        "once on its own host); unset: no timeout")
+        description="Seconds an event's run may wait for another run holding one of its data_ids "
+        "(a killed holder releases its claim at once); unset: no limit")
     # Backfills (`backfill` flow, `wis2-chain backfill`): how fast and in which groups.
     backfill_rate: float = Field(
         default=20.0, ge=0,
@@ -78,6 +89,29 @@ class ChainSettings(BaseSettings):
     # The broker the flows publish on when no `MqttBroker` block exists, and the defaults of the
     # block created by `wis2-chain blocks register`: WIS2_MQTT_HOST, WIS2_MQTT_PORT, ...
     mqtt: PublisherConnection = Field(default_factory=PublisherConnection)
+
+    @field_validator("ledger_url")
+    @classmethod
+    def _ledger_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql://user@host:port/database URL")
+        from psycopg.conninfo import conninfo_to_dict
+
+        if "password" in conninfo_to_dict(value):
+            raise ValueError("must not contain a password: set PGPASSWORD or ~/.pgpass (libpq) "
+                             "on each worker host")
+        return value
+
+    @field_validator("results_url")
+    @classmethod
+    def _results_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        if not value.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://host:port/db URL")
+        return value
 
 
 @lru_cache

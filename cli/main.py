@@ -204,3 +204,30 @@ def recover(
     except Exception as exc:  # API unreachable on a single look
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+
+
+@app.command("ledger-import")
+def ledger_import(
+    source: Annotated[Path | None, typer.Option(
+        "--from", help="SQLite ledger to copy (default: the one in WIS2_RESULTS_DIR)")] = None,
+) -> None:
+    """Copy a host's SQLite publication ledger into the PostgreSQL ledger of WIS2_LEDGER_URL
+    (once, when a node moves to several worker hosts); keys already there are kept."""
+    from chain.ledger import LedgerUnavailable, PostgresLedger, SqliteLedger
+
+    settings = ChainSettings()
+    if not settings.ledger_url:
+        typer.echo("error: WIS2_LEDGER_URL is not set (the PostgreSQL ledger to fill)", err=True)
+        raise typer.Exit(2)
+    local = SqliteLedger(source) if source else SqliteLedger.in_dir(settings.results_dir)
+    if not local.path.is_file():
+        typer.echo(f"error: no SQLite ledger at {local.path}", err=True)
+        raise typer.Exit(2)
+    entries = local.all()
+    try:
+        added = PostgresLedger(settings.ledger_url).add_missing(entries)
+    except LedgerUnavailable as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"imported {added} of {len(entries)} entries of {local.path} into "
+               f"{settings.ledger_url} ({len(entries) - added} already there)")

@@ -1,22 +1,29 @@
 """The per-event pipeline shared by the publishing flows (`publish-notification`, `publish-batch`).
 
-One event: build its notifications (cached per event identity) -> validate them strictly ->
-verify the data (optional) -> publish each (cached per notification id, retried) -> record the
-fresh ones in the publication ledger. A flow run sets up a `Pipeline` once (dataset, configured
-tasks, ledger, broker connection) and calls `publish_event` for each of its events.
+One event: claim its data_ids -> build its notifications (cached per event identity) ->
+validate them strictly -> verify the data (optional) -> publish each (cached per notification id,
+retried) -> record the fresh ones in the publication ledger -> release the claim. A flow run sets
+up a `Pipeline` once (dataset, configured tasks, ledger, broker connection) and calls
+`publish_event` for each of its events.
+
+The claim (`Pipeline.claimed`, the ledger's `claim`) makes one run at a time, on the whole node,
+decide and record the publication of a file: two events for one file processed at the same time
+on two worker hosts give ``canonical`` then ``update``, never two canonicals.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
-from chain.ledger import Ledger
+from chain.ledger import Ledger, ledger_location, open_ledger
 from chain.mqtt import MqttConnection
 from chain.settings import ChainSettings
 from flows.tasks import (
@@ -33,6 +40,7 @@ from flows.tasks.build import checksum_of
 from wis2.cloudevent import CloudEvent, parse_event
 from wis2.dataset import DatasetDescription
 from wis2.errors import FieldError, InvalidInput
+from wis2.mapping import data_ids_of
 from wis2.notification import Notification
 from wis2.validation import ValidationFailed
 
@@ -100,7 +108,7 @@ class Pipeline:
     settings: ChainSettings
     dataset: DatasetDescription
     tasks: ConfiguredTasks
-    ledger_path: str
+    ledger_location: str  # `chain.ledger.ledger_location`: a path or URL, no secret
     _connection: MqttConnection | None = field(default=None, repr=False)
 
     @classmethod
@@ -110,19 +118,35 @@ class Pipeline:
             settings=settings,
             dataset=dataset,
             tasks=configured_tasks(settings),
-            ledger_path=str(Ledger.in_dir(settings.results_dir).path),
+            ledger_location=ledger_location(settings),
         )
 
+    @property
+    def ledger(self) -> Ledger:
+        return open_ledger(self.ledger_location)
+
+    @contextmanager
+    def claimed(self, data_ids: Iterable[str]) -> Iterator[None]:
+        """Hold `data_ids` for the whole node while the block runs (build .. ledger record).
+        Waits for another run holding one of them, at most WIS2_CACHE_LOCK_TIMEOUT seconds
+        (`ClaimTimeout` naming the data_id)."""
+        with self.ledger.claim(data_ids, self.settings.cache_lock_timeout):
+            yield
+
     def announced_before(self, note: Notification) -> str | None:
-        """The id under which this node already announced the same file with the same checksum
-        (by another event: a file announced twice, an archive backfilled after live
-        publication), else None. A deletion, or a file without checksum, is never skipped."""
-        checksum = checksum_of(note)
-        if note.rel == "deletion" or checksum is None:
+        """The id under which this node already announced this file: this very notification
+        (its id is the ledger's: acknowledged by the broker earlier, e.g. by a run on another
+        host whose cached results are not shared), or another event's with the same checksum (a
+        file announced twice, an archive backfilled after live publication); else None. A
+        deletion, or a file without checksum, is skipped only as this very notification."""
+        entry = self.ledger.get(note.properties.data_id)
+        if entry is None:
             return None
-        entry = Ledger(self.ledger_path).get(note.properties.data_id)
-        if (entry is None or entry.rel == "deletion" or entry.checksum != checksum
-                or entry.notification_id == note.id):
+        if entry.notification_id == note.id:
+            return note.id
+        checksum = checksum_of(note)
+        if (note.rel == "deletion" or checksum is None or entry.rel == "deletion"
+                or entry.checksum != checksum):
             return None
         return entry.notification_id
 
@@ -164,11 +188,11 @@ class ProcessedEvent:
         ]
 
 
-def _in_ledger(ledger_path: str, note: Notification) -> bool:
+def _in_ledger(ledger: Ledger, note: Notification) -> bool:
     """Whether the ledger holds this publication, or a later one, of the note's data_id. A run
     killed after the broker's PUBACK and before the record leaves it out: its rerun finds the
     publication cached and records it all the same."""
-    entry = Ledger(ledger_path).get(note.properties.data_id)
+    entry = ledger.get(note.properties.data_id)
     return entry is not None and (entry.notification_id == note.id
                                   or (entry.pubtime or "") >= note.properties.pubtime)
 
@@ -176,16 +200,24 @@ def _in_ledger(ledger_path: str, note: Notification) -> bool:
 def publish_event(
     raw_event: Any, pipeline: Pipeline, *, validation_key: str | None
 ) -> ProcessedEvent:
-    """Build, validate, verify, publish and record the notification(s) of one event.
+    """Build, validate, verify, publish and record the notification(s) of one event, its
+    data_ids claimed for the whole node meanwhile (`Pipeline.claimed`).
 
     `validation_key`: key of the validation table artifact; None creates none (the caller
     reports the returned rows). Raises on the first failing step (nothing published then, except
     when a later notification of a multi-asset event fails to publish).
     """
-    logger = get_run_logger()
     event = as_event(raw_event)
+    with pipeline.claimed(data_ids_of(event, pipeline.dataset)):
+        return _publish_claimed(event, pipeline, validation_key)
+
+
+def _publish_claimed(
+    event: CloudEvent, pipeline: Pipeline, validation_key: str | None
+) -> ProcessedEvent:
+    logger = get_run_logger()
     tasks, settings = pipeline.tasks, pipeline.settings
-    notifications = tasks.build(event, pipeline.dataset, pipeline.ledger_path)
+    notifications = tasks.build(event, pipeline.dataset, pipeline.ledger_location)
     if not notifications:
         raise InvalidInput(
             [FieldError(path="$.data.assets", message="no data asset to announce")], what="event"
@@ -193,7 +225,10 @@ def publish_event(
     rows = validate_notifications_task(notifications, pipeline.dataset.topic, validation_key)
     earlier = [pipeline.announced_before(note) for note in notifications]
     for note, earlier_id in zip(notifications, earlier, strict=True):
-        if earlier_id:
+        if earlier_id == note.id:
+            logger.info("notification %s (%s) was already acknowledged by the broker: not sent "
+                        "again", note.id, note.properties.data_id)
+        elif earlier_id:
             logger.info("%s: this file with this checksum was already announced as %s: "
                         "not announced again", note.properties.data_id, earlier_id)
     to_send = [note for note, earlier_id in zip(notifications, earlier, strict=True)
@@ -218,8 +253,8 @@ def publish_event(
                     "sent" if sent[-1] else "already published (cached)")
 
     fresh = [note for note, was_sent, earlier_id in zip(notifications, sent, earlier, strict=True)
-             if was_sent or (not earlier_id and not _in_ledger(pipeline.ledger_path, note))]
+             if was_sent or (not earlier_id and not _in_ledger(pipeline.ledger, note))]
     if fresh:
-        record_publication_task(fresh, pipeline.ledger_path)
+        record_publication_task(fresh, pipeline.ledger_location)
     return ProcessedEvent(event=event, notifications=notifications, sent=sent,
                           validation_rows=rows, earlier_ids=earlier)

@@ -25,7 +25,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from chain.deployments import PUBLISH_METADATA, PUBLISH_METADATA_FLOW, REPUBLISH_METADATA_FLOW
-from chain.ledger import Ledger, LedgerEntry
+from chain.ledger import LedgerEntry, ledger_location, open_ledger
 from chain.settings import ChainSettings
 from flows.artifacts import artifact_key, failure_artifact, notification_artifact
 from flows.pipeline import field_errors_of
@@ -158,7 +158,7 @@ def publish_metadata(
 
 
 def _ledger_entry(settings: ChainSettings, centre_id: str, record_id: str) -> LedgerEntry | None:
-    return Ledger.in_dir(settings.results_dir).get(metadata_data_id(centre_id, record_id))
+    return open_ledger(ledger_location(settings)).get(metadata_data_id(centre_id, record_id))
 
 
 def _publish_metadata(
@@ -170,7 +170,6 @@ def _publish_metadata(
     settings: ChainSettings,
     label: str,
 ) -> MetadataRunResult:
-    logger = get_run_logger()
     loaded: LoadedRecord | None = None
     if operation == "delete" and record is None and not record_location:
         if not record_id:
@@ -186,6 +185,24 @@ def _publish_metadata(
             validate_record_task(loaded, settings.wcmp2_kpi, label)
     rid = record_id_of(record_dict)
     centre_id = centre_id_of(record_dict)
+    # one publication of a record at a time on the whole node: the relation is decided once
+    with open_ledger(ledger_location(settings)).claim(
+            [metadata_data_id(centre_id, rid)], settings.cache_lock_timeout):
+        return _announce(loaded, record_dict, rid, centre_id, public_url, operation, settings,
+                         label)
+
+
+def _announce(
+    loaded: LoadedRecord | None,
+    record_dict: dict[str, Any],
+    rid: str,
+    centre_id: str,
+    public_url: str | None,
+    operation: Operation,
+    settings: ChainSettings,
+    label: str,
+) -> MetadataRunResult:
+    logger = get_run_logger()
     topic = metadata_topic(centre_id)
     previous = _ledger_entry(settings, centre_id, rid)
     published_before = previous is not None and previous.rel != "deletion"
@@ -222,7 +239,7 @@ def _publish_metadata(
     copy = keep_record_copy(loaded, settings.results_dir) if loaded is not None else None
     record_publication_task(
         [notification],
-        str(Ledger.in_dir(settings.results_dir).path),
+        ledger_location(settings),
         details={
             "kind": LEDGER_KIND, "record_id": rid, "href": served.href,
             "served_path": served.path,
@@ -279,7 +296,7 @@ def republish_metadata() -> RepublishResult:
     logger = get_run_logger()
     entries = {
         key: entry
-        for key, entry in Ledger.in_dir(settings.results_dir).all().items()
+        for key, entry in open_ledger(ledger_location(settings)).all().items()
         if (entry.model_extra or {}).get("kind") == LEDGER_KIND and entry.rel != "deletion"
     }
     logger.info("%d metadata record(s) to republish", len(entries))

@@ -95,6 +95,7 @@ class MqttSession:
         client.reconnect_delay_set(s.reconnect_min_delay, s.reconnect_max_delay)
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = self._on_unsubscribe
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.connect_async(s.host, s.port, keepalive=s.keepalive, clean_start=False,
@@ -146,6 +147,12 @@ class MqttSession:
         log.info("connected to the broker", extra={
             "broker": self.settings.connection().describe(), "client_id": self.settings.client_id,
             "session_present": flags.session_present, "generation": self.generation})
+        if self.settings.retire:
+            log.warning("retiring: unsubscribing; the events this session still holds are "
+                        "taken, no new ones come (stop once nothing is in flight)",
+                        extra={"client_id": self.settings.client_id})
+            client.unsubscribe(list(self.settings.subscriptions))
+            return
         client.subscribe([(f, 1) for f in self.settings.subscriptions])
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
@@ -155,6 +162,11 @@ class MqttSession:
                           extra={"topic_filter": topic_filter, "reason": str(code)})
             else:
                 log.info("subscribed", extra={"topic_filter": topic_filter, "qos": code.value})
+
+    def _on_unsubscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        log.info("unsubscribed (retiring)", extra={
+            "topic_filters": ",".join(self.settings.subscriptions),
+            "reasons": ",".join(str(code) for code in reason_codes)})
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         with self._lock:

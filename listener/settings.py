@@ -100,6 +100,13 @@ class ListenerSettings(BaseSettings, MqttConnection):
         default=3 * 24 * 3600, ge=0, description="Seconds the broker keeps the session (3 days)"
     )
     subscriptions: list[str] = Field(default_factory=lambda: ["diffusion/files/#"])
+    retire: bool = Field(
+        default=False,
+        description="Drain and retire this client id: resume its session but UNSUBSCRIBE "
+        "instead of subscribing (the broker gives it no new events, e.g. no more turns of a "
+        "$share group) and create the runs of what the session still holds; stop it once "
+        "/metrics shows nothing in flight and nothing more received",
+    )
     reconnect_min_delay: int = Field(default=1, ge=1)
     reconnect_max_delay: int = Field(default=60, ge=1)
 

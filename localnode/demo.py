@@ -4,6 +4,9 @@ event, print the notification, the flow run and the Prefect UI address, run unti
 The Prefect server runs on a PostgreSQL cluster of the node's own (`localnode/postgres.py`);
 `python -m localnode.demo run --sqlite` (`make demo DEMO_ARGS=--sqlite`, or
 `WIS2_DEMO_DATABASE=sqlite`) puts it on SQLite instead.
+`--scaled` (`make demo DEMO_ARGS=--scaled`) starts the scaled node of `localnode/scaled.py`
+instead: 2 workers, 2 listener replicas on `$share`, PostgreSQL and Redis of its own;
+`--split-server` also splits the Prefect server into its API and services processes.
 
 `python -m localnode.demo send EVENT.json [--topic T]` (`make demo-event EVENT=...`) sends
 another event to the running demo node as its file server."""
@@ -21,12 +24,13 @@ from pathlib import Path
 from chain.mqtt import MqttError, publish_once
 from localnode.node import LocalNode, NodeSettings, NodeState, PortTaken
 from localnode.postgres import PostgresUnavailable
+from localnode.scaled import ScaledNode, Topology
 
 log = logging.getLogger("demo")
 
 
-def run(settings: NodeSettings) -> int:
-    node = LocalNode(settings)
+def run(settings: NodeSettings, scaled: Topology | None = None) -> int:
+    node = LocalNode(settings) if scaled is None else ScaledNode(settings, scaled)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -89,6 +93,10 @@ def main(argv: list[str] | None = None) -> None:
                           help="the Prefect server on a PostgreSQL cluster of its own (default)")
     database.add_argument("--sqlite", dest="database", action="store_const", const="sqlite",
                           help="the Prefect server on SQLite (slower under load)")
+    run_parser.add_argument("--scaled", action="store_true",
+                            help="2 workers, 2 listener replicas, PostgreSQL and Redis")
+    run_parser.add_argument("--split-server", action="store_true",
+                            help="with --scaled: the Prefect API and services in two processes")
     send_parser = sub.add_parser("send", help="send an event to the running demo node")
     send_parser.add_argument("event", type=Path)
     send_parser.add_argument("--topic", default=None)
@@ -100,7 +108,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(send(settings, args.event, args.topic or settings.event_topic))
     if getattr(args, "database", None):
         settings = settings.model_copy(update={"database": args.database})
-    sys.exit(run(settings))
+    scaled = (Topology(separate_services=args.split_server)
+              if getattr(args, "scaled", False) else None)
+    sys.exit(run(settings, scaled=scaled))
 
 
 if __name__ == "__main__":

@@ -237,9 +237,9 @@ class LocalNode:
             raise RuntimeError(f"{what} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str], ready=None,
-               timeout: float = 60.0) -> ManagedProcess:
+               timeout: float = 60.0, cwd: Path = REPO) -> ManagedProcess:
         proc = ManagedProcess(name, argv, self.run_dir / "logs" / f"{name}.log", env=env,
-                              cwd=REPO, ready=ready)
+                              cwd=cwd, ready=ready)
         self.processes.append(proc)
         proc.start(timeout)
         return proc
@@ -263,10 +263,7 @@ class LocalNode:
         self.broker = start_broker(config, self.run_dir / "broker")
 
         log.info("starting the Prefect server (UI) on port %s", s.prefect_port)
-        database_url = self._start_database()
-        self.server = PrefectServer(self.run_dir / "prefect", port=s.prefect_port, host=s.host,
-                                    ui=True, database_url=database_url,
-                                    auth_string=self.prefect_auth_string)
+        self.server = self.make_server()
         self.processes.append(self.server)
         self.server.start(timeout=180)
         env = self.child_env()
@@ -281,20 +278,38 @@ class LocalNode:
         self._run([str(Path(py).with_name("wis2-chain")), "blocks", "register"], env,
                   "register blocks")
         self._run([prefect, "--no-prompt", "deploy", "--all"], env, "deploy")
-        worker_env = {**env, "PREFECT_WORKER_HEARTBEAT_SECONDS": self.WORKER_HEARTBEAT_SECONDS,
-                      # ~4 minutes of API retries: a run rides out a Prefect server restart
-                      "PREFECT_CLIENT_MAX_RETRIES": self.WORKER_CLIENT_MAX_RETRIES}
-        self._spawn("worker", [prefect, "worker", "start", "--pool", WORK_POOL, "--type",
-                               worker_type, "--limit", str(s.worker_limit),
-                               "--name", self.WORKER_NAME], worker_env)
+        self.start_workers(env, worker_type)
         if worker_type == "process":  # wis2-warm reschedules stranded runs itself
             self._spawn("recover", [str(Path(py).with_name("wis2-chain")), "recover", "--pool",
                                     WORK_POOL, "--watch"], env)
-        self._spawn("listener", [py, "-m", "listener"], self.listener_env(),
-                    ready=lambda: port_is_open(s.host, s.metrics_port), timeout=90)
+        self.start_listeners()
         state = self.state
         state.save(self.run_dir / "node.json")
         return state
+
+    def make_server(self) -> PrefectServer:
+        s = self.settings
+        return PrefectServer(self.run_dir / "prefect", port=s.prefect_port, host=s.host, ui=True,
+                             database_url=self._start_database(),
+                             auth_string=self.prefect_auth_string)
+
+    def worker_env(self, env: dict[str, str]) -> dict[str, str]:
+        return {**env, "PREFECT_WORKER_HEARTBEAT_SECONDS": self.WORKER_HEARTBEAT_SECONDS,
+                # ~4 minutes of API retries: a run rides out a Prefect server restart
+                "PREFECT_CLIENT_MAX_RETRIES": self.WORKER_CLIENT_MAX_RETRIES}
+
+    def worker_argv(self, worker_type: str, name: str) -> list[str]:
+        return [prefect_cli(), "worker", "start", "--pool", WORK_POOL, "--type", worker_type,
+                "--limit", str(self.settings.worker_limit), "--name", name]
+
+    def start_workers(self, env: dict[str, str], worker_type: str) -> None:
+        self._spawn("worker", self.worker_argv(worker_type, self.WORKER_NAME),
+                    self.worker_env(env))
+
+    def start_listeners(self) -> None:
+        s = self.settings
+        self._spawn("listener", [sys.executable, "-m", "listener"], self.listener_env(),
+                    ready=lambda: port_is_open(s.host, s.metrics_port), timeout=90)
 
     def stop(self) -> None:
         for proc in reversed(self.processes):

@@ -1,8 +1,16 @@
-"""A Prefect server as a child process with its own home and database (SQLite by default)."""
+"""A Prefect server as a child process with its own home and database (SQLite by default).
+
+Scale-out option (Prefect's documented self-hosted layout): `redis_url` moves the server's
+messaging, event ordering, concurrency leases and Docket onto Redis (prefect-redis), and
+`separate_services=True` runs the API (`prefect server start --no-services`) and the background
+services (`prefect server services start`) as two processes sharing the database and Redis. The
+services need Redis: with the in-memory broker they would not see the API's events.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -36,6 +44,19 @@ def prefect_cli() -> str:
     return str(Path(sys.executable).with_name("prefect"))
 
 
+def redis_env(url: str) -> dict[str, str]:
+    """Prefect server settings that put its messaging on Redis `url` (prefect-redis): events
+    and their cache, causal ordering, concurrency leases, Docket's task queue."""
+    return {
+        "PREFECT_MESSAGING_BROKER": "prefect_redis.messaging",
+        "PREFECT_MESSAGING_CACHE": "prefect_redis.messaging",
+        "PREFECT_SERVER_EVENTS_CAUSAL_ORDERING": "prefect_redis.ordering",
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect_redis.lease_storage",
+        "PREFECT_REDIS_MESSAGING_URL": url,
+        "PREFECT_SERVER_DOCKET_URL": url,
+    }
+
+
 class PrefectServer(ManagedProcess):
     """`prefect server start` on loopback. `api_url` is what clients put in PREFECT_API_URL.
 
@@ -52,7 +73,11 @@ class PrefectServer(ManagedProcess):
         ui: bool = False,
         extra_env: dict[str, str] | None = None,
         auth_string: SecretStr | None = None,
+        redis_url: str | None = None,
+        separate_services: bool = False,
     ) -> None:
+        if separate_services and redis_url is None:
+            raise ValueError("separate_services needs redis_url (Prefect's Redis messaging)")
         self.home = Path(home)
         self.auth_string = auth_string
         self.host = host
@@ -73,14 +98,44 @@ class PrefectServer(ManagedProcess):
         env.update(NODE_SERVER_SETTINGS)
         if auth_string is not None:
             env["PREFECT_SERVER_API_AUTH_STRING"] = auth_string.get_secret_value()
+        if redis_url is not None:
+            env.update(redis_env(redis_url))
         env.update(extra_env or {})
-        super().__init__(
-            "prefect-server",
-            [prefect_cli(), "server", "start", "--host", host, "--port", str(self.port)],
-            log_path=self.home / "server.log",
-            env=env,
-            ready=self.healthy,
-        )
+        argv = [prefect_cli(), "server", "start", "--host", host, "--port", str(self.port)]
+        self.services: ManagedProcess | None = None
+        if separate_services:
+            argv.append("--no-services")
+            services_log = self.home / "services.log"
+            self.services = ManagedProcess(
+                "prefect-services", [prefect_cli(), "server", "services", "start"],
+                log_path=services_log, env=env,
+                ready=lambda: "Starting services" in services_log.read_text(errors="replace"))
+        super().__init__("prefect-server", argv, log_path=self.home / "server.log", env=env,
+                         ready=self.healthy)
+
+    # ---- the API process and, when separate, the services process --------------------------
+    def start(self, timeout: float = 60.0) -> PrefectServer:
+        super().start(timeout)  # the API first: it migrates the database
+        if self.services is not None:
+            self.services.start(timeout)
+        return self
+
+    def stop(self, timeout: float = 15.0, sig: int = signal.SIGTERM) -> int | None:
+        if self.services is not None:
+            self.services.stop(timeout, sig)
+        return super().stop(timeout, sig)
+
+    def kill(self) -> None:
+        """SIGKILL the API and, when separate, the services process (a crash of the host)."""
+        if self.services is not None:
+            self.services.kill()
+        super().kill()
+
+    def tail(self, lines: int = 60) -> str:
+        text = super().tail(lines)
+        if self.services is not None:
+            text += f"\n--- {self.services.log_path}\n{self.services.tail(lines)}"
+        return text
 
     @property
     def url(self) -> str:

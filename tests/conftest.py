@@ -15,6 +15,7 @@ pytest_plugins = [
     "tests.fixtures.paths",
     "tests.fixtures.prefect_api",
     "tests.fixtures.broker",
+    "tests.fixtures.services",
 ]
 
 INTEGRATION_DIR = Path(__file__).resolve().parent / "integration"

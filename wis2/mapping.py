@@ -53,6 +53,12 @@ def data_id_for(
     return data_id.lstrip("/").removeprefix("origin/")
 
 
+def data_ids_of(event: CloudEvent, dataset: DatasetDescription) -> list[str]:
+    """The data_ids the event's notifications will announce (known before building them)."""
+    return [data_id_for(dataset, event.data, key, asset)
+            for key, asset in data_assets(event.data, dataset)]
+
+
 def _format_data_id(
     dataset: DatasetDescription, item: StacItem, asset_key: str, href_path: str
 ) -> str:

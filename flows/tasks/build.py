@@ -9,14 +9,13 @@ file whose ``data_id`` was already published with a different checksum is announ
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import INPUTS, RUN_ID, TASK_SOURCE
 from prefect.logging import get_run_logger
 
-from chain.ledger import Ledger
+from chain.ledger import Ledger, open_ledger
 from wis2.cloudevent import CloudEvent
 from wis2.dataset import DatasetDescription
 from wis2.mapping import build_notifications
@@ -55,11 +54,12 @@ def notifications_for(
 
 @task(name="build-notifications", cache_policy=BUILD_CACHE, persist_result=True, retries=0)
 def build_notifications_task(
-    event: CloudEvent, dataset: DatasetDescription, ledger_path: str
+    event: CloudEvent, dataset: DatasetDescription, ledger: str
 ) -> list[Notification]:
-    """Build (once per event identity) the notifications announcing the event's data files."""
+    """Build (once per event identity) the notifications announcing the event's data files.
+    `ledger`: the ledger's location (`chain.ledger.ledger_location`)."""
     notifications = notifications_for(
-        event, dataset, Ledger(Path(ledger_path)), pubtime=datetime.now(UTC)
+        event, dataset, open_ledger(ledger), pubtime=datetime.now(UTC)
     )
     logger = get_run_logger()
     for note in notifications:

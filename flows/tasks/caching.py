@@ -1,7 +1,6 @@
-"""Cache keys, result storage and retry settings of the publishing tasks.
+"""Cache keys and result storage of the publishing tasks.
 
-Idempotency rests on Prefect's cache: results are persisted under ``ChainSettings.results_dir``
-(a local directory), keyed by
+Idempotency rests on Prefect's cache, keyed by
 
 - the build: ``wnm-build-<sha256(event identity, dataset name)>`` -- the event identity covers its
   source, id and asset checksums, so a retried run, a re-run from the UI or a redelivered event
@@ -9,31 +8,36 @@ Idempotency rests on Prefect's cache: results are persisted under ``ChainSetting
 - the publication: ``wnm-published-<notification id>`` -- a notification already acknowledged by
   the broker is never sent again.
 
-Both use SERIALIZABLE isolation with file locks under ``<results_dir>/locks``: two concurrent runs
-for one event wait for each other instead of building two different notifications.
+Where the results live (`result_storage`): ``WIS2_RESULTS_URL=redis://host:port/db`` puts them in
+Redis, Prefect's own `RedisStorageContainer` block, shared by every worker host (a run rescheduled
+on another host finds the results of the first); unset, files in ``WIS2_RESULTS_DIR`` (one host).
 
-Prefect's transactions take these locks with no hold timeout, so the lock of a holder that was
-killed (SIGKILL, OOM) would never be released and the rerun of its event would wait forever.
-`ExpiringLockManager` records who holds each lock (host, pid, process start time) and gives it a
-hold timeout (`WIS2_CACHE_LOCK_TIMEOUT`): a lock expires as soon as its holder process is gone (same
-host), or once the timeout has passed (any host, e.g. a results directory on shared storage).
+Prefect takes a result storage block only once saved on the server: the Redis one is saved as
+``redis-storage-container/wis2-results-<hash of the URL>`` (once per process; the URL is a secret
+field of the block).
+
+No transaction locks (Prefect's lock managers): the pipeline holds the ledger's claim of the
+event's data_ids from the build to the ledger record (`flows.pipeline.Pipeline.claimed`), so two
+runs of one event, or of two events for one file, never build or publish at the same time on any
+host. That claim is released the moment its holder dies (kernel flock, PostgreSQL session), while
+a lock with a hold timeout (`prefect_redis.RedisLockManager`) would keep the rerun of a SIGKILLed
+run waiting for the whole timeout; a second lock around the same critical section would add a
+Redis round trip per task and a second way to wait, for nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
-import os
-import socket
-from datetime import timedelta
-from functools import cache
+import threading
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import pydantic_core
+from prefect.blocks.redis import RedisStorageContainer
 from prefect.cache_policies import CacheKeyFnPolicy
-from prefect.locking.filesystem import FileSystemLockManager
-from prefect.types._datetime import now
+from prefect.exceptions import ObjectAlreadyExists
+from prefect.filesystems import WritableFileSystem
+from pydantic import SecretStr
 
 from chain.settings import ChainSettings
 
@@ -57,111 +61,34 @@ BUILD_CACHE = CacheKeyFnPolicy(cache_key_fn=build_cache_key)
 PUBLISH_CACHE = CacheKeyFnPolicy(cache_key_fn=publish_cache_key)
 
 
-def result_storage(settings: ChainSettings) -> Path:
-    """The results directory (Prefect reads a `Path` as an unsaved LocalFileSystem storage)."""
+def result_storage(settings: ChainSettings) -> Path | WritableFileSystem:
+    """Redis (WIS2_RESULTS_URL), else the results directory (Prefect reads a `Path` as an
+    unsaved LocalFileSystem storage)."""
+    if settings.results_url is not None:
+        return redis_storage(settings.results_url.get_secret_value())
     results = Path(settings.results_dir).expanduser().resolve()
     results.mkdir(parents=True, exist_ok=True)
     return results
 
 
-log = logging.getLogger(__name__)
+_SAVING = threading.Lock()
 
 
-@cache
-def _host() -> str:
-    return socket.gethostname()
+def redis_storage(url: str) -> RedisStorageContainer:
+    """Prefect's Redis result storage for `url`, saved as a block (Prefect requires it)."""
+    with _SAVING:  # the concurrent flow runs of a warm worker: one saves, the others reuse it
+        return _saved_redis_storage(url)
 
 
-def _process_start(pid: int) -> str | None:
-    """The start time of process `pid` (clock ticks since boot, /proc), None when unknown.
-
-    With the pid it identifies one process: a pid reused by a later process has another start."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22, after the command name
-
-
-def _process_alive(pid: int, started: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        pass
-    return started is None or _process_start(pid) in (None, started)
-
-
-class ExpiringLockManager(FileSystemLockManager):
-    """`FileSystemLockManager` whose locks expire when their holder dies (or after a timeout).
-
-    Each lock file also names its holder process (`host`, `pid`, `started`). A lock is stale,
-    and removed by whoever looks at it next, when its holder ran on this host and is no longer
-    alive, or when its hold timeout has passed (`hold_timeout` argument, else `default_hold`)."""
-
-    def __init__(self, lock_files_directory: Path, default_hold: float | None = None) -> None:
-        super().__init__(lock_files_directory)
-        self.default_hold = default_hold
-
-    def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
-                     hold_timeout: float | None = None) -> bool:
-        self._ensure_lock_files_directory_exists()
-        hold = self.default_hold if hold_timeout is None else hold_timeout
-        while True:
-            if self.is_locked(key) and not self.is_lock_holder(key, holder):
-                if not self.wait_for_lock(key, acquire_timeout):
-                    return False
-            lock_path = self._lock_path_for_key(key)
-            try:
-                fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                if self.is_lock_holder(key, holder):
-                    return True
-                continue  # another holder was faster: wait for it
-            expiration = now("UTC") + timedelta(seconds=hold) if hold is not None else None
-            info = {"holder": holder, "expiration": str(expiration) if expiration else None,
-                    "host": _host(), "pid": os.getpid(), "started": _process_start(os.getpid())}
-            with os.fdopen(fd, "wb") as lock_file:
-                lock_file.write(pydantic_core.to_json(info))
-            self._locks[key] = {"holder": holder, "expiration": expiration, "path": lock_path}
-            return True
-
-    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
-                            hold_timeout: float | None = None) -> bool:
-        return self.acquire_lock(key, holder, acquire_timeout, hold_timeout)
-
-    def release_lock(self, key: str, holder: str) -> None:
-        """Release; a lock that expired meanwhile (and maybe went to another holder) is left."""
-        if self.is_lock_holder(key, holder):
-            Path(self._lock_path_for_key(key)).unlink(missing_ok=True)
-        else:
-            log.warning("cache lock %s expired before its holder released it", key)
-        self._locks.pop(key, None)
-
-    def is_locked(self, key: str, use_cache: bool = False) -> bool:
+@lru_cache(maxsize=4)
+def _saved_redis_storage(url: str) -> RedisStorageContainer:
+    block = RedisStorageContainer(connection_string=SecretStr(url))
+    name = "wis2-results-" + hashlib.sha256(url.encode("utf-8")).hexdigest()[:12]
+    for attempt in (1, 2, 3):
         try:
-            info = self._get_lock_info(key, use_cache=use_cache)
-        except ValueError:  # a lock file being written right now: locked
-            return True
-        if info is None:
-            return False
-        pid = info.get("pid")  # type: ignore[misc]  # our extra fields
-        if (isinstance(pid, int) and info.get("host") == _host()  # type: ignore[misc]
-                and not _process_alive(pid, info.get("started"))):  # type: ignore[misc]
-            log.warning("cache lock %s: its holder (pid %s) is gone; lock released", key, pid)
-            Path(info["path"]).unlink(missing_ok=True)
-            self._locks.pop(key, None)
-            return False
-        expiration = info.get("expiration")
-        if expiration is not None and expiration < now("UTC"):
-            log.warning("cache lock %s: held past its timeout; lock released", key)
-            Path(info["path"]).unlink(missing_ok=True)
-            self._locks.pop(key, None)
-            return False
-        return True
-
-
-def lock_manager(settings: ChainSettings) -> ExpiringLockManager:
-    return ExpiringLockManager(Path(settings.results_dir).expanduser() / "locks",
-                               default_hold=settings.cache_lock_timeout)
+            block.save(name, overwrite=True)
+            return block
+        except ObjectAlreadyExists:  # another host registered the block (type) at the same time
+            if attempt == 3:
+                raise
+    raise AssertionError("unreachable")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from chain.ledger import Ledger
+from chain.ledger import open_ledger
 from wis2.notification import Notification
 
 from .build import checksum_of
@@ -16,13 +15,13 @@ from .build import checksum_of
 
 @task(name="record-publication", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
 def record_publication_task(
-    notifications: list[Notification], ledger_path: str, details: dict[str, Any] | None = None
+    notifications: list[Notification], ledger: str, details: dict[str, Any] | None = None
 ) -> int:
     """Record each notification against its data_id (with `details`, extra fields of the entry:
-    what the metadata flow needs to republish a record); returns how many were recorded."""
-    ledger = Ledger(Path(ledger_path))
+    what the metadata flow needs to republish a record); returns how many were recorded.
+    `ledger`: the ledger's location (`chain.ledger.ledger_location`)."""
     for note in notifications:
-        ledger.record(
+        open_ledger(ledger).record(
             note.properties.data_id,
             notification_id=note.id,
             rel=note.rel or "canonical",

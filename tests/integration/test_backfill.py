@@ -11,16 +11,15 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from flows.backfill import BackfillCounts, backfill
+from tests.fixtures.gates import GatedFileServer
 from tests.integration import test_publish_notification
 from tests.integration.test_publish_batch import numbered_event
 from tests.integration.test_publish_notification import (
@@ -146,43 +145,6 @@ def test_rate_limit_holds(tmp_path: Path, on_session_broker: Subscriber) -> None
 # killed in the middle, started again
 
 
-class GatedFiles:
-    """An HTTP file server for the verification downloads; files named in `held` wait until
-    `release()` (a backfill is provably in the middle while one of them is requested)."""
-
-    def __init__(self, held: set[str]) -> None:
-        self.held = held
-        self.gate = threading.Event()
-        self.requested = threading.Event()
-        files = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                name = self.path.rsplit("/", 1)[-1]
-                if name in files.held:
-                    files.requested.set()
-                    files.gate.wait(120)
-                body = content(name)
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def release(self) -> None:
-        self.gate.set()
-
-    def close(self) -> None:
-        self.release()
-        self.server.shutdown()
-
-
 def content(name: str) -> bytes:
     return f"profile {name}\n".encode()
 
@@ -198,18 +160,19 @@ def served_event(i: int, base_url: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-def gated_files() -> Iterator[GatedFiles]:
-    files = GatedFiles(held=set())
+def gated_files() -> Iterator[GatedFileServer]:
+    files = GatedFileServer(content, hold=lambda name: False)  # the test names what to hold
     yield files
     files.close()
 
 
 def test_killed_backfill_started_again_publishes_only_what_is_missing(
-    tmp_path: Path, on_session_broker: Subscriber, gated_files: GatedFiles, prefect_api,
+    tmp_path: Path, on_session_broker: Subscriber, gated_files: GatedFileServer, prefect_api,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     events = [served_event(i, gated_files.url) for i in range(600, 609)]
-    gated_files.held = {next(iter(e["data"]["assets"])) for e in events[3:6]}  # second batch
+    held = {next(iter(e["data"]["assets"])) for e in events[3:6]}  # the second batch
+    gated_files.hold = held.__contains__
     source = write_events(tmp_path / "archive", events)
     monkeypatch.setenv("WIS2_VERIFY_DATA", "true")
     env = {**os.environ, **prefect_api.client_env()}

@@ -129,3 +129,41 @@ def test_tiny_fault_phase(tmp_path: Path):
     assert "held at the file server" in faults["prefect-server-sigkill-mid-burst"]["killed"]
     names = {u["name"] for u in run["faults_processes"]}
     assert {"mosquitto", "prefect-server", "worker", "listener"} <= names
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_tiny_scaled_bench_run(tmp_path: Path):
+    """`--profile scaled --split-server --faults --tiny`: 2 workers, 2 listener replicas on
+    $share, PostgreSQL and Redis of the node's own, the Prefect API and services in two
+    processes; the same phases and fault scenarios as the other profiles, and the listener
+    replica's."""
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--tiny", "--profile", "scaled", "--split-server",
+         "--faults", "--backfill", "0", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=880, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "results.md").read_text() == markdown(results)
+    run = results["profiles"]["scaled"]
+    assert run["startup_error"] is None, run.get("startup_log_tail")
+    assert run["topology"] == {"workers": 2, "listeners": 2, "share_group": "wis2",
+                               "redis_messaging": True, "separate_services": True}
+    assert "Topology: 2 workers" in done.stdout
+    for phase in ("steady", "burst"):
+        assert run[phase]["received"] == 5 and run[phase]["lost"] == 0, run[phase]
+    assert run["intake"]["events_sent"] == 5 and run["intake"]["completed"], run["intake"]
+    faults = run["faults"]
+    assert set(faults) == {"prefect-server-sigkill-mid-burst", "broker-sigkill-listener-away",
+                           "worker-sigkill-mid-burst", "listener-replica-sigkill-mid-burst"}
+    for name, f in faults.items():
+        assert f["error"] is None, (name, f)
+        assert f["received"] == 6 and f["lost"] == 0, (name, f)
+        assert f["duplicate_data_ids"] == 0 and f["unfinished_runs"] == 0, (name, f)
+    assert "from its session" in faults["listener-replica-sigkill-mid-burst"]["killed"]
+    names = {u["name"] for u in run["faults_processes"]}
+    assert {"mosquitto", "prefect-server", "prefect-services", "redis", "postgres", "worker-1",
+            "worker-2", "listener-1", "listener-2"} <= names

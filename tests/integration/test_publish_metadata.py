@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from blocks.mqtt_broker import MqttBroker
-from chain.ledger import Ledger
+from chain.ledger import SqliteLedger
 from chain.mqtt import connect
 from flows.publish_metadata import publish_metadata, republish_metadata
 from tests.fixtures.paths import ARGO_METADATA, DATA
@@ -138,7 +138,7 @@ def test_canonical_then_update_then_deletion(node, subscriber) -> None:
     assert deletion["links"][0]["href"] == link["href"]
     assert deletion["properties"]["metadata_id"] == ARGO_ID
     assert not served.exists(), "the deleted record is no longer served"
-    ledger = Ledger.in_dir(node["results"]).get(props["data_id"])
+    ledger = SqliteLedger.in_dir(node["results"]).get(props["data_id"])
     assert ledger is not None and ledger.rel == "deletion"
 
     # published again after its deletion: a new first publication
@@ -199,7 +199,7 @@ def test_invalid_record_fails_and_nothing_is_published(node, subscriber, change,
     time.sleep(1.5)
     assert subscriber.messages == []
     assert not list(node["metadata"].glob("*")) if node["metadata"].exists() else True
-    assert Ledger.in_dir(node["results"]).all() == {}
+    assert SqliteLedger.in_dir(node["results"]).all() == {}
 
 
 def test_republish_sends_an_update_for_each_current_record(node, subscriber) -> None:
@@ -242,4 +242,4 @@ def test_unreachable_broker_fails_the_run_and_records_nothing(node, monkeypatch)
     assert state.is_failed()
     with pytest.raises(Exception, match="cannot reach broker"):
         state.result()
-    assert Ledger.in_dir(node["results"]).all() == {}, "only a successful publish is recorded"
+    assert SqliteLedger.in_dir(node["results"]).all() == {}, "only a successful publish is recorded"

@@ -37,7 +37,7 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import Artifact, FlowRun
 
 from blocks.mqtt_broker import MqttBroker
-from chain.ledger import Ledger
+from chain.ledger import SqliteLedger
 from chain.mqtt import MqttConnection, connect
 from flows.publish_notification import NotificationRunResult, publish_notification
 from tests.fixtures.paths import BUFR_EVENT, NETCDF_EVENT
@@ -276,7 +276,7 @@ def test_changed_file_is_published_as_update(on_session_broker: Subscriber, chai
     assert [lk["rel"] for lk in messages[1][1]["links"]].count("update") == 1
     assert validate_notification(messages[1][1], topic=ARGO.topic).ok
 
-    entry = Ledger.in_dir(chain.results).get(second.notifications[0].data_id)
+    entry = SqliteLedger.in_dir(chain.results).get(second.notifications[0].data_id)
     assert entry is not None
     assert (entry.notification_id, entry.rel) == (second.ids[0], "update")
 
@@ -295,7 +295,7 @@ def test_deletion_event_publishes_a_deletion(on_session_broker: Subscriber, chai
     assert [m["id"] for _, m in messages] == first.ids + second.ids
     assert [lk["rel"] for lk in messages[1][1]["links"]] == ["deletion"]
     assert validate_notification(messages[1][1], topic=ARGO.topic).ok
-    entry = Ledger.in_dir(chain.results).get(second.notifications[0].data_id)
+    entry = SqliteLedger.in_dir(chain.results).get(second.notifications[0].data_id)
     assert entry is not None and entry.rel == "deletion"
 
 

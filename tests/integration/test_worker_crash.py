@@ -420,11 +420,11 @@ def test_a_cached_publication_missing_from_the_ledger_is_recorded(
 ) -> None:
     """The rerun of a run killed after its publication was cached but before the ledger record
     (the ledger decides canonical/update later) records it, and sends nothing again."""
-    from chain.ledger import Ledger
+    from chain.ledger import SqliteLedger
     from tests.integration.test_publish_notification import bufr_event, run
 
     first = run(bufr_event()).result()
-    ledger = Ledger.in_dir(chain.results)
+    ledger = SqliteLedger.in_dir(chain.results)
     data_id = first.notifications[0].data_id
     assert ledger.forget(data_id)  # what the killed run left
     again = run(bufr_event())
@@ -435,63 +435,24 @@ def test_a_cached_publication_missing_from_the_ledger_is_recorded(
     assert [m["id"] for _, m in on_session_broker.settle()] == first.ids
 
 
-# ---- the cache locks of a killed holder -----------------------------------------------------
-HOLD_LOCK = """
-import sys, time
-from pathlib import Path
-from flows.tasks.caching import ExpiringLockManager
-from prefect.results import ResultStore
-from prefect.transactions import IsolationLevel, transaction
+def test_a_notification_the_ledger_holds_is_not_sent_again_without_its_cache(
+    on_session_broker: Subscriber, chain: Any  # noqa: F811 (fixtures of test_publish_notification)
+) -> None:
+    """Another host (the ledger shared, the cached results not), or a lost results directory:
+    the event is built again -- the same notification id -- and the ledger says the broker
+    acknowledged it: nothing is sent again."""
+    import shutil
 
-store = ResultStore(lock_manager=ExpiringLockManager(Path(sys.argv[1])))
-with transaction(key="wnm-published-test", store=store,
-                 isolation_level=IsolationLevel.SERIALIZABLE):
-    print("locked", flush=True)
-    time.sleep(600)
-"""
+    from chain.ledger import SqliteLedger
+    from tests.integration.test_publish_notification import bufr_event, run
 
-
-def test_the_cache_lock_of_a_killed_run_expires(tmp_path: Path, prefect_api: PrefectServer) -> None:
-    """A process SIGKILLed inside a Prefect transaction leaves its lock file; the next
-    transaction on that key does not wait for it."""
-    from prefect.results import ResultStore
-    from prefect.transactions import IsolationLevel, transaction
-
-    from flows.tasks.caching import ExpiringLockManager
-
-    locks = tmp_path / "locks"
-    env = {**os.environ, **prefect_api.client_env()}
-    holder = subprocess.Popen([str(Path(prefect_cli()).with_name("python")), "-c", HOLD_LOCK,
-                               str(locks)], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        manager = ExpiringLockManager(locks)
-        assert manager.is_locked("wnm-published-test")  # alive: the lock holds
-        assert not manager.acquire_lock("wnm-published-test", "other", acquire_timeout=0.5)
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait(10)
-    assert (locks / "wnm-published-test.lock").exists()
-    store = ResultStore(lock_manager=ExpiringLockManager(locks))
-    started = time.monotonic()
-    with transaction(key="wnm-published-test", store=store,
-                     isolation_level=IsolationLevel.SERIALIZABLE) as txn:
-        assert txn.store.is_lock_holder("wnm-published-test", txn._holder)
-    assert time.monotonic() - started < 5
-
-
-def test_a_lock_of_another_host_expires_after_its_hold_timeout(tmp_path: Path) -> None:
-    from flows.tasks.caching import ExpiringLockManager
-
-    locks = tmp_path / "locks"
-    locks.mkdir()
-    (locks / "k.lock").write_text(json.dumps({
-        "holder": "elsewhere", "host": "another-host", "pid": 1, "started": "1",
-        "expiration": "2000-01-01 00:00:00+00:00"}))
-    manager = ExpiringLockManager(locks, default_hold=60)
-    assert manager.acquire_lock("k", "me", acquire_timeout=1)
-    info = json.loads((locks / "k.lock").read_text())
-    assert info["holder"] == "me" and info["expiration"] is not None
-    (locks / "j.lock").write_text(json.dumps({
-        "holder": "elsewhere", "host": "another-host", "pid": 1, "expiration": None}))
-    assert manager.is_locked("j")  # no timeout, another host: cannot tell, still held
+    first = run(bufr_event()).result()
+    for cached in chain.results.glob("wnm-*"):
+        cached.unlink() if cached.is_file() else shutil.rmtree(cached)
+    assert not list(chain.results.glob("wnm-*"))
+    again = run(bufr_event())
+    assert again.is_completed(), again.message
+    assert [(n.id, n.sent) for n in again.result().notifications] == [(first.ids[0], False)]
+    assert [m["id"] for _, m in on_session_broker.settle()] == first.ids
+    entry = SqliteLedger.in_dir(chain.results).get(first.notifications[0].data_id)
+    assert entry is not None and entry.notification_id == first.ids[0]

@@ -3,6 +3,7 @@ and check that everything it names exists in the repository or is a pinned publi
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -17,23 +18,32 @@ COMPOSE = REPO / "compose.yml"
 PINNED = re.compile(r"^[a-z0-9./-]+:(?!latest$)[A-Za-z0-9._-]+$")
 
 
-@pytest.fixture(scope="module")
-def resolved() -> dict:
+SPLIT_SERVER = REPO / "deploy" / "compose.split-server.yml"
+
+
+def compose_config(*files: Path) -> dict:
     docker_compose = shutil.which("docker-compose")
     if docker_compose is None:
         pytest.fail("docker-compose is not installed (make test installs Debian's docker-compose)")
-    done = subprocess.run(
-        [docker_compose, "--env-file", str(REPO / ".env.example"), "-f", str(COMPOSE), "config"],
-        capture_output=True, text=True, cwd=REPO, timeout=120, check=False,
-    )
+    argv = [docker_compose, "--env-file", str(REPO / ".env.example")]
+    for file in files:
+        argv += ["-f", str(file)]
+    done = subprocess.run([*argv, "config"], capture_output=True, text=True, cwd=REPO,
+                          timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     return yaml.safe_load(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def resolved() -> dict:
+    return compose_config(COMPOSE)
 
 
 def test_expected_services(resolved: dict) -> None:
     assert {
         "mosquitto", "postgres", "prefect-server", "prefect-worker", "listener",
-        "argo-event-diffusion", "wis2-global-broker", "broker-config",
+        "argo-event-diffusion", "wis2-global-broker", "broker-config", "redis",
+        "prefect-worker-2", "listener-2",
     } <= set(resolved["services"])
     assert resolved["services"]["argo-event-diffusion"]["profiles"] == ["demo"]
 
@@ -150,9 +160,90 @@ def test_the_prefect_api_asks_every_client_for_the_auth_string(resolved: dict) -
     services = resolved["services"]
     secret = services["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"]
     assert secret == env_example()["PREFECT_AUTH_STRING"]
-    for client in ("prefect-worker", "listener"):
+    for client in ("prefect-worker", "prefect-worker-2", "listener", "listener-2"):
         env = services[client]["environment"]
         assert env["PREFECT_API_AUTH_STRING"] == secret, client
     text = COMPOSE.read_text()
     assert "${PREFECT_AUTH_STRING:?" in text  # from .env, never written in the file
     assert secret not in text
+
+
+# ---- the multi-host layout ---------------------------------------------------------------------
+def _volume_sources(service: dict) -> set[str]:
+    return {v["source"] if isinstance(v, dict) else v.split(":")[0]
+            for v in service.get("volumes", [])}
+
+
+def test_worker_hosts_share_only_the_ledger_and_the_results_services(resolved: dict) -> None:
+    services = resolved["services"]
+    env = env_example()
+    workers = [name for name in services if name.startswith("prefect-worker")]
+    assert len(workers) >= 2
+    results_volumes = [_volume_sources(services[w]) for w in workers]
+    assert all(len(v) == 1 for v in results_volumes)
+    assert len(set().union(*results_volumes)) == len(workers), "each worker its own volume"
+    for worker in workers:
+        worker_env = services[worker]["environment"]
+        # the password in libpq's PGPASSWORD, never in the URL (flows hand it to their tasks)
+        assert worker_env["WIS2_LEDGER_URL"] == "postgresql://prefect@postgres:5432/ledger", worker
+        assert worker_env["PGPASSWORD"] == env["POSTGRES_PASSWORD"], worker
+        assert worker_env["WIS2_RESULTS_URL"] == (
+            f"redis://:{env['REDIS_PASSWORD']}@redis:6379/1"), worker
+        assert worker_env["WIS2_RESULTS_DIR"].startswith("/var/lib/wis2-chain/")
+        command = " ".join(services[worker]["command"])
+        assert "prefect worker start --pool wis2-pool" in command
+        assert '--name "wis2-worker-$$(hostname)"' in command  # one name per container
+        assert {"redis", "prefect-server"} <= set(services[worker]["depends_on"])
+    # the ledger database exists: created by the postgres image's init directory
+    postgres = services["postgres"]
+    init = next(v for v in postgres["volumes"]
+                if (v["target"] if isinstance(v, dict) else v.split(":")[1])
+                == "/docker-entrypoint-initdb.d")
+    source = Path(init["source"] if isinstance(init, dict) else init.split(":")[0])
+    sql = "\n".join(f.read_text() for f in sorted(source.glob("*.sql")))
+    assert re.search(r"CREATE DATABASE ledger;", sql)
+
+
+def test_listener_replicas_share_one_subscription(resolved: dict) -> None:
+    from listener.settings import ListenerSettings
+
+    services = resolved["services"]
+    replicas = [name for name in services if name.split("-")[0] == "listener"]
+    assert len(replicas) >= 2
+    settings = []
+    for name in replicas:
+        env = {k: v.replace("$$", "$") for k, v in services[name]["environment"].items()
+               if k.startswith("WIS2_LISTENER_")}
+        fields = {k.removeprefix("WIS2_LISTENER_").lower(): v for k, v in env.items()}
+        fields["subscriptions"] = json.loads(fields["subscriptions"])
+        settings.append(ListenerSettings(_env_file=None, **fields))
+    assert {tuple(s.subscriptions) for s in settings} == {("$share/wis2/diffusion/files/#",)}
+    assert len({s.client_id for s in settings}) == len(replicas)  # a session each
+    assert len({frozenset(_volume_sources(services[n])) for n in replicas}) == len(replicas)
+    ports = [published for n in replicas for _, published, _ in published_ports(services[n])]
+    assert len(set(ports)) == len(replicas)
+
+
+def test_redis_stays_on_the_compose_network_with_a_password(resolved: dict) -> None:
+    redis = resolved["services"]["redis"]
+    assert "ports" not in redis
+    command = redis["command"]
+    assert command[command.index("--requirepass") + 1] == env_example()["REDIS_PASSWORD"]
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    assert "redis-data" in _volume_sources(redis)
+
+
+def test_split_server_override_runs_api_and_services_apart_on_redis() -> None:
+    from localnode.prefect_server import redis_env
+
+    services = compose_config(COMPOSE, SPLIT_SERVER)["services"]
+    api, background = services["prefect-server"], services["prefect-services"]
+    assert "--no-services" in " ".join(api["command"])
+    assert "prefect server services start" in " ".join(background["command"])
+    url = f"redis://:{env_example()['REDIS_PASSWORD']}@redis:6379/0"
+    for service in (api, background):
+        env = service["environment"]
+        assert {k: env[k] for k in redis_env(url)} == redis_env(url)
+        assert env["PREFECT_API_DATABASE_CONNECTION_URL"] == (
+            api["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"])
+    assert PINNED.match(background["image"])

@@ -4,21 +4,34 @@ of earlier versions imported."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import sqlite3
 import threading
 from contextlib import closing
 from pathlib import Path
 
-from chain.ledger import Ledger, LedgerEntry
+import pytest
+from pydantic import ValidationError
+
+from chain.ledger import (
+    ClaimTimeout,
+    LedgerEntry,
+    SqliteLedger,
+    claim_key,
+    ledger_location,
+    open_ledger,
+    ordered_claims,
+)
+from chain.settings import ChainSettings
 from wis2.relations import relation_for
 
 
 def test_ledger_records_and_decides_the_relation(tmp_path: Path) -> None:
-    ledger = Ledger.in_dir(tmp_path)
+    ledger = SqliteLedger.in_dir(tmp_path)
     assert ledger.get("wis2/x/a") is None
     assert relation_for("create", None, "sha256:AAA") == "canonical"
     entry = ledger.record("wis2/x/a", notification_id="n1", rel="canonical", checksum="sha256:AAA")
-    assert Ledger.in_dir(tmp_path).get("wis2/x/a") == entry
+    assert SqliteLedger.in_dir(tmp_path).get("wis2/x/a") == entry
     assert relation_for("create", entry, "sha256:AAA") == "canonical"
     assert relation_for("create", entry, "sha256:BBB") == "update"
     assert relation_for("delete", entry, "sha256:BBB") == "deletion"
@@ -27,11 +40,12 @@ def test_ledger_records_and_decides_the_relation(tmp_path: Path) -> None:
 
 
 def test_ledger_keeps_every_concurrent_write(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite3")
     keys = [f"wis2/x/{i}" for i in range(40)]
     threads = [
         threading.Thread(
-            target=lambda k=key: Ledger(ledger.path).record(k, notification_id=k, rel="canonical")
+            target=lambda k=key: SqliteLedger(ledger.path).record(k, notification_id=k,
+                                                                  rel="canonical")
         )
         for key in keys
     ]
@@ -49,7 +63,97 @@ def test_ledger_imports_the_json_ledger_of_earlier_versions(tmp_path: Path) -> N
              "pubtime": "2026-11-01T00:00:00Z", "recorded_at": "2026-11-01T00:00:01+00:00",
              "kind": "wcmp2-record"}
     (tmp_path / "publication-ledger.json").write_text(json.dumps({"wis2/x/a": entry}))
-    ledger = Ledger.in_dir(tmp_path)
+    ledger = SqliteLedger.in_dir(tmp_path)
     assert ledger.get("wis2/x/a") == LedgerEntry.model_validate(entry)
     ledger.forget("wis2/x/a")
-    assert Ledger.in_dir(tmp_path).get("wis2/x/a") is None  # imported once, not again
+    assert SqliteLedger.in_dir(tmp_path).get("wis2/x/a") is None  # imported once, not again
+
+
+def _first_use(path: str, key: str) -> None:
+    SqliteLedger(path).record(key, notification_id=key, rel="canonical")
+
+
+def test_concurrent_first_uses_by_processes_all_succeed(tmp_path: Path) -> None:
+    """Processes opening a new ledger at the same time (each its own first use) all record."""
+    path = str(tmp_path / "ledger.sqlite3")
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(6) as pool:
+        pool.starmap(_first_use, [(path, f"wis2/x/{i}") for i in range(24)])
+    assert len(SqliteLedger(path).all()) == 24
+
+
+def test_a_claim_waits_for_the_holder_and_times_out_naming_the_data_id(tmp_path: Path) -> None:
+    ledger = SqliteLedger.in_dir(tmp_path)
+    order: list[str] = []
+
+    def second() -> None:
+        with SqliteLedger.in_dir(tmp_path).claim(["wis2/x/b", "wis2/x/a"], timeout=30):
+            order.append("second")
+
+    def timed_out() -> None:
+        with pytest.raises(ClaimTimeout, match=r"'wis2/x/a'.*0.2 s.*WIS2_CACHE_LOCK_TIMEOUT"):
+            with SqliteLedger.in_dir(tmp_path).claim(["wis2/x/a"], timeout=0.2):
+                pass
+        with ledger.claim(["wis2/x/other"], timeout=0.2):  # another data_id: not held
+            order.append("other")
+
+    with ledger.claim(["wis2/x/a"], timeout=1):
+        checker = threading.Thread(target=timed_out)
+        checker.start()
+        checker.join()
+        assert order == ["other"]
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        waiter.join(0.3)
+        assert waiter.is_alive()  # waits for the holder
+        order.append("first")
+    waiter.join(10)
+    assert order == ["other", "first", "second"]
+
+
+def test_claims_are_taken_in_one_order_each_key_once() -> None:
+    claims = ordered_claims(["b", "a", "b", "c"])
+    assert [data_id for _, data_id in claims] == sorted(
+        {"a", "b", "c"}, key=claim_key)
+    assert [key for key, _ in claims] == sorted(claim_key(d) for d in "abc")
+    assert all(-(2**63) <= key < 2**63 for key, _ in claims)
+    assert [k for k, _ in ordered_claims(["a"] * 3, 16)] == [claim_key("a") % 16]
+
+
+def test_the_ledger_location_follows_the_settings(tmp_path: Path) -> None:
+    local = ChainSettings(results_dir=tmp_path)
+    assert ledger_location(local) == str(tmp_path / "publication-ledger.sqlite3")
+    assert isinstance(open_ledger(ledger_location(local)), SqliteLedger)
+    url = "postgresql://wis2@db:5432/wis2_ledger"
+    assert ledger_location(ChainSettings(ledger_url=url)) == url
+    with pytest.raises(ValidationError, match=r"must not contain a password.*PGPASSWORD"):
+        ChainSettings(ledger_url="postgresql://wis2:secret@db/wis2_ledger")
+    with pytest.raises(ValidationError, match="postgresql://"):
+        ChainSettings(ledger_url="mysql://db/x")
+    with pytest.raises(ValidationError, match="redis://"):
+        ChainSettings(results_url="http://cache:6379")
+
+
+def test_a_claim_inside_a_claim_of_the_same_thread_does_not_wait_for_itself(
+        tmp_path: Path) -> None:
+    ledger = SqliteLedger.in_dir(tmp_path)
+    outside: list[BaseException] = []
+
+    def other_thread() -> None:
+        try:
+            with ledger.claim(["wis2/x/b"], timeout=0.2):
+                pass
+        except ClaimTimeout as exc:
+            outside.append(exc)
+
+    with ledger.claim(["wis2/x/a", "wis2/x/b"], timeout=0.5):  # a batch
+        with SqliteLedger.in_dir(tmp_path).claim(["wis2/x/b"], timeout=0.5):  # one event of it
+            pass
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+        assert len(outside) == 1  # still held for the other threads after the inner claim
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    assert len(outside) == 1  # released with the outer claim

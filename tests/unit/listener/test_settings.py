@@ -67,3 +67,11 @@ def test_batching_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.routes[0].batch_deployment is None
     with pytest.raises(ValidationError):
         Route(topic_filter="a/#", batch_deployment="no-slash")
+
+
+def test_retire_is_off_by_default_and_read_from_the_environment(monkeypatch) -> None:
+    from listener.settings import ListenerSettings
+
+    assert ListenerSettings(_env_file=None).retire is False
+    monkeypatch.setenv("WIS2_LISTENER_RETIRE", "true")
+    assert ListenerSettings(_env_file=None).retire is True

@@ -22,6 +22,7 @@ from wis2.mapping import (
     build_notifications,
     data_assets,
     data_id_for,
+    data_ids_of,
     media_type_for,
 )
 from wis2.multihash import integrity_of, multihash_of
@@ -414,3 +415,11 @@ def test_any_valid_event_builds_or_is_refused_by_field(
         assert len(content_value) <= 4096
         assert bool(content_value) <= (inline and event.operation != "delete")
         validate_notification(data, topic=dataset.topic)  # never raises
+
+
+@pytest.mark.parametrize("path", [BUFR_EVENT, NETCDF_EVENT])
+def test_the_data_ids_are_known_before_the_build(path: Any, argo: DatasetDescription) -> None:
+    """What an event claims before building (flows.pipeline) is what its notifications announce."""
+    event = parse_event(path.read_text())
+    built = build_notifications(event, argo, pubtime=PUBTIME)
+    assert data_ids_of(event, argo) == [n.properties.data_id for n in built]
