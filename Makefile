@@ -89,7 +89,8 @@ test-unit: install mosquitto docker-compose bundles
 broker-config: install mosquitto
 	$(BIN)/wis2-broker --run-dir run/broker --render-only
 
-demo: install mosquitto bundles
+# The Prefect server of the demo runs on a PostgreSQL cluster of its own (DEMO_ARGS=--sqlite: SQLite).
+demo: install mosquitto $(if $(findstring --sqlite,$(DEMO_ARGS)),,postgresql) $(if $(findstring --scaled,$(DEMO_ARGS)),redis) bundles
 	$(BIN)/python -m localnode.demo run $(DEMO_ARGS)
 
 # Send another event to the running demo node: make demo-event EVENT=path/to/event.json

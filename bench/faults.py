@@ -371,7 +371,7 @@ def fault_node(run_dir: Path, database: str = "sqlite", events: int = 10,
         settings = NodeSettings(
             _env_file=None, run_dir=run_dir / "node", broker_port=broker, broker_ws_port=ws,
             prefect_port=prefect, files_port=files, metrics_port=metrics, verify_data=True,
-            database_url=database_url, worker_type="warm", worker_limit=8)
+            database_url=database_url, database="sqlite", worker_type="warm", worker_limit=8)
         node = BenchNode(settings, extra_env=dict(FAULT_ENV),
                          listener_settings=PROFILE_LISTENER_SETTINGS.get(database, {}))
         node.postgres = postgres

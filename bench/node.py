@@ -11,11 +11,12 @@ from pathlib import Path
 from localnode.node import LocalNode, NodeSettings
 from localnode.scaled import ScaledNode
 
-# Listener settings of each profile as deployed: the PostgreSQL server takes concurrent run
-# creations (compose.yml sets WIS2_LISTENER_API_CONCURRENCY=4); SQLite keeps the default 1.
-# --listener-setting overrides them.
+# Listener settings of each profile as deployed (for the report: LocalNode sets them itself): the
+# PostgreSQL server takes concurrent run creations (compose.yml sets
+# WIS2_LISTENER_API_CONCURRENCY=4); SQLite keeps the default 1. --listener-setting overrides them.
 PROFILE_LISTENER_SETTINGS: dict[str, dict[str, str]] = {
-    "postgres": {"API_CONCURRENCY": "4"}, "scaled": {"API_CONCURRENCY": "4"}}
+    profile: {"API_CONCURRENCY": LocalNode.POSTGRES_LISTENER_API_CONCURRENCY}
+    for profile in ("postgres", "scaled")}
 
 
 class BenchNode(LocalNode):

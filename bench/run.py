@@ -137,7 +137,8 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
     settings = NodeSettings(
         _env_file=None, run_dir=out_dir / profile / "node", broker_port=broker,
         broker_ws_port=ws, prefect_port=prefect, files_port=files, metrics_port=metrics,
-        verify_data=opts.faults_only, database_url=database_url, worker_type=opts.worker,
+        verify_data=opts.faults_only, database_url=database_url, database="sqlite",
+        worker_type=opts.worker,
         worker_limit=opts.worker_limit,
     )
     dataset = load_dataset(opts.dataset)

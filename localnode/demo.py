@@ -1,11 +1,12 @@
 """`make demo`: start the node on loopback, publish the demo metadata record and the sample Argo
 event, print the notification, the flow run and the Prefect UI address, run until Ctrl-C.
 
-`python -m localnode.demo run --postgres` (`make demo DEMO_ARGS=--postgres`) puts the Prefect server
-on a PostgreSQL cluster of its own (`localnode/postgres.py`) instead of SQLite. `--scaled`
-(`make demo DEMO_ARGS=--scaled`, after `make postgresql redis`) starts the scaled node of
-`localnode/scaled.py` instead: 2 workers, 2 listener replicas on `$share`, PostgreSQL and Redis of
-its own; `--split-server` also splits the Prefect server into its API and services processes.
+The Prefect server runs on a PostgreSQL cluster of the node's own (`localnode/postgres.py`);
+`python -m localnode.demo run --sqlite` (`make demo DEMO_ARGS=--sqlite`, or
+`WIS2_DEMO_DATABASE=sqlite`) puts it on SQLite instead.
+`--scaled` (`make demo DEMO_ARGS=--scaled`) starts the scaled node of `localnode/scaled.py`
+instead: 2 workers, 2 listener replicas on `$share`, PostgreSQL and Redis of its own;
+`--split-server` also splits the Prefect server into its API and services processes.
 
 `python -m localnode.demo send EVENT.json [--topic T]` (`make demo-event EVENT=...`) sends
 another event to the running demo node as its file server."""
@@ -22,26 +23,21 @@ from pathlib import Path
 
 from chain.mqtt import MqttError, publish_once
 from localnode.node import LocalNode, NodeSettings, NodeState, PortTaken
-from localnode.postgres import PostgresCluster
+from localnode.postgres import PostgresUnavailable
 from localnode.scaled import ScaledNode, Topology
 
 log = logging.getLogger("demo")
 
 
-def run(settings: NodeSettings, postgres: bool = False, scaled: Topology | None = None) -> int:
-    cluster: PostgresCluster | None = None
+def run(settings: NodeSettings, scaled: Topology | None = None) -> int:
     node = LocalNode(settings) if scaled is None else ScaledNode(settings, scaled)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        if postgres and settings.database_url is None and scaled is None:
-            cluster = PostgresCluster(log_path=settings.run_dir.parent / "demo-postgres.log")
-            cluster.start()
-            settings = settings.model_copy(
-                update={"database_url": cluster.create_database("prefect")})
-            node = LocalNode(settings)
-            print(f"PostgreSQL for the Prefect server on 127.0.0.1:{cluster.port}", flush=True)
         state = node.start()
+        if node.postgres is not None:
+            print(f"Prefect server database: PostgreSQL on 127.0.0.1:{node.postgres.port} "
+                  "(`make demo DEMO_ARGS=--sqlite`: SQLite)", flush=True)
         print(f"node running: broker mqtt://{state.host}:{state.broker_port}, "
               f"Prefect UI {state.ui_url}, data {state.files_url}", flush=True)
         print("publishing the demo WCMP2 record (metadata before data)...", flush=True)
@@ -60,7 +56,7 @@ def run(settings: NodeSettings, postgres: bool = False, scaled: Topology | None 
         return 0
     except KeyboardInterrupt:
         return 0
-    except PortTaken as exc:
+    except (PortTaken, PostgresUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
@@ -69,8 +65,6 @@ def run(settings: NodeSettings, postgres: bool = False, scaled: Topology | None 
     finally:
         print("\nstopping the demo node...", flush=True)
         node.stop()
-        if cluster is not None:
-            cluster.cleanup()
 
 
 def send(settings: NodeSettings, event: Path, topic: str) -> int:
@@ -94,8 +88,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m localnode.demo")
     sub = parser.add_subparsers(dest="command")
     run_parser = sub.add_parser("run", help="start the demo node (default)")
-    run_parser.add_argument("--postgres", action="store_true",
-                            help="the Prefect server on a PostgreSQL cluster of its own")
+    database = run_parser.add_mutually_exclusive_group()
+    database.add_argument("--postgres", dest="database", action="store_const", const="postgres",
+                          help="the Prefect server on a PostgreSQL cluster of its own (default)")
+    database.add_argument("--sqlite", dest="database", action="store_const", const="sqlite",
+                          help="the Prefect server on SQLite (slower under load)")
     run_parser.add_argument("--scaled", action="store_true",
                             help="2 workers, 2 listener replicas, PostgreSQL and Redis")
     run_parser.add_argument("--split-server", action="store_true",
@@ -109,9 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     settings = NodeSettings()
     if args.command == "send":
         sys.exit(send(settings, args.event, args.topic or settings.event_topic))
+    if getattr(args, "database", None):
+        settings = settings.model_copy(update={"database": args.database})
     scaled = (Topology(separate_services=args.split_server)
               if getattr(args, "scaled", False) else None)
-    sys.exit(run(settings, postgres=getattr(args, "postgres", False), scaled=scaled))
+    sys.exit(run(settings, scaled=scaled))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,10 @@
 worker, blocks, deployments, listener and a small HTTP file server for the demo data.
 
 `LocalNode.start()` brings everything up in order and `stop()` stops every process it started.
+The Prefect server's database is, by default, a PostgreSQL cluster of the node's own
+(`localnode/postgres.py`, Debian's `postgresql` programs, its data in a temporary directory removed
+at `stop()`); `WIS2_DEMO_DATABASE=sqlite` puts it on SQLite in the run directory, and
+`WIS2_DEMO_DATABASE_URL` on a database of your own.
 The Prefect API and UI ask for a generated "user:password" auth string (Prefect's basic
 authentication), given to the worker, the listener and every CLI call.
 Its state (ports, the generated broker passwords and the Prefect auth string) is written to
@@ -30,6 +34,7 @@ from chain.deployments import PUBLISH_METADATA, PUBLISH_NOTIFICATION_FLOW
 from chain.files import write_atomically
 from chain.mqtt import MqttConnection, connect, publish_once
 from chain.processes import ManagedProcess, port_is_open
+from localnode.postgres import PostgresCluster
 from localnode.prefect_server import PrefectServer, prefect_cli
 
 log = logging.getLogger(__name__)
@@ -58,8 +63,11 @@ class NodeSettings(BaseSettings):
     metadata_record: Path = REPO / "data" / "demo-metadata.json"
     verify_data: bool = Field(default=True, description="Flows download and check the data")
     timeout: float = Field(default=240.0, description="Seconds to wait for the notification")
+    database: Literal["postgres", "sqlite"] = Field(
+        default="postgres", description="Prefect server database when database_url is unset: "
+        "a PostgreSQL cluster of the node's own, or SQLite in run_dir")
     database_url: str | None = Field(
-        default=None, description="Prefect server database (default: SQLite in run_dir)")
+        default=None, description="Prefect server database of your own (overrides database)")
     worker_type: Literal["warm", "process"] = Field(
         default="warm", description="wis2-warm worker (runs in its process) or Prefect's process")
     worker_limit: int = Field(default=8, ge=1, description="Flow runs at once (worker --limit)")
@@ -107,12 +115,16 @@ class PortTaken(RuntimeError):
 
 class LocalNode:
     WORKER_CLIENT_MAX_RETRIES = "7"  # compose.yml too (measured: bench/RESULTS.md, fault phase)
+    CLIENT_CSRF_SUPPORT = "false"
     WORKER_QUERY_SECONDS = "1"  # the worker polls for new runs every second (compose.yml too)
     # Recovery (worker/recovery.py): a worker heartbeat every 10 s, so a dead worker's runs are
     # rescheduled ~30 s after it died; a fixed name, so a restarted worker reclaims its own at
     # once (compose.yml too).
     WORKER_HEARTBEAT_SECONDS = "10"
     WORKER_NAME = "wis2-local-worker"
+    # Run creations the listener sends at once: PostgreSQL takes concurrent writes (compose.yml
+    # too); SQLite serialises them, so the listener's default (1) stays.
+    POSTGRES_LISTENER_API_CONCURRENCY = "4"
 
     def __init__(self, settings: NodeSettings | None = None) -> None:
         self.settings = settings or NodeSettings()
@@ -120,6 +132,8 @@ class LocalNode:
         self.processes: list[ManagedProcess] = []
         self.broker: RunningBroker | None = None
         self.server: PrefectServer | None = None
+        self.postgres: PostgresCluster | None = None  # the Prefect server's database cluster
+        self._owns_postgres = False  # started by start(), removed by stop()
         self.passwords = {role: SecretStr(secrets.token_urlsafe(18))
                           for role in ("fileserver", "listener", "publisher", "monitor")}
         self.passwords["everyone"] = SecretStr("everyone")
@@ -163,6 +177,9 @@ class LocalNode:
         env.update({
             "PREFECT_LOGGING_LEVEL": "INFO",
             "PREFECT_WORKER_QUERY_SECONDS": self.WORKER_QUERY_SECONDS,
+            # The server has no CSRF protection: no GET /csrf-token (answered 422) per new client,
+            # i.e. per flow run on the worker (compose.yml too).
+            "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED": self.CLIENT_CSRF_SUPPORT,
             "WIS2_MQTT_HOST": s.host,
             "WIS2_MQTT_PORT": str(s.broker_port),
             "WIS2_MQTT_USERNAME": "publisher",
@@ -189,7 +206,27 @@ class LocalNode:
             "WIS2_LISTENER_DEADLETTER_DIR": str(self.run_dir / "deadletters"),
             "WIS2_LISTENER_METRICS_PORT": str(s.metrics_port),
         })
+        if self.database_url.startswith("postgresql"):
+            env["WIS2_LISTENER_API_CONCURRENCY"] = self.POSTGRES_LISTENER_API_CONCURRENCY
         return env
+
+    @property
+    def database_url(self) -> str:
+        """The Prefect server's database (known once start() has begun)."""
+        assert self.server is not None
+        return self.server.database_url
+
+    def _start_database(self) -> str | None:
+        """The PostgreSQL cluster of the node's own, unless a database was given or SQLite asked
+        for; returns the URL for the Prefect server (None: its SQLite default)."""
+        s = self.settings
+        if s.database_url is not None or s.database == "sqlite":
+            return s.database_url
+        log.info("starting PostgreSQL for the Prefect server (WIS2_DEMO_DATABASE=sqlite: SQLite)")
+        self.postgres = PostgresCluster(log_path=self.run_dir / "logs" / "postgres.log")
+        self._owns_postgres = True
+        self.postgres.start()
+        return self.postgres.create_database("prefect")
 
     # ---- start / stop ----------------------------------------------------------------------
     def _run(self, argv: list[str], env: dict[str, str], what: str) -> None:
@@ -253,7 +290,8 @@ class LocalNode:
     def make_server(self) -> PrefectServer:
         s = self.settings
         return PrefectServer(self.run_dir / "prefect", port=s.prefect_port, host=s.host, ui=True,
-                             database_url=s.database_url, auth_string=self.prefect_auth_string)
+                             database_url=self._start_database(),
+                             auth_string=self.prefect_auth_string)
 
     def worker_env(self, env: dict[str, str]) -> dict[str, str]:
         return {**env, "PREFECT_WORKER_HEARTBEAT_SECONDS": self.WORKER_HEARTBEAT_SECONDS,
@@ -280,6 +318,9 @@ class LocalNode:
         if self.broker is not None:
             self.broker.stop()
             self.broker = None
+        if self.postgres is not None and self._owns_postgres:
+            self.postgres.cleanup()
+            self.postgres, self._owns_postgres = None, False
 
     # ---- using it --------------------------------------------------------------------------
     def event_payload(self, path: Path) -> bytes:

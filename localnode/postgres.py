@@ -1,5 +1,5 @@
 """A PostgreSQL cluster of our own, as a child process: for the Prefect server of the tests, the
-benchmark and the local node (`make demo` with `WIS2_DEMO_DATABASE=postgres`).
+benchmark and the local node (`make demo`, unless `WIS2_DEMO_DATABASE=sqlite`).
 
 `PostgresCluster(data_dir).start()` runs `initdb` (once: the same directory keeps its databases
 across restarts) and `postgres` on a free loopback port, with trust authentication for loopback

@@ -27,6 +27,9 @@ What it does differently from the `process` worker (by design, because runs shar
   on until its current task ends; the server refuses to start its next tasks, and when the flow
   returns the worker marks it Cancelled. A worker stopped with SIGTERM/SIGINT waits for the runs
   in progress to finish.
+- **Wake-up** (`worker/wakeup.py`): besides polling every PREFECT_WORKER_QUERY_SECONDS, the
+  worker listens to the server's event stream and polls at once when a run is scheduled in its
+  pool (`WIS2_WORKER_WAKEUP=false`: the poll alone); a lost stream only means the poll.
 - **Recovery** (`worker/recovery.py`): while it polls its pool, the worker reschedules the runs
   stranded by a dead worker of the pool (Pending or Running, no heartbeat from their worker), and
   at start those it had claimed itself under the same `--name` before it was killed; a run
@@ -61,6 +64,7 @@ from pydantic import Field, PrivateAttr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.recovery import PoolRecovery, Recovered
+from worker.wakeup import PoolWakeup
 
 if TYPE_CHECKING:
     from uuid import UUID
@@ -82,6 +86,9 @@ class WarmWorkerSettings(BaseSettings):
     project_dir: Path | None = Field(
         default=None, description="Project directory the deployments' entrypoints are relative to"
     )
+    worker_wakeup: bool = Field(
+        default=True, description="Also listen to the server's event stream and poll at once "
+        "when a run is scheduled in the pool (worker/wakeup.py); false: the poll alone")
 
     def resolved_project_dir(self) -> Path:
         return (self.project_dir or Path.cwd()).resolve()
@@ -203,13 +210,50 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         super().__init__(*args, **kwargs)
         self._flows = FlowCache()
         self._threads = anyio.CapacityLimiter(self._limit or DEFAULT_THREADS)
-        self._project_dir = WarmWorkerSettings().resolved_project_dir()
+        settings = WarmWorkerSettings()
+        self._project_dir = settings.resolved_project_dir()
+        self._wakeup = PoolWakeup(self._work_pool_name, self._on_scheduled, self._logger) \
+            if settings.worker_wakeup else None
+        self._wake = asyncio.Event()
+        self._background: list[asyncio.Task[None]] = []
         self._executing: set[UUID] = set()  # runs this process is executing (recovery skips)
         self._recovery = PoolRecovery(self._work_pool_name, own_name=self.name,
                                       own_runs=self._own_runs)
         if self._limit is None:
             log.warning("wis2-warm worker started without --limit: at most %d flow runs at once",
                         DEFAULT_THREADS)
+
+    async def setup(self) -> None:
+        await super().setup()
+        if self._wakeup is not None:
+            self._background = [asyncio.create_task(self._wakeup.run()),
+                                asyncio.create_task(self._poll_on_wake())]
+
+    async def teardown(self, *exc_info: Any) -> None:
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._background = []
+        await super().teardown(*exc_info)
+
+    def _on_scheduled(self, flow_run_resource: str) -> None:
+        log.debug("event stream: %s scheduled in pool %s", flow_run_resource or "(connected)",
+                  self._work_pool_name)
+        self._wake.set()
+
+    async def _poll_on_wake(self) -> None:
+        """Poll as soon as the event stream says a run was scheduled (several events during one
+        poll: one more poll), once a run slot is free (a slot freed by a run's end is filled at
+        once while runs are being scheduled). The recovery stays with the regular poll."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._limiter is not None and self._limiter.available_tokens < 1:
+                await asyncio.sleep(0.05)
+            try:
+                await super().get_and_submit_flow_runs()
+            except Exception as exc:  # the regular poll goes on and reports its own errors
+                log.debug("poll on event failed: %s", exc, exc_info=True)
 
     async def run(
         self,

@@ -109,6 +109,15 @@ def test_worker_and_listener_authenticate_end_to_end(node: LocalNode, published:
         time.sleep(0.5)
 
 
+def test_the_warm_worker_subscribes_to_the_event_stream_with_the_auth_string(
+        node: LocalNode, published: dict) -> None:
+    """The stream that wakes the worker (worker/wakeup.py) authenticates in its own message."""
+    log = node.run_dir / "logs" / "worker.log"
+    text = log.read_text(errors="replace")
+    assert "event stream connected" in text, text[-4000:]
+    assert "event stream unavailable" not in text, text[-4000:]
+
+
 def test_the_cli_authenticates_with_the_node_environment(node: LocalNode) -> None:
     env = node.child_env()
     assert env["PREFECT_API_AUTH_STRING"] == node.state.prefect_auth_string.get_secret_value()

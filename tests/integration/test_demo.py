@@ -65,6 +65,16 @@ def published(demo_node: LocalNode, global_broker: Path) -> dict:
                                    demo_node.settings.timeout)
 
 
+def test_the_demo_node_runs_prefect_on_a_postgresql_cluster_of_its_own(demo_node: LocalNode):
+    """The default node is the fast one: PostgreSQL started by the node itself (zero set-up
+    commands), the listener creating runs concurrently as compose.yml does."""
+    assert demo_node.postgres is not None and demo_node.postgres.running
+    assert demo_node.database_url.startswith("postgresql+asyncpg://")
+    assert f":{demo_node.postgres.port}/" in demo_node.database_url
+    assert demo_node.listener_env()["WIS2_LISTENER_API_CONCURRENCY"] == \
+        LocalNode.POSTGRES_LISTENER_API_CONCURRENCY
+
+
 def test_sample_event_reaches_a_validating_global_broker(published: dict, global_broker: Path):
     assert published["message"]["properties"]["data_id"].endswith(SAMPLE_FILE)
     deadline = time.monotonic() + 60

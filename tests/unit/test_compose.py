@@ -70,9 +70,20 @@ def test_chain_settings_match_the_benchmarked_ones(resolved: dict) -> None:
     assert worker_env["PREFECT_WORKER_QUERY_SECONDS"] == LocalNode.WORKER_QUERY_SECONDS
     assert worker_env["PREFECT_CLIENT_MAX_RETRIES"] == LocalNode.WORKER_CLIENT_MAX_RETRIES
     listener_env = services["listener"]["environment"]
+    for env in (worker_env, listener_env):
+        assert env["PREFECT_CLIENT_CSRF_SUPPORT_ENABLED"] == LocalNode.CLIENT_CSRF_SUPPORT
     for name, value in PROFILE_LISTENER_SETTINGS["postgres"].items():
         assert listener_env[f"WIS2_LISTENER_{name}"] == value
     assert listener_env["WIS2_LISTENER_BATCH_MAX_SIZE"] == "50"
+
+
+def test_server_settings_are_the_local_nodes(resolved: dict) -> None:
+    """The Prefect server's services and batching are those make demo and the bench run."""
+    from localnode.prefect_server import NODE_SERVER_SETTINGS
+
+    server_env = resolved["services"]["prefect-server"]["environment"]
+    for name, value in NODE_SERVER_SETTINGS.items():
+        assert server_env[name] == value, name
 
 
 def test_volumes_and_files_exist(resolved: dict) -> None:
