@@ -52,7 +52,7 @@ from tests.integration.test_worker_crash import (
 from worker.recovery import WORKER_LABEL
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1500)]
-BURST = 400  # 16 publish-batch runs of 25: more than the two workers' 8 run slots
+BURST = 1000  # 40 publish-batch runs of 25: far more than the two workers' 8 run slots
 
 
 @pytest.fixture(scope="module")
