@@ -76,7 +76,7 @@ lint: install
 
 # Test files run in TEST_WORKERS parallel pytest processes (one file stays in one process, so a
 # file's broker, Prefect server and worker fixtures are shared as written); 1 runs them in order.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 test: install mosquitto postgresql redis docker-compose chromium nginx bundles lint
 	$(BIN)/python -m pytest $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
