@@ -76,7 +76,6 @@ log = logging.getLogger(__name__)
 LEDGER_FILE = "publication-ledger.sqlite3"
 LEGACY_FILE = "publication-ledger.json"  # the ledger of versions before 2026-11-29
 BUSY_TIMEOUT_S = 60.0
-CLAIM_BUCKETS = 4096  # lock files of the SQLite ledger's claims (two data_ids may share one)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS publications (
@@ -238,16 +237,43 @@ class SqliteLedger:
 
     @contextmanager
     def claim(self, data_ids: Iterable[str], timeout: float | None) -> Iterator[None]:
-        """Hold `data_ids` (flock'ed lock files under ``claims/`` beside the database)."""
+        """Hold `data_ids`: one flock'ed lock file per data_id under ``claims/`` beside the
+        database, removed when released (a killed holder's file stays, unlocked, and is reused)."""
         directory = self.path.parent / "claims"
         directory.mkdir(parents=True, exist_ok=True)
         deadline = None if timeout is None else time.monotonic() + timeout
-        with new_claims(self.location, data_ids, CLAIM_BUCKETS) as todo, ExitStack() as held:
-            for bucket, data_id in todo:
-                fd = os.open(directory / f"{bucket:03x}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-                held.callback(os.close, fd)  # closing releases the lock
-                _flock(fd, deadline, data_id, timeout)
+        with new_claims(self.location, data_ids) as todo, ExitStack() as held:
+            for key, data_id in todo:
+                path = directory / f"{key & 0xFFFF_FFFF_FFFF_FFFF:016x}.lock"
+                fd = _lock_file(path, deadline, data_id, timeout)
+                held.callback(_unlock_file, path, fd)
             yield
+
+
+def _lock_file(path: Path, deadline: float | None, data_id: str, timeout: float | None) -> int:
+    """Open and flock `path`, the very file the path names once locked: a holder releasing its
+    claim removes the file, and whoever had opened it meanwhile tries again on a new one."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            _flock(fd, deadline, data_id, timeout)
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            return fd
+        os.close(fd)
+
+
+def _unlock_file(path: Path, fd: int) -> None:
+    try:
+        path.unlink(missing_ok=True)  # while still locked: see _lock_file
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _flock(fd: int, deadline: float | None, data_id: str, timeout: float | None) -> None:

@@ -53,18 +53,18 @@ class LedgerUnavailable(RuntimeError):
 
 
 def claim_key(data_id: str) -> int:
-    """A data_id as a signed 64-bit integer (PostgreSQL advisory lock key, lock file bucket)."""
+    """A data_id as a signed 64-bit integer (PostgreSQL advisory lock key, lock file name)."""
     return int.from_bytes(hashlib.sha256(data_id.encode("utf-8")).digest()[:8], "big",
                           signed=True)
 
 
-def ordered_claims(data_ids: Iterable[str], space: int | None = None) -> list[tuple[int, str]]:
+def ordered_claims(data_ids: Iterable[str]) -> list[tuple[int, str]]:
     """(key, first data_id of that key) in ascending key order, each key once: the order every
-    claim takes its locks in. `space`: keys modulo this number (lock file buckets)."""
+    claim takes its locks in (keys are 64-bit: two data_ids never share one in practice, so
+    claims of different files never wait for each other)."""
     keys: dict[int, str] = {}
     for data_id in sorted(set(data_ids)):
-        key = claim_key(data_id) % space if space else claim_key(data_id)
-        keys.setdefault(key, data_id)
+        keys.setdefault(claim_key(data_id), data_id)
     return sorted(keys.items())
 
 
@@ -72,14 +72,13 @@ _HELD = threading.local()  # per thread: {ledger location: keys held by its clai
 
 
 @contextmanager
-def new_claims(location: str, data_ids: Iterable[str], space: int | None = None
-               ) -> Iterator[list[tuple[int, str]]]:
+def new_claims(location: str, data_ids: Iterable[str]) -> Iterator[list[tuple[int, str]]]:
     """The keys of `ordered_claims` this thread does not hold yet (a claim inside a claim of the
     same thread, e.g. per event inside a claim of the whole batch, does not wait for itself);
     they count as held by this thread until the block exits."""
     held: dict[str, set[int]] = _HELD.__dict__.setdefault("by_location", {})
     mine = held.setdefault(location, set())
-    todo = [(key, data_id) for key, data_id in ordered_claims(data_ids, space)
+    todo = [(key, data_id) for key, data_id in ordered_claims(data_ids)
             if key not in mine]
     mine.update(key for key, _ in todo)
     try:

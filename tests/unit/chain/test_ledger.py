@@ -117,7 +117,57 @@ def test_claims_are_taken_in_one_order_each_key_once() -> None:
         {"a", "b", "c"}, key=claim_key)
     assert [key for key, _ in claims] == sorted(claim_key(d) for d in "abc")
     assert all(-(2**63) <= key < 2**63 for key, _ in claims)
-    assert [k for k, _ in ordered_claims(["a"] * 3, 16)] == [claim_key("a") % 16]
+    assert [k for k, _ in ordered_claims(["a"] * 3)] == [claim_key("a")]
+
+
+def test_claims_of_different_files_never_wait_for_each_other(tmp_path: Path) -> None:
+    """A batch held at a slow download keeps its files claimed: a batch of other files goes on
+    (lock files were once shared by buckets of data_ids, and such a batch waited, then failed)."""
+    held = [f"wis2/x/held-{i}" for i in range(500)]
+    others = [f"wis2/x/other-{i}" for i in range(500)]
+    claims = tmp_path / "claims"
+    with SqliteLedger.in_dir(tmp_path).claim(held, timeout=1):
+        assert len(list(claims.iterdir())) == 500  # one lock file per data_id
+
+        errors: list[BaseException] = []
+
+        def other_batch() -> None:
+            try:
+                with SqliteLedger.in_dir(tmp_path).claim(others, timeout=0.5):
+                    pass
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=other_batch)
+        thread.start()
+        thread.join(30)
+        assert errors == []
+    assert list(claims.iterdir()) == []  # released claims leave no file behind
+
+
+def test_a_claim_released_while_another_waits_passes_to_exactly_one(tmp_path: Path) -> None:
+    """The holder removes its lock file on release: whoever had opened that file meanwhile
+    locks it again by the new one, so two waiters never both hold one data_id."""
+    inside = 0
+    most = 0
+    guard = threading.Lock()
+
+    def worker() -> None:
+        nonlocal inside, most
+        for _ in range(50):
+            with SqliteLedger.in_dir(tmp_path).claim(["wis2/x/a"], timeout=30):
+                with guard:
+                    inside += 1
+                    most = max(most, inside)
+                with guard:
+                    inside -= 1
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert most == 1
 
 
 def test_the_ledger_location_follows_the_settings(tmp_path: Path) -> None:
