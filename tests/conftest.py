@@ -19,9 +19,15 @@ pytest_plugins = [
 ]
 
 INTEGRATION_DIR = Path(__file__).resolve().parent / "integration"
+# The longest files first: `make test` hands whole files to its pytest processes in collection
+# order, and a long file handed out last would run alone at the end.
+LONGEST_FIRST = ("test_worker_hosts.py", "test_bench.py", "test_worker_crash.py",
+                 "test_server_crash.py", "test_listener_replicas.py", "test_listener.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if INTEGRATION_DIR in item.path.resolve().parents:
             item.add_marker(pytest.mark.integration)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept inside
