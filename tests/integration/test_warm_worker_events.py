@@ -24,6 +24,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.settings import temporary_settings
 
+from chain.processes import ManagedProcess
 from localnode.prefect_server import PrefectServer, prefect_cli
 from tests.fixtures.gates import ApiGate
 from tests.fixtures.paths import REPO
@@ -58,30 +59,24 @@ def make_pool(env: dict[str, str]) -> tuple[str, uuid.UUID]:
 
 
 @contextmanager
-def warm_worker(pool: str, env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[str]]:
-    with log.open("w") as out:
-        worker = subprocess.Popen(
-            [prefect_cli(), "worker", "start", "--pool", pool, "--type", "wis2-warm",
-             "--limit", "2"], cwd=log.parent, env=env, stdout=out, stderr=subprocess.STDOUT,
-            text=True, start_new_session=True)
+def warm_worker(pool: str, env: dict[str, str], log: Path) -> Iterator[ManagedProcess]:
+    worker = ManagedProcess("worker", [prefect_cli(), "worker", "start", "--pool", pool,
+                                       "--type", "wis2-warm", "--limit", "2"],
+                            log, env=env, cwd=log.parent)
+    worker.start()
     try:
         yield worker
     finally:
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait(10)
+        worker.stop(timeout=30)
 
 
-def wait_for(what: str, check, timeout: float, log: Path, worker: subprocess.Popen[str]):
+def wait_for(what: str, check, timeout: float, log: Path, worker: ManagedProcess):
     deadline = time.monotonic() + timeout
     while True:
         value = check()
         if value:
             return value
-        assert worker.poll() is None, f"the worker exited:\n{log.read_text()[-4000:]}"
+        assert worker.running, f"the worker exited:\n{log.read_text()[-4000:]}"
         assert time.monotonic() < deadline, f"{what}: not after {timeout}s\n" \
                                             f"{log.read_text()[-4000:]}"
         time.sleep(0.3)
@@ -143,7 +138,7 @@ def test_without_the_event_stream_the_poll_still_takes_runs(prefect_api, tmp_pat
                     deployment_id, parameters={"seconds": 0})
             run = wait_for("run final", lambda: final(created.id), 120, log, worker)
             assert run.state is not None and run.state.is_completed(), run.state
-            assert worker.poll() is None
+            assert worker.running
             assert CONNECTED not in log.read_text()
     finally:
         gate.close()
