@@ -6,6 +6,7 @@ scaled topology (`localnode/scaled.py`: N workers, M listener replicas, shared s
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from localnode.node import LocalNode, NodeSettings
@@ -19,19 +20,31 @@ PROFILE_LISTENER_SETTINGS: dict[str, dict[str, str]] = {
     for profile in ("postgres", "scaled")}
 
 
+def _apply(env: dict[str, str], changes: Mapping[str, str | None]) -> dict[str, str]:
+    """`env` with `changes` made: a value of None unsets the variable."""
+    for name, value in changes.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
+
+
 class BenchNode(LocalNode):
     """The node, with more listener settings (`{"BATCH_MAX_SIZE": "50"}` ->
     WIS2_LISTENER_BATCH_MAX_SIZE=50), `extra_env` for every chain process (e.g.
-    `{"WIS2_VERIFY_TIMEOUT": "600"}`), or the stand-in listener when asked for. Its file server
-    holds file requests while `gate_file` exists (see bench/gated_files.py)."""
+    `{"WIS2_VERIFY_TIMEOUT": "600"}`), or the stand-in listener when asked for; a value of None
+    unsets the variable (the program's default). Its file server holds file requests while
+    `gate_file` exists (see bench/gated_files.py). `server_env` and `server_node_settings`
+    (LocalNode) change the Prefect server's environment."""
 
     def __init__(self, settings: NodeSettings, standin_listener: bool = False,
-                 listener_settings: dict[str, str] | None = None,
-                 extra_env: dict[str, str] | None = None, **node_options) -> None:
+                 listener_settings: Mapping[str, str | None] | None = None,
+                 extra_env: Mapping[str, str | None] | None = None, **node_options) -> None:
         super().__init__(settings, **node_options)
         self.standin_listener = standin_listener
-        self.listener_settings = listener_settings or {}
-        self.extra_env = extra_env or {}
+        self.listener_settings = dict(listener_settings or {})
+        self.extra_env = dict(extra_env or {})
         self.postgres = None  # a PostgresCluster the bench started for this node, if any
 
     @property
@@ -39,14 +52,15 @@ class BenchNode(LocalNode):
         return self.run_dir / "files-gate"
 
     def child_env(self) -> dict[str, str]:
-        env = super().child_env()
-        env.update(self.extra_env)
-        return env
+        return _apply(super().child_env(), self.extra_env)
+
+    def worker_env(self, env: dict[str, str]) -> dict[str, str]:
+        # over the worker's own settings too (PREFECT_CLIENT_MAX_RETRIES...)
+        return _apply(super().worker_env(env), self.extra_env)
 
     def listener_env(self) -> dict[str, str]:
-        env = super().listener_env()
-        env.update({f"WIS2_LISTENER_{k.upper()}": v for k, v in self.listener_settings.items()})
-        return env
+        return _apply(super().listener_env(), {f"WIS2_LISTENER_{k.upper()}": v
+                                               for k, v in self.listener_settings.items()})
 
     def _spawn(self, name, argv, env, ready=None, timeout=60.0, **options):
         if name == "listener" and self.standin_listener:

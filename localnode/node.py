@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -126,8 +127,14 @@ class LocalNode:
     # too); SQLite serialises them, so the listener's default (1) stays.
     POSTGRES_LISTENER_API_CONCURRENCY = "4"
 
-    def __init__(self, settings: NodeSettings | None = None) -> None:
+    def __init__(self, settings: NodeSettings | None = None,
+                 server_env: Mapping[str, str | None] | None = None,
+                 server_node_settings: bool = True) -> None:
+        """`server_env`: more environment of the Prefect server (None: unset), over its node
+        settings; `server_node_settings=False`: without them (`PrefectServer(node_settings=)`)."""
         self.settings = settings or NodeSettings()
+        self.server_env = dict(server_env or {})
+        self.server_node_settings = server_node_settings
         self.run_dir = self.settings.run_dir
         self.processes: list[ManagedProcess] = []
         self.broker: RunningBroker | None = None
@@ -291,7 +298,8 @@ class LocalNode:
         s = self.settings
         return PrefectServer(self.run_dir / "prefect", port=s.prefect_port, host=s.host, ui=True,
                              database_url=self._start_database(),
-                             auth_string=self.prefect_auth_string)
+                             auth_string=self.prefect_auth_string, extra_env=self.server_env,
+                             node_settings=self.server_node_settings)
 
     def worker_env(self, env: dict[str, str]) -> dict[str, str]:
         return {**env, "PREFECT_WORKER_HEARTBEAT_SECONDS": self.WORKER_HEARTBEAT_SECONDS,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
@@ -20,9 +21,10 @@ from pydantic import SecretStr
 from chain.processes import ManagedProcess, free_port
 
 # Server settings of a WIS2 node (README: "The Prefect server's settings"); `extra_env` overrides
-# them. Kept: the scheduler (the republish-metadata/daily cron deployment), cancellation cleanup,
-# the foreman (worker status), the event persister and the event stream (the workers' wake-up and
-# cancellation observer), the task run recorder, the repossessor, the database vacuum.
+# them, `node_settings=False` leaves them out (Prefect's defaults). Kept: the scheduler (the
+# republish-metadata/daily cron deployment), cancellation cleanup, the foreman (worker status),
+# the event persister and the event stream (the workers' wake-up and cancellation observer), the
+# task run recorder, the repossessor, the database vacuum.
 NODE_SERVER_SETTINGS: dict[str, str] = {
     # Late runs: a state write per Scheduled run older than 15 s, i.e. per run of a backlog,
     # while the backlog is what the server is busy with; "Late" changes nothing for a worker.
@@ -60,6 +62,9 @@ def redis_env(url: str) -> dict[str, str]:
 class PrefectServer(ManagedProcess):
     """`prefect server start` on loopback. `api_url` is what clients put in PREFECT_API_URL.
 
+    Its environment: NODE_SERVER_SETTINGS (unless `node_settings=False`), then `extra_env`
+    (a value of None unsets that variable: Prefect's default).
+
     With `auth_string` ("user:password"), the API and the UI ask for it (Prefect's basic
     authentication, PREFECT_SERVER_API_AUTH_STRING); `client_env()` gives it to clients
     (PREFECT_API_AUTH_STRING). Only `GET /api/health` and `/api/ready` answer without it."""
@@ -71,10 +76,11 @@ class PrefectServer(ManagedProcess):
         host: str = "127.0.0.1",
         database_url: str | None = None,
         ui: bool = False,
-        extra_env: dict[str, str] | None = None,
+        extra_env: Mapping[str, str | None] | None = None,
         auth_string: SecretStr | None = None,
         redis_url: str | None = None,
         separate_services: bool = False,
+        node_settings: bool = True,
     ) -> None:
         if separate_services and redis_url is None:
             raise ValueError("separate_services needs redis_url (Prefect's Redis messaging)")
@@ -95,12 +101,17 @@ class PrefectServer(ManagedProcess):
             PREFECT_SERVER_API_HOST=host,
             PREFECT_SERVER_API_PORT=str(self.port),
         )
-        env.update(NODE_SERVER_SETTINGS)
+        if node_settings:
+            env.update(NODE_SERVER_SETTINGS)
         if auth_string is not None:
             env["PREFECT_SERVER_API_AUTH_STRING"] = auth_string.get_secret_value()
         if redis_url is not None:
             env.update(redis_env(redis_url))
-        env.update(extra_env or {})
+        for name, value in (extra_env or {}).items():  # None: unset (Prefect's default)
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
         argv = [prefect_cli(), "server", "start", "--host", host, "--port", str(self.port)]
         self.services: ManagedProcess | None = None
         if separate_services:

@@ -53,8 +53,8 @@ class ScaledNode(LocalNode):
     """`LocalNode` with N workers, M listener replicas and shared PostgreSQL and Redis."""
 
     def __init__(self, settings: NodeSettings | None = None,
-                 topology: Topology | None = None) -> None:
-        super().__init__(settings)
+                 topology: Topology | None = None, **node_options) -> None:
+        super().__init__(settings, **node_options)  # server_env... (LocalNode)
         self.topology = topology or Topology()
         self.postgres: PostgresCluster | None = None
         self.redis: RedisServer | None = None
@@ -79,7 +79,8 @@ class ScaledNode(LocalNode):
             self.run_dir / "prefect", port=s.prefect_port, host=s.host, ui=True,
             database_url=database_url, auth_string=self.prefect_auth_string,
             redis_url=self.redis.url(0) if t.redis_messaging or t.separate_services else None,
-            separate_services=t.separate_services)
+            separate_services=t.separate_services, extra_env=self.server_env,
+            node_settings=self.server_node_settings)
 
     @property
     def ledger_url(self) -> str:
