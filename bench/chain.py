@@ -189,13 +189,23 @@ def _event_ids(parameters: dict) -> list[str]:
 
 
 @asynccontextmanager
-async def _client(node: NodeState) -> AsyncIterator[PrefectClient]:
-    """A Prefect client of the node's API (this process's own settings left as they are)."""
+async def _client(node: NodeState,
+                  requests: Counter[str] | None = None) -> AsyncIterator[PrefectClient]:
+    """A Prefect client of the node's API (this process's own settings left as they are);
+    `requests` counts its requests by route (bench/api_requests.py), retries included."""
     from prefect.client.orchestration import get_client
     from prefect.settings import temporary_settings
 
+    from bench.api_requests import route
+
+    httpx_settings = None
+    if requests is not None:
+        async def count(request) -> None:
+            requests[route(request.method, request.url.path)] += 1
+
+        httpx_settings = {"event_hooks": {"request": [count]}}
     with temporary_settings(updates=node.prefect_settings()):
-        async with get_client() as client:
+        async with get_client(httpx_settings=httpx_settings) as client:
             yield client
 
 
@@ -205,9 +215,10 @@ def _chain_flows() -> FlowFilter:
     return FlowFilter(name=FlowFilterName(any_=list(FLOW_NAMES)))
 
 
-async def _read_runs(node: NodeState) -> list[tuple[list[str], str]]:
+async def _read_runs(node: NodeState,
+                     requests: Counter[str] | None = None) -> list[tuple[list[str], str]]:
     runs: list[tuple[list[str], str]] = []
-    async with _client(node) as client:
+    async with _client(node, requests) as client:
         offset = 0
         while True:
             page = await client.read_flow_runs(flow_filter=_chain_flows(), limit=200,
@@ -219,20 +230,23 @@ async def _read_runs(node: NodeState) -> list[tuple[list[str], str]]:
             offset += len(page)
 
 
-def flow_run_counts(node: NodeState, phase_marker: str, settle: float = 0.0) -> FlowRunCounts:
+def flow_run_counts(node: NodeState, phase_marker: str, settle: float = 0.0,
+                    requests: Counter[str] | None = None) -> FlowRunCounts:
     """Count the flow runs whose event id contains `phase_marker` (the events of one phase);
-    wait up to `settle` seconds for the unfinished ones (they finish after publishing)."""
+    wait up to `settle` seconds for the unfinished ones (they finish after publishing).
+    `requests`: counts the API requests made for it, by route."""
     deadline = time.monotonic() + settle
-    counts = _flow_run_counts(node, phase_marker)
+    counts = _flow_run_counts(node, phase_marker, requests)
     while counts.unfinished and counts.error is None and time.monotonic() < deadline:
         time.sleep(2)
-        counts = _flow_run_counts(node, phase_marker)
+        counts = _flow_run_counts(node, phase_marker, requests)
     return counts
 
 
-def _flow_run_counts(node: NodeState, phase_marker: str) -> FlowRunCounts:
+def _flow_run_counts(node: NodeState, phase_marker: str,
+                     requests: Counter[str] | None = None) -> FlowRunCounts:
     try:
-        runs = asyncio.run(_read_runs(node))
+        runs = asyncio.run(_read_runs(node, requests))
     except Exception as exc:  # the server may be overloaded: report it, do not fail the bench
         log.warning("cannot read flow runs: %s", exc)
         return FlowRunCounts(total=0, by_state={}, failed=0, unfinished=0,

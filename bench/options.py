@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from bench import faults, faults_scaled  # noqa: F401 (registers its scenarios)
+from bench.variants import SERVER_DEFAULTS, Variant, parse_variants
 
 DESCRIPTION = "The end-to-end benchmark of the chain (bench/run.py)."
 
@@ -45,6 +46,9 @@ class Options(argparse.Namespace):
     backfill_rate: float
     backfill_batch_size: int
     backfill_timeout: float
+    variant: list[str]
+    variants: list[Variant]  # parsed from --variant
+    count_requests: bool
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -118,6 +122,18 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--chain-env", action="append", default=[], metavar="NAME=VALUE",
                    help="an environment variable of every chain process (worker, listener...), "
                    "e.g. PREFECT_CLIENT_MAX_RETRIES=7 (repeatable)")
+    p.add_argument("--variant", action="append", default=[],
+                   metavar="NAME[:VAR=VALUE,...]",
+                   help="measure each profile once per variant, on a fresh node, side by side "
+                   "(repeatable): PREFECT_SERVER_* to the Prefect server (over the node's "
+                   "server settings), WIS2_LISTENER_* to the listener, anything else to every "
+                   f"chain process; VAR= unsets VAR (the default); {SERVER_DEFAULTS}: the "
+                   "server without the node's settings; NAME alone: the node as deployed. "
+                   "E.g. --variant base --variant nowake:WIS2_WORKER_WAKEUP=false")
+    p.add_argument("--count-requests", action="store_true",
+                   help="count the Prefect API requests of the steady and burst phases (the "
+                   "server's access log, PREFECT_SERVER_LOGGING_LEVEL=INFO), per flow run and "
+                   "per route")
     p.add_argument("--tiny", action="store_true",
                    help="5 events per phase, short timeouts (the test suite's smoke run)")
     p.add_argument("--out", type=Path, default=None, help="output directory")
@@ -131,6 +147,10 @@ def parse_args(argv: list[str] | None = None) -> Options:
         for item in getattr(opts, option):
             if "=" not in item or not item.split("=", 1)[0]:
                 p.error(f"--{option.replace('_', '-')} {item!r}: expected NAME=VALUE")
+    try:
+        opts.variants = parse_variants(opts.variant)
+    except ValueError as exc:
+        p.error(str(exc))
     opts.faults = opts.faults or opts.faults_only
     if opts.tiny:
         opts.steady_seconds, opts.rate, opts.burst = 5.0, 1.0, 5

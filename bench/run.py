@@ -24,6 +24,9 @@ off), then measures:
 
 with CPU seconds and peak RSS of every long-running process tree, and writes
 `bench/out/<timestamp>/results.json` and `results.md` (the markdown is also printed).
+With `--variant NAME:VAR=VALUE,...` (bench/variants.py) each profile is measured once per
+variant, each on a fresh node, stored as `<profile>[<NAME>]`; `--count-requests` counts the
+Prefect API requests of the steady and burst phases (bench/api_requests.py).
 Nothing waits forever: every wait has a deadline, and a phase is aborted (its worker killed) when
 the machine's available memory falls below --min-available-mb.
 """
@@ -38,11 +41,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from bench import backfill, chain, faults
+from bench.api_requests import SERVER_ENV as COUNT_REQUESTS_SERVER_ENV
+from bench.api_requests import AccessLog, summarize
 from bench.collect import Collector
 from bench.events import EventFactory
 from bench.floor import run_floor
@@ -53,6 +59,7 @@ from bench.node import PROFILE_LISTENER_SETTINGS, BenchNode, ScaledBenchNode
 from bench.options import Options, parse_args
 from bench.procmon import ProcessMonitor
 from bench.report import markdown
+from bench.variants import Variant, result_key
 from chain.processes import free_port
 from localnode.node import WORK_POOL, LocalNode, NodeSettings
 from localnode.postgres import PostgresCluster, postgres_problem
@@ -99,8 +106,21 @@ def _work_pool(node: LocalNode, *args: str) -> None:
                    capture_output=True, text=True, timeout=120, check=True)
 
 
-def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
+def _phase_requests(access: AccessLog | None, mark: int, runs: dict[str, Any],
+                    own: Counter[str]) -> dict[str, Any] | None:
+    """The API requests of a phase since `mark`, less the bench's own (`own`), per flow run."""
+    if access is None:
+        return None
+    return summarize(access.since(mark), runs.get("total") or None, own).model_dump()
+
+
+def run_profile(profile: str, opts: Options, out_dir: Path,
+                variant: Variant | None = None) -> dict[str, Any]:
+    """One profile on a fresh node (as deployed, or changed by `variant`)."""
+    run_name = profile if variant is None else f"{profile}-{variant.name}"  # its directory
     result: dict[str, Any] = {"profile": profile}
+    if variant is not None:
+        result["variant"] = variant.record()
     database_url = None
     postgres: PostgresCluster | None = None
     topology: Topology | None = None
@@ -108,7 +128,7 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
         problem = postgres_problem() or (redis_problem() if profile == "scaled" else None)
         if problem:
             log.warning("%s profile skipped: %s", profile, problem)
-            return {"profile": profile, "skipped": problem}
+            return {**result, "skipped": problem}
     if profile == "scaled":  # the node starts its own PostgreSQL and Redis (localnode/scaled.py)
         topology = Topology(workers=opts.scaled_workers, listeners=opts.scaled_listeners,
                             separate_services=opts.split_server)
@@ -117,7 +137,7 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
                               "(Prefect database, ledger database); Redis of its own (task "
                               "results; Prefect messaging)")
     elif profile == "postgres":
-        postgres = PostgresCluster(log_path=out_dir / profile / "postgres.log").start()
+        postgres = PostgresCluster(log_path=out_dir / run_name / "postgres.log").start()
         database_url = postgres.create_database("prefect")
         result["database"] = (f"PostgreSQL {postgres.bin_dir.parent.name}, a cluster of its own "
                               f"on 127.0.0.1:{postgres.port} (localnode/postgres.py)")
@@ -125,35 +145,50 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
         result["database"] = "SQLite (file in the run directory)"
     broker_settings = dict(item.split("=", 1) for item in opts.broker_setting)
     result["broker_settings"] = broker_settings
-    result["chain_env"] = dict(item.split("=", 1) for item in opts.chain_env)
+    chain_env: dict[str, str | None] = {**dict(item.split("=", 1) for item in opts.chain_env),
+                                        **(variant.chain_env if variant else {})}
+    result["chain_env"] = chain_env
+    server_env: dict[str, str | None] = {
+        **(variant.server_env if variant else {}),
+        **(COUNT_REQUESTS_SERVER_ENV if opts.count_requests else {})}
+    server_node_settings = not (variant and variant.server_defaults)
+    if server_env or not server_node_settings:
+        result["server_env"] = server_env
+        result["server_node_settings"] = server_node_settings
 
     result["pool_limit"] = opts.pool_limit if opts.pool_limit > 0 else None
-    listener_settings = {**PROFILE_LISTENER_SETTINGS.get(profile, {}),
-                         **dict(item.split("=", 1) for item in opts.listener_setting)}
+    listener_settings: dict[str, str | None] = {
+        **PROFILE_LISTENER_SETTINGS.get(profile, {}),
+        **dict(item.split("=", 1) for item in opts.listener_setting),
+        **(variant.listener_settings if variant else {})}
     result["chain_config"] = {"worker": opts.worker, "worker_limit": opts.worker_limit,
                               "batch_max_size": opts.batch_max_size,
                               "listener_settings": listener_settings}
     broker, ws, prefect, files, metrics = _distinct_ports(5)
     settings = NodeSettings(
-        _env_file=None, run_dir=out_dir / profile / "node", broker_port=broker,
+        _env_file=None, run_dir=out_dir / run_name / "node", broker_port=broker,
         broker_ws_port=ws, prefect_port=prefect, files_port=files, metrics_port=metrics,
         verify_data=opts.faults_only, database_url=database_url, database="sqlite",
         worker_type=opts.worker,
         worker_limit=opts.worker_limit,
     )
     dataset = load_dataset(opts.dataset)
-    node_options = {"topology": topology} if profile == "scaled" else {}
+    node_options: dict[str, Any] = {"server_env": server_env,
+                                    "server_node_settings": server_node_settings}
+    if profile == "scaled":
+        node_options["topology"] = topology
     node = (ScaledBenchNode if profile == "scaled" else BenchNode)(
         settings, standin_listener=opts.listener == "standin",
         listener_settings={"BATCH_MAX_SIZE": str(opts.batch_max_size), **listener_settings},
-        extra_env={**(faults.FAULT_ENV if opts.faults_only else {}),
-                   **dict(item.split("=", 1) for item in opts.chain_env)}, **node_options)
+        extra_env={**(faults.FAULT_ENV if opts.faults_only else {}), **chain_env},
+        **node_options)
     if postgres is not None:
         node.postgres = postgres
     result["listener"] = ("stand-in (bench/standin_listener.py), NOT the project's listener"
                           if opts.listener == "standin" else "project (python -m listener)")
     abort = threading.Event()
     tag = f"BENCH{datetime.now(UTC).strftime('%H%M%S')}{profile[:2].upper()}"
+    access: AccessLog | None = None
     try:
         t0 = time.monotonic()
         try:
@@ -180,6 +215,8 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
         state = node.state
         factory = EventFactory(dataset, tag, files_url=state.files_url)
         chain_ready = result["startup_error"] is None
+        if opts.count_requests:
+            access = AccessLog(node.server.log_path)
         if chain_ready and opts.pool_limit > 0:
             _work_pool(node, "set-concurrency-limit", WORK_POOL, str(opts.pool_limit))
 
@@ -234,28 +271,36 @@ def run_profile(profile: str, opts: Options, out_dir: Path) -> dict[str, Any]:
             if not opts.faults_only:
                 count = max(1, round(opts.steady_seconds * opts.rate))
                 steady_events = factory.batch("steady", count)
+                mark, own = (access.mark() if access else 0), Counter[str]()
                 mon = monitor().start()
                 steady = chain.run_steady(steady_events, fileserver, topic, collector, opts.rate,
                                           opts.steady_drain_timeout, abort)
                 result["steady"] = steady.model_dump()
                 result["steady_processes"] = [u.model_dump() for u in mon.stop()]
                 result["steady_runs"] = chain.flow_run_counts(
-                    state, f"{tag}_steady_",
-                    settle=30 if steady.lost == 0 else 0).model_dump()
+                    state, f"{tag}_steady_", settle=30 if steady.lost == 0 else 0,
+                    requests=own).model_dump()
+                if access is not None:
+                    result["steady_requests"] = _phase_requests(
+                        access, mark, result["steady_runs"], own)
                 log.info("steady: %d/%d received, p50 %s s", steady.received, steady.events_sent,
                          steady.latency.p50)
 
             # 4. burst
             if not abort.is_set() and not opts.faults_only:
                 burst_events = factory.batch("burst", opts.burst)
+                mark, own = (access.mark() if access else 0), Counter[str]()
                 mon = monitor().start()
                 burst = chain.run_burst(burst_events, fileserver, topic, collector,
                                         opts.drain_timeout, abort)
                 result["burst"] = burst.model_dump()
                 result["burst_processes"] = [u.model_dump() for u in mon.stop()]
                 result["burst_runs"] = chain.flow_run_counts(
-                    state, f"{tag}_burst_",
-                    settle=30 if burst.drained else 0).model_dump()
+                    state, f"{tag}_burst_", settle=30 if burst.drained else 0,
+                    requests=own).model_dump()
+                if access is not None:
+                    result["burst_requests"] = _phase_requests(
+                        access, mark, result["burst_runs"], own)
                 log.info("burst: %d/%d received in %.0f s", burst.received, burst.events_sent,
                          burst.elapsed_seconds)
 
@@ -306,21 +351,28 @@ def run(opts: Options) -> tuple[dict[str, Any], Path]:
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "python -m bench.run " + " ".join(sys.argv[1:]),
         "machine": describe(),
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()},
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()
+                    if k != "variants"},
         "events": "distinct copies of data/demo-event.json (new id, file name, sha256 checksum); "
                   "data verification off (the flows do not download the files)" + (
                       "; in the fault phase on (each flow downloads its file from the node's "
                       "file server and checks it)" if opts.faults else ""),
         "profiles": {},
     }
+    if opts.variants:
+        results["variants"] = [v.model_dump() for v in opts.variants]
     for profile in profiles:
-        log.info("=== profile %s ===", profile)
-        try:
-            results["profiles"][profile] = run_profile(profile, opts, out_dir)
-        except Exception as exc:  # report it and go on with the next profile
-            log.exception("profile %s failed", profile)
-            results["profiles"][profile] = {"profile": profile, "error": repr(exc)}
-        _write(results, out_dir)
+        for variant in opts.variants or [None]:  # one after the other, each on a fresh node
+            key = result_key(profile, variant)
+            log.info("=== profile %s ===", key)
+            try:
+                results["profiles"][key] = run_profile(profile, opts, out_dir, variant)
+            except Exception as exc:  # report it and go on with the next profile
+                log.exception("profile %s failed", key)
+                results["profiles"][key] = {"profile": profile, "error": repr(exc)}
+                if variant is not None:
+                    results["profiles"][key]["variant"] = variant.record()
+            _write(results, out_dir)
     results["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     _write(results, out_dir)
