@@ -1,8 +1,11 @@
-"""The profiles of one benchmark run side by side (e.g. `postgres` and `scaled`): one row per
-figure, one column per profile measured."""
+"""The profiles of one benchmark run side by side (e.g. `postgres` and `scaled`, or the variants
+of one profile, `postgres[base]` and `postgres[nowake]`): one row per figure, one column per
+profile measured, each variant named with its assignments above the table. The API request rows
+are left out when no column has them (a run without `--count-requests`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -23,19 +26,63 @@ def _fault(f: dict[str, Any] | None) -> str | None:
             f"{f['duplicate_data_ids']}, recovery {f['recovery_seconds']} s")
 
 
-ROWS: list[tuple[str, tuple[str, ...]]] = [
-    ("node start-up s", ("startup_seconds",)),
-    ("intake events/s (listeners alone)", ("intake", "intake_eps")),
-    ("steady p50 s", ("steady", "latency", "p50")),
-    ("steady p90 s", ("steady", "latency", "p90")),
-    ("steady missing", ("steady", "lost")),
-    ("burst time to drain s", ("burst", "drain_seconds")),
-    ("burst chain events/s", ("burst", "throughput_eps")),
-    ("burst missing", ("burst", "lost")),
-    ("burst dup. notifications", ("burst", "duplicate_messages")),
-    ("backfill notifications/s held", ("backfill", "achieved_rate")),
-    ("backfill missing", ("backfill", "lost")),
+def _path(*path: str) -> Callable[[dict[str, Any]], Any]:
+    return lambda r: _get(r, *path)
+
+
+# The process groups of the per-process figures (bench/procmon.py, `<phase>_processes` of a
+# result): the Prefect server is `prefect-server` (and `prefect-services` when split), the
+# worker `worker` (`worker-<i>` on the scaled node).
+SERVER = ("prefect-server", "prefect-services")
+
+
+def _group(r: dict[str, Any], phase: str, names: tuple[str, ...] | str) -> list[dict[str, Any]]:
+    usages = r.get(f"{phase}_processes") or []
+    if isinstance(names, str):  # a prefix: `worker` for worker, worker-1, worker-2...
+        return [u for u in usages if u["name"] == names or u["name"].startswith(f"{names}-")]
+    return [u for u in usages if u["name"] in names]
+
+
+def cpu_per_1000(phase: str, names: tuple[str, ...] | str) -> Callable[[dict[str, Any]], Any]:
+    """CPU seconds of the group (summed) during `phase` per 1,000 events of the phase."""
+    def get(r: dict[str, Any]) -> float | None:
+        usages, events = _group(r, phase, names), _get(r, phase, "events_sent")
+        if not usages or not events:
+            return None
+        return round(sum(u["cpu_seconds"] for u in usages) * 1000 / events, 1)
+    return get
+
+
+def peak_rss(phase: str, names: tuple[str, ...] | str) -> Callable[[dict[str, Any]], Any]:
+    """Peak RSS MB of the group's largest process tree during `phase` (several workers: the
+    largest worker's, not their sum)."""
+    def get(r: dict[str, Any]) -> float | None:
+        usages = _group(r, phase, names)
+        return max((u["peak_rss_mb"] for u in usages), default=None)
+    return get
+
+
+ROWS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
+    ("node start-up s", _path("startup_seconds")),
+    ("intake events/s (listeners alone)", _path("intake", "intake_eps")),
+    ("steady p50 s", _path("steady", "latency", "p50")),
+    ("steady p90 s", _path("steady", "latency", "p90")),
+    ("steady p99 s", _path("steady", "latency", "p99")),
+    ("steady missing", _path("steady", "lost")),
+    ("steady API requests per flow run", _path("steady_requests", "per_flow_run")),
+    ("burst time to drain s", _path("burst", "drain_seconds")),
+    ("burst chain events/s", _path("burst", "throughput_eps")),
+    ("burst missing", _path("burst", "lost")),
+    ("burst dup. notifications", _path("burst", "duplicate_messages")),
+    ("burst API requests per flow run", _path("burst_requests", "per_flow_run")),
+    ("server CPU s per 1,000 burst events", cpu_per_1000("burst", SERVER)),
+    ("worker CPU s per 1,000 burst events", cpu_per_1000("burst", "worker")),
+    ("burst peak RSS MB server", peak_rss("burst", SERVER)),
+    ("burst peak RSS MB worker", peak_rss("burst", "worker")),
+    ("backfill notifications/s held", _path("backfill", "achieved_rate")),
+    ("backfill missing", _path("backfill", "lost")),
 ]
+OPTIONAL_ROWS = {"steady API requests per flow run", "burst API requests per flow run"}
 
 
 def side_by_side(profiles: dict[str, dict[str, Any]]) -> list[str]:
@@ -45,7 +92,9 @@ def side_by_side(profiles: dict[str, dict[str, Any]]) -> list[str]:
     if len(measured) < 2:
         return []
     names = list(measured)
-    rows = [[label] + [_get(measured[n], *path) for n in names] for label, path in ROWS]
+    rows = [[label] + [get(measured[n]) for n in names] for label, get in ROWS]
+    rows = [row for row in rows
+            if row[0] not in OPTIONAL_ROWS or any(c is not None for c in row[1:])]
     scenarios: list[str] = []
     for r in measured.values():
         scenarios += [s for s in (r.get("faults") or {}) if s not in scenarios]
@@ -57,10 +106,14 @@ def side_by_side(profiles: dict[str, dict[str, Any]]) -> list[str]:
         topology.append(f"{t['workers']} workers, {t['listeners']} listeners"
                         + (", split server" if t.get("separate_services") else "")
                         if t else "1 worker, 1 listener")
-    lines = ["## Profiles side by side", "",
-             "| figure | " + " | ".join(f"`{n}`" for n in names) + " |",
-             "|" + "---|" * (len(names) + 1),
-             "| topology | " + " | ".join(topology) + " |"]
+    variants = [f"- `{n}`: " + measured[n]["variant"]["described"] for n in names
+                if measured[n].get("variant")]
+    lines = ["## Profiles side by side", ""]
+    if variants:
+        lines += ["Variants (each on a fresh node, one after the other):", "", *variants, ""]
+    lines += ["| figure | " + " | ".join(f"`{n}`" for n in names) + " |",
+              "|" + "---|" * (len(names) + 1),
+              "| topology | " + " | ".join(topology) + " |"]
     lines += ["| " + " | ".join("-" if c is None else str(c) for c in row) + " |"
               for row in rows]
     return [*lines, ""]

@@ -27,6 +27,37 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return [*lines, ""]
 
 
+def _assign(name: str, value: str | None) -> str:
+    """`NAME=VALUE`, or `NAME=` (unset: the default) for None."""
+    return f"`{name}={'' if value is None else value}`"
+
+
+def _requests(r: dict[str, Any]) -> list[str]:
+    """The top routes per flow run of the steady and burst phases (`--count-requests`)."""
+    phases = [p for p in ("steady", "burst") if r.get(f"{p}_requests")]
+    if not phases:
+        return []
+    counts = {p: r[f"{p}_requests"] for p in phases}
+    routes: list[str] = []
+    for p in phases:
+        routes += [k for k in counts[p]["routes"] if k not in routes and k != "other"]
+    routes += ["other"] if any("other" in counts[p]["routes"] for p in phases) else []
+
+    def per_run(p: str, n: int | None) -> str:
+        runs = counts[p]["flow_runs"]
+        return "-" if n is None or not runs else f"{n / runs:.1f}"
+
+    rows = [[f"`{k}`" if k != "other" else "other"]
+            + [per_run(p, counts[p]["routes"].get(k)) for p in phases] for k in routes]
+    rows.append(["**all**"] + [per_run(p, counts[p]["total"]) for p in phases])
+    totals = "; ".join(
+        f"{p}: {counts[p]['total']} requests over {_f(counts[p]['flow_runs'])} flow runs"
+        f" (the bench's own {counts[p]['own_requests_subtracted']} left out)" for p in phases)
+    return ["Prefect API requests per flow run of the phase (the server's access log, ids as "
+            f"`{{id}}`; {totals}):", "",
+            *_table(["route"] + [f"{p} per flow run" for p in phases], rows)]
+
+
 def _processes(r: dict[str, Any]) -> list[str]:
     phases = [p for p in ("floor", "steady", "burst", "intake", "backfill", "faults")
               if f"{p}_processes" in r]
@@ -60,12 +91,14 @@ def _profile(name: str, r: dict[str, Any]) -> list[str]:
     if r.get("skipped") and not r.get("floor"):
         why = r.get("startup_error") or r["skipped"]
         return [*out, f"Not measured: {why}.", ""]
+    if r.get("variant"):
+        out += [f"Variant `{r['variant']['name']}`: {r['variant']['described']}.", ""]
     out += [f"Listener: {r.get('listener')}.", ""]
     if r.get("chain_config"):
         c = r["chain_config"]
         batching = ("off (one run per event)" if c["batch_max_size"] <= 1
                     else f"up to {c['batch_max_size']} events per run")
-        extra = "".join(f", `WIS2_LISTENER_{k.upper()}={v}`"
+        extra = "".join(", " + _assign(f"WIS2_LISTENER_{k.upper()}", v)
                         for k, v in (c.get("listener_settings") or {}).items())
         out += [f"Chain: `{c['worker']}` worker, `--limit {c['worker_limit']}`; listener "
                 f"batching {batching}{extra}.", ""]
@@ -84,7 +117,13 @@ def _profile(name: str, r: dict[str, Any]) -> list[str]:
             f"`WIS2_BROKER_{k.upper()}={v}`" for k, v in r["broker_settings"].items()) + ".", ""]
     if r.get("chain_env"):
         out += ["Chain processes' environment: " + ", ".join(
-            f"`{k}={v}`" for k, v in r["chain_env"].items()) + ".", ""]
+            _assign(k, v) for k, v in r["chain_env"].items()) + ".", ""]
+    if "server_env" in r:
+        base = ("the node's settings" if r.get("server_node_settings", True)
+                else "Prefect's defaults (without the node's settings)")
+        more = ", ".join(_assign(k, v) for k, v in r["server_env"].items())
+        out += [f"Prefect server environment: {base}" + (f", then {more}" if more else "")
+                + ".", ""]
     if r.get("cpu_hogs"):
         out += [f"**Background load:** {r['cpu_hogs']} busy process(es) (`--cpu-hogs`) ran "
                 "through every phase, the floor included.", ""]
@@ -176,6 +215,7 @@ def _profile(name: str, r: dict[str, Any]) -> list[str]:
             out += ["Floor errors: " + "; ".join(f["errors"][:5]), ""]
     if isinstance(r.get("chain"), str):
         out += [f"Chain: {r['chain']}", ""]
+    out += _requests(r)
     out += _processes(r)
     if r.get("dead_letters"):
         out += [f"Listener dead letters: {r['dead_letters']}.", ""]
