@@ -21,6 +21,7 @@ API (one interface, two implementations)::
 
     ledger = open_ledger(location)            # location: ledger_location(settings)
     ledger.get(key) -> LedgerEntry | None
+    ledger.get_many(keys) -> {key: LedgerEntry}  # one query; keys never recorded are left out
     ledger.record(key, notification_id=..., rel=..., checksum=..., pubtime=..., **extra)
     ledger.record_many({key: LedgerEntry, ...})  # one transaction (a batch run's record)
     ledger.all(), ledger.forget(key)
@@ -68,14 +69,18 @@ from chain.ledger_postgres import PostgresLedger
 if TYPE_CHECKING:
     from chain.settings import ChainSettings
 
-__all__ = ["ClaimTimeout", "Ledger", "LedgerEntry", "LedgerUnavailable", "PostgresLedger",
-           "SqliteLedger", "claim_key", "ledger_location", "open_ledger", "ordered_claims"]
+__all__ = ["ClaimTimeout", "Ledger", "LedgerEntry", "LedgerReader", "LedgerSnapshot",
+           "LedgerUnavailable", "PostgresLedger", "SqliteLedger", "claim_key", "ledger_location",
+           "open_ledger", "ordered_claims"]
 
 log = logging.getLogger(__name__)
 
 LEDGER_FILE = "publication-ledger.sqlite3"
 LEGACY_FILE = "publication-ledger.json"  # the ledger of versions before 2026-11-29
 BUSY_TIMEOUT_S = 60.0
+_SELECT_KEYS = ("SELECT key, checksum, notification_id, rel, pubtime, recorded_at, extra "
+                "FROM publications")
+_IN_CHUNK = 500  # keys per `IN (...)` query (SQLite's variable limit is 32766 since 3.32)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS publications (
@@ -96,6 +101,8 @@ class Ledger(Protocol):
 
     def get(self, key: str) -> LedgerEntry | None: ...
 
+    def get_many(self, keys: Iterable[str]) -> dict[str, LedgerEntry]: ...
+
     def all(self) -> dict[str, LedgerEntry]: ...
 
     def record(self, key: str, *, notification_id: str, rel: str, checksum: str | None = None,
@@ -107,6 +114,26 @@ class Ledger(Protocol):
 
     def claim(self, data_ids: Iterable[str], timeout: float | None
               ) -> AbstractContextManager[None]: ...
+
+
+class LedgerReader(Protocol):
+    """What choosing a relation reads: a ledger, or a `LedgerSnapshot` of it."""
+
+    def get(self, key: str) -> LedgerEntry | None: ...
+
+
+class LedgerSnapshot:
+    """The entries of `keys`, read in one query (`Ledger.get_many`), answering `get` for those
+    keys; any other key is read from the ledger. Valid while `keys` are claimed (`Ledger.claim`):
+    no other run records them meanwhile."""
+
+    def __init__(self, ledger: Ledger, keys: Iterable[str]) -> None:
+        self.ledger = ledger
+        self.keys = frozenset(keys)
+        self.entries = ledger.get_many(self.keys)
+
+    def get(self, key: str) -> LedgerEntry | None:
+        return self.entries.get(key) if key in self.keys else self.ledger.get(key)
 
 
 def is_postgres_url(location: str) -> bool:
@@ -196,13 +223,31 @@ class SqliteLedger:
             raise
         conn.execute("COMMIT")
 
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """A connection for reads (no write lock: WAL readers never wait for a writer)."""
+        self._prepare()
+        with closing(sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)) as conn:
+            yield conn
+
     def get(self, key: str) -> LedgerEntry | None:
         """The entry recorded for `key`, or None."""
-        with self._connect() as conn:
-            row = conn.execute(
-                "SELECT checksum, notification_id, rel, pubtime, recorded_at, extra "
-                "FROM publications WHERE key = ?", (key,)).fetchone()
-        return None if row is None else entry_of_row(row)
+        return self.get_many([key]).get(key)
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, LedgerEntry]:
+        """The entries recorded for `keys` (those never recorded are left out), in one read."""
+        wanted = sorted(set(keys))
+        found: dict[str, LedgerEntry] = {}
+        if not wanted:
+            return found
+        with self._reading() as conn:
+            for start in range(0, len(wanted), _IN_CHUNK):
+                chunk = wanted[start:start + _IN_CHUNK]
+                marks = ",".join("?" * len(chunk))  # placeholders only: the keys are bound
+                rows = conn.execute(_SELECT_KEYS + f" WHERE key IN ({marks})",
+                                    chunk).fetchall()
+                found.update((row[0], entry_of_row(row[1:])) for row in rows)
+        return found
 
     def all(self) -> dict[str, LedgerEntry]:
         with self._connect() as conn:

@@ -27,6 +27,7 @@ from typing import Any
 from prefect.logging import get_run_logger
 from prefect.utilities.annotations import quote
 
+from chain.ledger import LedgerSnapshot
 from flows.pipeline import Pipeline, ProcessedEvent, _in_ledger, as_event, file_label
 from flows.tasks.batch import (
     DEFERRED,
@@ -147,12 +148,15 @@ def _claimed_round(items: list[BatchEvent], pipeline: Pipeline) -> list[BatchEve
             active.append(_Active(item=item, notifications=list(result)))
 
     active = _validated(active, topic)
-    for one in list(active):
-        try:
-            one.earlier = [pipeline.announced_before(note) for note in one.notifications]
-        except Exception as exc:  # the ledger could not be read
+    try:  # the round's entries in one read (its data_ids are claimed: nobody records them)
+        known = LedgerSnapshot(pipeline.ledger, (n.properties.data_id for one in active
+                                                 for n in one.notifications))
+    except Exception as exc:  # the ledger could not be read
+        for one in active:
             one.fail(exc)
-            active.remove(one)
+        active = []
+    for one in active:
+        one.earlier = [pipeline.announced_before(note, known) for note in one.notifications]
     repeated = [n.properties.data_id for one in active
                 for n, e in zip(one.notifications, one.earlier, strict=True) if e]
     if repeated:
@@ -188,7 +192,7 @@ def _claimed_round(items: list[BatchEvent], pipeline: Pipeline) -> list[BatchEve
         sent_now = iter(result)
         sent = [False if e else next(sent_now) for e in one.earlier]
         new = [n for n, s, e in zip(one.notifications, sent, one.earlier, strict=True)
-               if s or (not e and not _in_ledger(pipeline.ledger, n))]
+               if s or (not e and not _in_ledger(known, n))]
         fresh += new
         recording += [one] if new else []
         one.item.done = ProcessedEvent(event=one.item.event, notifications=one.notifications,

@@ -24,7 +24,7 @@ from typing import Any
 from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
-from chain.ledger import Ledger, ledger_location, open_ledger
+from chain.ledger import Ledger, LedgerReader, ledger_location, open_ledger
 from chain.mqtt import MqttConnection
 from chain.settings import ChainSettings
 from flows.tasks import (
@@ -134,13 +134,14 @@ class Pipeline:
         with self.ledger.claim(data_ids, self.settings.cache_lock_timeout):
             yield
 
-    def announced_before(self, note: Notification) -> str | None:
+    def announced_before(self, note: Notification,
+                         ledger: LedgerReader | None = None) -> str | None:
         """The id under which this node already announced this file: this very notification
         (its id is the ledger's: acknowledged by the broker earlier, e.g. by a run on another
         host whose cached results are not shared), or another event's with the same checksum (a
         file announced twice, an archive backfilled after live publication); else None. A
         deletion, or a file without checksum, is skipped only as this very notification."""
-        entry = self.ledger.get(note.properties.data_id)
+        entry = (ledger or self.ledger).get(note.properties.data_id)
         if entry is None:
             return None
         if entry.notification_id == note.id:
@@ -189,7 +190,7 @@ class ProcessedEvent:
         ]
 
 
-def _in_ledger(ledger: Ledger, note: Notification) -> bool:
+def _in_ledger(ledger: LedgerReader, note: Notification) -> bool:
     """Whether the ledger holds this publication, or a later one, of the note's data_id. A run
     killed after the broker's PUBACK and before the record leaves it out: its rerun finds the
     publication cached and records it all the same."""

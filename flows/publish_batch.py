@@ -130,8 +130,8 @@ def publish_batch(events: list[CloudEvent], dataset: str | None = None) -> State
         if done is None:
             exc = item.error or RuntimeError("not published")
             if isinstance(exc, ValidationFailed):
-                validation += [{"event": item.label, "notification": exc.report.subject,
-                                **row} for row in exc.report.rows()]
+                validation.append({"event": item.label, "notification": exc.report.subject,
+                                   **exc.report.summary_row()})
             failed(item.raw, exc)
             continue
         published = done.published()

@@ -98,6 +98,18 @@ class ValidationReport(BaseModel):
     def rows(self) -> list[dict[str, str]]:
         return [{"check": c.id, "result": c.result, "message": c.message} for c in self.checks]
 
+    def summary_row(self) -> dict[str, str]:
+        """One row for the whole report: the result, how many checks ran, and the failed and
+        warning checks with their messages (a batch's table: one row per notification)."""
+        failed = self.failures
+        return {
+            "result": "FAILED" if failed else "PASSED",
+            "checks": (f"{len(failed)} of {len(self.checks)} failed" if failed
+                       else f"{len(self.checks)} passed"),
+            "details": "; ".join(f"{c.id} {c.result}: {c.message}"
+                                 for c in [*failed, *self.warnings]),
+        }
+
     def summary(self) -> str:
         if self.ok:
             head = f"{self.kind} {self.subject}: valid ({len(self.checks)} checks"

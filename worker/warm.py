@@ -30,6 +30,9 @@ What it does differently from the `process` worker (by design, because runs shar
 - **Wake-up** (`worker/wakeup.py`): besides polling every PREFECT_WORKER_QUERY_SECONDS, the
   worker listens to the server's event stream and polls at once when a run is scheduled in its
   pool (`WIS2_WORKER_WAKEUP=false`: the poll alone); a lost stream only means the poll.
+- **Engine** (`worker/engine.py`): each run executes with Prefect's `run_flow`, on an API client
+  kept open from one run to the next, and without Prefect's per-run suspension observer (no flow
+  of the chain suspends itself; `WIS2_WORKER_SUSPENSION_OBSERVER=true` keeps it).
 - **Recovery** (`worker/recovery.py`): while it polls its pool, the worker reschedules the runs
   stranded by a dead worker of the pool (Pending or Running, no heartbeat from their worker), and
   at start those it had claimed itself under the same `--name` before it was killed; a run
@@ -63,6 +66,7 @@ from prefect.workers.base import (
 from pydantic import Field, PrivateAttr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.engine import ClientPool, suspension_observer
 from worker.recovery import PoolRecovery, Recovered
 from worker.wakeup import PoolWakeup
 
@@ -89,6 +93,10 @@ class WarmWorkerSettings(BaseSettings):
     worker_wakeup: bool = Field(
         default=True, description="Also listen to the server's event stream and poll at once "
         "when a run is scheduled in the pool (worker/wakeup.py); false: the poll alone")
+    worker_suspension_observer: bool = Field(
+        default=False, description="Prefect's per-run observer of external suspension requests "
+        "(a thread, a client and a websocket per run; worker/engine.py); off: no flow of the "
+        "chain suspends")
 
     def resolved_project_dir(self) -> Path:
         return (self.project_dir or Path.cwd()).resolve()
@@ -109,6 +117,12 @@ class WarmJobConfiguration(BaseJobConfiguration):
         super().prepare_for_flow_run(flow_run, deployment, *args, **kwargs)
         if deployment is not None:
             self._entrypoint = deployment.entrypoint
+
+    @classmethod
+    def _base_environment(cls) -> dict[str, str]:
+        """Prefect's settings as environment variables for the run's infrastructure: none here
+        (the run executes in this process, with its settings), so not computed for each run."""
+        return {}
 
     @property
     def entrypoint(self) -> str | None:
@@ -209,9 +223,11 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._flows = FlowCache()
+        self._clients = ClientPool()
         self._threads = anyio.CapacityLimiter(self._limit or DEFAULT_THREADS)
         settings = WarmWorkerSettings()
         self._project_dir = settings.resolved_project_dir()
+        suspension_observer(settings.worker_suspension_observer)
         self._wakeup = PoolWakeup(self._work_pool_name, self._on_scheduled, self._logger) \
             if settings.worker_wakeup else None
         self._wake = asyncio.Event()
@@ -235,6 +251,7 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         await asyncio.gather(*self._background, return_exceptions=True)
         self._background = []
         await super().teardown(*exc_info)
+        self._clients.close()
 
     def _on_scheduled(self, flow_run_resource: str) -> None:
         log.debug("event stream: %s scheduled in pool %s", flow_run_resource or "(connected)",
@@ -283,7 +300,7 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
             entrypoint = self._entrypoint(flow_run, configuration)
             context = contextvars.copy_context()  # settings/profile of the worker for the thread
             state = await anyio.to_thread.run_sync(
-                context.run, self._execute, flow_run.id, entrypoint, limiter=self._threads)
+                context.run, self._execute, flow_run, entrypoint, limiter=self._threads)
         except FlowLoadError as exc:
             run_logger.error("%s", exc, exc_info=exc.__cause__ or exc)
             await self._propose_crashed_state(flow_run, str(exc))
@@ -336,17 +353,16 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
             raise FlowLoadError(f"deployment {flow_run.deployment_id} has no entrypoint")
         return configuration.entrypoint
 
-    def _execute(self, flow_run_id: Any, entrypoint: str) -> State:
-        """In a worker thread: load (cached) and run the flow with Prefect's engine."""
-        from prefect.client.orchestration import get_client
+    def _execute(self, flow_run: FlowRun, entrypoint: str) -> State:
+        """In a worker thread: load (cached) and run the flow with Prefect's engine, on a pooled
+        API client. `flow_run` as polled: the engine reads it again before it starts the flow."""
         from prefect.flow_engine import run_flow
         from prefect.logging.loggers import flow_run_logger
 
         flow = self._flows.get(entrypoint, self._project_dir)
-        with get_client(sync_client=True) as client:
-            flow_run = client.read_flow_run(flow_run_id)  # fresh state, as the engine's loader
-        state = run_flow(flow, flow_run=flow_run, return_type="state",
-                         error_logger=flow_run_logger(flow_run=flow_run))
+        with self._clients.client_context():
+            state = run_flow(flow, flow_run=flow_run, return_type="state",
+                             error_logger=flow_run_logger(flow_run=flow_run))
         if inspect.isawaitable(state):  # an async flow: its own event loop in this thread
             state = asyncio.run(_await(state))
         return state  # type: ignore[return-value]

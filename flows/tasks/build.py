@@ -15,7 +15,7 @@ from prefect import task
 from prefect.cache_policies import INPUTS, RUN_ID, TASK_SOURCE
 from prefect.logging import get_run_logger
 
-from chain.ledger import Ledger, open_ledger
+from chain.ledger import LedgerReader, open_ledger
 from wis2.cloudevent import CloudEvent
 from wis2.dataset import DatasetDescription
 from wis2.mapping import build_notifications
@@ -33,7 +33,7 @@ def checksum_of(notification: Notification) -> str | None:
 
 
 def notifications_for(
-    event: CloudEvent, dataset: DatasetDescription, ledger: Ledger, pubtime: datetime
+    event: CloudEvent, dataset: DatasetDescription, ledger: LedgerReader, pubtime: datetime
 ) -> list[Notification]:
     """Notifications for the event, with ``rel=update`` where the ledger says the file changed."""
     built = build_notifications(event, dataset, pubtime=pubtime)

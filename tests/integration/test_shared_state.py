@@ -56,6 +56,11 @@ def test_the_postgres_ledger_records_and_decides_like_the_sqlite_one(
                               kind="wcmp2-record", href="https://x/a.json")
         assert ledger.get("wis2/x/a") == entry
         assert (entry.model_extra or {})["kind"] == "wcmp2-record"
+        ledger.record("wis2/x/b", notification_id="nb", rel="canonical")
+        assert ledger.get_many(["wis2/x/a", "wis2/x/b", "wis2/x/never", "wis2/x/a"]) == {
+            "wis2/x/a": entry, "wis2/x/b": ledger.get("wis2/x/b")}
+        assert ledger.get_many([]) == {}
+        assert ledger.forget("wis2/x/b")
         ledger.record("wis2/x/a", notification_id="n2", rel="update", checksum="sha256:BBB")
         assert ledger.all()["wis2/x/a"].notification_id == "n2"
         assert ledger.forget("wis2/x/a") and not ledger.forget("wis2/x/a")

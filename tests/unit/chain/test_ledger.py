@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from chain.ledger import (
     ClaimTimeout,
     LedgerEntry,
+    LedgerSnapshot,
     SqliteLedger,
     claim_key,
     ledger_location,
@@ -37,6 +38,22 @@ def test_ledger_records_and_decides_the_relation(tmp_path: Path) -> None:
     assert relation_for("delete", entry, "sha256:BBB") == "deletion"
     gone = ledger.record("wis2/x/a", notification_id="n2", rel="deletion")
     assert relation_for("create", gone, "sha256:CCC") == "canonical"
+
+
+def test_get_many_reads_entries_in_chunks_and_a_snapshot_answers_from_them(
+        tmp_path: Path) -> None:
+    ledger = SqliteLedger.in_dir(tmp_path)
+    keys = [f"wis2/x/{i:04d}" for i in range(1200)]  # more than one `IN (...)` chunk
+    ledger.record_many({k: LedgerEntry(notification_id=k, rel="canonical") for k in keys[::2]})
+    found = ledger.get_many(keys)
+    assert sorted(found) == keys[::2] and found[keys[0]].notification_id == keys[0]
+
+    snapshot = LedgerSnapshot(ledger, keys[:4])
+    ledger.record(keys[1], notification_id="later", rel="canonical")
+    assert snapshot.get(keys[0]) == found[keys[0]]
+    assert snapshot.get(keys[1]) is None  # as read: the keys are claimed by the reader
+    assert snapshot.get(keys[10]) == found[keys[10]]  # not in the snapshot: read now
+    assert snapshot.get("wis2/x/none") is None
 
 
 def test_ledger_keeps_every_concurrent_write(tmp_path: Path) -> None:

@@ -315,6 +315,11 @@ def test_report_rows_summary_and_kpi_flag() -> None:
     failing = ValidationReport(subject="s", kind="wnm", checks=[
         CheckResult(id="size", passed=False, severity="error", message="too big")])
     assert "size: too big" in failing.summary()
+    assert failing.summary_row() == {"result": "FAILED", "checks": "1 of 1 failed",
+                                     "details": "size FAILED: too big"}
+    passed = report.summary_row()
+    assert passed["result"] == "PASSED" and passed["checks"] == f"{len(rows)} passed"
+    assert passed["details"].count("integrity-encoding WARNING") == 1  # warnings are named
 
     with_kpi = validate_notification(_good(), kpi=True)
     kpi = [c for c in with_kpi.checks if c.id == "kpi"]

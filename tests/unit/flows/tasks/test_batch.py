@@ -62,6 +62,13 @@ def test_validation_per_event_names_the_first_bad_notification() -> None:
     failed = validate_all([good, bad, bad], ARGO.topic)
     assert failed.failure is not None and failed.failure.report.subject == "not-a-uuid"
     assert {r["notification"] for r in failed.rows} == {good.id, "not-a-uuid"}
+    # one row per notification (not per check): the result, the count, what failed and why
+    assert len(ok.rows) == 1 and ok.rows[0]["result"] == "PASSED"
+    assert ok.rows[0]["checks"].endswith(" passed")
+    assert len(failed.rows) == 3
+    bad_row = failed.rows[1]
+    assert bad_row["result"] == "FAILED" and " of " in bad_row["checks"]
+    assert "FAILED" in bad_row["details"] and "uuid" in bad_row["details"]
 
 
 def test_receipts_keys_and_ledger_entries_are_the_single_event_tasks_ones() -> None:

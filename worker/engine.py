@@ -1,0 +1,97 @@
+"""How the `wis2-warm` worker runs a flow run in one of its threads: Prefect's engine (`run_flow`),
+with what a run in a long-lived process does not need to pay for again each time.
+
+Prefect 3.9's engine is written for one run per process. Run after run in one process, it would:
+
+- **open a new API client for each run** (the engine's `SyncClientContext`): an httpx client
+  whose TLS context loads the CA bundle, ~20 ms of CPU even for an `http://` API, before the
+  first request. `ClientPool` keeps the clients of finished runs open and gives one to the next
+  run (one run at a time per client); they are closed when the worker stops.
+- **watch each deployment run for an external suspension** (`observe_flow_run_suspension`): a
+  thread, an event loop, a third API client, a read of the run and a websocket subscription to
+  the server's event stream, all set up before the flow may start, then a poll every 10 s. No
+  flow of this chain suspends itself or can be resumed meaningfully half-way (its steps are
+  cached and claimed; cancel a run, or let it finish), so the worker turns this observer off
+  (`suspension_observer(False)`); `WIS2_WORKER_SUSPENSION_OBSERVER=true` keeps Prefect's.
+
+Measured side by side in `bench/RESULTS.md` (the per-run API requests, CPU and latency).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class ClientPool:
+    """Prefect sync API clients kept open between runs; each run takes one, gives it back."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: list[Any] = []  # prefect.context.SyncClientContext, client open
+        self._closed = False
+
+    @contextlib.contextmanager
+    def client_context(self) -> Iterator[Any]:
+        """A `SyncClientContext` current for the block (the engine's `get_or_create` finds it
+        and neither opens nor closes a client); a client that failed is not reused."""
+        from prefect.context import SyncClientContext
+
+        with self._lock:
+            ctx = self._free.pop() if self._free else None
+        if ctx is None:
+            ctx = SyncClientContext()  # the settings of the calling context (the worker's)
+            ctx.client.__enter__()
+        token = SyncClientContext.__var__.set(ctx)
+        healthy = False
+        try:
+            yield ctx
+            healthy = True
+        finally:
+            SyncClientContext.__var__.reset(token)
+            with self._lock:
+                keep = healthy and not self._closed
+                if keep:
+                    self._free.append(ctx)
+            if not keep:
+                _close(ctx)
+
+    def close(self) -> None:
+        """Close the idle clients; a client in use is closed when its run gives it back."""
+        with self._lock:
+            self._closed = True
+            free, self._free = self._free, []
+        for ctx in free:
+            _close(ctx)
+
+
+def _close(ctx: Any) -> None:
+    try:
+        ctx.client.__exit__(None, None, None)
+    except Exception as exc:  # already broken: nothing to release
+        log.debug("closing a Prefect client: %s", exc)
+
+
+_PREFECT_OBSERVER: Any = None
+
+
+@contextlib.contextmanager
+def _no_suspension_observer(flow_run_id: Any, suspension_request: Any,
+                            polling_interval: float = 10) -> Iterator[None]:
+    yield
+
+
+def suspension_observer(enabled: bool) -> None:
+    """Turn Prefect's per-run suspension observer on or off for the flow runs of this process."""
+    global _PREFECT_OBSERVER
+    import prefect.flow_engine as flow_engine
+
+    if _PREFECT_OBSERVER is None:
+        _PREFECT_OBSERVER = flow_engine.observe_flow_run_suspension
+    flow_engine.observe_flow_run_suspension = (  # type: ignore[attr-defined]
+        _PREFECT_OBSERVER if enabled else _no_suspension_observer)
