@@ -3,8 +3,9 @@
 A variant is a name and a list of assignments; each selected profile is measured once per
 variant, on a fresh node, and stored as `<profile>[<NAME>]`. An assignment goes:
 
-- `PREFECT_SERVER_*=VALUE` to the Prefect server's environment, over the node's server settings
-  (`localnode.prefect_server.NODE_SERVER_SETTINGS`);
+- `PREFECT_SERVER_*=VALUE`, and any other variable of the node's server settings
+  (`localnode.prefect_server.NODE_SERVER_SETTINGS`, e.g. `MALLOC_ARENA_MAX`), to the Prefect
+  server's environment, over those settings;
 - `WIS2_LISTENER_*=VALUE` to the listener (as `--listener-setting` does);
 - any other `NAME=VALUE` to every chain process (worker, listener...; as `--chain-env` does).
 
@@ -20,6 +21,8 @@ from __future__ import annotations
 import re
 
 from pydantic import BaseModel, Field
+
+from localnode.prefect_server import NODE_SERVER_SETTINGS
 
 SERVER_DEFAULTS = "@server-defaults"
 SERVER_PREFIX = "PREFECT_SERVER_"
@@ -68,7 +71,7 @@ def parse_variant(text: str) -> Variant:
             raise ValueError(f"variant {name!r}: {item!r}: expected VAR=VALUE, VAR= (unset) or "
                              f"{SERVER_DEFAULTS}")
         setting: str | None = value if value else None
-        if var.startswith(SERVER_PREFIX):
+        if var.startswith(SERVER_PREFIX) or var in NODE_SERVER_SETTINGS:
             variant.server_env[var] = setting
         elif var.startswith(LISTENER_PREFIX) and len(var) > len(LISTENER_PREFIX):
             variant.listener_settings[var[len(LISTENER_PREFIX):]] = setting

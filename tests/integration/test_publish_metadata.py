@@ -55,8 +55,12 @@ class Subscriber:
             self._cond.notify_all()
 
     def wait_for(self, count: int, timeout: float = 15) -> list[dict[str, Any]]:
+        """The messages received, once there are at least `count`; AssertionError after
+        `timeout` seconds."""
         with self._cond:
-            self._cond.wait_for(lambda: len(self.messages) >= count, timeout)
+            if not self._cond.wait_for(lambda: len(self.messages) >= count, timeout):
+                raise AssertionError(f"{len(self.messages)} of {count} message(s) after "
+                                     f"{timeout} s on {sorted(set(self.topics))}")
             return list(self.messages)
 
     def close(self) -> None:

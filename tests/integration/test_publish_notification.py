@@ -79,8 +79,13 @@ class Subscriber:
             self._cond.notify_all()
 
     def wait_for(self, count: int, timeout: float = 20.0) -> list[tuple[str, dict[str, Any]]]:
+        """The messages received, once there are at least `count`; AssertionError after
+        `timeout` seconds (a silent return would leave the test to wait or assert on less)."""
         with self._cond:
-            self._cond.wait_for(lambda: len(self.messages) >= count, timeout)
+            if not self._cond.wait_for(lambda: len(self.messages) >= count, timeout):
+                raise AssertionError(
+                    f"{len(self.messages)} of {count} message(s) after {timeout} s on "
+                    f"{sorted({topic for topic, _ in self.messages})}")
             return list(self.messages)
 
     def settle(self, seconds: float = 1.5) -> list[tuple[str, dict[str, Any]]]:

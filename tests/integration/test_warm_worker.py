@@ -25,6 +25,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.states import Cancelling
 
 from blocks.mqtt_broker import MqttBroker
+from chain.processes import ManagedProcess
 from localnode.prefect_server import prefect_cli
 from tests.fixtures.paths import BUFR_EVENT, REPO
 from tests.integration.test_publish_notification import ARGO, BUFR_ASSET, Subscriber, read_artifacts
@@ -39,7 +40,8 @@ class WarmNode:
     """The pool, a deployment of publish-notification on it, and a running warm worker."""
 
     def __init__(self, env: dict[str, str], deployment_id: uuid.UUID,
-                 sleep_deployment_id: uuid.UUID, worker: subprocess.Popen[str], log: Path) -> None:
+                 sleep_deployment_id: uuid.UUID, worker: subprocess.Popen[bytes],
+                 log: Path) -> None:
         self.env, self.worker, self.log = env, worker, log
         self.deployment_id, self.sleep_deployment_id = deployment_id, sleep_deployment_id
 
@@ -108,23 +110,15 @@ def warm_node(prefect_api, session_broker, tmp_path_factory) -> Iterator[WarmNod
         WIS2_RETRY_BASE_DELAY="0.5",
     )
     log = tmp / "worker.log"
-    with log.open("w") as out:
-        worker = subprocess.Popen(
-            [prefect_cli(), "worker", "start", "--pool", POOL, "--type", "wis2-warm",
-             "--limit", str(LIMIT)],
-            cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True,
-        )
-    node = WarmNode(env, deployment_id, sleep_deployment_id, worker, log)
+    worker = ManagedProcess(
+        "worker", [prefect_cli(), "worker", "start", "--pool", POOL, "--type", "wis2-warm",
+                   "--limit", str(LIMIT)], log_path=log, env=env, cwd=tmp).start()
+    assert worker.proc is not None
+    node = WarmNode(env, deployment_id, sleep_deployment_id, worker.proc, log)
     try:
         yield node
     finally:
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait(10)
+        worker.stop(timeout=30)  # SIGTERM to its group, SIGKILL after the timeout
 
 
 @pytest.fixture

@@ -43,6 +43,12 @@ def test_assignments_go_to_the_server_the_listener_or_every_chain_process() -> N
                             "`PREFECT_CLIENT_MAX_RETRIES=3`")
 
 
+def test_the_node_server_settings_beyond_prefect_ones_go_to_the_server() -> None:
+    v = parse_variant("glibc:MALLOC_ARENA_MAX=,MALLOC_MMAP_THRESHOLD_=")
+    assert v.server_env == {"MALLOC_ARENA_MAX": None, "MALLOC_MMAP_THRESHOLD_": None}
+    assert v.chain_env == {}
+
+
 def test_an_empty_value_unsets_and_server_defaults_drops_the_node_settings() -> None:
     v = parse_variant("prefect:@server-defaults,PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED=,"
                       "WIS2_LISTENER_API_CONCURRENCY=,WIS2_X=a=b")
