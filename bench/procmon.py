@@ -27,6 +27,7 @@ class ProcessUsage(BaseModel):
     cpu_seconds: float
     peak_rss_mb: float
     peak_processes: int
+    peak_single_rss_mb: float = 0.0  # the largest one process of the tree reached
 
 
 def _tree(pid: int) -> list[psutil.Process]:
@@ -37,10 +38,11 @@ def _tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def tree_sample(pid: int, tree: bool = True) -> tuple[float, int, int]:
-    """(cpu seconds, rss bytes, number of processes) of the process tree of `pid` right now
-    (tree=False: the process alone, without its children's CPU)."""
-    cpu, rss, count = 0.0, 0, 0
+def tree_sample(pid: int, tree: bool = True) -> tuple[float, int, int, int]:
+    """(cpu seconds, rss bytes, number of processes, rss bytes of its largest process) of the
+    process tree of `pid` right now (tree=False: the process alone, without its children's CPU).
+    RSS counts shared pages in each process (e.g. PostgreSQL's shared buffers)."""
+    cpu, rss, count, largest = 0.0, 0, 0, 0
     try:
         procs = _tree(pid) if tree else [psutil.Process(pid)]
     except psutil.Error:
@@ -49,14 +51,16 @@ def tree_sample(pid: int, tree: bool = True) -> tuple[float, int, int]:
         try:
             with proc.oneshot():
                 t = proc.cpu_times()
-                rss += proc.memory_info().rss
+                one = proc.memory_info().rss
+            rss += one
+            largest = max(largest, one)
             cpu += t.user + t.system
             if tree:
                 cpu += t.children_user + t.children_system
             count += 1
         except psutil.Error:
             continue
-    return cpu, rss, count
+    return cpu, rss, count, largest
 
 
 class _Tracked:
@@ -68,9 +72,10 @@ class _Tracked:
         self.cpu_last = 0.0
         self.peak_rss = 0
         self.peak_count = 0
+        self.peak_single = 0
 
     def sample(self) -> None:
-        cpu, rss, count = tree_sample(self.pid, self.tree)
+        cpu, rss, count, largest = tree_sample(self.pid, self.tree)
         if count == 0:
             return
         if self.cpu_start is None:
@@ -78,12 +83,14 @@ class _Tracked:
         self.cpu_last = max(self.cpu_last, cpu)
         self.peak_rss = max(self.peak_rss, rss)
         self.peak_count = max(self.peak_count, count)
+        self.peak_single = max(self.peak_single, largest)
 
     def usage(self) -> ProcessUsage:
         return ProcessUsage(
             name=self.name, pid=self.pid,
             cpu_seconds=round(self.cpu_last - (self.cpu_start or 0.0), 2),
             peak_rss_mb=round(self.peak_rss / 2**20, 1), peak_processes=self.peak_count,
+            peak_single_rss_mb=round(self.peak_single / 2**20, 1),
         )
 
 

@@ -69,7 +69,7 @@ def _processes(r: dict[str, Any]) -> list[str]:
             if u["name"] not in names:
                 names.append(u["name"])
     header = ["process (tree)"] + [f"CPU s {p}" for p in phases] + [
-        f"peak RSS MB {p}" for p in phases] + ["peak processes"]
+        f"peak RSS MB {p}" for p in phases] + ["peak processes", "largest one process MB"]
     rows = []
     for name in names:
         by = {p: next((u for u in r[f"{p}_processes"] if u["name"] == name), None)
@@ -79,9 +79,12 @@ def _processes(r: dict[str, Any]) -> list[str]:
             + [by[p]["cpu_seconds"] if by[p] else None for p in phases]
             + [by[p]["peak_rss_mb"] if by[p] else None for p in phases]
             + [max((by[p]["peak_processes"] for p in phases if by[p]), default=None)]
+            + [max((by[p].get("peak_single_rss_mb") or 0 for p in phases if by[p]),
+                   default=None) or None]
         )
     return ["CPU seconds used during each phase and peak RSS (process and all its "
-            "descendants, sampled every 0.5 s):", "", *_table(header, rows)]
+            "descendants, sampled every 0.5 s; the last column: the largest RSS one process of "
+            "the tree reached in any phase):", "", *_table(header, rows)]
 
 
 def _profile(name: str, r: dict[str, Any]) -> list[str]:
