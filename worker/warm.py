@@ -328,6 +328,11 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
                                      item.name, item.flow_run_id, item.reason)
         return await super().get_and_submit_flow_runs()
 
+    async def _propose_submitting_state(self, flow_run: FlowRun) -> None:
+        """No `Submitting` state: the run starts in this process at once (Pending -> Running).
+        Prefect's worker proposes it while infrastructure is being provisioned; here it would
+        cost an orchestrated state change and an event per run, and tell the operator nothing."""
+
     async def _give_worker_labels_to_flow_run(self, flow_run_id: UUID) -> None:
         """The worker's labels tell the recovery which worker holds the run (a Pending run
         without them is only recovered after WIS2_RECOVERY_UNCLAIMED_TIMEOUT): retried; an API

@@ -161,8 +161,11 @@ def test_a_run_completes_in_the_worker_process(warm_node: WarmNode, subscriber) 
             if any("Finished in state Completed" in entry.message for entry in logs):
                 break
             time.sleep(0.5)
+        states = [st.name for st in client.read_flow_run_states(created.id)]
 
     assert run.state.is_completed(), f"{run.state_name}: {run.state.message}\n{warm_node.tail()}"
+    # in the worker's process at once: no Submitting state between Pending and Running
+    assert states == ["Scheduled", "Pending", "Running", "Completed"], states
     # executed by the worker process itself: its pid is the run's infrastructure, no child
     assert run.infrastructure_pid == str(warm_node.worker.pid)
     assert not seen_children, f"the worker started processes: {seen_children}"
