@@ -32,7 +32,8 @@ What it does differently from the `process` worker (by design, because runs shar
   pool (`WIS2_WORKER_WAKEUP=false`: the poll alone); a lost stream only means the poll.
 - **Engine** (`worker/engine.py`): each run executes with Prefect's `run_flow`, on an API client
   kept open from one run to the next, and without Prefect's per-run suspension observer (no flow
-  of the chain suspends itself; `WIS2_WORKER_SUSPENSION_OBSERVER=true` keeps it).
+  of the chain suspends itself; `WIS2_WORKER_SUSPENSION_OBSERVER=true` keeps it). A run goes from
+  Pending to Running with no `Submitting` state in between.
 - **Recovery** (`worker/recovery.py`): while it polls its pool, the worker reschedules the runs
   stranded by a dead worker of the pool (Pending or Running, no heartbeat from their worker), and
   at start those it had claimed itself under the same `--name` before it was killed; a run
