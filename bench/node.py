@@ -9,6 +9,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from chain.processes import apply_env
 from localnode.node import LocalNode, NodeSettings
 from localnode.scaled import ScaledNode
 
@@ -18,16 +19,6 @@ from localnode.scaled import ScaledNode
 PROFILE_LISTENER_SETTINGS: dict[str, dict[str, str]] = {
     profile: {"API_CONCURRENCY": LocalNode.POSTGRES_LISTENER_API_CONCURRENCY}
     for profile in ("postgres", "scaled")}
-
-
-def _apply(env: dict[str, str], changes: Mapping[str, str | None]) -> dict[str, str]:
-    """`env` with `changes` made: a value of None unsets the variable."""
-    for name, value in changes.items():
-        if value is None:
-            env.pop(name, None)
-        else:
-            env[name] = value
-    return env
 
 
 class BenchNode(LocalNode):
@@ -52,14 +43,14 @@ class BenchNode(LocalNode):
         return self.run_dir / "files-gate"
 
     def child_env(self) -> dict[str, str]:
-        return _apply(super().child_env(), self.extra_env)
+        return apply_env(super().child_env(), self.extra_env)
 
     def worker_env(self, env: dict[str, str]) -> dict[str, str]:
         # over the worker's own settings too (PREFECT_CLIENT_MAX_RETRIES...)
-        return _apply(super().worker_env(env), self.extra_env)
+        return apply_env(super().worker_env(env), self.extra_env)
 
     def listener_env(self) -> dict[str, str]:
-        return _apply(super().listener_env(), {f"WIS2_LISTENER_{k.upper()}": v
+        return apply_env(super().listener_env(), {f"WIS2_LISTENER_{k.upper()}": v
                                                for k, v in self.listener_settings.items()})
 
     def _spawn(self, name, argv, env, ready=None, timeout=60.0, **options):

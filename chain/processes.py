@@ -53,6 +53,16 @@ def port_is_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+def apply_env(env: dict[str, str], changes: Mapping[str, str | None]) -> dict[str, str]:
+    """`env` with `changes` made in place (a value of None unsets the variable); returns it."""
+    for name, value in changes.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
+
+
 class ProcessFailed(RuntimeError):
     pass
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 from pydantic import SecretStr
 
-from chain.processes import ManagedProcess, free_port
+from chain.processes import ManagedProcess, apply_env, free_port
 
 # Server settings of a WIS2 node (README: "The Prefect server's settings"); `extra_env` overrides
 # them, `node_settings=False` leaves them out (Prefect's defaults). Kept: the scheduler (the
@@ -113,11 +113,7 @@ class PrefectServer(ManagedProcess):
             env["PREFECT_SERVER_API_AUTH_STRING"] = auth_string.get_secret_value()
         if redis_url is not None:
             env.update(redis_env(redis_url))
-        for name, value in (extra_env or {}).items():  # None: unset (Prefect's default)
-            if value is None:
-                env.pop(name, None)
-            else:
-                env[name] = value
+        apply_env(env, extra_env or {})  # None: unset (Prefect's default)
         argv = [prefect_cli(), "server", "start", "--host", host, "--port", str(self.port)]
         self.services: ManagedProcess | None = None
         if separate_services:
