@@ -100,7 +100,8 @@ def _round(items: list[BatchEvent], pipeline: Pipeline) -> list[BatchEvent]:
     """Claim the data_ids of the events `items`, then build -> validate -> verify -> publish ->
     record them; returns those deferred to the next round (they announce a file an earlier event
     of this round announces). An event whose data_ids cannot be computed fails alone; when the
-    claim itself fails (a data_id held past WIS2_CACHE_LOCK_TIMEOUT, the ledger unreachable),
+    claim or the read of the round's ledger entries fails (a data_id held past
+    WIS2_CACHE_LOCK_TIMEOUT, the ledger unreachable),
     the round's events fail with that error (for replay), nothing of theirs built or sent."""
     claiming: list[BatchEvent] = []
     data_ids: set[str] = set()
@@ -119,20 +120,23 @@ def _round(items: list[BatchEvent], pipeline: Pipeline) -> list[BatchEvent]:
     with ExitStack() as claim:
         try:
             claim.enter_context(pipeline.claimed(sorted(data_ids)))
+            # the round's ledger entries in one read: claimed, nobody else records them until
+            # this round has recorded its own
+            known = LedgerSnapshot(pipeline.ledger, data_ids)
         except Exception as exc:
             get_run_logger().error("%d event(s) not published: %s", len(claiming), exc)
             for item in claiming:
                 item.error = exc
             return []
-        return _claimed_round(claiming, pipeline)
+        return _claimed_round(claiming, pipeline, known)
 
 
-def _claimed_round(items: list[BatchEvent], pipeline: Pipeline) -> list[BatchEvent]:
+def _claimed_round(items: list[BatchEvent], pipeline: Pipeline,
+                   known: LedgerSnapshot) -> list[BatchEvent]:
     tasks, settings, topic = pipeline.tasks, pipeline.settings, pipeline.dataset.topic
     logger = get_run_logger()
     built = _each(len(items), lambda: build_batch_task(
-        quote([i.event for i in items]), pipeline.dataset, pipeline.ledger_location,
-        quote(tasks.build)))
+        quote([i.event for i in items]), pipeline.dataset, quote(known), quote(tasks.build)))
     deferred: list[BatchEvent] = []
     active: list[_Active] = []
     for item, result in zip(items, built, strict=True):
@@ -148,13 +152,6 @@ def _claimed_round(items: list[BatchEvent], pipeline: Pipeline) -> list[BatchEve
             active.append(_Active(item=item, notifications=list(result)))
 
     active = _validated(active, topic)
-    try:  # the round's entries in one read (its data_ids are claimed: nobody records them)
-        known = LedgerSnapshot(pipeline.ledger, (n.properties.data_id for one in active
-                                                 for n in one.notifications))
-    except Exception as exc:  # the ledger could not be read
-        for one in active:
-            one.fail(exc)
-        active = []
     for one in active:
         one.earlier = [pipeline.announced_before(note, known) for note in one.notifications]
     repeated = [n.properties.data_id for one in active

@@ -15,7 +15,6 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -24,12 +23,11 @@ from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from chain.ledger import LedgerEntry, LedgerSnapshot, open_ledger
+from chain.ledger import LedgerEntry, LedgerReader, open_ledger
 from chain.mqtt import MqttConnection, MqttError, Publisher, PublishRefused
 from chain.settings import ChainSettings
 from wis2.cloudevent import CloudEvent
 from wis2.dataset import DatasetDescription
-from wis2.mapping import data_ids_of
 from wis2.notification import Notification
 from wis2.validation import ValidationFailed, validate_notification
 
@@ -95,19 +93,14 @@ class Retry:
 # ------------------------------------------------------------------------------------ build
 @task(name="build-batch", cache_policy=NO_CACHE, retries=0)
 def build_batch_task(
-    events: Sequence[CloudEvent], dataset: DatasetDescription, ledger: str,
+    events: Sequence[CloudEvent], dataset: DatasetDescription, ledger: LedgerReader,
     build: Task[Any, Any],
 ) -> list[list[Notification] | Failure | Deferred]:
     """The notifications of each event, from the build task's cache (`build`'s key and store)
     or built now and stored there. An event announcing a file that an earlier event of this
-    call announces is `DEFERRED` (not built, not cached). `ledger`: the ledger's location
-    (`chain.ledger.ledger_location`); the caller holds the claim of the events' data_ids."""
+    call announces is `DEFERRED` (not built, not cached). `ledger`: the entries of the events'
+    data_ids (`chain.ledger.LedgerSnapshot`, read by the caller, which holds their claim)."""
     cache = CacheStore.of(build)
-    ids: set[str] = set()
-    for event in events:
-        with suppress(Exception):  # a bad event fails below, alone, with its error
-            ids.update(data_ids_of(event, dataset))
-    ledger_ = LedgerSnapshot(open_ledger(ledger), ids)  # one read: the caller claims them
     claimed: set[str] = set()
     out: list[list[Notification] | Failure | Deferred] = []
     cached = 0
@@ -117,7 +110,7 @@ def build_batch_task(
             notes = cache.lookup(key)
             fresh = notes is MISSING
             if fresh:
-                notes = notifications_for(event, dataset, ledger_, pubtime=datetime.now(UTC))
+                notes = notifications_for(event, dataset, ledger, pubtime=datetime.now(UTC))
             data_ids = {note.properties.data_id for note in notes}
             if data_ids & claimed:
                 out.append(DEFERRED)
