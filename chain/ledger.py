@@ -56,11 +56,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from chain.ledger_entry import (
+    SELECT_ENTRIES,
     ClaimTimeout,
     LedgerEntry,
     LedgerUnavailable,
     claim_key,
-    entry_of_row,
+    entries_of_rows,
     new_claims,
     ordered_claims,
 )
@@ -78,8 +79,6 @@ log = logging.getLogger(__name__)
 LEDGER_FILE = "publication-ledger.sqlite3"
 LEGACY_FILE = "publication-ledger.json"  # the ledger of versions before 2026-11-29
 BUSY_TIMEOUT_S = 60.0
-_SELECT_KEYS = ("SELECT key, checksum, notification_id, rel, pubtime, recorded_at, extra "
-                "FROM publications")
 _IN_CHUNK = 500  # keys per `IN (...)` query (SQLite's variable limit is 32766 since 3.32)
 
 _SCHEMA = """
@@ -244,17 +243,13 @@ class SqliteLedger:
             for start in range(0, len(wanted), _IN_CHUNK):
                 chunk = wanted[start:start + _IN_CHUNK]
                 marks = ",".join("?" * len(chunk))  # placeholders only: the keys are bound
-                rows = conn.execute(_SELECT_KEYS + f" WHERE key IN ({marks})",
-                                    chunk).fetchall()
-                found.update((row[0], entry_of_row(row[1:])) for row in rows)
+                found.update(entries_of_rows(conn.execute(
+                    SELECT_ENTRIES + f" WHERE key IN ({marks})", chunk)))
         return found
 
     def all(self) -> dict[str, LedgerEntry]:
         with self._connect() as conn:
-            rows = conn.execute(
-                "SELECT key, checksum, notification_id, rel, pubtime, recorded_at, extra "
-                "FROM publications ORDER BY key").fetchall()
-        return {row[0]: entry_of_row(row[1:]) for row in rows}
+            return entries_of_rows(conn.execute(SELECT_ENTRIES + " ORDER BY key").fetchall())
 
     def record(self, key: str, *, notification_id: str, rel: str, checksum: str | None = None,
                pubtime: str | None = None, **extra: Any) -> LedgerEntry:

@@ -87,6 +87,16 @@ def new_claims(location: str, data_ids: Iterable[str]) -> Iterator[list[tuple[in
         mine.difference_update(key for key, _ in todo)
 
 
+# The entries of both ledgers' `publications` table, keyed: `entries_of_rows` reads its rows.
+SELECT_ENTRIES = ("SELECT key, checksum, notification_id, rel, pubtime, recorded_at, extra "
+                  "FROM publications")
+
+
+def entries_of_rows(rows: Iterable[tuple[Any, ...]]) -> dict[str, LedgerEntry]:
+    """{key: entry} from rows of `SELECT_ENTRIES`."""
+    return {row[0]: entry_of_row(row[1:]) for row in rows}
+
+
 def entry_of_row(row: tuple[Any, ...] | Any) -> LedgerEntry:
     """An entry from (checksum, notification_id, rel, pubtime, recorded_at, extra JSON)."""
     checksum, notification_id, rel, pubtime, recorded_at, extra = row

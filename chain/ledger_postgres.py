@@ -30,10 +30,11 @@ from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict
 
 from chain.ledger_entry import (
+    SELECT_ENTRIES,
     ClaimTimeout,
     LedgerEntry,
     LedgerUnavailable,
-    entry_of_row,
+    entries_of_rows,
     new_claims,
 )
 
@@ -61,7 +62,6 @@ _UPSERT = (
     "checksum = excluded.checksum, notification_id = excluded.notification_id, "
     "rel = excluded.rel, pubtime = excluded.pubtime, recorded_at = excluded.recorded_at, "
     "extra = excluded.extra")
-_SELECT = "SELECT checksum, notification_id, rel, pubtime, recorded_at, extra FROM publications"
 
 T = TypeVar("T")
 
@@ -127,24 +127,19 @@ class PostgresLedger:
 
     def get(self, key: str) -> LedgerEntry | None:
         """The entry recorded for `key`, or None."""
-        row = self._run(lambda c: c.execute(_SELECT + " WHERE key = %s", (key,)).fetchone())
-        return None if row is None else entry_of_row(row)
+        return self.get_many([key]).get(key)
 
     def get_many(self, keys: Iterable[str]) -> dict[str, LedgerEntry]:
         """The entries recorded for `keys` (those never recorded are left out), in one query."""
         wanted = sorted(set(keys))
         if not wanted:
             return {}
-        rows = self._run(lambda c: c.execute(
-            "SELECT key, checksum, notification_id, rel, pubtime, recorded_at, extra "
-            "FROM publications WHERE key = ANY(%s)", (wanted,)).fetchall())
-        return {row[0]: entry_of_row(row[1:]) for row in rows}
+        return entries_of_rows(self._run(lambda c: c.execute(
+            SELECT_ENTRIES + " WHERE key = ANY(%s)", (wanted,)).fetchall()))
 
     def all(self) -> dict[str, LedgerEntry]:
-        rows = self._run(lambda c: c.execute(
-            "SELECT key, checksum, notification_id, rel, pubtime, recorded_at, extra "
-            "FROM publications ORDER BY key").fetchall())
-        return {row[0]: entry_of_row(row[1:]) for row in rows}
+        return entries_of_rows(self._run(lambda c: c.execute(
+            SELECT_ENTRIES + " ORDER BY key").fetchall()))
 
     def record(self, key: str, *, notification_id: str, rel: str, checksum: str | None = None,
                pubtime: str | None = None, **extra: Any) -> LedgerEntry:
