@@ -57,6 +57,8 @@ class NotificationProperties(BaseModel):
     end_datetime: str | None = None
     integrity: Integrity | None = None
     content: Content | None = None
+    cache: bool | None = None  # false: Global Caches do not cache the data (omitted: true)
+    wigos_station_identifier: str | None = None
 
 
 class Notification(BaseModel):
