@@ -31,7 +31,7 @@ from wis2.dataset import DatasetDescription
 from wis2.notification import Notification
 from wis2.validation import ValidationFailed, validate_notification
 
-from .build import checksum_of, notifications_for
+from .build import checksum_of, notifications_for, small_contents
 from .cache_store import MISSING, CacheStore
 from .caching import build_cache_key, publish_cache_key
 from .publish import BrokerReceipt
@@ -111,7 +111,8 @@ def build_batch_task(
             notes = cache.lookup(key)
             fresh = notes is MISSING
             if fresh:
-                notes = notifications_for(event, dataset, ledger, pubtime=datetime.now(UTC))
+                notes = notifications_for(event, dataset, ledger, pubtime=datetime.now(UTC),
+                                          contents=small_contents(event, dataset))
             data_ids = {note.properties.data_id for note in notes}
             if data_ids & claimed:
                 out.append(DEFERRED)

@@ -180,6 +180,22 @@ def download_and_check(
     return size
 
 
+def fetch_small_file(client: httpx.Client, href: str, size: int) -> bytes | None:
+    """The bytes of a small file announced with `size` bytes (to inline them), None when the URL
+    is not http(s) or the server sends more or fewer bytes; `httpx.HTTPError` on network or
+    HTTP errors. At most `size` + 1 bytes are read."""
+    if urlsplit(href).scheme.lower() not in ALLOWED_SCHEMES:
+        return None
+    data = b""
+    with client.stream("GET", href, headers={"Accept-Encoding": "identity"}) as response:
+        response.raise_for_status()
+        for chunk in response.iter_bytes():
+            data += chunk
+            if len(data) > size:
+                return None
+    return data if len(data) == size else None
+
+
 def verify_notifications(
     notifications: list[Notification],
     timeout: float = 30.0,
