@@ -31,7 +31,7 @@ from wis2.dataset import DatasetDescription
 from wis2.notification import Notification
 from wis2.validation import ValidationFailed, validate_notification
 
-from .build import checksum_of, notifications_for, small_contents
+from .build import checksum_of, not_cached, notifications_for, small_contents
 from .cache_store import MISSING, CacheStore
 from .caching import build_cache_key, publish_cache_key
 from .publish import BrokerReceipt
@@ -307,7 +307,8 @@ def receipt(note: Notification, topic: str, size: int) -> BrokerReceipt:
 # ----------------------------------------------------------------------------------- record
 def ledger_entry(note: Notification) -> LedgerEntry:
     return LedgerEntry(notification_id=note.id, rel=note.rel or "canonical",
-                       checksum=checksum_of(note), pubtime=note.properties.pubtime)
+                       checksum=checksum_of(note), pubtime=note.properties.pubtime,
+                       **not_cached(note))
 
 
 @task(name="record-batch", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)

@@ -38,6 +38,13 @@ def checksum_of(notification: Notification) -> str | None:
     return f"{integrity.method}:{integrity.value}" if integrity else None
 
 
+def not_cached(notification: Notification) -> dict[str, Any]:
+    """The ledger entry's ``cache: false`` extra field for a notification Global Caches must
+    not cache (``{}`` otherwise): what a delivery check or a redelivery of the entry needs to
+    know without the message (no cache copy expected)."""
+    return {"cache": False} if notification.properties.cache is False else {}
+
+
 def small_contents(
     event: CloudEvent, dataset: DatasetDescription, timeout: float = 30.0
 ) -> dict[str, bytes]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import gzip
-import hashlib
 import json
 import threading
 import uuid
@@ -36,6 +35,7 @@ from tests.integration.test_publish_notification import (
     Subscriber,
     read_artifacts,
     read_flow_run,
+    sha256_multihash,
 )
 from wis2.dataset import load_dataset
 from wis2.validation import validate_notification
@@ -122,7 +122,7 @@ def served(event: dict[str, Any], url: str, content: bytes) -> dict[str, Any]:
     (asset,) = event["data"]["assets"].values()
     asset["href"] = f"{url}/{asset['href'].rsplit('/', 1)[-1]}"
     asset["file:size"] = len(content)
-    asset["file:checksum"] = "1220" + hashlib.sha256(content).hexdigest()
+    asset["file:checksum"] = sha256_multihash(content)
     return event
 
 
@@ -173,6 +173,10 @@ def test_cache_false_survives_a_run_a_batch_a_backfill_and_a_rerun(
               for path in chain.results.glob("wnm-build-*")]
     caches = [note.properties.cache for notes in stored for note in notes]
     assert caches.count(False) == 3 and caches.count(None) == 1, caches
+    # the ledger says it too (what a delivery check or a redelivery reads without the message)
+    entries = SqliteLedger.in_dir(chain.results).all()
+    assert sorted((entry.model_extra or {}).get("cache", True) for entry in entries.values()) \
+        == [False, False, False, True]
 
 
 # --------------------------------------------------------------------------------------------
