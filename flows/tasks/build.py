@@ -56,7 +56,8 @@ def small_contents(
             or event.operation == "delete"):
         return {}
     small = [(key, asset) for key, asset in data_assets(event.data, dataset)
-             if asset.file_size is not None and asset.file_size <= MAX_INLINE_CONTENT_CHARS]
+             if asset.file_size is not None and asset.file_size <= MAX_INLINE_CONTENT_CHARS
+             and dataset.href_refusal(asset.href) is None]  # a refused file: never fetched
     out: dict[str, bytes] = {}
     if not small:
         return out
