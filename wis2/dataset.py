@@ -14,6 +14,7 @@ from urllib.parse import unquote, urlsplit
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from wis2.access import security_problems
+from wis2.notification import ContentEncoding
 from wis2.topics import CENTRE_ID_PATTERN
 
 DEFAULT_DATASETS_DIR = Path(__file__).resolve().parents[1] / "data" / "datasets"
@@ -62,7 +63,7 @@ class DatasetDescription(BaseModel):
         description="Embed the data in the message (properties.content) when its encoded value "
         "is at most 4096 characters; never for recommended data",
     )
-    content_encoding: Literal["utf-8", "base64", "gzip"] | None = Field(
+    content_encoding: ContentEncoding | None = Field(
         default=None,
         description="Encoding of inline content: utf-8 (text), base64, or gzip (compressed, then "
         "base64); unset: utf-8 when the file is UTF-8 text, else base64. The 4096-character "

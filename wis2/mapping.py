@@ -7,7 +7,7 @@ import gzip
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import unquote, urlsplit
 from uuid import NAMESPACE_URL, UUID, uuid5
 
@@ -17,6 +17,7 @@ from wis2.errors import FieldError, InvalidInput, json_path
 from wis2.notification import (
     MAX_INLINE_CONTENT_CHARS,
     Content,
+    ContentEncoding,
     Link,
     Notification,
     NotificationProperties,
@@ -25,7 +26,6 @@ from wis2.notification import (
 from wis2.relations import DATA_RELATIONS, RELATION_OF_OPERATION, Operation
 from wis2.stations import station_link, wsi_problem
 
-ContentEncoding = Literal["utf-8", "base64", "gzip"]
 _BOOLEAN_TEXT = {"true": True, "false": False}
 
 
