@@ -99,16 +99,36 @@ class BrokerConfig(BaseSettings):
     mosquitto_bin: str = Field(default="mosquitto", description="mosquitto executable")
     mosquitto_passwd_bin: str = Field(default="mosquitto_passwd", description="its passwd tool")
 
-    fileserver_username: str = "fileserver"
-    listener_username: str = "listener"
-    publisher_username: str = "publisher"
-    monitor_username: str = "monitor"
-    everyone_username: str = "everyone"
-    fileserver_password: SecretStr | None = None
-    listener_password: SecretStr | None = None
-    publisher_password: SecretStr | None = None
-    monitor_password: SecretStr | None = None
-    everyone_password: SecretStr | None = SecretStr("everyone")
+    fileserver_username: str = Field(
+        default="fileserver",
+        description="Account of the data centre's file server (writes diffusion/files/#)")
+    listener_username: str = Field(
+        default="listener",
+        description="Account of the MQTT listener (reads diffusion/files/#)")
+    publisher_username: str = Field(
+        default="publisher",
+        description="Account of the flows (read/write origin/a/wis2/<centre-id>/#)")
+    monitor_username: str = Field(
+        default="monitor",
+        description="Account of monitoring (reads $SYS/#)")
+    everyone_username: str = Field(
+        default="everyone",
+        description="Account of the Global Brokers and the public (reads origin/a/wis2/#)")
+    fileserver_password: SecretStr | None = Field(
+        default=None, description="Password of the fileserver account (unset: the account is "
+        "not created and cannot log in)")
+    listener_password: SecretStr | None = Field(
+        default=None, description="Password of the listener account (unset: the account is "
+        "not created and cannot log in)")
+    publisher_password: SecretStr | None = Field(
+        default=None, description="Password of the publisher account (unset: the account is "
+        "not created and cannot log in)")
+    monitor_password: SecretStr | None = Field(
+        default=None, description="Password of the monitor account (unset: the account is "
+        "not created and cannot log in)")
+    everyone_password: SecretStr | None = Field(
+        default=SecretStr("everyone"),
+        description="Password of the everyone account (WIS2's public one by default)")
 
     @field_validator("centre_id")
     @classmethod

@@ -29,11 +29,17 @@ class DatasetDescription(BaseModel):
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="Short name, for routing")
     centre_id: str = Field(pattern=CENTRE_ID_PATTERN, description="WIS2 centre-id")
-    data_policy: Literal["core", "recommended"] = "core"
+    data_policy: Literal["core", "recommended"] = Field(
+        default="core", description="WIS2 data policy: core (free and unrestricted) or "
+        "recommended (may carry conditions)")
     topic: str = Field(description="Full WIS2 topic the notifications are published on")
     metadata_id: str = Field(pattern=r"^urn:wmo:md:", description="WCMP2 record identifier")
-    data_id_template: str = "wis2/{centre_id}/data/{data_policy}/{href_path}"
-    href_strip_prefixes: list[str] = Field(default_factory=list)
+    data_id_template: str = Field(
+        default="wis2/{centre_id}/data/{data_policy}/{href_path}",
+        description="How a file's data_id is made (placeholders: see above)")
+    href_strip_prefixes: list[str] = Field(
+        default_factory=list,
+        description="URL path prefixes removed from {href_path} (the first that matches)")
     data_roles: list[str] = Field(
         default_factory=lambda: ["data"],
         description="Asset roles that make an asset a data file (an item whose assets have no "
@@ -43,7 +49,9 @@ class DatasetDescription(BaseModel):
         default_factory=dict,
         description="File suffix -> media type, used when an asset has no `type`",
     )
-    default_media_type: str = "application/octet-stream"
+    default_media_type: str = Field(
+        default="application/octet-stream",
+        description="Media type of an asset with no `type` and no media_types suffix")
     inline_content: bool = Field(
         default=False, description="Embed the data in the message when it is small enough"
     )
