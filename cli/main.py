@@ -11,12 +11,15 @@ from typing import Annotated, Literal
 import typer
 
 from chain.settings import ChainSettings
+from cli.api import require_api
 from cli.backfill import backfill_command
+from cli.doctor import doctor_command
 
 app = typer.Typer(help="WIS2 node publishing chain", no_args_is_help=True)
 bundles_app = typer.Typer(help="WIS2 validator bundles", no_args_is_help=True)
 app.add_typer(bundles_app, name="bundles")
 app.command("backfill")(backfill_command)
+app.command("doctor")(doctor_command)
 
 
 def _read(path: Path) -> bytes:
@@ -176,6 +179,7 @@ def blocks_register() -> None:
     per data/datasets/*.json (overwrites: safe to run again)."""
     from blocks.register import register_blocks
 
+    require_api("blocks register")
     try:
         saved = register_blocks(ChainSettings())
     except Exception as exc:  # API unreachable, invalid dataset file...
@@ -198,6 +202,7 @@ def recover(
     from worker.recovery import RecoverySettings
     from worker.recovery import watch as watch_pool
 
+    require_api("recover")
     try:
         asyncio.run(watch_pool(pool, RecoverySettings(), once=not watch))
     except KeyboardInterrupt:
