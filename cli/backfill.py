@@ -1,9 +1,10 @@
 """`wis2-chain backfill SOURCE`: start a backfill run and show its progress in the terminal.
 
 `--dry-run` builds and validates every event in this process, without Prefect (no node needed).
-Otherwise it checks the Prefect API first (cli/api.py). By default it creates a run of the `backfill/default` deployment (a worker runs it; SOURCE is made
-absolute: the worker must be able to read it) and follows the run's progress artifact until the
-run ends. `--local` runs the flow in this process instead (still tracked by the Prefect API).
+Otherwise it checks the Prefect API first (cli/api.py). By default it creates a run of the
+`backfill/default` deployment (a worker runs it; SOURCE is made absolute: the worker must be able
+to read it) and follows the run's progress artifact until the run ends. `--local` runs the flow
+in this process instead (still tracked by the Prefect API).
 Exit status: 0 when every entry was published or already published, 1 otherwise.
 """
 

@@ -116,8 +116,8 @@ def _certificate(tmp_path: Path, not_after: datetime) -> Path:
 
 def test_certificate_expiry(tmp_path: Path) -> None:
     now = datetime.now(UTC)
-    ok = _certificate_check("WIS2_BROKER_CERTFILE", _certificate(tmp_path, now + timedelta(days=90)),
-                            now)
+    ok = _certificate_check("WIS2_BROKER_CERTFILE",
+                            _certificate(tmp_path, now + timedelta(days=90)), now)
     soon = _certificate_check("WIS2_BROKER_CERTFILE",
                               _certificate(tmp_path, now + timedelta(days=10)), now)
     gone = _certificate_check("WIS2_BROKER_CERTFILE",
