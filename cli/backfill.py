@@ -143,7 +143,13 @@ def backfill_command(
             ok, message = (_run_local(parameters) if local
                            else _run_deployment(parameters, timeout))
         except Exception as exc:  # no such deployment, the API gone meanwhile...
+            from prefect.exceptions import ObjectNotFound
+
             typer.echo(f"error: backfill not started: {type(exc).__name__}: {exc}", err=True)
+            if isinstance(exc, ObjectNotFound):
+                typer.echo(f"  fix: the deployment {BACKFILL} is missing: deploy the flows "
+                           "(`prefect --no-prompt deploy --all` in the project directory)",
+                           err=True)
             raise typer.Exit(1) from None
     typer.echo(("done: " if ok else "FAILED: ") + message)
     if not ok:

@@ -215,21 +215,49 @@ def certificate_files(settings: ChainSettings) -> list[tuple[str, Path]]:
 def _certificate_check(setting: str, path: Path, now: datetime) -> Check:
     from cryptography import x509
 
-    name = f"tls {path.name}"
     try:
         certificates = x509.load_pem_x509_certificates(path.read_bytes())
     except (OSError, ValueError) as exc:
-        return Check(name, "FAIL", f"{setting}={path}: cannot read a PEM certificate: {exc}",
+        return Check(f"tls {path.name}", "FAIL",
+                     f"{setting}={path}: cannot read a PEM certificate: {exc}",
                      f"point {setting} at the PEM file")
+    return _expiry_check(f"tls {path.name}", certificates, now, str(path))
+
+
+def _served_certificate_check(conn: MqttConnection, now: datetime) -> Check:
+    """The certificate the broker's TLS port serves, verified as the chain's clients verify it
+    (WIS2_MQTT_CA_CERTS, else the system's CAs)."""
+    import ssl
+
+    from cryptography import x509
+
+    name = f"tls {conn.host}:{conn.port}"
+    context = ssl.create_default_context(cafile=conn.ca_certs)
+    if conn.tls_insecure:
+        context.check_hostname = False
+    try:
+        with socket.create_connection((conn.host, conn.port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname=conn.host) as tls:
+            der = tls.getpeercert(binary_form=True)
+    except (OSError, ssl.SSLError) as exc:
+        return Check(name, "FAIL", f"TLS handshake with the broker failed: {exc}",
+                     "check WIS2_MQTT_CA_CERTS (the CA of WIS2_BROKER_CERTFILE) and that the "
+                     "certificate names the host clients connect to")
+    assert der is not None
+    return _expiry_check(name, [x509.load_der_x509_certificate(der)], now,
+                         "WIS2_BROKER_CERTFILE")
+
+
+def _expiry_check(name: str, certificates: list, now: datetime, where: str) -> Check:
     first = min(certificates, key=lambda c: c.not_valid_after_utc)
     days = (first.not_valid_after_utc - now).total_seconds() / 86400
     subject = first.subject.rfc4514_string()
     if days < 0:
         return Check(name, "FAIL", f"{subject} expired on {first.not_valid_after_utc:%Y-%m-%d}",
-                     f"renew it, replace {path}, restart what reads it (broker: restart it)")
+                     f"renew it, replace {where}, restart what reads it (broker: restart it)")
     if days < CERT_WARN_DAYS:
         return Check(name, "WARN", f"{subject} expires in {days:.0f} days "
-                     f"({first.not_valid_after_utc:%Y-%m-%d})", f"renew it before then ({path})")
+                     f"({first.not_valid_after_utc:%Y-%m-%d})", f"renew it before then ({where})")
     return Check(name, "OK", f"{subject} valid until {first.not_valid_after_utc:%Y-%m-%d} "
                  f"({days:.0f} days)")
 
@@ -273,7 +301,9 @@ def run_checks(pool: str) -> list[Check]:
         ("prefect-api", lambda: _api_checks(settings, pool)),
         ("bundles", lambda: [_bundles_check()]),
         ("datasets", lambda: _dataset_checks(settings)),
-        ("tls", lambda: [_certificate_check(s, p, now) for s, p in certificate_files(settings)]),
+        ("tls", lambda: [_certificate_check(s, p, now) for s, p in certificate_files(settings)]
+         + ([_served_certificate_check(settings.mqtt.connection(), now)]
+            if settings.mqtt.tls else [])),
         ("disk", lambda: [_disk_check(s, d) for s, d in disk_directories(settings)]),
     ]
     checks: list[Check] = []

@@ -165,6 +165,9 @@ def send_event(
         publish_once(conn, topic, raw, qos=1)
     except MqttError as exc:
         typer.echo(f"error: {exc}", err=True)
+        typer.echo("  fix: start the node's broker (`make demo` prints its address) or set "
+                   "WIS2_MQTT_HOST, WIS2_MQTT_PORT and the fileserver account's "
+                   "WIS2_MQTT_USERNAME / WIS2_MQTT_PASSWORD", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"sent {event} on {topic} ({conn.describe()})")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from chain.processes import free_port
-from cli.doctor import _certificate_check, _disk_check
+from cli.doctor import _certificate_check, _disk_check, _served_certificate_check
 from tests.fixtures.paths import DATA, REPO
 
 WIS2_CHAIN = str(Path(sys.executable).with_name("wis2-chain"))
@@ -98,6 +98,9 @@ def test_backfill_dry_run_needs_no_server(nothing_running, tmp_path) -> None:
 
 
 def _certificate(tmp_path: Path, not_after: datetime) -> Path:
+    """A self-signed certificate for 127.0.0.1 (its key beside it, `.key`)."""
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -108,9 +111,14 @@ def _certificate(tmp_path: Path, not_after: datetime) -> Path:
     certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
                    .public_key(key.public_key()).serial_number(x509.random_serial_number())
                    .not_valid_before(not_after - timedelta(days=400)).not_valid_after(not_after)
+                   .add_extension(x509.SubjectAlternativeName(
+                       [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
                    .sign(key, hashes.SHA256()))
     path = tmp_path / f"cert-{not_after:%Y%m%d}.pem"
     path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    path.with_suffix(".key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
     return path
 
 
@@ -127,6 +135,45 @@ def test_certificate_expiry(tmp_path: Path) -> None:
     assert soon.status == "WARN" and "expires in 10 days" in soon.message
     assert gone.status == "FAIL" and "expired on" in gone.message and "renew it" in gone.fix
     assert missing.status == "FAIL" and "WIS2_BROKER_CERTFILE" in missing.message
+
+
+def test_certificate_served_by_the_broker_port(tmp_path: Path) -> None:
+    """The TLS port's certificate, verified with the CA the clients are given: its expiry;
+    a certificate the clients would not trust is a failed handshake, named."""
+    import socket
+    import ssl
+    import threading
+
+    from chain.mqtt import MqttConnection
+
+    now = datetime.now(UTC)
+    cert = _certificate(tmp_path, now + timedelta(days=20))
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, cert.with_suffix(".key"))
+    listening = socket.create_server(("127.0.0.1", 0))
+    port = listening.getsockname()[1]
+
+    def serve(handshakes: int) -> None:
+        for _ in range(handshakes):
+            conn, _ = listening.accept()
+            try:
+                with server.wrap_socket(conn, server_side=True):
+                    pass
+            except (OSError, ssl.SSLError):
+                conn.close()
+
+    thread = threading.Thread(target=serve, args=(2,), daemon=True)
+    thread.start()
+    try:
+        trusted = _served_certificate_check(
+            MqttConnection(port=port, tls=True, ca_certs=str(cert)), now)
+        untrusted = _served_certificate_check(MqttConnection(port=port, tls=True), now)
+    finally:
+        thread.join(timeout=30)
+        listening.close()
+    assert trusted.status == "WARN" and "expires in 20 days" in trusted.message, trusted
+    assert untrusted.status == "FAIL" and "TLS handshake" in untrusted.message
+    assert "WIS2_MQTT_CA_CERTS" in untrusted.fix
 
 
 def test_doctor_checks_the_certificates_the_settings_name(nothing_running, tmp_path) -> None:
