@@ -215,7 +215,9 @@ def cli_page() -> str:
     return "\n".join(lines)
 
 
-def _schema_type(prop: dict[str, Any]) -> str:
+def _schema_type(prop: dict[str, Any] | bool) -> str:
+    if isinstance(prop, bool):  # `additionalProperties: true` (e.g. dict[str, Any])
+        return "any"
     if "enum" in prop:
         return " | ".join(json.dumps(v) for v in prop["enum"])
     if "const" in prop:
