@@ -42,6 +42,12 @@ class ChainSettings(BaseSettings):
         default=900.0, gt=0,
         description="Longest time one file's download may take (a slower one is retried)",
     )
+    verify_concurrency: int = Field(
+        default=8, ge=1,
+        description="Files one flow run downloads and hashes at the same time to verify them (a "
+        "batch's downloads run concurrently, at most this many; each streamed and hashed chunk "
+        "by chunk); 1: one after another",
+    )
     results_dir: Path = Field(
         default=Path.home() / ".wis2-chain" / "results",
         description="Where cached task results and the publication ledger are persisted",

@@ -238,7 +238,7 @@ def _publish_claimed(
 
     if settings.verify_data and to_send:
         tasks.verify(to_send, settings.verify_timeout, settings.verify_max_bytes,
-                     settings.verify_max_seconds)
+                     settings.verify_max_seconds, settings.verify_concurrency)
     elif not settings.verify_data:
         logger.info("data verification is off (WIS2_VERIFY_DATA=false)")
 
