@@ -114,7 +114,8 @@ class Pipeline:
 
     @classmethod
     def load(cls, dataset_name: str, settings: ChainSettings) -> Pipeline:
-        dataset = load_dataset_task(dataset_name, settings.datasets_dir)
+        dataset = load_dataset_task(dataset_name, settings.datasets_dir,
+                                    settings.block_cache_seconds)
         return cls(
             settings=settings,
             dataset=dataset,
