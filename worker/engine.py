@@ -18,6 +18,10 @@ Prefect 3.9's engine is written for one run per process. Run after run in one pr
   `ReadCache` (`WIS2_WORKER_READ_CACHE_SECONDS`, 0: off) keeps what the worker read for that
   long (a flow, whose name never changes, for good): an edited or deleted deployment is seen by
   the runs submitted after that delay.
+- **read the server's default result storage** (`GET /admin/storage`) three times per run
+  (Prefect's result stores look it up whenever a flow or task needs its default storage):
+  `keep_server_result_storage` keeps the answer for `WIS2_WORKER_READ_CACHE_SECONDS` too (a
+  failed read is not kept: Prefect's local default, as without it).
 
 Measured side by side in `bench/RESULTS.md` (the per-run API requests, CPU and latency).
 """
@@ -145,3 +149,56 @@ class ReadCache:
                 self.hits += 1
             return value.model_copy(deep=True)
         return cached
+
+
+_storage_lock = threading.Lock()
+_storage: list[tuple[float, Any]] = []  # (when read, the server's default storage block id)
+
+
+def keep_server_result_storage(seconds: float) -> None:
+    """Make Prefect's reads of the server's default result storage block id (`GET
+    /admin/storage`, prefect.results) keep a successful answer for `seconds` in this process."""
+    import prefect.results as results
+
+    if seconds <= 0:
+        return
+
+    def kept() -> tuple[bool, Any]:
+        with _storage_lock:
+            if _storage and time.monotonic() - _storage[0][0] < seconds:
+                return True, _storage[0][1]
+        return False, None
+
+    def keep(value: Any) -> Any:
+        with _storage_lock:
+            _storage[:] = [(time.monotonic(), value)]
+        return value
+
+    def read_sync() -> Any:
+        from prefect.client.orchestration import get_client
+
+        found, value = kept()
+        if found:
+            return value
+        try:
+            answer = get_client(sync_client=True).read_server_default_result_storage()
+        except Exception:  # as Prefect: local defaults (not kept)
+            log.debug("cannot read the server's default result storage", exc_info=True)
+            return None
+        return keep(answer.default_result_storage_block_id)
+
+    async def read_async() -> Any:
+        from prefect.client.orchestration import get_client
+
+        found, value = kept()
+        if found:
+            return value
+        try:
+            answer = await get_client().read_server_default_result_storage()
+        except Exception:
+            log.debug("cannot read the server's default result storage", exc_info=True)
+            return None
+        return keep(answer.default_result_storage_block_id)
+
+    results._read_server_default_result_storage_block_id = read_sync
+    results._aread_server_default_result_storage_block_id = read_async

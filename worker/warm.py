@@ -68,7 +68,12 @@ from prefect.workers.base import (
 from pydantic import Field, PrivateAttr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from worker.engine import ClientPool, ReadCache, suspension_observer
+from worker.engine import (
+    ClientPool,
+    ReadCache,
+    keep_server_result_storage,
+    suspension_observer,
+)
 from worker.recovery import PoolRecovery, Recovered
 from worker.wakeup import PoolWakeup
 
@@ -98,7 +103,8 @@ class WarmWorkerSettings(BaseSettings):
     worker_read_cache_seconds: float = Field(
         default=0.0, ge=0, description="Seconds the worker keeps a deployment it read to submit "
         "a run (Prefect's worker reads it twice per run, and the flow once; worker/engine.py "
-        "ReadCache): an edited or deleted deployment is seen after that long; 0: read each time")
+        "ReadCache), and the server's default result storage (read 3 times per run): an edited "
+        "or deleted deployment is seen after that long; 0: read each time")
     worker_suspension_observer: bool = Field(
         default=False, description="Prefect's per-run observer of external suspension requests "
         "(a thread, a client and a websocket per run; worker/engine.py); off: no flow of the "
@@ -235,6 +241,7 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         self._project_dir = settings.resolved_project_dir()
         suspension_observer(settings.worker_suspension_observer)
         self._reads = ReadCache(settings.worker_read_cache_seconds)
+        keep_server_result_storage(settings.worker_read_cache_seconds)
         self._wakeup = PoolWakeup(self._work_pool_name, self._on_scheduled, self._logger) \
             if settings.worker_wakeup else None
         self._wake = asyncio.Event()

@@ -109,3 +109,33 @@ def test_the_read_cache_keeps_deployments_for_its_delay_and_flows_for_good() -> 
     asyncio.run(off.read_deployment(deployment))
     asyncio.run(off.read_deployment(deployment))
     assert off.calls == ["deployment", "deployment"]
+
+
+def test_the_servers_default_result_storage_is_read_once_per_delay(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import prefect.client.orchestration as orchestration
+    import prefect.results as results
+
+    from worker import engine
+
+    for name in ("_read_server_default_result_storage_block_id",
+                 "_aread_server_default_result_storage_block_id"):
+        monkeypatch.setattr(results, name, getattr(results, name))  # restored after the test
+    monkeypatch.setattr(engine, "_storage", [])
+    reads: list[str] = []
+
+    class Answer:
+        default_result_storage_block_id = None
+
+    class Client:
+        def read_server_default_result_storage(self) -> Answer:
+            reads.append("GET /admin/storage")
+            if len(reads) == 1:
+                raise RuntimeError("server busy")  # not kept
+            return Answer()
+
+    monkeypatch.setattr(orchestration, "get_client", lambda **kwargs: Client())
+    engine.keep_server_result_storage(30)
+    for _ in range(4):
+        assert results._read_server_default_result_storage_block_id() is None
+    assert reads == ["GET /admin/storage"] * 2
