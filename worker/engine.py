@@ -15,7 +15,7 @@ Prefect 3.9's engine is written for one run per process. Run after run in one pr
   (`suspension_observer(False)`); `WIS2_WORKER_SUSPENSION_OBSERVER=true` keeps Prefect's.
 - **read the run's deployment twice and its flow once** before each run (Prefect's worker checks
   the deployment still exists, then builds the job configuration from it and the flow).
-  `ReadCache` (`WIS2_WORKER_READ_CACHE_SECONDS`, 0: off) keeps what the worker read for that
+  `ReadCache` (`WIS2_WORKER_READ_CACHE_SECONDS`, 30 s; 0: off) keeps what the worker read for that
   long (a flow, whose name never changes, for good): an edited or deleted deployment is seen by
   the runs submitted after that delay.
 - **read the server's default result storage** (`GET /admin/storage`) three times per run

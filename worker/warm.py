@@ -33,8 +33,8 @@ What it does differently from the `process` worker (by design, because runs shar
 - **Engine** (`worker/engine.py`): each run executes with Prefect's `run_flow`, on an API client
   kept open from one run to the next, and without Prefect's per-run suspension observer (no flow
   of the chain suspends itself; `WIS2_WORKER_SUSPENSION_OBSERVER=true` keeps it). A run goes from
-  Pending to Running with no `Submitting` state in between; with
-  `WIS2_WORKER_READ_CACHE_SECONDS`, the deployments and flows it reads are kept that long.
+  Pending to Running with no `Submitting` state in between. The deployments and flows it reads,
+  and the server's default result storage, are kept `WIS2_WORKER_READ_CACHE_SECONDS` (30).
 - **Recovery** (`worker/recovery.py`): while it polls its pool, the worker reschedules the runs
   stranded by a dead worker of the pool (Pending or Running, no heartbeat from their worker), and
   at start those it had claimed itself under the same `--name` before it was killed; a run
@@ -101,7 +101,7 @@ class WarmWorkerSettings(BaseSettings):
         default=True, description="Also listen to the server's event stream and poll at once "
         "when a run is scheduled in the pool (worker/wakeup.py); false: the poll alone")
     worker_read_cache_seconds: float = Field(
-        default=0.0, ge=0, description="Seconds the worker keeps a deployment it read to submit "
+        default=30.0, ge=0, description="Seconds the worker keeps a deployment it read to submit "
         "a run (Prefect's worker reads it twice per run, and the flow once; worker/engine.py "
         "ReadCache), and the server's default result storage (read 3 times per run): an edited "
         "or deleted deployment is seen after that long; 0: read each time")
