@@ -68,12 +68,7 @@ from prefect.workers.base import (
 from pydantic import Field, PrivateAttr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from worker.engine import (
-    ClientPool,
-    ReadCache,
-    keep_server_result_storage,
-    suspension_observer,
-)
+from worker.engine import ClientPool, ReadCache, keep_server_result_storage, suspension_observer
 from worker.recovery import PoolRecovery, Recovered
 from worker.wakeup import PoolWakeup
 
@@ -101,10 +96,8 @@ class WarmWorkerSettings(BaseSettings):
         default=True, description="Also listen to the server's event stream and poll at once "
         "when a run is scheduled in the pool (worker/wakeup.py); false: the poll alone")
     worker_read_cache_seconds: float = Field(
-        default=30.0, ge=0, description="Seconds the worker keeps a deployment it read to submit "
-        "a run (Prefect's worker reads it twice per run, and the flow once; worker/engine.py "
-        "ReadCache), and the server's default result storage (read 3 times per run): an edited "
-        "or deleted deployment is seen after that long; 0: read each time")
+        default=30.0, ge=0, description="Seconds the worker keeps the deployments, flows and "
+        "default result storage it reads to submit runs (worker/engine.py); 0: read each time")
     worker_suspension_observer: bool = Field(
         default=False, description="Prefect's per-run observer of external suspension requests "
         "(a thread, a client and a websocket per run; worker/engine.py); off: no flow of the "
