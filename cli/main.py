@@ -77,6 +77,8 @@ def validate(
     ] = "publish",
     topic: Annotated[str | None, typer.Option(help="topic the message is published on")] = None,
     kpi: Annotated[bool, typer.Option(help="also run the KPI (needs the network)")] = False,
+    previous_pubtime: Annotated[str | None, typer.Option(
+        help="pubtime of the notification an update updates: the update must be later")] = None,
 ) -> None:
     """Validate a WNM or a WCMP2 record (detected from conformsTo) and print the report."""
     from wis2.validation import load_json_document, validate_notification
@@ -92,7 +94,8 @@ def validate(
         report = validate_wcmp2(raw, kpi=kpi)
     else:
         chosen: Literal["publish", "spec"] = "spec" if profile == "spec" else "publish"
-        report = validate_notification(raw, topic=topic, profile=chosen, kpi=kpi)
+        report = validate_notification(raw, topic=topic, profile=chosen, kpi=kpi,
+                                       previous_pubtime=previous_pubtime)
     width = max((len(c.id) for c in report.checks), default=5)
     typer.echo(f"{file}: {report.kind} {report.subject}")
     for check in report.checks:
