@@ -64,6 +64,7 @@ def peak_rss(phase: str, names: tuple[str, ...] | str) -> Callable[[dict[str, An
 
 ROWS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
     ("node start-up s", _path("startup_seconds")),
+    ("data verified (files downloaded, checked)", _path("verify_data")),
     ("intake events/s (listeners alone)", _path("intake", "intake_eps")),
     ("steady p50 s", _path("steady", "latency", "p50")),
     ("steady p90 s", _path("steady", "latency", "p90")),

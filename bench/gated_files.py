@@ -1,9 +1,11 @@
 """The node's HTTP file server for the benchmark and the fault tests, with a gate.
 
-`python -m bench.gated_files PORT --bind HOST --directory DIR --gate-file PATH` serves DIR like
-`python -m http.server`, and also every benchmark file (`.../<tag>_<phase>_<n>.csv`, see
-`bench.events.file_content`) generated from its name, so flows that verify the data download
-the bytes whose length and checksum their event announced.
+`python -m bench.gated_files PORT --bind HOST --directory DIR --gate-file PATH [--latency-ms MS]`
+serves DIR like `python -m http.server`, and also every benchmark file (`.../<tag>_<phase>_<n>.csv`
+or `..._<n>_<bytes>.csv`, see `bench.events.file_chunks`) generated from its name (streamed, in
+constant memory), so flows that verify the data download the bytes whose length and checksum
+their event announced. `--latency-ms`: each file request waits that long before it is answered
+(a remote data server).
 
 While the gate file exists, every file request is HELD (not answered) until it is removed: a flow
 run that verifies its data is then provably in flight (Running, inside its verify task) for as
@@ -21,14 +23,16 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from bench.events import BENCH_FILE, file_content
+from bench.events import BENCH_FILE, file_chunks, file_size
 
 _lock = threading.Lock()
 _counts = {"held": 0, "served": 0}
 
 
 class GatedHandler(SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as a data server: every answer has its length
     gate_file: Path
+    latency: float = 0.0  # seconds before each file request is answered
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -40,9 +44,11 @@ class GatedHandler(SimpleHTTPRequestHandler):
             self._answer(200, body, "application/json")
             return
         self._wait_at_gate()
+        if self.latency > 0:
+            time.sleep(self.latency)
         name = self.path.rsplit("/", 1)[-1].split("?", 1)[0]
         if BENCH_FILE.fullmatch(name):
-            self._answer(200, file_content(name), "text/csv")
+            self._stream(name)
         else:
             super().do_GET()
         with _lock:
@@ -60,6 +66,17 @@ class GatedHandler(SimpleHTTPRequestHandler):
             with _lock:
                 _counts["held"] -= 1
 
+    def _stream(self, name: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/csv")
+        self.send_header("Content-Length", str(file_size(name)))
+        self.end_headers()
+        try:
+            for chunk in file_chunks(name):
+                self.wfile.write(chunk)
+        except OSError:  # the client stopped reading (a refused download, a killed worker)
+            pass
+
     def _answer(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -74,8 +91,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bind", default="127.0.0.1")
     p.add_argument("--directory", type=Path, default=Path.cwd())
     p.add_argument("--gate-file", type=Path, required=True)
+    p.add_argument("--latency-ms", type=float, default=0.0,
+                   help="milliseconds each file request waits before it is answered")
     args = p.parse_args(argv)
-    handler = type("Handler", (GatedHandler,), {"gate_file": args.gate_file})
+    handler = type("Handler", (GatedHandler,), {"gate_file": args.gate_file,
+                                                "latency": args.latency_ms / 1000})
+    ThreadingHTTPServer.request_queue_size = 256  # bursts of concurrent downloads
     server = ThreadingHTTPServer((args.bind, args.port),
                                  partial(handler, directory=str(args.directory)))
     server.daemon_threads = True

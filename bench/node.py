@@ -26,13 +26,16 @@ class BenchNode(LocalNode):
     WIS2_LISTENER_BATCH_MAX_SIZE=50), `extra_env` for every chain process (e.g.
     `{"WIS2_VERIFY_TIMEOUT": "600"}`), or the stand-in listener when asked for; a value of None
     unsets the variable (the program's default). Its file server holds file requests while
-    `gate_file` exists (see bench/gated_files.py). `server_env` and `server_node_settings`
+    `gate_file` exists and answers each after `files_latency_ms` (see bench/gated_files.py).
+    `server_env` and `server_node_settings`
     (LocalNode) change the Prefect server's environment."""
 
     def __init__(self, settings: NodeSettings, standin_listener: bool = False,
                  listener_settings: Mapping[str, str | None] | None = None,
-                 extra_env: Mapping[str, str | None] | None = None, **node_options) -> None:
+                 extra_env: Mapping[str, str | None] | None = None,
+                 files_latency_ms: float = 0.0, **node_options) -> None:
         super().__init__(settings, **node_options)
+        self.files_latency_ms = files_latency_ms
         self.standin_listener = standin_listener
         self.listener_settings = dict(listener_settings or {})
         self.extra_env = dict(extra_env or {})
@@ -60,7 +63,8 @@ class BenchNode(LocalNode):
             s = self.settings
             argv = [sys.executable, "-m", "bench.gated_files", str(s.files_port),
                     "--bind", s.host, "--directory", str(self.run_dir / "www"),
-                    "--gate-file", str(self.gate_file)]
+                    "--gate-file", str(self.gate_file),
+                    "--latency-ms", str(self.files_latency_ms)]
         return super()._spawn(name, argv, env, ready=ready, timeout=timeout, **options)
 
     def process(self, name: str):

@@ -6,9 +6,11 @@ import argparse
 from pathlib import Path
 
 from bench import faults, faults_scaled  # noqa: F401 (registers its scenarios)
+from bench.events import FileMix
 from bench.variants import SERVER_DEFAULTS, Variant, parse_variants
 
 DESCRIPTION = "The end-to-end benchmark of the chain (bench/run.py)."
+DEFAULT_FILE_MIX = "20000:795,500000:200,20000000:5"
 
 
 class Options(argparse.Namespace):
@@ -49,6 +51,9 @@ class Options(argparse.Namespace):
     variant: list[str]
     variants: list[Variant]  # parsed from --variant
     count_requests: bool
+    verify: bool
+    file_mix: FileMix
+    file_latency_ms: float
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -134,6 +139,17 @@ def parse_args(argv: list[str] | None = None) -> Options:
                    help="count the Prefect API requests of the steady and burst phases (the "
                    "server's access log, PREFECT_SERVER_LOGGING_LEVEL=INFO), per flow run and "
                    "per route")
+    p.add_argument("--verify", action="store_true",
+                   help="the flows download and check each event's file (WIS2_VERIFY_DATA=true, "
+                   "the chain's default) in every phase; without it, verification is off unless "
+                   "a variant or --chain-env sets WIS2_VERIFY_DATA=true")
+    p.add_argument("--file-mix", type=FileMix, default=FileMix(DEFAULT_FILE_MIX),
+                   metavar="BYTES:COUNT,...",
+                   help="sizes of the events' files, spread evenly in each phase (default "
+                   f"{DEFAULT_FILE_MIX}: 20 kB BUFR, 500 kB NetCDF, a few 20 MB files)")
+    p.add_argument("--file-latency-ms", type=float, default=50.0,
+                   help="milliseconds the node's file server waits before answering each file "
+                   "request (a remote data server)")
     p.add_argument("--tiny", action="store_true",
                    help="5 events per phase, short timeouts (the test suite's smoke run)")
     p.add_argument("--out", type=Path, default=None, help="output directory")

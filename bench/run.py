@@ -50,7 +50,7 @@ from bench import backfill, chain, faults
 from bench.api_requests import SERVER_ENV as COUNT_REQUESTS_SERVER_ENV
 from bench.api_requests import AccessLog, summarize
 from bench.collect import Collector
-from bench.events import EventFactory
+from bench.events import EventFactory, FileMix
 from bench.floor import run_floor
 from bench.intake import run_intake
 from bench.load import CpuHogs
@@ -168,10 +168,14 @@ def run_profile(profile: str, opts: Options, out_dir: Path,
     settings = NodeSettings(
         _env_file=None, run_dir=out_dir / run_name / "node", broker_port=broker,
         broker_ws_port=ws, prefect_port=prefect, files_port=files, metrics_port=metrics,
-        verify_data=opts.faults_only, database_url=database_url, database="sqlite",
+        verify_data=opts.faults_only or opts.verify, database_url=database_url, database="sqlite",
         worker_type=opts.worker,
         worker_limit=opts.worker_limit,
     )
+    verify_env = chain_env.get("WIS2_VERIFY_DATA")
+    result["verify_data"] = (settings.verify_data if verify_env is None
+                             else verify_env.strip().lower() in ("1", "true", "yes", "on"))
+    result["files"] = {"mix": opts.file_mix.spec, "latency_ms": opts.file_latency_ms}
     dataset = load_dataset(opts.dataset)
     node_options: dict[str, Any] = {"server_env": server_env,
                                     "server_node_settings": server_node_settings}
@@ -181,6 +185,7 @@ def run_profile(profile: str, opts: Options, out_dir: Path,
         settings, standin_listener=opts.listener == "standin",
         listener_settings={"BATCH_MAX_SIZE": str(opts.batch_max_size), **listener_settings},
         extra_env={**(faults.FAULT_ENV if opts.faults_only else {}), **chain_env},
+        files_latency_ms=opts.file_latency_ms,
         **node_options)
     if postgres is not None:
         node.postgres = postgres
@@ -213,7 +218,8 @@ def run_profile(profile: str, opts: Options, out_dir: Path,
             result["skipped"] = "the broker or the Prefect server did not start"
             return result
         state = node.state
-        factory = EventFactory(dataset, tag, files_url=state.files_url)
+        factory = EventFactory(dataset, tag, files_url=state.files_url, real_files=True,
+                               mix=opts.file_mix)
         chain_ready = result["startup_error"] is None
         if opts.count_requests:
             access = AccessLog(node.server.log_path)
@@ -351,10 +357,13 @@ def run(opts: Options) -> tuple[dict[str, Any], Path]:
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "python -m bench.run " + " ".join(sys.argv[1:]),
         "machine": describe(),
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()
-                    if k != "variants"},
-        "events": "distinct copies of data/demo-event.json (new id, file name, sha256 checksum); "
-                  "data verification off (the flows do not download the files)" + (
+        "options": {k: (str(v) if isinstance(v, Path | FileMix) else v)
+                    for k, v in vars(opts).items() if k != "variants"},
+        "events": "distinct copies of data/demo-event.json (new id, file name, sha256 checksum "
+                  f"of the file the node's file server generates; sizes {opts.file_mix.spec}, "
+                  f"{opts.file_latency_ms:g} ms per request); data verification "
+                  + ("on" if opts.verify else "off unless a profile's `verify_data` says on")
+                  + (
                       "; in the fault phase on (each flow downloads its file from the node's "
                       "file server and checks it)" if opts.faults else ""),
         "profiles": {},

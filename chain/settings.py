@@ -49,6 +49,12 @@ class ChainSettings(BaseSettings):
         description="Longest time one file's download may take: then it is abandoned and "
         "retried, as a network error",
     )
+    verify_concurrency: int = Field(
+        default=8, ge=1,
+        description="Files one flow run downloads and hashes at the same time to verify them (a "
+        "batch's downloads run concurrently, at most this many; each streamed and hashed chunk "
+        "by chunk); 1: one after another",
+    )
     results_dir: Path = Field(
         default=Path.home() / ".wis2-chain" / "results",
         description="Where cached task results, the SQLite publication ledger and its claim "
@@ -67,6 +73,12 @@ class ChainSettings(BaseSettings):
     )
     wnm_kpi: bool = Field(default=False, description="Also run pywis-pubsub's KPI (needs network)")
     wcmp2_kpi: bool = Field(default=False, description="Also run pywcmp's KPI (needs network)")
+    block_cache_seconds: float = Field(
+        default=0.0, ge=0,
+        description="Seconds a flow run's process keeps the broker and dataset blocks it read "
+        "(blocks/loading.py; the warm worker runs every flow run in one process): a block "
+        "edited since is seen by the runs after that delay; 0: read at each run",
+    )
     # Retries of the flows' network tasks (verify data, publish): exponential backoff + jitter.
     publish_retries: int = Field(default=5, ge=0, description="Retries of verify/publish tasks")
     retry_base_delay: float = Field(

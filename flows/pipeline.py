@@ -117,7 +117,8 @@ class Pipeline:
 
     @classmethod
     def load(cls, dataset_name: str, settings: ChainSettings) -> Pipeline:
-        dataset = load_dataset_task(dataset_name, settings.datasets_dir)
+        dataset = load_dataset_task(dataset_name, settings.datasets_dir,
+                                    settings.block_cache_seconds)
         return cls(
             settings=settings,
             dataset=dataset,
@@ -248,7 +249,8 @@ def _publish_claimed(
     if settings.verify_data and to_send:
         tasks.verify(to_send, settings.verify_timeout, settings.verify_max_bytes,
                      settings.verify_max_seconds,
-                     credential_block=pipeline.dataset.credential_block)
+                     credential_block=pipeline.dataset.credential_block,
+                     concurrency=settings.verify_concurrency)
     elif not settings.verify_data:
         logger.info("data verification is off (WIS2_VERIFY_DATA=false)")
 

@@ -29,9 +29,10 @@ class BatchPolicy:
 
     def __init__(
         self, max_size: int, recheck: float = BATCH_RECHECK,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.monotonic, runs_per_call: int = 1,
     ) -> None:
         self.max_size = max_size
+        self.runs_per_call = runs_per_call  # batch runs created by one API call (bulk)
         self.recheck = recheck
         self._clock = clock
         self._missing: dict[str, float] = {}  # batch deployment -> when found missing
@@ -53,6 +54,16 @@ class BatchPolicy:
 
     def found(self, deployment: str) -> None:
         self._missing.pop(deployment, None)
+
+    @property
+    def collect_size(self) -> int:
+        """Most events a worker collects from a burst: `runs_per_call` batches."""
+        return self.max_size * self.runs_per_call
+
+    def split(self, members: list[Accepted]) -> list[list[Accepted]]:
+        """`members` (one route) in batches of at most `max_size`, in order."""
+        size = max(1, self.max_size)
+        return [members[i:i + size] for i in range(0, len(members), size)]
 
 
 def by_route(members: list[Accepted]) -> list[list[Accepted]]:

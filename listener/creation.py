@@ -36,10 +36,15 @@ class RunCreation:
     metrics: Metrics
 
     async def create(self, members: list[Accepted]) -> None:
-        """One batch run for `members` (same route), or one run each."""
+        """Batch runs for `members` (same route: one per `batch_max_size`, several in one call
+        when `batch_runs_per_call` allows), or one run each."""
         try:
             if len(members) > 1 and self.batches.allows(members[0].route):
-                await self._create_batch(members[0].route, members)
+                batches = self.batches.split(members)
+                if len(batches) > 1:
+                    await self._create_batches(members[0].route, batches)
+                else:
+                    await self._create_batch(members[0].route, members)
             else:
                 for member in members:
                     await self._create_run(member)
@@ -79,6 +84,34 @@ class RunCreation:
                               "deployment": route.deployment, "flow_run_id": str(result.run_id),
                               "flow_run": result.name, "redelivered": item.dup, "acked": acked})
 
+    async def _create_batches(self, route: Route, batches: list[list[Accepted]]) -> None:
+        """Several batch runs in one API call; a batch the call did not create (refused, the
+        call failed, the deployment missing) goes the way of a single batch."""
+        deployment = route.batch_deployment
+        items = [m.item for batch in batches for m in batch]
+        results: list[RunCreated | str] | None = None
+        try:
+            results = await self.api.call(
+                lambda: self.creator.create_batches([[m.event for m in b] for b in batches],
+                                                    route), items,
+                {"event_id": batches[0][0].event.id, "events": len(items),
+                 "runs": len(batches), "deployment": deployment}, retry_missing=False)
+        except (DeploymentMissing, ApiRejected) as exc:
+            log.warning("bulk run creation refused: one call per batch instead",
+                        extra={"deployment": deployment, "runs": len(batches),
+                               "error": str(exc)})
+        else:
+            if results is None:  # stopping: left unacknowledged
+                return
+        for members, result in zip(batches, results or [None] * len(batches), strict=True):
+            if not isinstance(result, RunCreated):
+                if result is not None:
+                    log.warning("bulk run creation refused one batch: created alone", extra={
+                        "deployment": deployment, "events": len(members), "error": result})
+                await self._create_batch(route, members)
+                continue
+            self._acked_batch(result, route, members)
+
     async def _create_batch(self, route: Route, members: list[Accepted]) -> None:
         deployment = route.batch_deployment
         assert deployment is not None
@@ -107,9 +140,14 @@ class RunCreation:
             return
         if result is None:
             return
+        self._acked_batch(result, route, members)
+
+    def _acked_batch(self, result: RunCreated, route: Route, members: list[Accepted]) -> None:
+        deployment = route.batch_deployment or route.deployment
+        items = [m.item for m in members]
         what = self._counted(result, deployment, batch_size=len(members))
         acked = sum(self.session.ack(item) for item in items)
-        log.info(what, extra={"events": len(members), "first_event_id": events[0].id,
+        log.info(what, extra={"events": len(members), "first_event_id": members[0].event.id,
                               "deployment": deployment, "flow_run_id": str(result.run_id),
                               "flow_run": result.name, "redelivered": sum(i.dup for i in items),
                               "acked": acked})

@@ -69,7 +69,7 @@ class Processor:
         groups = [[accepted]]
         try:
             groups = by_route(await collect(
-                accepted, self.queue, self.accept, max_size=self.settings.batch_max_size,
+                accepted, self.queue, self.accept, max_size=self.batches.collect_size,
                 max_wait=self.settings.batch_max_wait, stop=self.stop))
         except Exception:  # a bug while collecting: the first event goes on alone
             log.exception("unexpected error collecting a batch")

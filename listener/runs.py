@@ -7,9 +7,11 @@ answering 200 rather than 201 (prefect/server/api/deployments.py `create_flow_ru
 a redelivered event therefore never gets a second run, and the status code tells duplicates apart.
 
 A batch run (several events, one run of the route's batch deployment) has a key derived from the
-sorted identity keys of its events: the same batch delivered again gets no second run. Redelivered
-events may form another batch after a crash; that run then finds their notifications already
-built and published (the flows cache per event identity and per notification id).
+sorted identity keys of its events: the same batch delivered again gets no second run. Several
+batch runs may be created in one call (`create_batches`, Prefect's bulk creation): each keeps its
+own key, enforced the same way (a retried call returns the runs it created). Redelivered events
+may form another batch after a crash; that run then finds their notifications already built and
+published (the flows cache per event identity and per notification id).
 """
 
 from __future__ import annotations
@@ -133,33 +135,56 @@ class RunCreator:
         return await self._create(route.batch_deployment, batch_parameters(events, route),
                                   batch_idempotency_key(events, route.batch_deployment))
 
+    async def create_batches(self, batches: Sequence[Sequence[CloudEvent]],
+                             route: Route) -> list[RunCreated | str]:
+        """Runs of the route's batch deployment, one per batch of events, in ONE call (Prefect's
+        bulk creation, at most 100): per batch, its run (`created` is always True: the bulk
+        answer does not tell an existing run apart) or the server's error for it."""
+        deployment = route.batch_deployment
+        assert deployment is not None
+        bodies = [_run_body(batch_parameters(events, route),
+                            batch_idempotency_key(events, deployment)) for events in batches]
+        response = await self._post(deployment, "/deployments/{id}/create_flow_run/bulk",
+                                    bodies)
+        results = response.json().get("results", [])
+        if len(results) != len(bodies):
+            raise ApiUnavailable(f"bulk run creation answered {len(results)} results for "
+                                 f"{len(bodies)} runs")
+        return [RunCreated(run_id=UUID(r["flow_run_id"]), name="", created=True)
+                if r.get("status") == "CREATED" and r.get("flow_run_id")
+                else str(r.get("error") or "not created") for r in results]
+
     async def _create(
         self, deployment: str, parameters: dict[str, Any], key: str
     ) -> RunCreated:
-        from prefect.client.schemas.actions import DeploymentFlowRunCreate
-        from prefect.states import Scheduled, to_state_create
+        response = await self._post(deployment, "/deployments/{id}/create_flow_run",
+                                    _run_body(parameters, key))
+        run = response.json()
+        return RunCreated(run_id=UUID(run["id"]), name=run.get("name", ""),
+                          created=response.status_code == 201)
 
+    async def _post(self, deployment: str, path: str, body: Any) -> httpx.Response:
         deployment_id = await self.deployment_id(deployment)
-        body = DeploymentFlowRunCreate(
-            parameters=parameters,
-            state=to_state_create(Scheduled()),
-            tags=["wis2-listener"],
-            idempotency_key=key,
-            # The listener has parsed every event already (bad ones went to the dead letters):
-            # the server need not check them against the deployment's parameter schema again,
-            # the largest single cost of a run creation (manual runs keep the check).
-            enforce_parameter_schema=False,
-        )
         try:
-            response = await self._call(
-                "POST", "/deployments/{id}/create_flow_run", path_params={"id": deployment_id},
-                json=body.model_dump(mode="json", exclude_unset=True),
-            )
+            return await self._call("POST", path, path_params={"id": deployment_id}, json=body)
         except ApiRejected as exc:
             if "404" in str(exc).split(":", 1)[0]:  # deployment deleted since it was cached
                 self._deployments.pop(deployment, None)
                 raise DeploymentMissing(f"deployment {deployment!r} not found") from None
             raise
-        run = response.json()
-        return RunCreated(run_id=UUID(run["id"]), name=run.get("name", ""),
-                          created=response.status_code == 201)
+
+
+def _run_body(parameters: dict[str, Any], key: str) -> dict[str, Any]:
+    from prefect.client.schemas.actions import DeploymentFlowRunCreate
+    from prefect.states import Scheduled, to_state_create
+
+    return DeploymentFlowRunCreate(
+        parameters=parameters,
+        state=to_state_create(Scheduled()),
+        tags=["wis2-listener"],
+        idempotency_key=key,
+        # The listener has parsed every event already (bad ones went to the dead letters):
+        # the server need not check them against the deployment's parameter schema again,
+        # the largest single cost of a run creation (manual runs keep the check).
+        enforce_parameter_schema=False,
+    ).model_dump(mode="json", exclude_unset=True)

@@ -44,7 +44,8 @@ class Listener:
                                in_flight=self.in_flight.count)
         self.session = MqttSession(settings, self.metrics, self.in_flight, self.stop)
         self.api = ApiBackoff(settings, self.metrics, self.stop, self.session.abandon)
-        self.batches = BatchPolicy(settings.batch_max_size)
+        self.batches = BatchPolicy(settings.batch_max_size,
+                                   runs_per_call=settings.batch_runs_per_call)
         self.rejecter = Rejecter(self.store, self.metrics, self.session)
         self.queue: asyncio.Queue[Inbound | None] = asyncio.Queue()
         self.http: HealthServer | None = None
@@ -78,7 +79,7 @@ class Listener:
                 [r.model_dump() for r in s.routes]), "max_in_flight": s.max_in_flight,
             "concurrency": s.concurrency, "deadletter_dir": str(s.deadletter_dir),
             "batch_max_size": s.batch_max_size, "batch_max_wait": s.batch_max_wait,
-            "api_concurrency": s.api_concurrency})
+            "api_concurrency": s.api_concurrency, "batch_runs_per_call": s.batch_runs_per_call})
         if 1 < s.batch_max_size and s.max_in_flight < s.batch_max_size * s.concurrency:
             log.warning("max_in_flight (MQTT Receive Maximum) is below batch_max_size x "
                         "concurrency: batches cannot fill during bursts", extra={

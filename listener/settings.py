@@ -143,6 +143,13 @@ class ListenerSettings(BaseSettings, MqttConnection):
         default=50, ge=1,
         description="Most events in one batch run (1: no batching, one run per event)",
     )
+    batch_runs_per_call: int = Field(
+        default=1, ge=1, le=100,
+        description="Batch runs created in one Prefect API call (`POST /deployments/{id}/"
+        "create_flow_run/bulk`, each run with its own idempotency key): a worker that finds a "
+        "burst collects up to batch_max_size x this many events, one run per batch_max_size "
+        "of them; 1: one call per run",
+    )
     batch_max_wait: float = Field(
         default=0.2, ge=0,
         description="Seconds a worker that found events queued waits for more to fill a batch "

@@ -13,6 +13,15 @@ Prefect 3.9's engine is written for one run per process. Run after run in one pr
   flow of this chain suspends itself or can be resumed meaningfully half-way (its steps are
   cached and claimed; cancel a run, or let it finish), so the worker turns this observer off
   (`suspension_observer(False)`); `WIS2_WORKER_SUSPENSION_OBSERVER=true` keeps Prefect's.
+- **read the run's deployment twice and its flow once** before each run (Prefect's worker checks
+  the deployment still exists, then builds the job configuration from it and the flow).
+  `ReadCache` (`WIS2_WORKER_READ_CACHE_SECONDS`, 30 s; 0: off) keeps what the worker read for that
+  long (a flow, whose name never changes, for good): an edited or deleted deployment is seen by
+  the runs submitted after that delay.
+- **read the server's default result storage** (`GET /admin/storage`) three times per run
+  (Prefect's result stores look it up whenever a flow or task needs its default storage):
+  `keep_server_result_storage` keeps the answer for `WIS2_WORKER_READ_CACHE_SECONDS` too (a
+  failed read is not kept: Prefect's local default, as without it).
 
 Measured side by side in `bench/RESULTS.md` (the per-run API requests, CPU and latency).
 """
@@ -22,8 +31,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
+from uuid import UUID
 
 log = logging.getLogger(__name__)
 
@@ -95,3 +106,99 @@ def suspension_observer(enabled: bool) -> None:
         _PREFECT_OBSERVER = flow_engine.observe_flow_run_suspension
     flow_engine.observe_flow_run_suspension = (  # type: ignore[attr-defined]
         _PREFECT_OBSERVER if enabled else _no_suspension_observer)
+
+
+class ReadCache:
+    """The worker client's reads of deployments (kept `seconds`) and flows (kept for good), by
+    id; each caller gets its own copy (Prefect's worker merges a run's job variables into the
+    deployment it read)."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
+        self.clock = clock
+        self.hits = self.reads = 0
+        self._deployments: dict[UUID, tuple[float, Any]] = {}
+        self._flows: dict[UUID, Any] = {}
+
+    def install(self, client: Any) -> None:
+        """Make `client.read_deployment` and `client.read_flow` (one id argument) use the cache."""
+        if self.seconds <= 0:
+            return
+        client.read_deployment = self._cached(client.read_deployment, self._deployment_hit,
+                                              self._deployment_store)
+        client.read_flow = self._cached(client.read_flow, self._flows.get, self._flows.__setitem__)
+
+    def _deployment_hit(self, key: UUID) -> Any:
+        hit = self._deployments.get(key)
+        return hit[1] if hit is not None and self.clock() - hit[0] < self.seconds else None
+
+    def _deployment_store(self, key: UUID, value: Any) -> None:
+        self._deployments[key] = (self.clock(), value)
+
+    def _cached(self, read: Callable[..., Awaitable[Any]], hit: Callable[[UUID], Any],
+                store: Callable[[UUID, Any], None]) -> Callable[..., Awaitable[Any]]:
+        async def cached(key: UUID, *args: Any, **kwargs: Any) -> Any:
+            if args or kwargs:
+                return await read(key, *args, **kwargs)
+            value = hit(key)
+            if value is None:
+                self.reads += 1
+                value = await read(key)
+                store(key, value)
+            else:
+                self.hits += 1
+            return value.model_copy(deep=True)
+        return cached
+
+
+_storage_lock = threading.Lock()
+_storage: list[tuple[float, Any]] = []  # (when read, the server's default storage block id)
+
+
+def keep_server_result_storage(seconds: float) -> None:
+    """Make Prefect's reads of the server's default result storage block id (`GET
+    /admin/storage`, prefect.results) keep a successful answer for `seconds` in this process."""
+    import prefect.results as results
+
+    if seconds <= 0:
+        return
+
+    def kept() -> tuple[bool, Any]:
+        with _storage_lock:
+            if _storage and time.monotonic() - _storage[0][0] < seconds:
+                return True, _storage[0][1]
+        return False, None
+
+    def keep(value: Any) -> Any:
+        with _storage_lock:
+            _storage[:] = [(time.monotonic(), value)]
+        return value
+
+    def read_sync() -> Any:
+        from prefect.client.orchestration import get_client
+
+        found, value = kept()
+        if found:
+            return value
+        try:
+            answer = get_client(sync_client=True).read_server_default_result_storage()
+        except Exception:  # as Prefect: local defaults (not kept)
+            log.debug("cannot read the server's default result storage", exc_info=True)
+            return None
+        return keep(answer.default_result_storage_block_id)
+
+    async def read_async() -> Any:
+        from prefect.client.orchestration import get_client
+
+        found, value = kept()
+        if found:
+            return value
+        try:
+            answer = await get_client().read_server_default_result_storage()
+        except Exception:
+            log.debug("cannot read the server's default result storage", exc_info=True)
+            return None
+        return keep(answer.default_result_storage_block_id)
+
+    results._read_server_default_result_storage_block_id = read_sync
+    results._aread_server_default_result_storage_block_id = read_async

@@ -33,7 +33,8 @@ What it does differently from the `process` worker (by design, because runs shar
 - **Engine** (`worker/engine.py`): each run executes with Prefect's `run_flow`, on an API client
   kept open from one run to the next, and without Prefect's per-run suspension observer (no flow
   of the chain suspends itself; `WIS2_WORKER_SUSPENSION_OBSERVER=true` keeps it). A run goes from
-  Pending to Running with no `Submitting` state in between.
+  Pending to Running with no `Submitting` state in between. The deployments and flows it reads,
+  and the server's default result storage, are kept `WIS2_WORKER_READ_CACHE_SECONDS` (30).
 - **Recovery** (`worker/recovery.py`): while it polls its pool, the worker reschedules the runs
   stranded by a dead worker of the pool (Pending or Running, no heartbeat from their worker), and
   at start those it had claimed itself under the same `--name` before it was killed; a run
@@ -67,7 +68,7 @@ from prefect.workers.base import (
 from pydantic import Field, PrivateAttr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from worker.engine import ClientPool, suspension_observer
+from worker.engine import ClientPool, ReadCache, keep_server_result_storage, suspension_observer
 from worker.recovery import PoolRecovery, Recovered
 from worker.wakeup import PoolWakeup
 
@@ -94,6 +95,9 @@ class WarmWorkerSettings(BaseSettings):
     worker_wakeup: bool = Field(
         default=True, description="Also listen to the server's event stream and poll at once "
         "when a run is scheduled in the pool (worker/wakeup.py); false: the poll alone")
+    worker_read_cache_seconds: float = Field(
+        default=30.0, ge=0, description="Seconds the worker keeps the deployments, flows and "
+        "default result storage it reads to submit runs (worker/engine.py); 0: read each time")
     worker_suspension_observer: bool = Field(
         default=False, description="Prefect's per-run observer of external suspension requests "
         "(a thread, a client and a websocket per run; worker/engine.py); off: no flow of the "
@@ -229,6 +233,8 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         settings = WarmWorkerSettings()
         self._project_dir = settings.resolved_project_dir()
         suspension_observer(settings.worker_suspension_observer)
+        self._reads = ReadCache(settings.worker_read_cache_seconds)
+        keep_server_result_storage(settings.worker_read_cache_seconds)
         self._wakeup = PoolWakeup(self._work_pool_name, self._on_scheduled, self._logger) \
             if settings.worker_wakeup else None
         self._wake = asyncio.Event()
@@ -242,6 +248,7 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
 
     async def setup(self) -> None:
         await super().setup()
+        self._reads.install(self.client)
         if self._wakeup is not None:
             self._background = [asyncio.create_task(self._wakeup.run()),
                                 asyncio.create_task(self._poll_on_wake())]

@@ -36,7 +36,13 @@ from .cache_store import MISSING, CacheStore
 from .caching import build_cache_key, publish_cache_key
 from .publish import BrokerReceipt
 from .validate import previous_pubtimes
-from .verify import DataMismatch, load_credential, verify_notifications
+from .verify import (
+    DataMismatch,
+    each_concurrently,
+    load_credential,
+    verification_client,
+    verify_notifications,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -187,9 +193,10 @@ def verify_batch_task(
     batch: Sequence[Sequence[Notification]], settings: ChainSettings,
     credential_block: str | None = None,
 ) -> list[Failure | None]:
-    """Download and check each event's files; a network error is retried per event (backoff),
-    a `DataMismatch` fails that event at once. `credential_block`: the Prefect Secret block of
-    the dataset's credential (access-controlled data)."""
+    """Download and check each event's files, the events' downloads concurrently (at most
+    `WIS2_VERIFY_CONCURRENCY` at a time, one client); a network error is retried per event
+    (backoff), a `DataMismatch` fails that event at once. `credential_block`: the Prefect Secret
+    block of the dataset's credential (access-controlled data)."""
     logger = get_run_logger()
     retry = Retry.of(settings)
     try:
@@ -197,19 +204,24 @@ def verify_batch_task(
     except Exception as exc:
         logger.error("credential %r not loaded: %s", credential_block, exc)
         return [Failure(exc)] * len(batch)
-    out: list[Failure | None] = []
-    for notes in batch:
-        try:
-            retry.call(lambda notes=notes: verify_notifications(
+    with verification_client(settings.verify_timeout, settings.verify_concurrency) as client:
+
+        def verify(notes: Sequence[Notification]) -> None:
+            retry.call(lambda: verify_notifications(
                 list(notes), settings.verify_timeout, settings.verify_max_bytes, None,
-                settings.verify_max_seconds, credential),
+                settings.verify_max_seconds, credential, client=client),
                 retry_if=lambda exc: not isinstance(exc, DataMismatch),
                 on_retry=lambda exc: logger.warning("verification retried: %s", exc))
-            out.append(None)
-        except Exception as exc:
+
+        results = each_concurrently(batch, verify, settings.verify_concurrency)
+    out: list[Failure | None] = []
+    for notes, result in zip(batch, results, strict=True):
+        if isinstance(result, Exception):
             logger.error("data of %s not verified: %s",
-                         ", ".join(n.properties.data_id for n in notes), exc)
-            out.append(Failure(exc))
+                         ", ".join(n.properties.data_id for n in notes), result)
+            out.append(Failure(result))
+        else:
+            out.append(None)
     logger.info("data of %d event(s) verified, %d failed", out.count(None),
                 len(out) - out.count(None))
     return out

@@ -8,6 +8,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
+from blocks.loading import load_block
 from blocks.wis2_dataset import Wis2Dataset, block_name
 from wis2.dataset import DatasetDescription, load_dataset
 
@@ -16,11 +17,13 @@ class DatasetNotFound(LookupError):
     """Neither a Wis2Dataset block nor a dataset file of that name exists."""
 
 
-def find_dataset(name: str, datasets_dir: Path | None = None) -> tuple[DatasetDescription, str]:
-    """The dataset and where it came from (``block wis2-dataset/<name>`` or the JSON file)."""
+def find_dataset(name: str, datasets_dir: Path | None = None,
+                 block_cache_seconds: float = 0.0) -> tuple[DatasetDescription, str]:
+    """The dataset and where it came from (``block wis2-dataset/<name>`` or the JSON file); the
+    block as read less than `block_cache_seconds` ago in this process (blocks/loading.py)."""
     slug = block_name(name)
     try:
-        block = Wis2Dataset.load(slug)
+        block = load_block(Wis2Dataset, slug, block_cache_seconds)
     except ValueError as exc:
         if "Unable to find block document" not in str(exc):
             raise
@@ -35,7 +38,8 @@ def find_dataset(name: str, datasets_dir: Path | None = None) -> tuple[DatasetDe
 
 
 @task(name="load-dataset", cache_policy=NO_CACHE, retries=0)
-def load_dataset_task(name: str, datasets_dir: Path | None = None) -> DatasetDescription:
-    dataset, origin = find_dataset(name, datasets_dir)
+def load_dataset_task(name: str, datasets_dir: Path | None = None,
+                      block_cache_seconds: float = 0.0) -> DatasetDescription:
+    dataset, origin = find_dataset(name, datasets_dir, block_cache_seconds)
     get_run_logger().info("dataset %s from %s: topic %s", dataset.name, origin, dataset.topic)
     return dataset

@@ -13,6 +13,7 @@ from prefect import task
 from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
+from blocks.loading import load_block
 from blocks.mqtt_broker import MqttBroker
 from blocks.register import broker_block_from_settings
 from chain.mqtt import MqttConnection, Publisher
@@ -40,7 +41,7 @@ def load_broker_connection(settings: ChainSettings) -> tuple[MqttConnection, str
     """The `MqttBroker` block named in the settings (else the WIS2_MQTT_* settings) and where
     the connection came from."""
     try:
-        block = MqttBroker.load(settings.broker_block)
+        block = load_block(MqttBroker, settings.broker_block, settings.block_cache_seconds)
     except ValueError as exc:
         if "Unable to find block document" not in str(exc):
             raise

@@ -5,6 +5,9 @@ chunk by chunk (constant memory, whatever the file size); it stops as soon as mo
 than the announced `links[].length` (or than `WIS2_VERIFY_MAX_BYTES` when no length is
 announced), and a file announced larger than `WIS2_VERIFY_MAX_BYTES` is not downloaded at all.
 A download still running after `WIS2_VERIFY_MAX_SECONDS` is abandoned (a slow server: retried).
+A run's files are downloaded concurrently, at most `WIS2_VERIFY_CONCURRENCY` at a time (threads
+sharing one client whose pool holds as many connections): memory stays a few network reads per
+download, whatever the sizes.
 
 Network errors and HTTP errors are retried (exponential backoff); a file whose bytes do not
 match the announced length or checksum, or a refused URL, fails at once (`DataMismatch`, not
@@ -22,6 +25,10 @@ import base64
 import hmac
 import logging
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -38,6 +45,8 @@ from wis2.multihash import new_hasher
 from wis2.notification import Link, Notification
 
 ALLOWED_SCHEMES = ("http", "https")
+T = TypeVar("T")
+R = TypeVar("R")
 DEFAULT_MAX_BYTES = 2 * 1024**3
 DEFAULT_MAX_SECONDS = 900.0
 
@@ -196,6 +205,35 @@ def fetch_small_file(client: httpx.Client, href: str, size: int) -> bytes | None
     return data if len(data) == size else None
 
 
+def verification_client(timeout: float, concurrency: int = 1) -> httpx.Client:
+    """The client of a run's downloads: its pool holds at most `concurrency` connections."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    return httpx.Client(timeout=timeout, follow_redirects=True, limits=limits)
+
+
+def _outcome(future: Future[R]) -> R | Exception:
+    error = future.exception()
+    return error if isinstance(error, Exception) else future.result()
+
+
+def each_concurrently(items: Sequence[T], call: Callable[[T], R],
+                      concurrency: int) -> list[R | Exception]:
+    """`call(item)` for each item, at most `concurrency` at the same time (threads); per item, in
+    order, its value or the exception it raised."""
+    if concurrency <= 1 or len(items) <= 1:
+        out: list[R | Exception] = []
+        for item in items:
+            try:
+                out.append(call(item))
+            except Exception as exc:
+                out.append(exc)
+        return out
+    with ThreadPoolExecutor(max_workers=min(concurrency, len(items)),
+                            thread_name_prefix="verify") as pool:
+        futures = [pool.submit(call, item) for item in items]
+        return [_outcome(future) for future in futures]
+
+
 def verify_notifications(
     notifications: list[Notification],
     timeout: float = 30.0,
@@ -203,20 +241,31 @@ def verify_notifications(
     logger: logging.Logger | logging.LoggerAdapter | None = None,
     max_seconds: float = DEFAULT_MAX_SECONDS,
     credential: SecretStr | None = None,
+    concurrency: int = 1,
+    client: httpx.Client | None = None,
 ) -> list[str]:
-    """Download and check the data of each notification (deletions are skipped); `credential`
+    """Download and check the data of each notification (deletions are skipped), at most
+    `concurrency` at the same time, with `client` (shared, e.g. by a batch's threads) or a
+    client of its own; raises the first failure (in the notifications' order). `credential`
     for links with a `security` object (httpx drops the Authorization header on a redirect to
     another host)."""
-    checked: list[str] = []
-    with httpx.Client(timeout=timeout, follow_redirects=True) as client:
-        for note in notifications:
-            if note.rel not in ("canonical", "update"):
-                continue
-            size = download_and_check(client, note, max_bytes, max_seconds, credential)
+    data = [note for note in notifications if note.rel in ("canonical", "update")]
+    with (nullcontext(client) if client is not None
+          else verification_client(timeout, concurrency)) as http:
+
+        def check(note: Notification) -> str:
+            size = download_and_check(http, note, max_bytes, max_seconds, credential)
             href = data_link(note).href
             if logger is not None:
                 logger.info("verified %s (%d bytes)", href, size)
-            checked.append(href)
+            return href
+
+        results = each_concurrently(data, check, concurrency)
+    checked: list[str] = []
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+        checked.append(result)
     return checked
 
 
@@ -230,10 +279,11 @@ def verify_notifications(
 def verify_data_task(
     notifications: list[Notification], timeout: float = 30.0,
     max_bytes: int = DEFAULT_MAX_BYTES, max_seconds: float = DEFAULT_MAX_SECONDS,
-    credential_block: str | None = None,
+    credential_block: str | None = None, concurrency: int = 1,
 ) -> list[str]:
-    """Download and check the data of each notification (deletions are skipped), with the
-    credential of the Prefect Secret block `credential_block` for access-controlled links."""
+    """Download and check the data of each notification (deletions are skipped), at most
+    `concurrency` at the same time, with the credential of the Prefect Secret block
+    `credential_block` for access-controlled links."""
     credential = load_credential(credential_block) if credential_block else None
     return verify_notifications(notifications, timeout, max_bytes, get_run_logger(),
-                                max_seconds, credential)
+                                max_seconds, credential, concurrency)

@@ -221,3 +221,36 @@ def test_missing_batch_deployment_falls_back_to_single_runs(
     assert listener.tail(400).count("batch deployment missing") == 1
     wait_for(lambda: listener.metrics().get("wis2_listener_oldest_unacked_age_seconds") == 0,
              10, "all acked", listener.debug)
+
+
+def test_bulk_creation_keeps_each_batch_runs_idempotency_key(prefect_api: PrefectServer) -> None:
+    """Several batch runs in ONE call (Prefect's bulk creation, `batch_runs_per_call`): the same
+    call again (a retry after a lost answer) creates nothing, and a call with one batch more
+    creates only that one; each run holds its batch's events."""
+    import asyncio
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from listener.messages import check_message
+    from listener.runs import RunCreator
+    from listener.settings import Route
+    from tests.unit.listener.helpers import settings
+
+    batch = Deployment(prefect_api.api_url, flow="publish-batch")
+    route = Route(topic_filter="diffusion/files/#", batch_deployment=batch.full_name)
+    events = [check_message(settings(), "diffusion/files/x", file_event("bulk", i))[1]
+              for i in range(6)]
+    batches = [events[0:2], events[2:4], events[4:6]]
+
+    async def create() -> list[list[Any]]:
+        with temporary_settings({PREFECT_API_URL: prefect_api.api_url}):
+            async with RunCreator() as creator:
+                return [await creator.create_batches(some, route)
+                        for some in (batches[:2], batches[:2], batches)]
+
+    first, again, more = asyncio.run(create())
+    ids = [[r.run_id for r in results] for results in (first, again, more)]
+    assert ids[0] == ids[1] == ids[2][:2] and len(set(ids[2])) == 3, (first, again, more)
+    runs = {run.id: sorted(e["id"] for e in run_events(run)) for run in batch.runs()}
+    assert runs == {run_id: sorted(e.id for e in some) for run_id, some in zip(
+        ids[2], batches, strict=True)}

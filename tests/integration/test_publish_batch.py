@@ -285,6 +285,45 @@ def test_a_file_that_does_not_match_fails_alone_in_a_verified_batch(
     assert len(on_session_broker.settle()) == 2
 
 
+def test_a_verified_batch_downloads_its_files_concurrently_within_the_setting(
+    on_session_broker: Subscriber, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """WIS2_VERIFY_CONCURRENCY=3: a batch of 8 verified events downloads 3 files at the same
+    time (the server holds them until 3 wait), never more; all 8 are published."""
+    import threading
+
+    from tests.fixtures.gates import GatedFileServer
+    from tests.integration.test_worker_crash import DEMO_FILE, file_event
+
+    monkeypatch.setenv("WIS2_VERIFY_DATA", "true")
+    monkeypatch.setenv("WIS2_VERIFY_CONCURRENCY", "3")
+    files = GatedFileServer(DEMO_FILE, allow=0)
+    held: list[BaseException] = []
+
+    def open_once_three_wait() -> None:
+        try:
+            files.wait_held(3, timeout=150)
+        except AssertionError as exc:
+            held.append(exc)
+        finally:
+            files.release()
+
+    opener = threading.Thread(target=open_once_three_wait, daemon=True)
+    opener.start()
+    try:
+        events = [file_event("concurrent", i, files.url) for i in range(8)]
+        state = publish_batch(events=events, return_state=True)
+    finally:
+        opener.join(150)
+        files.close()
+    assert not held, held
+    assert state.is_completed(), state
+    result: BatchRunResult = state.result()
+    assert [e.status for e in result.events] == ["published"] * 8
+    assert files.most_at_once == 3
+    assert len(on_session_broker.settle()) == 8
+
+
 def test_a_batch_with_the_broker_away_fails_each_event_and_sends_them_once_later(
     chain: Any, session_broker: Any, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

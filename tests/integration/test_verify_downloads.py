@@ -256,6 +256,35 @@ def test_one_gib_file_is_verified_in_constant_memory(files: GeneratedFiles) -> N
     assert growth < 50, f"RSS grew by {growth:.0f} MiB while verifying 1 GiB"
 
 
+def test_downloads_run_concurrently_never_more_at_once_than_asked() -> None:
+    """7 files, `concurrency=3`: the gated server holds every download until 3 are waiting
+    (they run at the same time), and never sees more than 3 at once."""
+    from tests.fixtures.gates import GatedFileServer
+
+    body = b"concurrent file\n" * 64
+    server = GatedFileServer(lambda name: body, allow=0)
+    notes = [note for i in range(7) for note in notifications(
+        f"{server.url}/file-{i}", len(body), multihash_of(body, "sha256"))]
+    result: dict[str, Any] = {}
+
+    def verify() -> None:
+        try:
+            result["checked"] = verify_notifications(notes, timeout=120, concurrency=3)
+        except Exception as exc:  # reported by the assertion below
+            result["error"] = exc
+
+    thread = threading.Thread(target=verify, daemon=True)
+    thread.start()
+    try:
+        server.wait_held(3, timeout=120)
+    finally:
+        server.release()
+        thread.join(120)
+        server.close()
+    assert result.get("checked") == [f"{server.url}/file-{i}" for i in range(7)], result
+    assert server.most_at_once == 3
+
+
 # ---------------------------------------------------------------------------------------------
 # URLs
 

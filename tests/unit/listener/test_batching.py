@@ -72,3 +72,10 @@ def test_collect_takes_a_burst_grouped_by_route() -> None:
             first]
 
     asyncio.run(scenario())
+
+
+def test_a_burst_is_collected_for_several_runs_per_call_and_split_into_batches() -> None:
+    policy = BatchPolicy(max_size=3, runs_per_call=4)
+    assert policy.collect_size == 12
+    assert [len(b) for b in policy.split(list(range(7)))] == [3, 3, 1]  # type: ignore[arg-type]
+    assert BatchPolicy(max_size=50).collect_size == 50

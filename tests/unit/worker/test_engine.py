@@ -61,3 +61,81 @@ def test_the_suspension_observer_is_off_until_asked_for() -> None:
 
 def test_no_environment_is_computed_for_a_run_in_the_worker_process() -> None:
     assert WarmJobConfiguration._base_environment() == {}
+
+
+def test_the_read_cache_keeps_deployments_for_its_delay_and_flows_for_good() -> None:
+    import asyncio
+    from uuid import uuid4
+
+    from pydantic import BaseModel
+
+    from worker.engine import ReadCache
+
+    class Read(BaseModel):
+        id: str
+        job_variables: dict
+
+    class Client:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        async def read_deployment(self, key, *args):
+            self.calls.append("deployment")
+            return Read(id=str(key), job_variables={"env": {}})
+
+        async def read_flow(self, key):
+            self.calls.append("flow")
+            return Read(id=str(key), job_variables={})
+
+    now = [0.0]
+    client, cache = Client(), ReadCache(30, clock=lambda: now[0])
+    cache.install(client)
+    deployment, flow = uuid4(), uuid4()
+
+    async def reads() -> None:
+        first = await client.read_deployment(deployment)
+        first.job_variables["env"]["RUN"] = "1"  # as Prefect's worker merges a run's env
+        assert (await client.read_deployment(deployment)).job_variables == {"env": {}}
+        await client.read_flow(flow)
+        now[0] = 31
+        await client.read_deployment(deployment)
+        await client.read_flow(flow)
+
+    asyncio.run(reads())
+    assert client.calls == ["deployment", "flow", "deployment"]
+    assert (cache.reads, cache.hits) == (3, 2)
+    off = Client()
+    ReadCache(0).install(off)
+    asyncio.run(off.read_deployment(deployment))
+    asyncio.run(off.read_deployment(deployment))
+    assert off.calls == ["deployment", "deployment"]
+
+
+def test_the_servers_default_result_storage_is_read_once_per_delay(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import prefect.client.orchestration as orchestration
+    import prefect.results as results
+
+    from worker import engine
+
+    for name in ("_read_server_default_result_storage_block_id",
+                 "_aread_server_default_result_storage_block_id"):
+        monkeypatch.setattr(results, name, getattr(results, name))  # restored after the test
+    monkeypatch.setattr(engine, "_storage", [])
+    reads: list[str] = []
+
+    class Answer:
+        default_result_storage_block_id = None
+
+    class Client:
+        def read_server_default_result_storage(self) -> Answer:
+            reads.append("GET /admin/storage")
+            if len(reads) == 1:
+                raise RuntimeError("server busy")  # not kept
+            return Answer()
+
+    monkeypatch.setattr(orchestration, "get_client", lambda **kwargs: Client())
+    engine.keep_server_result_storage(30)
+    for _ in range(4):
+        assert results._read_server_default_result_storage_block_id() is None
+    assert reads == ["GET /admin/storage"] * 2
