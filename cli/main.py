@@ -28,7 +28,7 @@ def _read(path: Path) -> bytes:
 
 
 def _served_from(raw: bytes, files_url: str, event: Path) -> bytes:
-    """The event with each asset's href on `files_url` (same path, other server)."""
+    """The event with each asset's href on `files_url` (its path after the URL's path)."""
     from urllib.parse import urlsplit, urlunsplit
 
     try:
@@ -37,7 +37,8 @@ def _served_from(raw: bytes, files_url: str, event: Path) -> bytes:
         server = urlsplit(files_url)
         for asset in assets:
             href = urlsplit(asset["href"])
-            asset["href"] = urlunsplit((server.scheme, server.netloc, href.path, href.query, ""))
+            asset["href"] = urlunsplit((server.scheme, server.netloc,
+                                        server.path.rstrip("/") + href.path, href.query, ""))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         typer.echo(f"error: {event}: no data.assets[*].href to serve from {files_url} ({exc})",
                    err=True)
@@ -168,8 +169,9 @@ def send_event(
     ] = "diffusion/files/coriolis/argo/csv",
     check: Annotated[bool, typer.Option(help="refuse an invalid event before sending")] = True,
     files_url: Annotated[str | None, typer.Option(
-        help="the file server's scheme://host:port, put in each asset href in place of the "
-        "event's own (e.g. http://demo-files:8765 in compose)")] = None,
+        help="the file server's URL, put in each asset href in place of the event's "
+        "scheme://host:port, before its path (compose's demo: http://demo-files:8765/files)",
+    )] = None,
 ) -> None:
     """Publish an event on the node broker as a file server would (QoS 1, WIS2_MQTT_* settings)."""
     from chain.mqtt import MqttError, publish_once

@@ -34,6 +34,9 @@ from tests.fixtures.docker_engine import build_images, docker_engine
 from tests.fixtures.paths import REPO
 from wis2.dataset import load_dataset
 
+# The first test also builds the images (minutes on a fresh machine) and starts the node.
+pytestmark = pytest.mark.timeout(1800)
+
 BURST = 200
 EVENT_TOPIC = "diffusion/files/coriolis/argo/csv"
 DELIVERY_TIMEOUT = 420  # upper bound for a burst after a fault (a slow, shared machine)
@@ -57,7 +60,8 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeNode]:
                                     "up_s": round(time.monotonic() - built, 1)}
             yield compose_node
         finally:
-            (work / "compose.log").write_text(compose_node.logs(tail=400))
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            (RESULTS.parent / "compose-node.log").write_text(compose_node.logs(tail=2000))
             compose_node.compose("--profile", "demo", "down", "-v", "--remove-orphans",
                                  timeout=600, check=False)
 
@@ -114,7 +118,7 @@ def test_readme_commands_publish_the_sample_over_mqtts(
     sample = [r for r in records if "D6990001_001" in json.dumps(r["message"])]
     assert sample and all(r["valid"] for r in sample), sample
     (link,) = [x for x in sample[0]["message"]["links"] if x["rel"] == "canonical"]
-    assert link["href"].startswith(f"http://demo-files:{FILES_PORT}/")
+    assert link["href"].startswith(f"http://demo-files:{FILES_PORT}/files/")
     report(request, figures, "startup", {**node.timings,
                                          "demo_s": round(time.monotonic() - started, 1)})
 
@@ -122,7 +126,7 @@ def test_readme_commands_publish_the_sample_over_mqtts(
 def _demo_ids(collector: Collector) -> tuple[list[str], list[str]]:
     with collector._lock:
         ids = list(collector.arrivals)
-    return [i for i in ids if i.startswith("urn:wmo:md:")], [i for i in ids if "D6990001" in i]
+    return [i for i in ids if "/metadata/" in i], [i for i in ids if "D6990001" in i]
 
 
 def test_the_ui_answers_over_tls_and_asks_for_the_login(node: ComposeNode) -> None:

@@ -194,11 +194,11 @@ def test_send_event_serves_the_files_from_another_server(
                         lambda conn, topic, payload, qos: sent.append(payload))
     event = REPO / "data" / "demo-event.json"
     result = runner.invoke(app, ["send-event", str(event), "--files-url",
-                                 "http://demo-files:8765"])
+                                 "http://demo-files:8765/files"])
     assert result.exit_code == 0, result.output
     (asset,) = json.loads(sent[0])["data"]["assets"].values()
     original = next(iter(json.loads(event.read_text())["data"]["assets"].values()))
-    assert asset["href"] == ("http://demo-files:8765"
+    assert asset["href"] == ("http://demo-files:8765/files"
                              + original["href"].split("127.0.0.1:8765", 1)[1])
     assert asset["file:checksum"] == original["file:checksum"]
     result = runner.invoke(app, ["send-event", str(_write(tmp_path, "x.json", {"data": 1})),
