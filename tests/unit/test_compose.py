@@ -70,8 +70,9 @@ def test_every_public_image_has_a_stand_in() -> None:
 
 
 def test_host_ports_and_the_bundle_directory_come_from_the_environment() -> None:
-    env = {"WIS2_MQTTS_PORT": "18883", "WIS2_WSS_PORT": "18084", "WIS2_UI_PORT": "14200",
-           "WIS2_LISTENER_METRICS_PORT": "19464", "WIS2_LISTENER_2_METRICS_PORT": "19465",
+    env = {"WIS2_PUBLISHED_MQTTS_PORT": "18883", "WIS2_PUBLISHED_WSS_PORT": "18084",
+           "WIS2_PUBLISHED_UI_PORT": "14200", "WIS2_PUBLISHED_METRICS_PORT": "19464",
+           "WIS2_PUBLISHED_METRICS_PORT_2": "19465",
            "WIS2_BUNDLE_DIR": "/srv/wis2-bundle"}
     services = compose_config(COMPOSE, env=env)["services"]
     assert {p[1:] for p in published_ports(services["mosquitto"])} == {(18883, 8883),
