@@ -75,5 +75,10 @@ log "all stand-in images present"
 if [ "${1:-}" = --chain ]; then
     shift
     log "building wis2-chain:0.1.0 (the project Dockerfile)"
+    previous=$($DOCKER image inspect -f '{{.Id}}' wis2-chain:0.1.0 2>/dev/null || true)
     $DOCKER build --secret "id=proxy_ca,src=$CA" -t wis2-chain:0.1.0 "$@" "$HERE/../.." >&2
+    # the image it replaced, unless a container still uses it
+    if [ -n "$previous" ] && [ "$previous" != "$($DOCKER image inspect -f '{{.Id}}' wis2-chain:0.1.0)" ]; then
+        $DOCKER rmi "$previous" >/dev/null 2>&1 || true
+    fi
 fi

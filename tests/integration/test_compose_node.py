@@ -15,6 +15,7 @@ MQTTS by an `everyone` subscriber that checks the broker's certificate.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,11 +155,14 @@ def test_bundles_come_from_the_mounted_directory_else_online(node: ComposeNode) 
     assert "online bundle sync failed" in done.stderr and "WIS2_BUNDLE_DIR" in done.stderr
 
 
-def docker_run(*args: str) -> Any:
-    import subprocess
+def docker_run(*args: str) -> subprocess.CompletedProcess[str]:
+    return docker_run_quiet("run", "--rm", *args)
 
-    return subprocess.run(["docker", "run", "--rm", *args], capture_output=True, text=True,
-                          timeout=300, check=False)
+
+def docker_run_quiet(*args: str) -> subprocess.CompletedProcess[str]:
+    """`docker <args>`, its outcome returned (not checked)."""
+    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=300,
+                          check=False)
 
 
 # ---- faults ------------------------------------------------------------------------------------
@@ -341,6 +345,7 @@ def test_upgrade_in_place(node: ComposeNode, collector: Collector, factory: Even
     build_images(node.work / "upgrade-build.log", "--label", f"wis2.test.build={time.time_ns()}")
     assert docker("image", "inspect", "-f", "{{.Id}}", "wis2-chain:0.1.0").strip() != old_image
     node.compose("up", "-d", timeout=900)
+    docker_run_quiet("rmi", old_image)  # replaced: no container uses it any more
     wait("prefect-worker deployed again", lambda: node.healthy("prefect-worker"), 300)
     upgraded_s = round(time.monotonic() - started, 1)
     again = [factory.make("prefect-worker", n) for n in range(20)]  # new event ids, same files
