@@ -7,14 +7,14 @@ BIN := $(VENV)/bin
 WIS2_BUNDLE_DIR ?= $(if $(wildcard ../shared/wis2-bundle/README.md),../shared/wis2-bundle,)
 export WIS2_BUNDLE_DIR
 
-.PHONY: help venv install mosquitto postgresql redis docker-compose chromium nginx bundles lint test test-unit docs docs-build demo demo-event broker-config blocks bench clean
+.PHONY: help venv install mosquitto postgresql redis docker-compose docker standins chromium nginx bundles lint test test-unit docs docs-build demo demo-event broker-config blocks bench clean
 
 help:
 	@echo "make demo   - start the whole chain on loopback and publish the sample Argo event"
 	@echo "make test   - set up and run the whole test suite (ruff + pytest)"
 	@echo "make test-unit - the unit tests alone (tests/unit/: no broker, no Prefect server)"
 	@echo "make docs   - serve the documentation site on http://127.0.0.1:8000 (DOCS_ADDR=host:port)"
-	@echo "make bundles, make broker-config, make blocks, make lint"
+	@echo "make bundles, make broker-config, make blocks, make lint, make standins (Docker images)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { apt-get update && apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -55,6 +55,23 @@ docker-compose:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y docker-compose; \
 	  else echo "run: sudo apt-get install -y docker-compose" >&2; exit 1; fi; }
 
+# The compose tests (tests/integration/test_compose_node.py) bring compose.yml up on a Docker
+# Engine: Debian's docker.io (they start dockerd themselves when none answers, and stop it),
+# docker-compose, and debootstrap for the stand-ins of the Docker Hub images (deploy/standins/).
+# Not root and not installed: the compose tests are skipped, saying why.
+docker: docker-compose
+	@missing=""; \
+	  command -v dockerd >/dev/null 2>&1 || test -x /usr/sbin/dockerd || missing="$$missing docker.io"; \
+	  command -v debootstrap >/dev/null 2>&1 || test -x /usr/sbin/debootstrap || missing="$$missing debootstrap"; \
+	  if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" = 0 ]; then echo "installing Debian's$$missing"; \
+	      apt-get update && apt-get install -y $$missing; \
+	    else echo "not installed:$$missing (sudo apt-get install -y$$missing): the compose tests will be skipped" >&2; fi; fi
+
+# The stand-in images (only those missing) and the chain image, on a running Docker Engine.
+standins: docker
+	deploy/standins/build.sh --chain
+
 # The browser test drives Debian's chromium with Playwright (no browser download).
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { \
@@ -78,7 +95,7 @@ lint: install
 # Test files run in TEST_WORKERS parallel pytest processes (one file stays in one process, so a
 # file's broker, Prefect server and worker fixtures are shared as written); 1 runs them in order.
 TEST_WORKERS ?= 3
-test: install mosquitto postgresql redis docker-compose chromium nginx bundles lint
+test: install mosquitto postgresql redis docker-compose docker chromium nginx bundles lint
 	$(BIN)/python -m pytest $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 # tests/unit/ alone (what `pytest -m "not integration"` selects): no service, a few seconds.

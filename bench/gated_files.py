@@ -10,7 +10,8 @@ their event announced. `--latency-ms`: each file request waits that long before 
 While the gate file exists, every file request is HELD (not answered) until it is removed: a flow
 run that verifies its data is then provably in flight (Running, inside its verify task) for as
 long as a test or a fault scenario needs, whatever the machine's speed. `GET /_gate` answers
-`{"closed": bool, "held": n, "served": n}` (requests waiting at the gate, files answered).
+`{"closed": bool, "held": n, "served": n, "held_by": {address: n}}` (requests waiting at the
+gate, files answered, the requests waiting per client address: which host holds runs).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from bench.events import BENCH_FILE, file_chunks, file_size
 
 _lock = threading.Lock()
 _counts = {"held": 0, "served": 0}
+_held_by: dict[str, int] = {}
 
 
 class GatedHandler(SimpleHTTPRequestHandler):
@@ -40,7 +42,8 @@ class GatedHandler(SimpleHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path.rstrip("/") == "/_gate":
             with _lock:
-                body = json.dumps({"closed": self.gate_file.exists(), **_counts}).encode()
+                body = json.dumps({"closed": self.gate_file.exists(), **_counts,
+                                   "held_by": {a: n for a, n in _held_by.items() if n}}).encode()
             self._answer(200, body, "application/json")
             return
         self._wait_at_gate()
@@ -57,14 +60,17 @@ class GatedHandler(SimpleHTTPRequestHandler):
     def _wait_at_gate(self) -> None:
         if not self.gate_file.exists():
             return
+        client = self.client_address[0]
         with _lock:
             _counts["held"] += 1
+            _held_by[client] = _held_by.get(client, 0) + 1
         try:
             while self.gate_file.exists():
                 time.sleep(0.05)
         finally:
             with _lock:
                 _counts["held"] -= 1
+                _held_by[client] -= 1
 
     def _stream(self, name: str) -> None:
         self.send_response(200)

@@ -30,6 +30,25 @@ def _read(path: Path) -> bytes:
         raise typer.Exit(2) from None
 
 
+def _served_from(raw: bytes, files_url: str, event: Path) -> bytes:
+    """The event with each asset's href on `files_url` (its path after the URL's path)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        doc = json.loads(raw)
+        assets = doc["data"]["assets"].values()
+        server = urlsplit(files_url)
+        for asset in assets:
+            href = urlsplit(asset["href"])
+            asset["href"] = urlunsplit((server.scheme, server.netloc,
+                                        server.path.rstrip("/") + href.path, href.query, ""))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        typer.echo(f"error: {event}: no data.assets[*].href to serve from {files_url} ({exc})",
+                   err=True)
+        raise typer.Exit(2) from None
+    return json.dumps(doc).encode("utf-8")
+
+
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", help="debug logging, the libraries' included")] = False) -> None:
@@ -115,10 +134,18 @@ def bundles_install(
         Path | None,
         typer.Option("--from", help="local bundle directory (default: WIS2_BUNDLE_DIR)"),
     ] = None,
+    mounted: Annotated[
+        Path | None,
+        typer.Option("--from-if-present",
+                     help="a directory mounted for the bundles (compose: WIS2_BUNDLE_DIR at "
+                     "/bundles): install from it unless it is empty or absent, then download"),
+    ] = None,
 ) -> None:
     """Install the pywis-pubsub, pywcmp and pywis-topics bundles."""
     from wis2.bundles import BundleError, install_bundles
 
+    if mounted is not None and mounted.is_dir() and any(mounted.iterdir()):
+        source = source or mounted
     source = source or ChainSettings().bundle_dir
     try:
         targets = install_bundles(source)
@@ -148,6 +175,10 @@ def send_event(
         str, typer.Option(help="file-diffusion topic")
     ] = "diffusion/files/coriolis/argo/csv",
     check: Annotated[bool, typer.Option(help="refuse an invalid event before sending")] = True,
+    files_url: Annotated[str | None, typer.Option(
+        help="the file server's URL, put in each asset href in place of the event's "
+        "scheme://host:port, before its path (compose's demo: http://demo-files:8765/files)",
+    )] = None,
 ) -> None:
     """Publish an event on the node broker as a file server would (QoS 1, WIS2_MQTT_* settings)."""
     from chain.mqtt import MqttError, publish_once
@@ -155,6 +186,8 @@ def send_event(
     from wis2.errors import InvalidInput
 
     raw = _read(event)
+    if files_url is not None:
+        raw = _served_from(raw, files_url, event)
     if check:
         try:
             parse_event(raw)

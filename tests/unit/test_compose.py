@@ -1,9 +1,11 @@
-"""compose.yml cannot be started here (no Docker engine): check it with `docker-compose config`
-and check that everything it names exists in the repository or is a pinned public image."""
+"""compose.yml as docker-compose reads it (`docker-compose config`, no engine needed): everything
+it names exists in the repository or is a pinned public image with a stand-in here, the layout of
+several hosts, the settings. tests/integration/test_compose_node.py brings it up for real."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -21,7 +23,9 @@ PINNED = re.compile(r"^[a-z0-9./-]+:(?!latest$)[A-Za-z0-9._-]+$")
 SPLIT_SERVER = REPO / "deploy" / "compose.split-server.yml"
 
 
-def compose_config(*files: Path) -> dict:
+def compose_config(*files: Path, env: dict[str, str] | None = None) -> dict:
+    """The resolved configuration, with .env.example (and `env`, which takes precedence, as a
+    shell's environment does) and no other variable of this process."""
     docker_compose = shutil.which("docker-compose")
     if docker_compose is None:
         pytest.fail("docker-compose is not installed (make test installs Debian's docker-compose)")
@@ -29,7 +33,8 @@ def compose_config(*files: Path) -> dict:
     for file in files:
         argv += ["-f", str(file)]
     done = subprocess.run([*argv, "config"], capture_output=True, text=True, cwd=REPO,
-                          timeout=120, check=False)
+                          timeout=120, check=False,
+                          env={"PATH": os.environ["PATH"], **(env or {})})
     assert done.returncode == 0, done.stderr
     return yaml.safe_load(done.stdout)
 
@@ -46,6 +51,62 @@ def test_expected_services(resolved: dict) -> None:
         "prefect-worker-2", "listener-2",
     } <= set(resolved["services"])
     assert resolved["services"]["argo-event-diffusion"]["profiles"] == ["demo"]
+    assert resolved["services"]["demo-files"]["profiles"] == ["demo"]
+
+
+def test_every_public_image_has_a_stand_in() -> None:
+    """The images Docker Hub would serve are built here from Debian by deploy/standins/build.sh
+    (the compose tests run those): one Dockerfile each, tagged with the name compose uses."""
+    script = (REPO / "deploy" / "standins" / "build.sh").read_text()
+    listed = dict(re.findall(r"^(\S+:\S+) (\S+\.Dockerfile)$", script, re.MULTILINE))
+    images = {service["image"] for service in [
+        *compose_config(COMPOSE)["services"].values(),
+        *compose_config(COMPOSE, SPLIT_SERVER)["services"].values()] if "build" not in service}
+    assert images <= set(listed), images - set(listed)
+    assert (REPO / "Dockerfile").read_text().count("FROM python:3.11.11-slim-bookworm") == 1
+    assert "python:3.11.11-slim-bookworm" in listed
+    for dockerfile in listed.values():
+        assert (REPO / "deploy" / "standins" / dockerfile).is_file(), dockerfile
+
+
+def test_host_ports_and_the_bundle_directory_come_from_the_environment() -> None:
+    env = {"WIS2_PUBLISHED_MQTTS_PORT": "18883", "WIS2_PUBLISHED_WSS_PORT": "18084",
+           "WIS2_PUBLISHED_UI_PORT": "14200", "WIS2_PUBLISHED_METRICS_PORT": "19464",
+           "WIS2_PUBLISHED_METRICS_PORT_2": "19465",
+           "WIS2_BUNDLE_DIR": "/srv/wis2-bundle"}
+    services = compose_config(COMPOSE, env=env)["services"]
+    assert {p[1:] for p in published_ports(services["mosquitto"])} == {(18883, 8883),
+                                                                        (18084, 8084)}
+    assert published_ports(services["prefect-ui-tls"])[0][1:] == (14200, 4443)
+    assert published_ports(services["listener"]) == [("127.0.0.1", 19464, 9464)]
+    assert published_ports(services["listener-2"]) == [("127.0.0.1", 19465, 9464)]
+    for name in ("prefect-worker", "prefect-worker-2", "wis2-global-broker"):
+        assert _mounts(services[name])["/bundles"] == "/srv/wis2-bundle", name
+        assert "bundles install --from-if-present /bundles" in " ".join(
+            services[name]["command"]), name
+    # unset: an empty volume, and the bundles are downloaded
+    services = compose_config(COMPOSE)["services"]
+    assert _mounts(services["prefect-worker"])["/bundles"] == "no-bundles"
+
+
+def test_the_demo_serves_its_file_inside_compose(resolved: dict) -> None:
+    services = resolved["services"]
+    command = " ".join(services["argo-event-diffusion"]["command"])
+    # the metadata record first (as make demo), then the event, its file on demo-files
+    assert command.index("publish-metadata/default") < command.index("send-event")
+    assert "--files-url http://demo-files:8765/files" in command
+    assert "http://demo-files:8765/demo-metadata.json" in command
+    assert "http.server 8765 --directory data" in " ".join(
+        services["demo-files"]["command"])
+    assert services["argo-event-diffusion"]["depends_on"]["prefect-worker"] == {
+        "condition": "service_healthy"}
+
+
+def _mounts(service: dict) -> dict[str, str]:
+    """target -> source of the service's volumes."""
+    return {(v["target"] if isinstance(v, dict) else v.split(":")[1]):
+            (v["source"] if isinstance(v, dict) else v.split(":")[0])
+            for v in service.get("volumes", [])}
 
 
 def test_images_are_pinned_or_built_here(resolved: dict) -> None:
@@ -179,7 +240,8 @@ def test_worker_hosts_share_only_the_ledger_and_the_results_services(resolved: d
     env = env_example()
     workers = [name for name in services if name.startswith("prefect-worker")]
     assert len(workers) >= 2
-    results_volumes = [_volume_sources(services[w]) for w in workers]
+    results_volumes = [{source for target, source in _mounts(services[w]).items()
+                        if target != "/bundles"} for w in workers]
     assert all(len(v) == 1 for v in results_volumes)
     assert len(set().union(*results_volumes)) == len(workers), "each worker its own volume"
     for worker in workers:

@@ -168,6 +168,45 @@ def test_bundles_install_from_a_wrong_directory(home: Path, tmp_path: Path) -> N
     assert "missing pywis-pubsub/" in result.stderr
 
 
+def test_bundles_install_from_a_mounted_directory_unless_empty(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """compose.yml mounts WIS2_BUNDLE_DIR at /bundles, or an empty volume when it is unset."""
+    result = runner.invoke(app, ["bundles", "install", "--from-if-present", str(BUNDLE_DIR)])
+    assert result.exit_code == 0, result.output
+    assert f"installed from {BUNDLE_DIR}" in result.stdout
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("WIS2_BUNDLE_DIR", str(BUNDLE_DIR))  # stands for the online syncs here
+    for absent in (empty, tmp_path / "absent"):
+        result = runner.invoke(app, ["bundles", "install", "--from-if-present", str(absent)])
+        assert result.exit_code == 0, result.output
+        assert str(absent) not in result.stdout
+
+
+def test_send_event_serves_the_files_from_another_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import chain.mqtt
+
+    sent: list[bytes] = []
+    monkeypatch.setattr(chain.mqtt, "publish_once",
+                        lambda conn, topic, payload, qos: sent.append(payload))
+    event = REPO / "data" / "demo-event.json"
+    result = runner.invoke(app, ["send-event", str(event), "--files-url",
+                                 "http://demo-files:8765/files"])
+    assert result.exit_code == 0, result.output
+    (asset,) = json.loads(sent[0])["data"]["assets"].values()
+    original = next(iter(json.loads(event.read_text())["data"]["assets"].values()))
+    assert asset["href"] == ("http://demo-files:8765/files"
+                             + original["href"].split("127.0.0.1:8765", 1)[1])
+    assert asset["file:checksum"] == original["file:checksum"]
+    result = runner.invoke(app, ["send-event", str(_write(tmp_path, "x.json", {"data": 1})),
+                                 "--files-url", "http://x", "--no-check"])
+    assert result.exit_code == 2
+    assert "no data.assets[*].href" in result.stderr
+
+
 def test_real_subprocess_installs_bundles_into_home(tmp_path: Path) -> None:
     """What `make bundles` runs, as a real process with its own HOME."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WIS2_")}
