@@ -20,8 +20,13 @@ How a run is found stranded, with Prefect's own records only:
 - a Pending run that no worker labelled (killed between the claim and the label) is stranded
   once it has been Pending for `unclaimed_timeout`;
 - a run Crashed because its process died (Prefect's process worker reports "Process exited
-  with status code: -9", e.g. after the OOM killer) in the last hour is stranded too: Prefect
-  retries never cover Crashed.
+  with status code: -9", e.g. after the OOM killer) or because the `wis2-warm` worker's engine
+  failed (e.g. the Prefect API away for longer than the client's retries) in the last hour is
+  stranded too: Prefect retries never cover Crashed;
+- a run that ended Failed because a service it needs was unavailable (a Failed state named
+  `Unavailable`: `chain.failures` tells those failures from the event's own) in the last hour,
+  `unavailable_delay` seconds after it failed: the same events run again, and their caches and
+  ids make the rerun publish what was missing and nothing twice.
 
 Each stranded run is proposed a Scheduled state named `Recovering` (server orchestration rules
 apply: never forced), whose message names the dead worker. A run that was already rescheduled
@@ -46,6 +51,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from chain.failures import UNAVAILABLE
+
 if TYPE_CHECKING:
     from uuid import UUID
 
@@ -58,7 +65,9 @@ WORKER_LABEL = "prefect.worker.name"  # set by BaseWorker._give_worker_labels_to
 RECOVERING = "Recovering"  # name of the Scheduled state given to a rescheduled run
 HEARTBEAT_MULTIPLE = 3  # Prefect's foreman: offline after 3 missed heartbeats
 # Crashed state messages of a flow-run process that died (runner's state proposer, BaseWorker)
-PROCESS_DIED = ("Process exited with status code", "Flow run infrastructure exited with non-zero")
+ENGINE_ERROR = "engine error in the wis2-warm worker"  # worker/warm.py: its Crashed message
+PROCESS_DIED = ("Process exited with status code", "Flow run infrastructure exited with non-zero",
+                ENGINE_ERROR)
 CRASHED_LOOKBACK = timedelta(hours=1)  # older Crashed runs are left to the operator
 
 
@@ -78,6 +87,10 @@ class RecoverySettings(BaseSettings):
         default=45.0, gt=0, description="Seconds a Pending run without a worker label may wait")
     max_retries: int = Field(
         default=3, ge=0, description="Reschedules of one run; then it is marked Failed")
+    unavailable_delay: float = Field(
+        default=30.0, ge=0,
+        description="Seconds after a run failed because a service was unavailable (a Failed "
+        "state named Unavailable) before it is scheduled again")
     crashed_grace: float = Field(
         default=30.0, ge=0,
         description="Seconds a Crashed run is left alone first: the process worker reports a "
@@ -122,6 +135,12 @@ def stranded_reason(run: FlowRun, workers: dict[str, Worker], settings: Recovery
                     own_since: datetime | None = None) -> str | None:
     """Why the Pending/Running/Crashed `run` is stranded (None: leave it)."""
     state = run.state
+    if state is not None and state.is_failed():
+        age = now - _aware(state.timestamp)
+        if (state.name == UNAVAILABLE and age < CRASHED_LOOKBACK
+                and age.total_seconds() >= settings.unavailable_delay):
+            return f"Failed, a service unavailable: {(state.message or '').splitlines()[0]}"
+        return None
     if state is not None and state.is_crashed():
         message = state.message or ""
         age = now - _aware(state.timestamp)
@@ -172,10 +191,12 @@ def failure_markdown(run: FlowRun, reason: str, attempts: int) -> str:
     lines = [
         f"# Given up after {attempts} recoveries",
         "",
-        f"Each time this run was executing, its worker or process died without finishing it; last: "
-        f"{reason}. It is not retried again (WIS2_RECOVERY_MAX_RETRIES).",
-        "Look for what kills the worker (its log, `dmesg` for the OOM killer), fix it, then "
-        "replay each event with a custom run of `publish-notification/default` (`event`).",
+        f"Each time this run was executing, its worker or process died without finishing it, or "
+        f"a service it needs was unavailable; last: {reason}. It is not retried again "
+        "(WIS2_RECOVERY_MAX_RETRIES).",
+        "Look for what kills the worker (its log, `dmesg` for the OOM killer) or keeps the "
+        "service away (docs/operating/outages.md), fix it, then replay each event with a custom "
+        "run of `publish-notification/default` (`event`).",
         "",
         f"## {len(events)} event(s)",
         "",
@@ -239,6 +260,7 @@ async def recover_pool(client: PrefectClient, pool: str, settings: RecoverySetti
         FlowRunFilter,
         FlowRunFilterEndTime,
         FlowRunFilterState,
+        FlowRunFilterStateName,
         FlowRunFilterStateType,
         WorkPoolFilter,
         WorkPoolFilterName,
@@ -260,6 +282,12 @@ async def recover_pool(client: PrefectClient, pool: str, settings: RecoverySetti
         work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
         flow_run_filter=FlowRunFilter(
             state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CRASHED])),
+            end_time=FlowRunFilterEndTime(after_=_now() - CRASHED_LOOKBACK)),
+        limit=200)
+    runs += await client.read_flow_runs(
+        work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
+        flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(name=FlowRunFilterStateName(any_=[UNAVAILABLE])),
             end_time=FlowRunFilterEndTime(after_=_now() - CRASHED_LOOKBACK)),
         limit=200)
     done: list[Recovered] = []

@@ -68,7 +68,7 @@ from pydantic import Field, PrivateAttr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.engine import ClientPool, suspension_observer
-from worker.recovery import PoolRecovery, Recovered
+from worker.recovery import ENGINE_ERROR, PoolRecovery, Recovered
 from worker.wakeup import PoolWakeup
 
 if TYPE_CHECKING:
@@ -309,7 +309,7 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         except Exception as exc:
             run_logger.exception("flow run %s ended with an engine error", flow_run.id)
             await self._propose_crashed_state(
-                flow_run, f"engine error in the wis2-warm worker: {type(exc).__name__}: {exc}")
+                flow_run, f"{ENGINE_ERROR}: {type(exc).__name__}: {exc}")
             return WarmWorkerResult(identifier=identifier, status_code=1)
 
         # A Completed state was accepted by the server, so the run was not being cancelled.
