@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -24,6 +24,7 @@ from bench.collect import Collector
 from bench.events import BenchEvent
 from bench.stats import LatencySummary, summarize
 from chain.deployments import PUBLISH_BATCH_FLOW, PUBLISH_NOTIFICATION_FLOW
+from chain.failures import UNAVAILABLE
 from chain.mqtt import MqttConnection, MqttError, Publisher
 
 if TYPE_CHECKING:
@@ -215,6 +216,16 @@ def _chain_flows() -> FlowFilter:
     return FlowFilter(name=FlowFilterName(any_=list(FLOW_NAMES)))
 
 
+def _state_key(state: Any) -> str:
+    """The state type, but UNAVAILABLE for a Failed run the recovery will schedule again
+    (`chain.failures`: a service was unavailable): not final yet."""
+    if state is None:
+        return "NONE"
+    if state.type.value == "FAILED" and state.name == UNAVAILABLE:
+        return "UNAVAILABLE"
+    return state.type.value
+
+
 async def _read_runs(node: NodeState,
                      requests: Counter[str] | None = None) -> list[tuple[list[str], str]]:
     runs: list[tuple[list[str], str]] = []
@@ -223,8 +234,7 @@ async def _read_runs(node: NodeState,
         while True:
             page = await client.read_flow_runs(flow_filter=_chain_flows(), limit=200,
                                                offset=offset)
-            runs.extend((_event_ids(r.parameters), r.state.type.value if r.state else "NONE")
-                        for r in page)
+            runs.extend((_event_ids(r.parameters), _state_key(r.state)) for r in page)
             if len(page) < 200:
                 return runs
             offset += len(page)

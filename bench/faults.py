@@ -34,6 +34,7 @@ from bench.events import BenchEvent, EventFactory
 from bench.intake import ListenerCounters, read_counters
 from bench.node import PROFILE_LISTENER_SETTINGS, BenchNode
 from chain.mqtt import Publisher
+from localnode.scaled import Topology
 
 log = logging.getLogger(__name__)
 
@@ -346,10 +347,13 @@ def run_faults(ctx: FaultContext, names: Sequence[str] | None = None) -> dict[st
 
 @contextmanager
 def fault_node(run_dir: Path, database: str = "sqlite", events: int = 10,
-               timeout: float = 180.0, tag: str = "FAULT") -> Iterator[FaultContext]:
+               timeout: float = 180.0, tag: str = "FAULT", topology: Topology | None = None,
+               worker_limit: int = 8) -> Iterator[FaultContext]:
     """A whole node on free ports, ready for the scenarios (flows verify their data at the gated
-    file server; Prefect on SQLite, or on a PostgreSQL cluster of its own), and the origin-topic
-    collector: what the tests use. Everything is stopped on exit."""
+    file server; Prefect on SQLite, or on a PostgreSQL cluster of its own; with `topology`, the
+    scaled node: its workers and listener replicas, its own PostgreSQL and Redis shared by
+    them), and the origin-topic collector: what the tests use. Everything is stopped on exit."""
+    from bench.node import ScaledBenchNode
     from chain.processes import free_port
     from localnode.node import NodeSettings
     from localnode.postgres import PostgresCluster
@@ -359,7 +363,7 @@ def fault_node(run_dir: Path, database: str = "sqlite", events: int = 10,
     node: BenchNode | None = None
     try:
         database_url = None
-        if database == "postgres":
+        if database == "postgres" and topology is None:
             postgres = PostgresCluster(log_path=run_dir / "postgres.log").start()
             database_url = postgres.create_database("prefect")
         ports: list[int] = []
@@ -371,9 +375,14 @@ def fault_node(run_dir: Path, database: str = "sqlite", events: int = 10,
         settings = NodeSettings(
             _env_file=None, run_dir=run_dir / "node", broker_port=broker, broker_ws_port=ws,
             prefect_port=prefect, files_port=files, metrics_port=metrics, verify_data=True,
-            database_url=database_url, database="sqlite", worker_type="warm", worker_limit=8)
-        node = BenchNode(settings, extra_env=dict(FAULT_ENV),
-                         listener_settings=PROFILE_LISTENER_SETTINGS.get(database, {}))
+            database_url=database_url, database="sqlite", worker_type="warm",
+            worker_limit=worker_limit)
+        if topology is not None:
+            node = ScaledBenchNode(settings, extra_env=dict(FAULT_ENV), topology=topology,
+                                   listener_settings=PROFILE_LISTENER_SETTINGS["scaled"])
+        else:
+            node = BenchNode(settings, extra_env=dict(FAULT_ENV),
+                             listener_settings=PROFILE_LISTENER_SETTINGS.get(database, {}))
         node.postgres = postgres
         node.start()
         state = node.state
