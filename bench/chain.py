@@ -240,6 +240,32 @@ async def _read_runs(node: NodeState,
             offset += len(page)
 
 
+def rescheduled_after_unavailable(node: NodeState, phase_marker: str) -> int:
+    """How many runs of the phase failed because a service was unavailable (a Failed state
+    named Unavailable in their history, `chain.failures`) and were scheduled again."""
+
+    async def count() -> int:
+        found = 0
+        async with _client(node) as client:
+            offset = 0
+            while True:
+                page = await client.read_flow_runs(flow_filter=_chain_flows(), limit=200,
+                                                   offset=offset)
+                for run in page:
+                    if any(phase_marker in i for i in _event_ids(run.parameters)):
+                        states = await client.read_flow_run_states(run.id)
+                        found += any(s.is_failed() and s.name == UNAVAILABLE for s in states)
+                if len(page) < 200:
+                    return found
+                offset += len(page)
+
+    try:
+        return asyncio.run(count())
+    except Exception as exc:  # reported as unknown, never fails the bench
+        log.warning("cannot read flow run states: %s", exc)
+        return -1
+
+
 def flow_run_counts(node: NodeState, phase_marker: str, settle: float = 0.0,
                     requests: Counter[str] | None = None) -> FlowRunCounts:
     """Count the flow runs whose event id contains `phase_marker` (the events of one phase);

@@ -57,6 +57,8 @@ class FaultResult(BaseModel):
     recovery_seconds: float | None = None  # the process answers again -> last notification
     runs: chain.FlowRunCounts | None = None  # the scenario's runs, after settling
     unfinished_runs: int = 0  # Scheduled/Pending/Running... left at the end
+    # runs failed because a service was unavailable, then scheduled again (chain.failures)
+    runs_rescheduled_unavailable: int = 0
     error: str | None = None  # the scenario could not be carried out as designed
 
 
@@ -158,6 +160,8 @@ def count_deliveries(ctx: FaultContext, result: FaultResult, events: Sequence[Be
     runs = chain.flow_run_counts(ctx.node.state, marker, settle=30 if not result.lost else 5)
     result.runs = runs
     result.unfinished_runs = runs.unfinished
+    result.runs_rescheduled_unavailable = chain.rescheduled_after_unavailable(ctx.node.state,
+                                                                             marker)
     return result
 
 
@@ -348,11 +352,13 @@ def run_faults(ctx: FaultContext, names: Sequence[str] | None = None) -> dict[st
 @contextmanager
 def fault_node(run_dir: Path, database: str = "sqlite", events: int = 10,
                timeout: float = 180.0, tag: str = "FAULT", topology: Topology | None = None,
-               worker_limit: int = 8) -> Iterator[FaultContext]:
+               worker_limit: int = 8, env: dict[str, str] | None = None
+               ) -> Iterator[FaultContext]:
     """A whole node on free ports, ready for the scenarios (flows verify their data at the gated
     file server; Prefect on SQLite, or on a PostgreSQL cluster of its own; with `topology`, the
     scaled node: its workers and listener replicas, its own PostgreSQL and Redis shared by
-    them), and the origin-topic collector: what the tests use. Everything is stopped on exit."""
+    them), and the origin-topic collector: what the tests use; `env`: more environment of the
+    chain's processes. Everything is stopped on exit."""
     from bench.node import ScaledBenchNode
     from chain.processes import free_port
     from localnode.node import NodeSettings
@@ -378,10 +384,11 @@ def fault_node(run_dir: Path, database: str = "sqlite", events: int = 10,
             database_url=database_url, database="sqlite", worker_type="warm",
             worker_limit=worker_limit)
         if topology is not None:
-            node = ScaledBenchNode(settings, extra_env=dict(FAULT_ENV), topology=topology,
+            node = ScaledBenchNode(settings, extra_env={**FAULT_ENV, **(env or {})},
+                                   topology=topology,
                                    listener_settings=PROFILE_LISTENER_SETTINGS["scaled"])
         else:
-            node = BenchNode(settings, extra_env=dict(FAULT_ENV),
+            node = BenchNode(settings, extra_env={**FAULT_ENV, **(env or {})},
                              listener_settings=PROFILE_LISTENER_SETTINGS.get(database, {}))
         node.postgres = postgres
         node.start()
