@@ -115,15 +115,21 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def worker_is_dead(worker: Worker | None, settings: RecoverySettings, now: datetime) -> str | None:
-    """Why `worker` counts as dead (None: alive)."""
+def worker_is_dead(worker: Worker | None, settings: RecoverySettings, now: datetime,
+                   outage_end: datetime | None = None) -> str | None:
+    """Why `worker` counts as dead (None: alive). `outage_end`: when this process last found
+    the API unavailable: no worker could send a heartbeat before that, so a silence counts
+    from then at the earliest."""
     if worker is None:
         return "is not registered in the pool any more"
     if worker.last_heartbeat_time is None:
         return "never sent a heartbeat"
     timeout = settings.worker_timeout or HEARTBEAT_MULTIPLE * (worker.heartbeat_interval_seconds
                                                                or 30)
-    silent = (now - _aware(worker.last_heartbeat_time)).total_seconds()
+    last = _aware(worker.last_heartbeat_time)
+    if outage_end is not None and outage_end > last:
+        last = outage_end
+    silent = (now - last).total_seconds()
     if silent > timeout:
         return f"sent no heartbeat for {silent:.0f} s (timeout {timeout:.0f} s)"
     return None
@@ -132,7 +138,8 @@ def worker_is_dead(worker: Worker | None, settings: RecoverySettings, now: datet
 def stranded_reason(run: FlowRun, workers: dict[str, Worker], settings: RecoverySettings,
                     now: datetime, own_name: str | None = None,
                     own_runs: Collection[UUID] = (),
-                    own_since: datetime | None = None) -> str | None:
+                    own_since: datetime | None = None,
+                    outage_end: datetime | None = None) -> str | None:
     """Why the Pending/Running/Crashed `run` is stranded (None: leave it)."""
     state = run.state
     if state is not None and state.is_failed():
@@ -162,7 +169,7 @@ def stranded_reason(run: FlowRun, workers: dict[str, Worker], settings: Recovery
         if own_since is not None and _aware(state.timestamp) >= own_since:
             return None  # since this worker started: another live worker of the same name
         return f"claimed by this worker ({own_name}) before it restarted"
-    dead = worker_is_dead(workers.get(str(claimant)), settings, now)
+    dead = worker_is_dead(workers.get(str(claimant)), settings, now, outage_end)
     return f"its worker {claimant} {dead}" if dead else None
 
 
@@ -254,7 +261,8 @@ async def _reschedule(client: PrefectClient, run: FlowRun, reason: str,
 async def recover_pool(client: PrefectClient, pool: str, settings: RecoverySettings,
                        own_name: str | None = None,
                        own_runs: Callable[[], Collection[UUID]] = frozenset,
-                       own_since: datetime | None = None) -> list[Recovered]:
+                       own_since: datetime | None = None,
+                       outage_end: datetime | None = None) -> list[Recovered]:
     """Reschedule (or fail, past `max_retries`) the stranded runs of `pool`, once."""
     from prefect.client.schemas.filters import (
         FlowRunFilter,
@@ -293,13 +301,13 @@ async def recover_pool(client: PrefectClient, pool: str, settings: RecoverySetti
     done: list[Recovered] = []
     for run in runs:
         if stranded_reason(run, workers, settings, _now(), own_name, own_runs(),
-                           own_since) is None:
+                           own_since, outage_end) is None:
             continue
         try:
             # read again: the run may have ended, or been claimed by this worker meanwhile
             run = await client.read_flow_run(run.id)
             reason = stranded_reason(run, workers, settings, _now(), own_name, own_runs(),
-                                     own_since)
+                                     own_since, outage_end)
             if reason is None:
                 continue
             done.append(await _reschedule(client, run, reason, settings))
@@ -319,7 +327,13 @@ class PoolRecovery:
         self.own_name = own_name
         self.own_runs = own_runs
         self.own_since = _now()  # runs claimed under own_name before this: a former process
+        self.outage_end: datetime | None = None  # the API last found unavailable
         self._next = 0.0
+
+    def saw_outage(self) -> None:
+        """The API was found unavailable now (a failed poll, heartbeat or look): the workers'
+        heartbeats could not reach it either, so none is judged dead by a silence before."""
+        self.outage_end = _now()
 
     async def maybe_run(self, client: PrefectClient) -> list[Recovered]:
         """One look if the interval has passed (never raises: the next look tries again)."""
@@ -328,8 +342,9 @@ class PoolRecovery:
         self._next = time.monotonic() + self.settings.interval
         try:
             return await recover_pool(client, self.pool, self.settings, self.own_name,
-                                      self.own_runs, self.own_since)
+                                      self.own_runs, self.own_since, self.outage_end)
         except Exception as exc:
+            self.saw_outage()
             log.warning("looking for stranded flow runs of pool %s failed: %s", self.pool, exc)
             return []
 

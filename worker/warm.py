@@ -67,6 +67,7 @@ from prefect.workers.base import (
 from pydantic import Field, PrivateAttr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from chain.failures import is_infrastructure
 from worker.engine import ClientPool, suspension_observer
 from worker.recovery import ENGINE_ERROR, PoolRecovery, Recovered
 from worker.wakeup import PoolWakeup
@@ -321,13 +322,38 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         return self._executing | set(self._submitting_flow_run_ids)
 
     async def get_and_submit_flow_runs(self) -> list[FlowRun]:
-        """Before each poll (at most every WIS2_RECOVERY_INTERVAL): reschedule stranded runs."""
+        """Before each poll (at most every WIS2_RECOVERY_INTERVAL): reschedule stranded runs.
+        A poll that fails because the API is unavailable (`chain.failures`) is reported and
+        tried again at the next interval: Prefect's service loop would back off and, after
+        about a minute of failures, end the worker (a Prefect server whose database or
+        messaging restarts); the runs this worker executes go on meanwhile."""
         if self._client is not None:
             recovered: list[Recovered] = await self._recovery.maybe_run(self.client)
             for item in recovered:
                 self._logger.warning("recovery: %s flow run %s (%s): %s", item.action,
                                      item.name, item.flow_run_id, item.reason)
-        return await super().get_and_submit_flow_runs()
+        try:
+            return await super().get_and_submit_flow_runs()
+        except Exception as exc:
+            if not is_infrastructure(exc):
+                raise
+            self._api_unavailable("polling the pool", exc)
+            return []
+
+    async def _sync_and_initialize(self) -> None:
+        """The heartbeat (and pool sync): once the worker has synced, an unavailable API is
+        reported and tried again at the next heartbeat instead of backing off to an exit."""
+        try:
+            await super()._sync_and_initialize()
+        except Exception as exc:
+            if not self._has_successfully_synced or not is_infrastructure(exc):
+                raise
+            self._api_unavailable("sending the heartbeat", exc)
+
+    def _api_unavailable(self, doing: str, exc: BaseException) -> None:
+        self._recovery.saw_outage()
+        self._logger.warning("%s failed, the Prefect API is unavailable (%s): tried again",
+                             doing, str(exc).splitlines()[0][:300])
 
     async def _propose_submitting_state(self, flow_run: FlowRun) -> None:
         """No `Submitting` state: the run starts in this process at once (Pending -> Running).

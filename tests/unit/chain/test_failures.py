@@ -104,3 +104,23 @@ def test_the_recovery_schedules_again_a_run_failed_on_infrastructure_only() -> N
     old.timestamp = now - timedelta(hours=2)
     assert stranded_reason(_run(old), {}, settings, now) is None
     assert stranded_reason(_run(Completed()), {}, settings, now) is None
+
+
+def test_a_worker_silent_only_during_an_api_outage_is_not_dead() -> None:
+    """No worker can send a heartbeat while the API is away: a silence counts from the end of
+    the outage this process saw (the recovery would otherwise reschedule live runs)."""
+    from prefect.client.schemas.objects import Worker
+
+    from worker.recovery import PoolRecovery, worker_is_dead
+
+    settings = RecoverySettings(_env_file=None)
+    now = datetime.now(UTC)
+    worker = Worker(name="w2", work_pool_id=uuid4(), heartbeat_interval_seconds=10,
+                    last_heartbeat_time=now - timedelta(seconds=70))
+    assert worker_is_dead(worker, settings, now) is not None  # 70 s > 3 x 10 s
+    assert worker_is_dead(worker, settings, now, outage_end=now - timedelta(seconds=5)) is None
+    assert worker_is_dead(worker, settings, now, outage_end=now - timedelta(seconds=40))
+    recovery = PoolRecovery("pool", settings)
+    assert recovery.outage_end is None
+    recovery.saw_outage()
+    assert recovery.outage_end is not None
