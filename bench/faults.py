@@ -114,6 +114,22 @@ class FaultContext:
         """The listener's counters (summed over the replicas of a scaled node)."""
         return read_counters(self.node.listener_metrics_urls())
 
+    def hold_in_flight(self, events: Sequence[BenchEvent], before: ListenerCounters,
+                       slots: int | None = None, what: str = "") -> tuple[int, int]:
+        """With the gate closed: publish `events`, wait until the listener has acknowledged
+        them (each in a flow run) and until the runs the workers took (`slots` at most;
+        default: one worker's limit) are held at the gate; (runs created, downloads held)."""
+        self.publish(events)
+        self.wait(f"the listener acknowledges {what or 'the burst'} (each event in a flow run)",
+                  lambda: (c := self.counters()).received - before.received >= len(events)
+                  and c.in_flight == 0)
+        runs = int(self.counters().runs_created - before.runs_created)
+        in_flight = max(1, min(runs, slots or self.node.settings.worker_limit))
+        self.wait(f"{in_flight} flow run(s) held at the file server's gate (Running, each "
+                  "verifying the data of its first event)",
+                  lambda: self.gate()["held"] >= in_flight)
+        return runs, self.gate()["held"]
+
     def publish(self, events: Sequence[BenchEvent]) -> None:
         """As the file server: QoS 1, each one acknowledged by the broker (PUBACK)."""
         with Publisher(self.node.state.connection("fileserver")) as pub:
@@ -186,16 +202,7 @@ def prefect_server_sigkill_mid_burst(ctx: FaultContext) -> FaultResult:
     before = ctx.counters()
     ctx.close_gate()
     try:
-        ctx.publish(first)
-        ctx.wait("the listener acknowledges the first half (each event in a flow run)",
-                 lambda: (c := ctx.counters()).received - before.received >= len(first)
-                 and c.in_flight == 0)
-        runs = int(ctx.counters().runs_created - before.runs_created)
-        in_flight = max(1, min(runs, ctx.node.settings.worker_limit))
-        ctx.wait(f"{in_flight} flow run(s) held at the file server's gate (Running, each "
-                 "verifying the data of its first event)",
-                 lambda: ctx.gate()["held"] >= in_flight)
-        held = ctx.gate()["held"]
+        _, held = ctx.hold_in_flight(first, before, what="the first half")
         server.kill()
         killed_at = time.monotonic()
         ctx.publish(second)
@@ -293,15 +300,7 @@ def worker_sigkill_mid_burst(ctx: FaultContext) -> FaultResult:
     before = ctx.counters()
     ctx.close_gate()
     try:
-        ctx.publish(events)
-        ctx.wait("the listener acknowledges the burst (each event in a flow run)",
-                 lambda: (c := ctx.counters()).received - before.received >= len(events)
-                 and c.in_flight == 0)
-        runs = int(ctx.counters().runs_created - before.runs_created)
-        in_flight = max(1, min(runs, ctx.node.settings.worker_limit))
-        ctx.wait(f"{in_flight} flow run(s) held at the file server's gate",
-                 lambda: ctx.gate()["held"] >= in_flight)
-        held = ctx.gate()["held"]
+        runs, held = ctx.hold_in_flight(events, before)
         worker.kill()
         killed_at = time.monotonic()
         result.killed = (f"worker SIGKILLed with {held} download(s) of Running flow runs held at "

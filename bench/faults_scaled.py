@@ -95,17 +95,9 @@ def service_outage_mid_burst(ctx: FaultContext, name: str, phase: str, service: 
     before = ctx.counters()
     ctx.close_gate()
     try:
-        ctx.publish(events)
-        ctx.wait("the listener acknowledges the burst (each event in a flow run)",
-                 lambda: (c := ctx.counters()).received - before.received >= len(events)
-                 and c.in_flight == 0)
-        runs = int(ctx.counters().runs_created - before.runs_created)
         slots = ctx.node.settings.worker_limit * len(
             [p for p in ctx.node.processes if p.name.split("-")[0] == "worker"])
-        in_flight = max(1, min(runs, slots))
-        ctx.wait(f"{in_flight} flow run(s) held at the file server's gate",
-                 lambda: ctx.gate()["held"] >= in_flight)
-        held = ctx.gate()["held"]
+        runs, held = ctx.hold_in_flight(events, before, slots)
         if freeze:
             os.killpg(proc.pid, signal.SIGSTOP)
         else:
