@@ -16,7 +16,9 @@ How a run is found stranded, with Prefect's own records only:
   is stranded;
 - a worker that starts again with the same `--name` reclaims at once the runs labelled with its
   name whose state predates its start and that it is not running (`own_name`/`own_runs`: the
-  `wis2-warm` worker); give each live worker its own name;
+  `wis2-warm` worker); give each live worker its own name; it also reclaims the runs it
+  executed whose final state never reached the API (`own_ended`: the engine gave up on an
+  API that stayed unavailable, and the Crashed state it then proposed was refused too);
 - a Pending run that no worker labelled (killed between the claim and the label) is stranded
   once it has been Pending for `unclaimed_timeout`;
 - a run Crashed because its process died (Prefect's process worker reports "Process exited
@@ -139,7 +141,8 @@ def stranded_reason(run: FlowRun, workers: dict[str, Worker], settings: Recovery
                     now: datetime, own_name: str | None = None,
                     own_runs: Collection[UUID] = (),
                     own_since: datetime | None = None,
-                    outage_end: datetime | None = None) -> str | None:
+                    outage_end: datetime | None = None,
+                    own_ended: Collection[UUID] = ()) -> str | None:
     """Why the Pending/Running/Crashed `run` is stranded (None: leave it)."""
     state = run.state
     if state is not None and state.is_failed():
@@ -159,6 +162,8 @@ def stranded_reason(run: FlowRun, workers: dict[str, Worker], settings: Recovery
         return None
     if run.id in own_runs:  # this worker holds it (maybe not labelled yet)
         return None
+    if run.id in own_ended:  # executed here, but its final state never reached the API
+        return "its execution in this worker ended, but its final state did not reach the API"
     claimant = (run.labels or {}).get(WORKER_LABEL)
     if claimant is None:
         age = (now - _aware(state.timestamp)).total_seconds()
@@ -262,7 +267,9 @@ async def recover_pool(client: PrefectClient, pool: str, settings: RecoverySetti
                        own_name: str | None = None,
                        own_runs: Callable[[], Collection[UUID]] = frozenset,
                        own_since: datetime | None = None,
-                       outage_end: datetime | None = None) -> list[Recovered]:
+                       outage_end: datetime | None = None,
+                       own_ended: Callable[[], Collection[UUID]] = frozenset
+                       ) -> list[Recovered]:
     """Reschedule (or fail, past `max_retries`) the stranded runs of `pool`, once."""
     from prefect.client.schemas.filters import (
         FlowRunFilter,
@@ -301,13 +308,13 @@ async def recover_pool(client: PrefectClient, pool: str, settings: RecoverySetti
     done: list[Recovered] = []
     for run in runs:
         if stranded_reason(run, workers, settings, _now(), own_name, own_runs(),
-                           own_since, outage_end) is None:
+                           own_since, outage_end, own_ended()) is None:
             continue
         try:
             # read again: the run may have ended, or been claimed by this worker meanwhile
             run = await client.read_flow_run(run.id)
             reason = stranded_reason(run, workers, settings, _now(), own_name, own_runs(),
-                                     own_since, outage_end)
+                                     own_since, outage_end, own_ended())
             if reason is None:
                 continue
             done.append(await _reschedule(client, run, reason, settings))
@@ -321,8 +328,10 @@ class PoolRecovery:
 
     def __init__(self, pool: str, settings: RecoverySettings | None = None,
                  own_name: str | None = None,
-                 own_runs: Callable[[], Collection[UUID]] = frozenset) -> None:
+                 own_runs: Callable[[], Collection[UUID]] = frozenset,
+                 own_ended: Callable[[], Collection[UUID]] = frozenset) -> None:
         self.pool = pool
+        self.own_ended = own_ended
         self.settings = settings or RecoverySettings()
         self.own_name = own_name
         self.own_runs = own_runs
@@ -342,7 +351,8 @@ class PoolRecovery:
         self._next = time.monotonic() + self.settings.interval
         try:
             return await recover_pool(client, self.pool, self.settings, self.own_name,
-                                      self.own_runs, self.own_since, self.outage_end)
+                                      self.own_runs, self.own_since, self.outage_end,
+                                      self.own_ended)
         except Exception as exc:
             self.saw_outage()
             log.warning("looking for stranded flow runs of pool %s failed: %s", self.pool, exc)

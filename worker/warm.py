@@ -43,6 +43,7 @@ What it does differently from the `process` worker (by design, because runs shar
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import importlib
 import importlib.util
@@ -82,6 +83,7 @@ log = logging.getLogger(__name__)
 
 WORKER_TYPE = "wis2-warm"
 DEFAULT_THREADS = 16  # flow runs at once when the worker is started without --limit
+ENDED_KEPT = 1000  # runs remembered as executed here (recovery: own_ended)
 
 
 class WarmWorkerSettings(BaseSettings):
@@ -235,8 +237,11 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         self._wake = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
         self._executing: set[UUID] = set()  # runs this process is executing (recovery skips)
+        # runs whose execution here ended (the last ENDED_KEPT): one still Pending or Running
+        # on the server never got its final state there (recovery reclaims it)
+        self._ended: collections.deque[UUID] = collections.deque(maxlen=ENDED_KEPT)
         self._recovery = PoolRecovery(self._work_pool_name, own_name=self.name,
-                                      own_runs=self._own_runs)
+                                      own_runs=self._own_runs, own_ended=lambda: self._ended)
         if self._limit is None:
             log.warning("wis2-warm worker started without --limit: at most %d flow runs at once",
                         DEFAULT_THREADS)
@@ -294,6 +299,7 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         try:
             return await self._run(flow_run, configuration, run_logger, identifier)
         finally:
+            self._ended.append(flow_run.id)
             self._executing.discard(flow_run.id)
 
     async def _run(self, flow_run: FlowRun, configuration: WarmJobConfiguration,

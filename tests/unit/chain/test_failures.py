@@ -124,3 +124,20 @@ def test_a_worker_silent_only_during_an_api_outage_is_not_dead() -> None:
     assert recovery.outage_end is None
     recovery.saw_outage()
     assert recovery.outage_end is not None
+
+
+def test_a_run_that_ended_here_without_its_final_state_is_reclaimed() -> None:
+    """The engine gave up on an unavailable API and the Crashed state the worker proposed was
+    refused too: the run stays Running on the server; the worker that executed it reclaims it."""
+    from prefect.states import Running
+
+    settings = RecoverySettings(_env_file=None)
+    now = datetime.now(UTC)
+    run = FlowRun(id=uuid4(), name="r", flow_id=uuid4(), state=Running(),
+                  labels={"prefect.worker.name": "me"})
+    since = now - timedelta(minutes=5)  # the run started after this worker: not a former one
+    assert stranded_reason(run, {}, settings, now, own_name="me", own_since=since) is None
+    assert "did not reach the API" in (stranded_reason(
+        run, {}, settings, now, own_name="me", own_since=since, own_ended=[run.id]) or "")
+    assert stranded_reason(run, {}, settings, now, own_name="me", own_runs=[run.id],
+                           own_since=since, own_ended=[run.id]) is None  # executing again
