@@ -89,6 +89,11 @@ class RecoverySettings(BaseSettings):
         default=45.0, gt=0, description="Seconds a Pending run without a worker label may wait")
     max_retries: int = Field(
         default=3, ge=0, description="Reschedules of one run; then it is marked Failed")
+    outage_grace: float = Field(
+        default=150.0, ge=0,
+        description="Seconds after the Prefect API was last found unavailable during which no "
+        "worker is judged dead by a missing heartbeat (a heartbeat sent during the outage waits "
+        "in the client's retry backoff, up to 128 s with PREFECT_CLIENT_MAX_RETRIES=7)")
     unavailable_delay: float = Field(
         default=30.0, ge=0,
         description="Seconds after a run failed because a service was unavailable (a Failed "
@@ -120,8 +125,9 @@ def _aware(value: datetime) -> datetime:
 def worker_is_dead(worker: Worker | None, settings: RecoverySettings, now: datetime,
                    outage_end: datetime | None = None) -> str | None:
     """Why `worker` counts as dead (None: alive). `outage_end`: when this process last found
-    the API unavailable: no worker could send a heartbeat before that, so a silence counts
-    from then at the earliest."""
+    the API unavailable: no worker could send a heartbeat before that, and one sent during the
+    outage may be waiting in its client's retry backoff for a while after: a silence counts
+    from `outage_grace` seconds after it at the earliest."""
     if worker is None:
         return "is not registered in the pool any more"
     if worker.last_heartbeat_time is None:
@@ -130,7 +136,8 @@ def worker_is_dead(worker: Worker | None, settings: RecoverySettings, now: datet
                                                                or 30)
     last = _aware(worker.last_heartbeat_time)
     if outage_end is not None and outage_end > last:
-        last = outage_end
+        # a heartbeat sent during the outage may still be in the client's retry backoff
+        last = outage_end + timedelta(seconds=settings.outage_grace)
     silent = (now - last).total_seconds()
     if silent > timeout:
         return f"sent no heartbeat for {silent:.0f} s (timeout {timeout:.0f} s)"

@@ -118,8 +118,11 @@ def test_a_worker_silent_only_during_an_api_outage_is_not_dead() -> None:
     worker = Worker(name="w2", work_pool_id=uuid4(), heartbeat_interval_seconds=10,
                     last_heartbeat_time=now - timedelta(seconds=70))
     assert worker_is_dead(worker, settings, now) is not None  # 70 s > 3 x 10 s
-    assert worker_is_dead(worker, settings, now, outage_end=now - timedelta(seconds=5)) is None
-    assert worker_is_dead(worker, settings, now, outage_end=now - timedelta(seconds=40))
+    # the outage ended 60 s ago: within the grace (150 s) after it, plus the timeout
+    assert worker_is_dead(worker, settings, now, outage_end=now - timedelta(seconds=60)) is None
+    old = Worker(name="w3", work_pool_id=uuid4(), heartbeat_interval_seconds=10,
+                 last_heartbeat_time=now - timedelta(seconds=400))
+    assert worker_is_dead(old, settings, now, outage_end=now - timedelta(seconds=300))
     recovery = PoolRecovery("pool", settings)
     assert recovery.outage_end is None
     recovery.saw_outage()
