@@ -1,4 +1,6 @@
 """The `wis2-warm` worker: flow runs executed in the worker's own process, flow code kept imported.
+Long because it is one worker class: the Prefect worker hooks it overrides (poll, heartbeat,
+claim labels, run, states, riding out an unavailable API) share its state and belong together.
 
 The standard `process` worker starts a Python interpreter per flow run (imports Prefect, pydantic,
 the validators... ~3 CPU s and ~150-200 MB each). This worker imports each deployment's flow once
