@@ -70,6 +70,7 @@ HEARTBEAT_MULTIPLE = 3  # Prefect's foreman: offline after 3 missed heartbeats
 ENGINE_ERROR = "engine error in the wis2-warm worker"  # worker/warm.py: its Crashed message
 PROCESS_DIED = ("Process exited with status code", "Flow run infrastructure exited with non-zero",
                 ENGINE_ERROR)
+SLOW_LOOK_S = 20.0  # a look this slow was retried through an API outage
 CRASHED_LOOKBACK = timedelta(hours=1)  # older Crashed runs are left to the operator
 
 
@@ -347,8 +348,9 @@ class PoolRecovery:
         self._next = 0.0
 
     def saw_outage(self) -> None:
-        """The API was found unavailable now (a failed poll, heartbeat or look): the workers'
-        heartbeats could not reach it either, so none is judged dead by a silence before."""
+        """The API was found unavailable now (a poll, heartbeat or look failed, or took so long
+        that the client must have retried through an outage): the workers' heartbeats could not
+        reach it either, so none is judged dead by a silence before (`outage_grace`)."""
         self.outage_end = _now()
 
     async def maybe_run(self, client: PrefectClient) -> list[Recovered]:
@@ -364,6 +366,9 @@ class PoolRecovery:
             self.saw_outage()
             log.warning("looking for stranded flow runs of pool %s failed: %s", self.pool, exc)
             return []
+        finally:
+            if time.monotonic() - (self._next - self.settings.interval) > SLOW_LOOK_S:
+                self.saw_outage()  # its calls were retried through an API outage
 
 
 async def watch(pool: str, settings: RecoverySettings, once: bool = False) -> None:

@@ -37,7 +37,7 @@ from localnode.postgres import PG_USER, PostgresCluster, postgres_problem
 from localnode.redis import redis_problem
 from localnode.scaled import Topology
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1500)]
 
 EVENTS = 10
 
