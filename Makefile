@@ -7,12 +7,13 @@ BIN := $(VENV)/bin
 WIS2_BUNDLE_DIR ?= $(if $(wildcard ../shared/wis2-bundle/README.md),../shared/wis2-bundle,)
 export WIS2_BUNDLE_DIR
 
-.PHONY: help venv install mosquitto postgresql redis docker-compose chromium nginx bundles lint test test-unit demo demo-event broker-config blocks bench clean
+.PHONY: help venv install mosquitto postgresql redis docker-compose chromium nginx bundles lint test test-unit docs docs-build demo demo-event broker-config blocks bench clean
 
 help:
 	@echo "make demo   - start the whole chain on loopback and publish the sample Argo event"
 	@echo "make test   - set up and run the whole test suite (ruff + pytest)"
 	@echo "make test-unit - the unit tests alone (tests/unit/: no broker, no Prefect server)"
+	@echo "make docs   - serve the documentation site on http://127.0.0.1:8000 (DOCS_ADDR=host:port)"
 	@echo "make bundles, make broker-config, make blocks, make lint"
 
 $(BIN)/python:
@@ -84,6 +85,16 @@ test: install mosquitto postgresql redis docker-compose chromium nginx bundles l
 # mosquitto for its mosquitto_passwd tool, docker-compose for `docker-compose config`.
 test-unit: install mosquitto docker-compose bundles
 	$(BIN)/python -m pytest tests/unit
+
+# The documentation site (mkdocs.yml, docs/; references generated from the code by docsgen/).
+# The test suite builds it with --strict (tests/unit/docsgen/test_site.py).
+DOCS_ADDR ?= 127.0.0.1:8000
+export NO_MKDOCS_2_WARNING := 1
+docs: install
+	$(BIN)/mkdocs serve --strict --dev-addr $(DOCS_ADDR)
+
+docs-build: install
+	$(BIN)/mkdocs build --strict --site-dir run/site
 
 # Render the broker's mosquitto.conf, acl and passwd into run/broker from WIS2_BROKER_* (.env).
 broker-config: install mosquitto

@@ -22,7 +22,8 @@ class Wis2Dataset(Block):
     _block_type_slug = "wis2-dataset"
     _description = (
         "Description of one dataset published by the WIS2 node (centre-id, topic, metadata_id, "
-        "data_id template, data asset roles, media types, allowed href prefixes)."
+        "data_id template, data asset roles, media types, allowed href prefixes, cache control, "
+        "station identifier property, access control, inline content encoding)."
     )
 
     dataset: DatasetDescription = Field(description="The dataset description")

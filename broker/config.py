@@ -9,7 +9,7 @@ import ipaddress
 import logging
 import re
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -46,6 +46,15 @@ class BrokerUsers(BaseModel):
 
     def role(self, role: Role) -> BrokerUser:
         return getattr(self, role)
+
+
+def _username(role: str, who: str) -> Any:
+    return Field(default=role, description=f"Account of {who}")
+
+
+def _password(role: str, default: SecretStr | None = None,
+              unset: str = "unset: the account is not created and cannot log in") -> Any:
+    return Field(default=default, description=f"Password of the {role} account ({unset})")
 
 
 class BrokerConfig(BaseSettings):
@@ -99,16 +108,21 @@ class BrokerConfig(BaseSettings):
     mosquitto_bin: str = Field(default="mosquitto", description="mosquitto executable")
     mosquitto_passwd_bin: str = Field(default="mosquitto_passwd", description="its passwd tool")
 
-    fileserver_username: str = "fileserver"
-    listener_username: str = "listener"
-    publisher_username: str = "publisher"
-    monitor_username: str = "monitor"
-    everyone_username: str = "everyone"
-    fileserver_password: SecretStr | None = None
-    listener_password: SecretStr | None = None
-    publisher_password: SecretStr | None = None
-    monitor_password: SecretStr | None = None
-    everyone_password: SecretStr | None = SecretStr("everyone")
+    # The five accounts (see broker/templates/acl.tmpl): a role without a password is not created.
+    fileserver_username: str = _username(
+        "fileserver", "the data centre's file server (writes diffusion/files/#)")
+    listener_username: str = _username("listener", "the MQTT listener (reads diffusion/files/#)")
+    publisher_username: str = _username(
+        "publisher", "the flows (read/write origin/a/wis2/<centre-id>/#)")
+    monitor_username: str = _username("monitor", "monitoring (reads $SYS/#)")
+    everyone_username: str = _username(
+        "everyone", "the Global Brokers and the public (reads origin/a/wis2/#)")
+    fileserver_password: SecretStr | None = _password("fileserver")
+    listener_password: SecretStr | None = _password("listener")
+    publisher_password: SecretStr | None = _password("publisher")
+    monitor_password: SecretStr | None = _password("monitor")
+    everyone_password: SecretStr | None = _password(
+        "everyone", SecretStr("everyone"), "WIS2's public one by default")
 
     @field_validator("centre_id")
     @classmethod

@@ -30,21 +30,29 @@ class ChainSettings(BaseSettings):
     )
     default_dataset: str = Field(default="argo", description="Dataset used when none is named")
     verify_data: bool = Field(
-        default=True, description="Download each canonical link and check length and integrity"
+        default=True,
+        description="Download each canonical link and check length and integrity before "
+        "publishing (streamed and hashed in constant memory, http/https only, stopped as soon "
+        "as it exceeds the announced length)",
     )
-    verify_timeout: float = Field(default=30.0, description="Seconds allowed to download a file")
+    verify_timeout: float = Field(
+        default=30.0, description="Seconds allowed for each network operation of that download "
+        "(connect, each read)")
     verify_max_bytes: int = Field(
         default=2 * 1024**3, gt=0,
-        description="Largest file the verification downloads (bytes); a longer announced length "
-        "or download is refused",
+        description="Largest file the verification downloads (bytes, default 2 GiB): an "
+        "announced length above it is refused without downloading, a download without length "
+        "stops there",
     )
     verify_max_seconds: float = Field(
         default=900.0, gt=0,
-        description="Longest time one file's download may take (a slower one is retried)",
+        description="Longest time one file's download may take: then it is abandoned and "
+        "retried, as a network error",
     )
     results_dir: Path = Field(
         default=Path.home() / ".wis2-chain" / "results",
-        description="Where cached task results and the publication ledger are persisted",
+        description="Where cached task results, the SQLite publication ledger and its claim "
+        "lock files are persisted (one worker host)",
     )
     ledger_url: str | None = Field(
         default=None,

@@ -1,8 +1,10 @@
 """`wis2-chain backfill SOURCE`: start a backfill run and show its progress in the terminal.
 
-By default it creates a run of the `backfill/default` deployment (a worker runs it; SOURCE is made
-absolute: the worker must be able to read it) and follows the run's progress artifact until the
-run ends. `--local` runs the flow in this process instead (still tracked by the Prefect API).
+`--dry-run` builds and validates every event in this process, without Prefect (no node needed).
+Otherwise it checks the Prefect API first (cli/api.py). By default it creates a run of the
+`backfill/default` deployment (a worker runs it; SOURCE is made absolute: the worker must be able
+to read it) and follows the run's progress artifact until the run ends. `--local` runs the flow
+in this process instead (still tracked by the Prefect API).
 Exit status: 0 when every entry was published or already published, 1 otherwise.
 """
 
@@ -17,6 +19,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from chain.deployments import BACKFILL
+from cli.api import require_api
 
 POLL_SECONDS = 1.0
 
@@ -24,6 +27,24 @@ POLL_SECONDS = 1.0
 def _bar() -> Progress:
     return Progress(TextColumn("backfill"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
                     TimeElapsedColumn(), TextColumn("{task.description}"))
+
+
+def _dry_run(parameters: dict[str, Any]) -> tuple[bool, str]:
+    """Build and validate every event here, without Prefect: no API, no flow run."""
+    from flows.backfill import BackfillCounts, dry_run_archive
+
+    with _bar() as bar:
+        task = bar.add_task("reading the source", total=100.0)
+
+        def observe(counts: BackfillCounts) -> None:
+            bar.update(task, completed=counts.percent, description=counts.summary())
+
+        counts = dry_run_archive(parameters["source"], parameters["dataset"],
+                                 parameters["operation"], observe)
+    for failure in counts.failures:
+        event = f" (event {failure['event_id']})" if failure["event_id"] else ""
+        typer.echo(f"  {failure['position']}{event}: {failure['reason']}", err=True)
+    return counts.failed == 0, counts.summary()
 
 
 def _run_local(parameters: dict[str, Any]) -> tuple[bool, str]:
@@ -95,7 +116,8 @@ def backfill_command(
     rate: Annotated[float | None, typer.Option(
         help="most notifications per second (default WIS2_BACKFILL_RATE)")] = None,
     batch_size: Annotated[int | None, typer.Option(help="events per publish-batch run")] = None,
-    dry_run: Annotated[bool, typer.Option(help="build and validate only")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        help="build and validate only, here, with no node needed")] = False,
     local: Annotated[bool, typer.Option(help="run the flow in this process")] = False,
     timeout: Annotated[float, typer.Option(
         help="seconds to follow a deployment run (0: until it ends)")] = 0,
@@ -109,12 +131,26 @@ def backfill_command(
         raise typer.Exit(2)
     parameters = {"source": str(source.resolve()), "dataset": dataset, "operation": operation,
                   "rate": rate, "batch_size": batch_size, "dry_run": dry_run}
-    try:
-        ok, message = (_run_local(parameters) if local
-                       else _run_deployment(parameters, timeout))
-    except Exception as exc:  # API unreachable, no such deployment...
-        typer.echo(f"error: backfill not started: {exc}", err=True)
-        raise typer.Exit(1) from None
+    if dry_run:  # nothing is published: no node needed
+        try:
+            ok, message = _dry_run(parameters)
+        except (OSError, ValueError) as exc:  # unreadable source, unknown dataset...
+            typer.echo(f"error: dry run not done: {type(exc).__name__}: {exc}", err=True)
+            raise typer.Exit(2) from None
+    else:
+        require_api("backfill")
+        try:
+            ok, message = (_run_local(parameters) if local
+                           else _run_deployment(parameters, timeout))
+        except Exception as exc:  # no such deployment, the API gone meanwhile...
+            from prefect.exceptions import ObjectNotFound
+
+            typer.echo(f"error: backfill not started: {type(exc).__name__}: {exc}", err=True)
+            if isinstance(exc, ObjectNotFound):
+                typer.echo(f"  fix: the deployment {BACKFILL} is missing: deploy the flows "
+                           "(`prefect --no-prompt deploy --all` in the project directory)",
+                           err=True)
+            raise typer.Exit(1) from None
     typer.echo(("done: " if ok else "FAILED: ") + message)
     if not ok:
         raise typer.Exit(1)

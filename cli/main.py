@@ -11,12 +11,15 @@ from typing import Annotated, Literal
 import typer
 
 from chain.settings import ChainSettings
+from cli.api import require_api
 from cli.backfill import backfill_command
+from cli.doctor import doctor_command
 
 app = typer.Typer(help="WIS2 node publishing chain", no_args_is_help=True)
 bundles_app = typer.Typer(help="WIS2 validator bundles", no_args_is_help=True)
 app.add_typer(bundles_app, name="bundles")
 app.command("backfill")(backfill_command)
+app.command("doctor")(doctor_command)
 
 
 def _read(path: Path) -> bytes:
@@ -28,7 +31,8 @@ def _read(path: Path) -> bytes:
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def main(verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="debug logging, the libraries' included")] = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not verbose:  # the validators log what the printed reports already say
@@ -77,6 +81,8 @@ def validate(
     ] = "publish",
     topic: Annotated[str | None, typer.Option(help="topic the message is published on")] = None,
     kpi: Annotated[bool, typer.Option(help="also run the KPI (needs the network)")] = False,
+    previous_pubtime: Annotated[str | None, typer.Option(
+        help="pubtime of the notification an update updates: the update must be later")] = None,
 ) -> None:
     """Validate a WNM or a WCMP2 record (detected from conformsTo) and print the report."""
     from wis2.validation import load_json_document, validate_notification
@@ -92,7 +98,8 @@ def validate(
         report = validate_wcmp2(raw, kpi=kpi)
     else:
         chosen: Literal["publish", "spec"] = "spec" if profile == "spec" else "publish"
-        report = validate_notification(raw, topic=topic, profile=chosen, kpi=kpi)
+        report = validate_notification(raw, topic=topic, profile=chosen, kpi=kpi,
+                                       previous_pubtime=previous_pubtime)
     width = max((len(c.id) for c in report.checks), default=5)
     typer.echo(f"{file}: {report.kind} {report.subject}")
     for check in report.checks:
@@ -161,6 +168,9 @@ def send_event(
         publish_once(conn, topic, raw, qos=1)
     except MqttError as exc:
         typer.echo(f"error: {exc}", err=True)
+        typer.echo("  fix: start the node's broker (`make demo` prints its address) or set "
+                   "WIS2_MQTT_HOST, WIS2_MQTT_PORT and the fileserver account's "
+                   "WIS2_MQTT_USERNAME / WIS2_MQTT_PASSWORD", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"sent {event} on {topic} ({conn.describe()})")
 
@@ -175,6 +185,7 @@ def blocks_register() -> None:
     per data/datasets/*.json (overwrites: safe to run again)."""
     from blocks.register import register_blocks
 
+    require_api("blocks register")
     try:
         saved = register_blocks(ChainSettings())
     except Exception as exc:  # API unreachable, invalid dataset file...
@@ -197,6 +208,7 @@ def recover(
     from worker.recovery import RecoverySettings
     from worker.recovery import watch as watch_pool
 
+    require_api("recover")
     try:
         asyncio.run(watch_pool(pool, RecoverySettings(), once=not watch))
     except KeyboardInterrupt:

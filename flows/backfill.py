@@ -144,6 +144,35 @@ def _dry_run(counts: BackfillCounts, entries: list[ArchiveEntry], dataset_name: 
         counts.would_publish += len(notes)
 
 
+def _count_refused(counts: BackfillCounts, chunk: list[ArchiveEntry]) -> list[ArchiveEntry]:
+    """Count the entries of `chunk` that could not be read as events; returns them."""
+    bad = [entry for entry in chunk if not entry.ok]
+    for entry in bad:
+        counts.failed += 1
+        counts.failures.append({"position": entry.position, "event_id": "",
+                                "reason": "; ".join(str(err) for err in entry.errors)[:500]})
+    return bad
+
+
+def dry_run_archive(source: str, dataset: str | None = None,
+                    operation: Operation | None = None,
+                    observe: Callable[[BackfillCounts], None] | None = None) -> BackfillCounts:
+    """A backfill's dry run outside Prefect (no API, no flow run): read SOURCE, build and
+    validate every event, publish nothing (`wis2-chain backfill --dry-run`)."""
+    settings = ChainSettings()
+    dataset_name = dataset or settings.default_dataset
+    counts = BackfillCounts(total=count_archive(source))
+    for chunk in _chunks(read_archive(source, operation), settings.backfill_batch_size):
+        _count_refused(counts, chunk)
+        good = [e for e in chunk if e.ok]
+        if good:
+            _dry_run(counts, good, dataset_name, settings)
+        counts.done += len(chunk)
+        if observe is not None:
+            observe(counts)
+    return counts
+
+
 @flow(
     name=BACKFILL_FLOW,
     flow_run_name=_run_name,
@@ -185,10 +214,7 @@ def backfill(
     pace = Pace(rate)
 
     for chunk in _chunks(read_archive(source, operation), size):
-        for bad in (e for e in chunk if not e.ok):
-            counts.failed += 1
-            counts.failures.append({"position": bad.position, "event_id": "",
-                                    "reason": "; ".join(str(err) for err in bad.errors)[:500]})
+        for bad in _count_refused(counts, chunk):
             logger.error("%s: refused: %s", bad.position, "; ".join(map(str, bad.errors)))
         good = [e for e in chunk if e.ok]
         if good and dry_run:

@@ -151,7 +151,7 @@ def _claimed_round(items: list[BatchEvent], pipeline: Pipeline,
         else:
             active.append(_Active(item=item, notifications=list(result)))
 
-    active = _validated(active, topic)
+    active = _validated(active, topic, known, tasks.publish)
     for one in active:
         one.earlier = [pipeline.announced_before(note, known) for note in one.notifications]
     repeated = [n.properties.data_id for one in active
@@ -162,7 +162,7 @@ def _claimed_round(items: list[BatchEvent], pipeline: Pipeline,
                     + (", ..." if len(repeated) > 5 else ""))
 
     if settings.verify_data:
-        active = _verified(active, settings)
+        active = _verified(active, settings, pipeline.dataset.credential_block)
     else:
         logger.info("data verification is off (WIS2_VERIFY_DATA=false)")
 
@@ -226,11 +226,12 @@ def _each(count: int, call: Callable[[], list[Any]]) -> list[Any]:
         return [Failure(exc)] * count
 
 
-def _validated(active: list[_Active], topic: str) -> list[_Active]:
+def _validated(active: list[_Active], topic: str, known: LedgerSnapshot,
+               publish: Any) -> list[_Active]:
     if not active:
         return active
     checked = _each(len(active), lambda: validate_batch_task(
-        quote([one.notifications for one in active]), topic))
+        quote([one.notifications for one in active]), topic, quote(known), quote(publish)))
     kept = []
     for one, result in zip(active, checked, strict=True):
         if isinstance(result, Failure):
@@ -243,12 +244,13 @@ def _validated(active: list[_Active], topic: str) -> list[_Active]:
     return kept
 
 
-def _verified(active: list[_Active], settings: Any) -> list[_Active]:
+def _verified(active: list[_Active], settings: Any,
+              credential_block: str | None) -> list[_Active]:
     checking = [one for one in active if one.to_send]
     if not checking:
         return active
     failures = _each(len(checking), lambda: verify_batch_task(
-        quote([one.to_send for one in checking]), settings))
+        quote([one.to_send for one in checking]), settings, credential_block))
     failed = set()
     for one, failure in zip(checking, failures, strict=True):
         if failure is not None:

@@ -46,6 +46,9 @@ from flows.tasks import (
     validate_notifications_task,
 )
 from flows.tasks.build import checksum_of
+from flows.tasks.cache_store import CacheStore
+from flows.tasks.caching import publish_cache_key
+from flows.tasks.validate import previous_pubtimes
 from wis2.cloudevent import CloudEvent, parse_event
 from wis2.dataset import DatasetDescription
 from wis2.errors import FieldError, InvalidInput
@@ -257,7 +260,13 @@ def _publish_claimed(
         raise InvalidInput(
             [FieldError(path="$.data.assets", message="no data asset to announce")], what="event"
         )
-    rows = validate_notifications_task(notifications, pipeline.dataset.topic, validation_key)
+    topic = pipeline.dataset.topic
+    publish_cache = CacheStore.of(tasks.publish)
+    previous = previous_pubtimes(
+        notifications, pipeline.ledger,
+        lambda note: publish_cache.has(publish_cache_key(None, {"notification": note,
+                                                                "topic": topic})))
+    rows = validate_notifications_task(notifications, topic, validation_key, previous)
     earlier = [pipeline.announced_before(note) for note in notifications]
     for note, earlier_id in zip(notifications, earlier, strict=True):
         if earlier_id == note.id:
@@ -271,7 +280,8 @@ def _publish_claimed(
 
     if settings.verify_data and to_send:
         tasks.verify(to_send, settings.verify_timeout, settings.verify_max_bytes,
-                     settings.verify_max_seconds)
+                     settings.verify_max_seconds,
+                     credential_block=pipeline.dataset.credential_block)
     elif not settings.verify_data:
         logger.info("data verification is off (WIS2_VERIFY_DATA=false)")
     if to_send and (again := pipeline.recheck(claim, notifications)) is not None:

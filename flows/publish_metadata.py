@@ -227,7 +227,11 @@ def _announce(
         served = serve_record_task(loaded, public_url, settings)
         notification = build(loaded.record, loaded.raw, served.href, rel)
 
-    validate_notifications_task([notification], topic, artifact_key("wnm-validation", label))
+    # WNM 1.3: an update is later than the notification it updates (the ledger's)
+    earlier = ({notification.properties.data_id: previous.pubtime}
+               if rel == "update" and previous is not None and previous.pubtime else None)
+    validate_notifications_task([notification], topic, artifact_key("wnm-validation", label),
+                                earlier)
     connection, origin = load_broker_connection(settings)
     logger.info("publishing %s (rel=%s) on %s via %s (%s)", rid, rel, topic,
                 connection.describe(), origin)

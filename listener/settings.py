@@ -99,7 +99,11 @@ class ListenerSettings(BaseSettings, MqttConnection):
     session_expiry: int = Field(
         default=3 * 24 * 3600, ge=0, description="Seconds the broker keeps the session (3 days)"
     )
-    subscriptions: list[str] = Field(default_factory=lambda: ["diffusion/files/#"])
+    subscriptions: list[str] = Field(
+        default_factory=lambda: ["diffusion/files/#"],
+        description="Topic filters the listener subscribes to (JSON list; $share/<group>/... "
+        "for replicas)",
+    )
     retire: bool = Field(
         default=False,
         description="Drain and retire this client id: resume its session but UNSUBSCRIBE "
@@ -107,15 +111,19 @@ class ListenerSettings(BaseSettings, MqttConnection):
         "$share group) and create the runs of what the session still holds; stop it once "
         "/metrics shows nothing in flight and nothing more received",
     )
-    reconnect_min_delay: int = Field(default=1, ge=1)
-    reconnect_max_delay: int = Field(default=60, ge=1)
+    reconnect_min_delay: int = Field(
+        default=1, ge=1, description="Seconds before the first reconnection to the broker")
+    reconnect_max_delay: int = Field(
+        default=60, ge=1, description="Longest wait between reconnections (doubling from the min)")
 
     # ---- events -> flow runs --------------------------------------------------------------
     routes: list[Route] = Field(
         default_factory=lambda: [Route(topic_filter="diffusion/files/#")],
         description="First matching route wins; a topic no route matches is rejected",
     )
-    max_payload_bytes: int = Field(default=1024 * 1024, ge=1)
+    max_payload_bytes: int = Field(
+        default=1024 * 1024, ge=1,
+        description="Larger messages are dead-lettered without being parsed")
     max_in_flight: int = Field(
         default=200, ge=1, le=65535,
         description="MQTT 5 Receive Maximum: unacknowledged messages the broker may send us "
@@ -148,15 +156,22 @@ class ListenerSettings(BaseSettings, MqttConnection):
     )
 
     # ---- operations -----------------------------------------------------------------------
-    deadletter_dir: Path = Field(default=Path.home() / ".wis2-chain" / "deadletters")
-    metrics_host: str = "127.0.0.1"
+    deadletter_dir: Path = Field(
+        default=Path.home() / ".wis2-chain" / "deadletters",
+        description="Where rejected messages are kept, to read and replay")
+    metrics_host: str = Field(
+        default="127.0.0.1", description="Address of the /metrics and /healthz endpoint")
     metrics_port: int = Field(default=9464, ge=0, le=65535, description="0: no HTTP endpoint")
-    log_format: Literal["logfmt", "json"] = "logfmt"
-    log_level: str = "INFO"
+    log_format: Literal["logfmt", "json"] = Field(
+        default="logfmt", description="Log lines as logfmt (key=value) or JSON")
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
     # Replaying dead letters publishes on the file server's topics: the listener account may
     # only read them, so `deadletters replay` logs in with these when set.
-    replay_username: str | None = None
-    replay_password: SecretStr | None = None
+    replay_username: str | None = Field(
+        default=None, description="Account `deadletters replay` publishes with (the file "
+        "server's); unset: the listener's")
+    replay_password: SecretStr | None = Field(
+        default=None, description="Password of replay_username")
 
     @field_validator("subscriptions")
     @classmethod

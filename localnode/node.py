@@ -52,16 +52,19 @@ class NodeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="WIS2_DEMO_", env_file=".env", extra="ignore")
 
     run_dir: Path = Field(default=REPO / "run" / "demo", description="State, logs, databases")
-    host: str = "127.0.0.1"
+    host: str = Field(default="127.0.0.1", description="Address every service of the node binds")
     broker_port: int = Field(default=18830, description="MQTT port of the demo broker")
     broker_ws_port: int = Field(default=18081, description="MQTT over websockets port")
     prefect_port: int = Field(default=4200, description="Prefect server and UI")
     files_port: int = Field(default=DEMO_FILES_PORT, description="HTTP server of the demo data")
     metrics_port: int = Field(default=9464, description="Listener /healthz and /metrics")
-    centre_id: str = "fr-ifremer-argo"
-    event: Path = REPO / "data" / "demo-event.json"
-    event_topic: str = "diffusion/files/coriolis/argo/csv"
-    metadata_record: Path = REPO / "data" / "demo-metadata.json"
+    centre_id: str = Field(default="fr-ifremer-argo", description="WIS2 centre-id of the node")
+    event: Path = Field(default=REPO / "data" / "demo-event.json",
+                        description="Event the demo sends once the node is up")
+    event_topic: str = Field(default="diffusion/files/coriolis/argo/csv",
+                             description="Topic the demo event is sent on")
+    metadata_record: Path = Field(default=REPO / "data" / "demo-metadata.json",
+                                  description="WCMP2 record published before the data")
     verify_data: bool = Field(default=True, description="Flows download and check the data")
     timeout: float = Field(default=240.0, description="Seconds to wait for the notification")
     database: Literal["postgres", "sqlite"] = Field(

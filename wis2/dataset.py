@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from wis2.access import security_problems
+from wis2.notification import ContentEncoding
 from wis2.topics import CENTRE_ID_PATTERN
 
 DEFAULT_DATASETS_DIR = Path(__file__).resolve().parents[1] / "data" / "datasets"
@@ -29,11 +31,20 @@ class DatasetDescription(BaseModel):
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="Short name, for routing")
     centre_id: str = Field(pattern=CENTRE_ID_PATTERN, description="WIS2 centre-id")
-    data_policy: Literal["core", "recommended"] = "core"
+    data_policy: Literal["core", "recommended"] = Field(
+        default="core", description="WIS2 data policy: core, or recommended (may be "
+        "access-controlled, see security)")
     topic: str = Field(description="Full WIS2 topic the notifications are published on")
     metadata_id: str = Field(pattern=r"^urn:wmo:md:", description="WCMP2 record identifier")
-    data_id_template: str = "wis2/{centre_id}/data/{data_policy}/{href_path}"
-    href_strip_prefixes: list[str] = Field(default_factory=list)
+    data_id_template: str = Field(
+        default="wis2/{centre_id}/data/{data_policy}/{href_path}",
+        description="Template of properties.data_id (placeholders: centre_id, data_policy, "
+        "topic_path, href_path, href_name, asset_key, item_id)",
+    )
+    href_strip_prefixes: list[str] = Field(
+        default_factory=list,
+        description="Leading parts of the file URL path left out of {href_path}",
+    )
     data_roles: list[str] = Field(
         default_factory=lambda: ["data"],
         description="Asset roles that make an asset a data file (an item whose assets have no "
@@ -43,9 +54,44 @@ class DatasetDescription(BaseModel):
         default_factory=dict,
         description="File suffix -> media type, used when an asset has no `type`",
     )
-    default_media_type: str = "application/octet-stream"
+    default_media_type: str = Field(
+        default="application/octet-stream",
+        description="Media type of a file with no asset `type` and no `media_types` suffix",
+    )
     inline_content: bool = Field(
-        default=False, description="Embed the data in the message when it is small enough"
+        default=False,
+        description="Embed the data in the message (properties.content) when its encoded value "
+        "is at most 4096 characters; never for recommended data",
+    )
+    content_encoding: ContentEncoding | None = Field(
+        default=None,
+        description="Encoding of inline content: utf-8 (text), base64, or gzip (compressed, then "
+        "base64); unset: utf-8 when the file is UTF-8 text, else base64. The 4096-character "
+        "limit applies to the encoded value",
+    )
+    cache: bool = Field(
+        default=True,
+        description="false: Global Caches do not cache the files, they republish the "
+        "notification only (properties.cache: false; omitted when true). An event overrides it "
+        "with its `cache` extension attribute or its STAC item's `cache` property",
+    )
+    wigos_station_property: str = Field(
+        default="wigos_station_identifier", min_length=1,
+        description="STAC item property holding the WIGOS station identifier of the data; when "
+        "present it becomes properties.wigos_station_identifier and a rel=via link to the "
+        "station's OSCAR/Surface page",
+    )
+    security: dict[str, Any] | None = Field(
+        default=None,
+        description="Recommended data only: the WNM link `security` object put on the canonical "
+        "and update links (named OpenAPI security schemes, e.g. {\"bearer\": {\"type\": "
+        "\"http\", \"scheme\": \"bearer\", \"description\": \"token from ...\"}})",
+    )
+    credential_block: str | None = Field(
+        default=None,
+        description="Name of the Prefect Secret block holding the credential the verification "
+        "step downloads access-controlled data with (presented as the first usable scheme of "
+        "`security`); never logged nor put in an artifact",
     )
     allowed_href_prefixes: list[str] = Field(
         default_factory=list,
@@ -78,6 +124,25 @@ class DatasetDescription(BaseModel):
             return None
         allowed = ", ".join(self.allowed_href_prefixes)
         return f"{href!r} is outside the dataset's allowed_href_prefixes ({allowed})"
+
+    @field_validator("security")
+    @classmethod
+    def _security_object(cls, security: dict[str, Any] | None) -> dict[str, Any] | None:
+        if security is not None and (problems := security_problems(security)):
+            raise ValueError("; ".join(problems))
+        return security
+
+    @model_validator(mode="after")
+    def _access_control_is_for_recommended_data(self) -> DatasetDescription:
+        if self.data_policy != "recommended":
+            for name in ("security", "credential_block"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}: only a dataset with data_policy 'recommended' "
+                                     "may be access-controlled (core data is free and open)")
+        elif self.inline_content:
+            raise ValueError("inline_content: recommended data is never inlined in a "
+                             "notification")
+        return self
 
     @model_validator(mode="after")
     def _topic_belongs_to_dataset(self) -> DatasetDescription:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import gzip
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
+from typing import Any
 from urllib.parse import unquote, urlsplit
 from uuid import NAMESPACE_URL, UUID, uuid5
 
@@ -15,12 +17,16 @@ from wis2.errors import FieldError, InvalidInput, json_path
 from wis2.notification import (
     MAX_INLINE_CONTENT_CHARS,
     Content,
+    ContentEncoding,
     Link,
     Notification,
     NotificationProperties,
     rfc3339,
 )
-from wis2.relations import RELATION_OF_OPERATION, Operation
+from wis2.relations import DATA_RELATIONS, RELATION_OF_OPERATION, Operation
+from wis2.stations import station_link, wsi_problem
+
+_BOOLEAN_TEXT = {"true": True, "false": False}
 
 
 def data_assets(item: StacItem, dataset: DatasetDescription) -> list[tuple[str, StacAsset]]:
@@ -82,15 +88,67 @@ def media_type_for(dataset: DatasetDescription, asset: StacAsset) -> str:
     )
 
 
-def inline_content(data: bytes) -> Content | None:
-    """The `content` object for small data, or None when its encoded value is too long."""
-    try:
-        content = Content(encoding="utf-8", value=data.decode("utf-8"), size=len(data))
-    except UnicodeDecodeError:
-        content = Content(
-            encoding="base64", value=base64.b64encode(data).decode("ascii"), size=len(data)
-        )
-    return content if len(content.value) <= MAX_INLINE_CONTENT_CHARS else None
+def inline_content(data: bytes, encoding: ContentEncoding | None = None) -> Content | None:
+    """The `content` object for small data, or None when its encoded value is too long (or the
+    data is not UTF-8 text for `encoding` utf-8).
+
+    `encoding` None: utf-8 when the data is UTF-8 text, else base64. gzip: the gzip-compressed
+    data, base64-encoded (`size` is the size of the file, uncompressed). The 4096-character
+    limit is checked on the encoded value."""
+    if encoding is None:
+        try:
+            data.decode("utf-8")
+            encoding = "utf-8"
+        except UnicodeDecodeError:
+            encoding = "base64"
+    if encoding == "utf-8":
+        try:
+            value = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    elif encoding == "gzip":
+        value = base64.b64encode(gzip.compress(data, mtime=0)).decode("ascii")
+    else:
+        value = base64.b64encode(data).decode("ascii")
+    if len(value) > MAX_INLINE_CONTENT_CHARS or len(data) > MAX_INLINE_CONTENT_CHARS:
+        return None
+    return Content(encoding=encoding, value=value, size=len(data))
+
+
+def _boolean(value: Any) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return _BOOLEAN_TEXT.get(value.strip().lower())
+    return None
+
+
+def cache_of(event: CloudEvent, dataset: DatasetDescription) -> bool:
+    """Whether Global Caches may cache the event's files: the event's `cache` extension
+    attribute, else its STAC item's `cache` property, else the dataset's `cache`. A value that
+    is not a boolean (or the text true/false) is refused with its JSON path."""
+    for path, holder in (("$.cache", event.model_extra),
+                         ("$.data.properties.cache", event.data.properties.model_extra)):
+        if holder and "cache" in holder:
+            value = _boolean(holder["cache"])
+            if value is None:
+                raise InvalidInput([FieldError(
+                    path=path, message=f"{holder['cache']!r} is not a boolean (true or false)")],
+                    "event")
+            return value
+    return dataset.cache
+
+
+def station_of(item: StacItem, dataset: DatasetDescription) -> str | None:
+    """The WIGOS station identifier of the item (its `wigos_station_property`), checked."""
+    name = dataset.wigos_station_property
+    value = (item.properties.model_extra or {}).get(name)
+    if value is None:
+        return None
+    if problem := wsi_problem(value):
+        raise InvalidInput(
+            [FieldError(path=json_path(("data", "properties", name)), message=problem)], "event")
+    return value
 
 
 # Namespace of the notification ids (UUIDv5): an id is a name in it, see `notification_id`.
@@ -134,6 +192,8 @@ def build_notifications(
         raise InvalidInput(refused, "event")
     operation = operation or event.operation
     rel = RELATION_OF_OPERATION[operation]
+    cache = cache_of(event, dataset)
+    station = station_of(item, dataset)
     published = rfc3339(pubtime or datetime.now(UTC))
     props = item.properties
     if props.start_datetime is not None and props.end_datetime is not None:
@@ -147,8 +207,14 @@ def build_notifications(
     for key, asset in assets:
         data_id = data_id_for(dataset, item, key, asset)
         content = None
-        if dataset.inline_content and contents and key in contents and rel != "deletion":
-            content = inline_content(contents[key])
+        if (dataset.inline_content and dataset.data_policy == "core" and contents
+                and key in contents and rel != "deletion"):
+            content = inline_content(contents[key], dataset.content_encoding)
+        protected = {"security": dataset.security} if (
+            dataset.security and rel in DATA_RELATIONS) else {}
+        link = Link(href=asset.href, rel=rel, type=media_type_for(dataset, asset),
+                    length=asset.file_size, **protected)
+        links = [link, station_link(station)] if station else [link]
         notifications.append(
             Notification(
                 id=str(new_id() if new_id else notification_id(event, operation, dataset.name,
@@ -160,12 +226,11 @@ def build_notifications(
                     pubtime=published,
                     integrity=asset.integrity,
                     content=content,
+                    cache=None if cache else False,  # omitted when true (the WNM default)
+                    wigos_station_identifier=station,
                     **times,
                 ),
-                links=[
-                    Link(href=asset.href, rel=rel, type=media_type_for(dataset, asset),
-                         length=asset.file_size)
-                ],
+                links=links,
             )
         )
     return notifications

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from wis2.relations import LINK_RELATIONS, LinkRel
 
 WNM_CONFORMANCE = "http://wis.wmo.int/spec/wnm/1/conf/core"
+ContentEncoding = Literal["utf-8", "base64", "gzip"]  # of inline `properties.content`
 IntegrityMethod = Literal["sha256", "sha384", "sha512", "sha3-256", "sha3-384", "sha3-512"]
 MAX_MESSAGE_BYTES = 8192
 MAX_INLINE_CONTENT_CHARS = 4096
@@ -31,7 +32,7 @@ class Integrity(BaseModel):
 
 
 class Content(BaseModel):
-    encoding: Literal["utf-8", "base64", "gzip"]
+    encoding: ContentEncoding
     value: str
     size: int
 
@@ -57,6 +58,8 @@ class NotificationProperties(BaseModel):
     end_datetime: str | None = None
     integrity: Integrity | None = None
     content: Content | None = None
+    cache: bool | None = None  # false: Global Caches do not cache the data (omitted: true)
+    wigos_station_identifier: str | None = None
 
 
 class Notification(BaseModel):

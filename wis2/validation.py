@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import gzip
 import json
 import logging
 import re
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -23,6 +25,7 @@ from pydantic import BaseModel
 from wis2.multihash import DIGEST_LENGTHS
 from wis2.notification import MAX_INLINE_CONTENT_CHARS, MAX_MESSAGE_BYTES
 from wis2.relations import LINK_RELATIONS
+from wis2.stations import wsi_problem
 from wis2.topics import centre_id_of_topic, publication_topic_problem
 
 log = logging.getLogger(__name__)
@@ -251,12 +254,16 @@ def _check_content(
                    f"at most {MAX_INLINE_CONTENT_CHARS} may be inlined")
         return
     try:
-        size = len(base64.b64decode(value, validate=True)) if encoding in ("base64", "gzip") \
-            else len(value.encode("utf-8"))
-    except (binascii.Error, ValueError):
+        if encoding == "gzip":
+            size = len(gzip.decompress(base64.b64decode(value, validate=True)))
+        elif encoding == "base64":
+            size = len(base64.b64decode(value, validate=True))
+        else:
+            size = len(value.encode("utf-8"))
+    except (binascii.Error, ValueError, OSError, EOFError):
         report.add("content-size", False, f"properties.content.value is not {encoding}")
         return
-    if encoding != "gzip" and content.get("size") != size:
+    if content.get("size") != size:
         report.add("content-size", False, severity=severity,
                    message=f"properties.content.size {content.get('size')} != decoded size {size}")
         return
@@ -281,14 +288,50 @@ def _check_data_id(report: ValidationReport, data_id: Any, severity: Severity) -
     report.add("data-id", True, data_id)
 
 
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not RFC3339_UTC.fullmatch(value):
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _check_wnm13(report: ValidationReport, props: Mapping[str, Any], rel: str | None,
+                 profile: Profile, previous_pubtime: str | None) -> None:
+    """WNM 1.3 semantics: `global-cache` only from a Global Cache, a valid WIGOS station
+    identifier, an update later than what it updates."""
+    if "global-cache" in props:
+        if profile == "publish":
+            report.add("global-cache", False, "properties.global-cache is set only by a Global "
+                       "Cache republishing a notification; a WIS2 node never publishes it")
+        else:
+            report.add("global-cache", True,
+                       f"republished by Global Cache {props['global-cache']!r}")
+    if "wigos_station_identifier" in props:
+        problem = wsi_problem(props["wigos_station_identifier"])
+        report.add("wigos-station-identifier", problem is None,
+                   f"properties.wigos_station_identifier: {problem}" if problem
+                   else str(props["wigos_station_identifier"]))
+    if previous_pubtime is not None and rel == "update":
+        new, old = _parse_time(props.get("pubtime")), _parse_time(previous_pubtime)
+        later = new is not None and old is not None and new > old
+        report.add("update-pubtime", later,
+                   f"pubtime {props.get('pubtime')} is later than {previous_pubtime}, the "
+                   "pubtime of the notification it updates" if later else
+                   f"an update must carry a pubtime later than the one of the notification it "
+                   f"updates: {props.get('pubtime')!r} is not later than {previous_pubtime!r}")
+
+
 def validate_notification(
     message: Mapping[str, Any] | str | bytes,
     *,
     topic: str | None = None,
     profile: Profile = "publish",
     kpi: bool = False,
+    previous_pubtime: str | None = None,
 ) -> ValidationReport:
-    """Validate a WNM; never raises on bad input (it becomes a failed check)."""
+    """Validate a WNM; never raises on bad input (it becomes a failed check).
+
+    `previous_pubtime`: the pubtime of the last notification published for this data_id (the
+    publication ledger's): an update must be later."""
     report, document = ValidationReport.start(message, "wnm")
     if document is None:
         return report
@@ -309,6 +352,10 @@ def validate_notification(
     _check_times(report, props)
     _check_content(report, props, strict)
     _check_data_id(report, props.get("data_id"), strict)
+    announcing = [link.get("rel") for link in links if isinstance(link, Mapping)
+                  and link.get("rel") in LINK_RELATIONS] if isinstance(links, list) else []
+    _check_wnm13(report, props, announcing[0] if len(announcing) == 1 else None, profile,
+                 previous_pubtime)
     size = len(json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
     report.add("size", size <= MAX_MESSAGE_BYTES,
                f"{size} bytes (at most {MAX_MESSAGE_BYTES})")
@@ -323,6 +370,9 @@ def validate_notification(
             elif (isinstance(data_id, str) and data_id.startswith("wis2/")
                   and data_id.split("/")[1:2] != [centre]):
                 problem = f"data_id {data_id!r} is not under wis2/{centre}/ of topic {topic!r}"
+        if (problem is None and props.get("content") is not None
+                and topic.split("/")[4:6] == ["data", "recommended"]):
+            problem = "recommended data is never inlined: properties.content must be absent"
         report.add("topic", problem is None, problem or f"publishable on {topic}")
     if kpi:
         from pywis_pubsub.kpi import WNMKeyPerformanceIndicators

@@ -31,11 +31,12 @@ from wis2.dataset import DatasetDescription
 from wis2.notification import Notification
 from wis2.validation import ValidationFailed, validate_notification
 
-from .build import checksum_of, notifications_for
+from .build import checksum_of, not_cached, notifications_for, small_contents
 from .cache_store import MISSING, CacheStore
 from .caching import build_cache_key, publish_cache_key
 from .publish import BrokerReceipt
-from .verify import DataMismatch, verify_notifications
+from .validate import previous_pubtimes
+from .verify import DataMismatch, load_credential, verify_notifications
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -110,7 +111,8 @@ def build_batch_task(
             notes = cache.lookup(key)
             fresh = notes is MISSING
             if fresh:
-                notes = notifications_for(event, dataset, ledger, pubtime=datetime.now(UTC))
+                notes = notifications_for(event, dataset, ledger, pubtime=datetime.now(UTC),
+                                          contents=small_contents(event, dataset))
             data_ids = {note.properties.data_id for note in notes}
             if data_ids & claimed:
                 out.append(DEFERRED)
@@ -138,13 +140,17 @@ class Validated:
     failure: ValidationFailed | None = None  # the first notification that is not valid
 
 
-def validate_all(notifications: Sequence[Notification], topic: str) -> Validated:
+def validate_all(notifications: Sequence[Notification], topic: str,
+                 previous: dict[str, str] | None = None) -> Validated:
     """Each notification validated; one summary row each (a batch's validation table: a row per
-    check would be ~15 rows and ~1.5 kB per notification, for checks that all passed)."""
+    check would be ~15 rows and ~1.5 kB per notification, for checks that all passed).
+    `previous`: `validate.previous_pubtimes` (an update must be later than what it updates)."""
     rows: list[dict[str, Any]] = []
     failure: ValidationFailed | None = None
     for note in notifications:
-        report = validate_notification(note.to_dict(), topic=topic, profile="publish")
+        report = validate_notification(
+            note.to_dict(), topic=topic, profile="publish",
+            previous_pubtime=(previous or {}).get(note.properties.data_id))
         rows.append({"notification": note.id, **report.summary_row()})
         if not report.ok and failure is None:
             failure = ValidationFailed(report)
@@ -153,10 +159,19 @@ def validate_all(notifications: Sequence[Notification], topic: str) -> Validated
 
 @task(name="validate-batch", cache_policy=NO_CACHE, retries=0)
 def validate_batch_task(
-    batch: Sequence[Sequence[Notification]], topic: str
+    batch: Sequence[Sequence[Notification]], topic: str,
+    ledger: LedgerReader | None = None, publish: Task[Any, Any] | None = None,
 ) -> list[Validated]:
-    """Validate every notification of every event strictly (never retried)."""
-    out = [validate_all(notes, topic) for notes in batch]
+    """Validate every notification of every event strictly (never retried); an update not
+    published yet must be later than what `ledger` says was published before it (`publish`:
+    the publish task, whose cached receipts tell what was published)."""
+    if ledger is not None and publish is not None:
+        cache = CacheStore.of(publish)
+        previous = previous_pubtimes([n for notes in batch for n in notes], ledger,
+                                     lambda note: cache.has(publish_key(note, topic)))
+    else:
+        previous = {}
+    out = [validate_all(notes, topic, previous) for notes in batch]
     logger = get_run_logger()
     for result in out:
         if result.failure is not None:
@@ -169,18 +184,25 @@ def validate_batch_task(
 # ----------------------------------------------------------------------------------- verify
 @task(name="verify-batch", cache_policy=NO_CACHE, retries=0)
 def verify_batch_task(
-    batch: Sequence[Sequence[Notification]], settings: ChainSettings
+    batch: Sequence[Sequence[Notification]], settings: ChainSettings,
+    credential_block: str | None = None,
 ) -> list[Failure | None]:
     """Download and check each event's files; a network error is retried per event (backoff),
-    a `DataMismatch` fails that event at once."""
+    a `DataMismatch` fails that event at once. `credential_block`: the Prefect Secret block of
+    the dataset's credential (access-controlled data)."""
     logger = get_run_logger()
     retry = Retry.of(settings)
+    try:
+        credential = load_credential(credential_block) if credential_block else None
+    except Exception as exc:
+        logger.error("credential %r not loaded: %s", credential_block, exc)
+        return [Failure(exc)] * len(batch)
     out: list[Failure | None] = []
     for notes in batch:
         try:
             retry.call(lambda notes=notes: verify_notifications(
                 list(notes), settings.verify_timeout, settings.verify_max_bytes, None,
-                settings.verify_max_seconds),
+                settings.verify_max_seconds, credential),
                 retry_if=lambda exc: not isinstance(exc, DataMismatch),
                 on_retry=lambda exc: logger.warning("verification retried: %s", exc))
             out.append(None)
@@ -285,7 +307,8 @@ def receipt(note: Notification, topic: str, size: int) -> BrokerReceipt:
 # ----------------------------------------------------------------------------------- record
 def ledger_entry(note: Notification) -> LedgerEntry:
     return LedgerEntry(notification_id=note.id, rel=note.rel or "canonical",
-                       checksum=checksum_of(note), pubtime=note.properties.pubtime)
+                       checksum=checksum_of(note), pubtime=note.properties.pubtime,
+                       **not_cached(note))
 
 
 @task(name="record-batch", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)

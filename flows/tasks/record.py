@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from chain.ledger import open_ledger
 from wis2.notification import Notification
 
-from .build import checksum_of
+from .build import checksum_of, not_cached
 
 
 @task(name="record-publication", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
@@ -27,6 +27,7 @@ def record_publication_task(
             rel=note.rel or "canonical",
             checksum=checksum_of(note),
             pubtime=note.properties.pubtime,
+            **not_cached(note),
             **(details or {}),
         )
     return len(notifications)

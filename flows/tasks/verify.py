@@ -9,6 +9,11 @@ A download still running after `WIS2_VERIFY_MAX_SECONDS` is abandoned (a slow se
 Network errors and HTTP errors are retried (exponential backoff); a file whose bytes do not
 match the announced length or checksum, or a refused URL, fails at once (`DataMismatch`, not
 retried).
+
+Access-controlled data (a link carrying the WNM ``security`` object): the download presents the
+dataset's credential, read from its Prefect `Secret` block (`credential_block`) inside the task
+run, kept as a `SecretStr` and put only in the request headers (`wis2.access`): never logged,
+never a task parameter, never in an artifact. A protected link without a credential fails at once.
 """
 
 from __future__ import annotations
@@ -21,11 +26,14 @@ from urllib.parse import urlsplit
 
 import httpx
 from prefect import Task, task
+from prefect.blocks.system import Secret
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.logging import get_run_logger
 from prefect.states import State
+from pydantic import SecretStr
 
+from wis2.access import credential_headers
 from wis2.multihash import new_hasher
 from wis2.notification import Link, Notification
 
@@ -79,9 +87,31 @@ def _too_long(link: Link, got: str) -> DataMismatch:
     )
 
 
+def load_credential(block: str) -> SecretStr:
+    """The credential stored in the Prefect `Secret` block named `block`."""
+    value = Secret.load(block).get()
+    return SecretStr(value if isinstance(value, str) else str(value))
+
+
+def _auth_headers(link: Link, credential: SecretStr | None) -> dict[str, str]:
+    security = (link.model_extra or {}).get("security")
+    if not security:
+        return {}
+    if credential is None:
+        raise DataMismatch(
+            f"links[rel={link.rel}].security: {link.href} is access-controlled and the dataset "
+            "names no credential_block (a Prefect Secret block) to download it with",
+            path=_path(link, "security"))
+    try:
+        return credential_headers(security, credential)
+    except ValueError as exc:
+        raise DataMismatch(f"links[rel={link.rel}].security: {exc}",
+                           path=_path(link, "security")) from None
+
+
 def download_and_check(
     client: httpx.Client, notification: Notification, max_bytes: int = DEFAULT_MAX_BYTES,
-    max_seconds: float = DEFAULT_MAX_SECONDS,
+    max_seconds: float = DEFAULT_MAX_SECONDS, credential: SecretStr | None = None,
 ) -> int:
     """Stream the announced file, check its length and integrity; return its size in bytes.
 
@@ -98,12 +128,13 @@ def download_and_check(
             f"more than this node verifies (WIS2_VERIFY_MAX_BYTES={max_bytes})",
             path=_path(link, "length"),
         )
+    headers = {"Accept-Encoding": "identity", **_auth_headers(link, credential)}
     limit = link.length if link.length is not None else max_bytes
     integrity = notification.properties.integrity
     hasher = new_hasher(integrity.method) if integrity is not None else None
     size = 0
     try:
-        with client.stream("GET", link.href, headers={"Accept-Encoding": "identity"}) as response:
+        with client.stream("GET", link.href, headers=headers) as response:
             _check_scheme(link, str(response.url))
             response.raise_for_status()
             declared = response.headers.get("content-length", "")
@@ -149,20 +180,39 @@ def download_and_check(
     return size
 
 
+def fetch_small_file(client: httpx.Client, href: str, size: int) -> bytes | None:
+    """The bytes of a small file announced with `size` bytes (to inline them), None when the URL
+    is not http(s) or the server sends more or fewer bytes; `httpx.HTTPError` on network or
+    HTTP errors. At most `size` + 1 bytes are read."""
+    if urlsplit(href).scheme.lower() not in ALLOWED_SCHEMES:
+        return None
+    data = b""
+    with client.stream("GET", href, headers={"Accept-Encoding": "identity"}) as response:
+        response.raise_for_status()
+        for chunk in response.iter_bytes():
+            data += chunk
+            if len(data) > size:
+                return None
+    return data if len(data) == size else None
+
+
 def verify_notifications(
     notifications: list[Notification],
     timeout: float = 30.0,
     max_bytes: int = DEFAULT_MAX_BYTES,
     logger: logging.Logger | logging.LoggerAdapter | None = None,
     max_seconds: float = DEFAULT_MAX_SECONDS,
+    credential: SecretStr | None = None,
 ) -> list[str]:
-    """Download and check the data of each notification (deletions are skipped)."""
+    """Download and check the data of each notification (deletions are skipped); `credential`
+    for links with a `security` object (httpx drops the Authorization header on a redirect to
+    another host)."""
     checked: list[str] = []
     with httpx.Client(timeout=timeout, follow_redirects=True) as client:
         for note in notifications:
             if note.rel not in ("canonical", "update"):
                 continue
-            size = download_and_check(client, note, max_bytes, max_seconds)
+            size = download_and_check(client, note, max_bytes, max_seconds, credential)
             href = data_link(note).href
             if logger is not None:
                 logger.info("verified %s (%d bytes)", href, size)
@@ -180,7 +230,10 @@ def verify_notifications(
 def verify_data_task(
     notifications: list[Notification], timeout: float = 30.0,
     max_bytes: int = DEFAULT_MAX_BYTES, max_seconds: float = DEFAULT_MAX_SECONDS,
+    credential_block: str | None = None,
 ) -> list[str]:
-    """Download and check the data of each notification (deletions are skipped)."""
+    """Download and check the data of each notification (deletions are skipped), with the
+    credential of the Prefect Secret block `credential_block` for access-controlled links."""
+    credential = load_credential(credential_block) if credential_block else None
     return verify_notifications(notifications, timeout, max_bytes, get_run_logger(),
-                                max_seconds)
+                                max_seconds, credential)

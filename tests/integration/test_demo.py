@@ -1,7 +1,8 @@
 """The orchestration of `make demo`, run in the background: the sample event's notification must
 reach a real pywis-pubsub `subscribe` process (a simulated Global Broker) that validates it, and the
 Prefect UI must show the completed flow run named after the sample file with its notification
-artifact (headless Chromium through Playwright)."""
+artifact (headless Chromium through Playwright; the documentation's screenshots, docs/img/, are
+taken here so they are never stale); `wis2-chain doctor` checks the running node."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.slow
 
 SAMPLE_FILE = "D6990001_001.csv"
 SCREENSHOT_DIR = REPO / "run" / "test-output"
+DOCS_IMG = REPO / "docs" / "img"  # committed: the documentation shows them
 
 
 @pytest.fixture(scope="module")
@@ -125,10 +127,66 @@ def test_prefect_ui_shows_the_run_and_its_notification(published: dict, demo_nod
             page.get_by_text("Artifacts", exact=True).first.click()
             page.get_by_text("wnm-", exact=False).first.wait_for(timeout=60_000)
             page.screenshot(path=str(SCREENSHOT_DIR / "prefect-run-artifacts.png"), full_page=True)
+            page.screenshot(path=str(DOCS_IMG / "prefect-run-artifacts.png"))
+            _custom_run_form_with_a_pasted_event(page, demo_node)
         finally:
             page.screenshot(path=str(SCREENSHOT_DIR / "prefect-last-page.png"), full_page=True)
             browser.close()
     assert (SCREENSHOT_DIR / "prefect-run-artifacts.png").stat().st_size > 10_000
+    assert (DOCS_IMG / "prefect-custom-run.png").stat().st_size > 10_000
+
+
+def _custom_run_form_with_a_pasted_event(page, demo_node: LocalNode) -> None:
+    """The deployment's custom-run form, its parameters switched to JSON and the demo event
+    pasted in (what an operator does to replay an event by hand); not submitted."""
+    import httpx
+
+    api = demo_node.state.prefect_api_url
+    auth = demo_node.state.prefect_auth_string.get_secret_value()
+    deployment = httpx.get(f"{api}/deployments/name/publish-notification/default",
+                           auth=tuple(auth.split(":", 1)), timeout=30).json()
+    page.goto(f"{demo_node.state.ui_url}/deployments/deployment/{deployment['id']}/run",
+              wait_until="networkidle")
+    page.get_by_text("Parameters", exact=True).first.wait_for(timeout=60_000)
+    page.locator("button.p-button--outline.h-10.w-10").first.click()  # the Parameters menu
+    page.get_by_text("Use JSON input").click()
+    editor = page.locator("textarea.p-code-input__textarea").first
+    editor.wait_for(timeout=60_000)
+    editor.click()
+    page.keyboard.press("Control+A")
+    event = json.loads(demo_node.event_payload(DATA / "demo-event.json"))
+    page.keyboard.insert_text(json.dumps({"event": event, "dataset": "argo"}, indent=2))
+    page.get_by_text('"specversion"').first.wait_for(timeout=60_000)
+    page.screenshot(path=str(DOCS_IMG / "prefect-custom-run.png"))
+
+
+def test_doctor_checks_the_running_node(demo_node: LocalNode, published: dict) -> None:
+    """`wis2-chain doctor` with the node's settings: every check passes; a wrong password of
+    one account is the one failed line, naming the account and the fix."""
+    env = {**demo_node.child_env(), **demo_node.listener_env(),
+           "WIS2_BROKER_FILESERVER_PASSWORD":
+           demo_node.passwords["fileserver"].get_secret_value()}
+    doctor = [str(Path(sys.executable).with_name("wis2-chain")), "doctor"]
+    done = subprocess.run(doctor, env=env, capture_output=True, text=True, cwd=REPO,
+                          timeout=180, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    for name in ("broker", "broker-account publisher", "broker-account listener",
+                 "broker-account fileserver", "broker-account everyone", "prefect-api",
+                 "prefect-auth", "work-pool", "worker", "deployments", "blocks", "bundles",
+                 "dataset argo", "disk WIS2_RESULTS_DIR"):
+        assert any(line.startswith("OK") and f" {name} " in line for line in lines), \
+            (name, done.stdout)
+    assert "0 failed" in lines[-1]
+
+    env["WIS2_BROKER_FILESERVER_PASSWORD"] = "not-the-password"
+    done = subprocess.run(doctor, env=env, capture_output=True, text=True, cwd=REPO,
+                          timeout=180, check=False)
+    assert done.returncode == 1
+    failed = [line for line in done.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(failed) == 1, done.stdout
+    assert "broker-account fileserver" in failed[0] and "Not authorized" in failed[0]
+    assert "fix: check the password of fileserver" in failed[0]
 
 
 def test_demo_event_command_reaches_the_running_node(demo_node: LocalNode, published: dict):

@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -247,3 +248,37 @@ def test_unreachable_broker_fails_the_run_and_records_nothing(node, monkeypatch)
     with pytest.raises(Exception, match="cannot reach broker"):
         state.result()
     assert SqliteLedger.in_dir(node["results"]).all() == {}, "only a successful publish is recorded"
+
+
+def test_edited_record_is_an_update_then_its_withdrawal_stops_the_republication(
+    node, subscriber
+) -> None:
+    """The three notifications of a record's life, in order: canonical, update (the edited
+    record: new bytes, new integrity, a later pubtime), deletion (with the metadata_id); the
+    daily republication then publishes nothing for it."""
+    record = json.loads(DEMO.read_text(encoding="utf-8"))
+    record["id"] = "urn:wmo:md:fr-ifremer-argo:edited"
+    publish_metadata(record=record)
+    edited = json.loads(json.dumps(record))
+    edited["properties"]["title"] += " (corrected)"
+    edited["properties"]["updated"] = "2026-12-01T00:00:00Z"
+    publish_metadata(record=edited)
+    publish_metadata(record_id=record["id"], operation="delete")
+    messages = subscriber.wait_for(3)
+    assert [m["links"][0]["rel"] for m in messages] == ["canonical", "update", "deletion"]
+    for message in messages:
+        _assert_valid(message)
+        assert message["properties"]["metadata_id"] == record["id"]
+    first, update, deletion = messages
+    assert len({m["properties"]["data_id"] for m in messages}) == 1
+    assert update["properties"]["integrity"] != first["properties"]["integrity"]
+    assert update["properties"]["datetime"] == "2026-12-01T00:00:00Z"
+    pubtimes = [datetime.fromisoformat(m["properties"]["pubtime"].replace("Z", "+00:00"))
+                for m in messages]
+    assert pubtimes == sorted(pubtimes) and len(set(pubtimes)) == 3
+    assert "integrity" not in deletion["properties"]
+
+    result = republish_metadata()
+    assert result.republished == [] and result.failed == {}
+    time.sleep(1)
+    assert len(subscriber.messages) == 3, "a withdrawn record is not republished"

@@ -205,3 +205,17 @@ def test_real_subprocess_build_then_validate(tmp_path: Path) -> None:
     assert done.stdout == ""
     assert "  $.specversion: " in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_validate_an_update_against_the_pubtime_it_updates(tmp_path: Path) -> None:
+    event = json.loads(BUFR_EVENT.read_text())
+    event["operation"] = "update"
+    built = runner.invoke(app, ["build", str(_write(tmp_path, "update.json", event))])
+    assert built.exit_code == 0, built.output
+    path = _write(tmp_path, "notification.json", built.stdout)
+    later = runner.invoke(app, ["validate", str(path), "--previous-pubtime",
+                                "2099-01-01T00:00:00Z"])
+    assert later.exit_code == 1 and "FAILED   update-pubtime" in later.stdout
+    earlier = runner.invoke(app, ["validate", str(path), "--previous-pubtime",
+                                  "2020-01-01T00:00:00Z"])
+    assert earlier.exit_code == 0 and "PASSED   update-pubtime" in earlier.stdout

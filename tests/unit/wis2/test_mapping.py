@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.fixtures.paths import BUFR_EVENT, NETCDF_EVENT
+from tests.fixtures.paths import BUFR_EVENT, DATA, NETCDF_EVENT
 from wis2.cloudevent import parse_event
 from wis2.dataset import DatasetDescription, load_dataset
 from wis2.errors import InvalidInput
@@ -423,3 +423,156 @@ def test_the_data_ids_are_known_before_the_build(path: Any, argo: DatasetDescrip
     event = parse_event(path.read_text())
     built = build_notifications(event, argo, pubtime=PUBTIME)
     assert data_ids_of(event, argo) == [n.properties.data_id for n in built]
+
+
+# ---- WNM 1.3 features: cache, WIGOS station, access control, content encodings ---------------
+
+ARPEGE_EVENT = DATA / "events" / "arpege-event.json"
+SYNOP_SAMPLE = DATA / "events" / "synop-event.json"
+
+
+def _one(event: dict[str, Any], dataset: DatasetDescription, **kwargs: Any) -> dict[str, Any]:
+    (message,) = build_notifications(parse_event(event), dataset, pubtime=PUBTIME, **kwargs)
+    return message.to_dict()
+
+
+def test_cache_is_omitted_when_true_and_false_from_the_dataset(argo: DatasetDescription) -> None:
+    assert "cache" not in _one(bufr(), argo)["properties"]
+    no_cache = argo.model_copy(update={"cache": False})
+    message = _one(bufr(), no_cache)
+    assert message["properties"]["cache"] is False
+    assert validate_notification(message, topic=argo.topic).ok
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "dataset_cache", "expected"),
+    [
+        ("event", False, True, False),
+        ("event", "false", True, False),
+        ("event", "TRUE", False, None),
+        ("stac", False, True, False),
+        ("stac", True, False, None),
+    ],
+)
+def test_an_event_overrides_the_dataset_cache(argo: DatasetDescription, where: str, value: Any,
+                                              dataset_cache: bool, expected: Any) -> None:
+    event = bufr()
+    if where == "event":
+        event["cache"] = value  # a CloudEvent extension attribute
+    else:
+        event["data"]["properties"]["cache"] = value
+    props = _one(event, argo.model_copy(update={"cache": dataset_cache}))["properties"]
+    assert props.get("cache") == expected
+
+
+@pytest.mark.parametrize(("where", "path"), [("event", "$.cache"),
+                                             ("stac", "$.data.properties.cache")])
+def test_a_cache_that_is_not_a_boolean_is_named(argo: DatasetDescription, where: str,
+                                                path: str) -> None:
+    event = bufr()
+    (event if where == "event" else event["data"]["properties"])["cache"] = "maybe"
+    with pytest.raises(InvalidInput) as err:
+        build_notifications(parse_event(event), argo)
+    assert [(e.path, e.message) for e in err.value.errors] == [
+        (path, "'maybe' is not a boolean (true or false)")]
+
+
+def test_the_cache_survives_the_stored_notification(argo: DatasetDescription) -> None:
+    """What the build cache and a redelivery keep: the model, dumped and read back."""
+    (note,) = build_notifications(parse_event(bufr()), argo.model_copy(update={"cache": False}))
+    again = type(note).model_validate_json(note.model_dump_json(by_alias=True))
+    assert again.properties.cache is False
+    assert again.to_json() == note.to_json() and '"cache":false' in note.to_json()
+
+
+def test_a_station_identifier_becomes_a_property_and_a_via_link(
+    synop: DatasetDescription,
+) -> None:
+    message = _one(json.loads(SYNOP_SAMPLE.read_text(encoding="utf-8")), synop)
+    assert message["properties"]["wigos_station_identifier"] == "0-20000-0-07149"
+    assert [link["rel"] for link in message["links"]] == ["canonical", "via"]
+    assert message["links"][1] == {
+        "href": "https://oscar.wmo.int/surface/#/search/station/stationReportDetails/"
+                "0-20000-0-07149", "rel": "via", "type": "text/html"}
+    report = validate_notification(message, topic=synop.topic)
+    assert report.ok, report.summary()
+
+
+def test_a_bad_station_identifier_is_refused_with_its_path(synop: DatasetDescription) -> None:
+    event = synop_event()
+    event["data"]["properties"]["wigos_station_identifier"] = "06447"
+    with pytest.raises(InvalidInput) as err:
+        build_notifications(parse_event(event), synop)
+    (error,) = err.value.errors
+    assert error.path == "$.data.properties.wigos_station_identifier"
+    assert "'06447' is not a WIGOS station identifier" in error.message
+
+
+def test_the_station_property_is_configurable(synop: DatasetDescription) -> None:
+    event = synop_event()
+    props = event["data"]["properties"]
+    props["wsi"] = props.pop("wigos_station_identifier")
+    assert "wigos_station_identifier" not in _one(event, synop)["properties"]
+    custom = synop.model_copy(update={"wigos_station_property": "wsi"})
+    assert _one(event, custom)["properties"]["wigos_station_identifier"] == "0-20000-0-07149"
+    props["wsi"] = "not-a-wsi"
+    with pytest.raises(InvalidInput, match=r"\$\.data\.properties\.wsi"):
+        build_notifications(parse_event(event), custom)
+
+
+def test_the_third_dataset_from_configuration_alone() -> None:
+    """ARPEGE GRIB2: recommended, access-controlled, not cached, a time range, never inlined."""
+    arpege = load_dataset("arpege")
+    event = json.loads(ARPEGE_EVENT.read_text(encoding="utf-8"))
+    message = _one(event, arpege, contents={next(iter(event["data"]["assets"])): b"GRIB7777"})
+    props = message["properties"]
+    assert props["cache"] is False
+    assert (props["start_datetime"], props["end_datetime"]) == ("2026-12-05T00:00:00Z",
+                                                                "2026-12-06T00:00:00Z")
+    assert "datetime" not in props and "content" not in props
+    (link,) = message["links"]
+    assert link["rel"] == "canonical" and link["type"] == "application/x-grib2"
+    assert link["security"] == arpege.security
+    assert props["data_id"].startswith("wis2/fr-meteofrance/data/recommended/weather/prediction/")
+    report = validate_notification(message, topic=arpege.topic)
+    assert report.ok, report.summary()
+    # a deletion link carries no security object: there is nothing to download
+    deletion = _one(event, arpege, operation="delete")
+    assert "security" not in deletion["links"][0]
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "base64", "gzip"])
+def test_each_content_encoding_is_decodable_and_checked(synop: DatasetDescription,
+                                                        encoding: str) -> None:
+    import gzip
+
+    data = ("SYNOP 07149 " * 30).encode()
+    dataset = synop.model_copy(update={"content_encoding": encoding})
+    message = _one(synop_event(data), dataset, contents={"bufr": data})
+    content = message["properties"]["content"]
+    assert content["encoding"] == encoding and content["size"] == len(data)
+    decoded = {"utf-8": lambda v: v.encode(), "base64": base64.b64decode,
+               "gzip": lambda v: gzip.decompress(base64.b64decode(v))}[encoding](content["value"])
+    assert decoded == data
+    report = validate_notification(message, topic=synop.topic)
+    assert report.ok, report.summary()
+
+
+def test_the_size_rule_is_on_the_encoded_value(synop: DatasetDescription) -> None:
+    import os
+
+    noise = os.urandom(3500)  # does not compress: gzip+base64 is over 4096 characters
+    for encoding in ("base64", "gzip"):
+        dataset = synop.model_copy(update={"content_encoding": encoding})
+        assert "content" not in _one(synop_event(noise), dataset,
+                                     contents={"bufr": noise})["properties"]
+    text = b"0" * 4000  # 4000 characters of utf-8 fit; gzip makes them a few dozen
+    for encoding in ("utf-8", "gzip"):
+        dataset = synop.model_copy(update={"content_encoding": encoding})
+        content = _one(synop_event(text), dataset, contents={"bufr": text})["properties"][
+            "content"]
+        assert len(content["value"]) <= 4096
+    # utf-8 asked for binary data: not inlined (it is not text)
+    dataset = synop.model_copy(update={"content_encoding": "utf-8"})
+    assert "content" not in _one(synop_event(), dataset,
+                                 contents={"bufr": SYNOP_FILE})["properties"]

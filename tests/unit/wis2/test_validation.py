@@ -357,3 +357,86 @@ def test_validation_never_raises(top: dict[str, Any], props: dict[str, Any], lin
 @given(st.binary(max_size=64))
 def test_arbitrary_bytes_never_raise(raw: bytes) -> None:
     assert not validate_notification(raw).ok
+
+
+# ---- WNM 1.3 semantics ------------------------------------------------------------------------
+
+
+def test_global_cache_is_refused_for_publication_and_reported_for_third_parties() -> None:
+    message = _good()
+    message["properties"]["global-cache"] = "de-dwd-global-cache"
+    failed = _failed(validate_notification(message, topic=ARGO_TOPIC))
+    assert set(failed) == {"global-cache"}
+    assert "only by a Global Cache" in failed["global-cache"]
+    report = validate_notification(message, profile="spec")
+    assert "global-cache" not in _failed(report)
+    assert any(c.id == "global-cache" and c.passed for c in report.checks)
+
+
+def test_an_update_must_be_later_than_what_it_updates() -> None:
+    message = _good()
+    message["links"][0]["rel"] = "update"
+    pubtime = message["properties"]["pubtime"]
+    assert validate_notification(message, previous_pubtime="2020-01-01T00:00:00Z").ok
+    for earlier_or_same in (pubtime, "2099-01-01T00:00:00.5Z"):
+        failed = _failed(validate_notification(message, previous_pubtime=earlier_or_same))
+        assert set(failed) == {"update-pubtime"}
+        assert "not later than" in failed["update-pubtime"]
+    # no previous publication known, or not an update: nothing to compare
+    assert validate_notification(message).ok
+    message["links"][0]["rel"] = "canonical"
+    assert validate_notification(message, previous_pubtime="2099-01-01T00:00:00Z").ok
+
+
+def test_extra_links_beside_the_one_announcing_link_are_accepted() -> None:
+    message = _good()
+    message["links"] += [
+        {"href": "https://oscar.wmo.int/surface/#/search/station/stationReportDetails/"
+                 "0-20000-0-06447", "rel": "via", "type": "text/html"},
+        {"href": "https://x.org/dataset", "rel": "collection"},
+        {"href": "https://x.org/about", "rel": "about", "type": "text/html"},
+    ]
+    report = validate_notification(message, topic=ARGO_TOPIC)
+    assert report.ok, report.summary()
+
+
+def test_a_bad_station_identifier_fails_its_check() -> None:
+    message = _good()
+    message["properties"]["wigos_station_identifier"] = "0-20000-06447"
+    failed = _failed(validate_notification(message))
+    assert set(failed) == {"wigos-station-identifier"}
+    assert "properties.wigos_station_identifier" in failed["wigos-station-identifier"]
+
+
+def test_recommended_data_is_never_inlined() -> None:
+    topic = ("origin/a/wis2/fr-meteofrance/data/recommended/weather/prediction/forecast/"
+             "medium-range/deterministic/global")
+    message = _good()
+    message["properties"]["data_id"] = "wis2/fr-meteofrance/data/recommended/x.grib2"
+    message["properties"]["metadata_id"] = "urn:wmo:md:fr-meteofrance:nwp"
+    assert validate_notification(message, topic=topic).ok
+    message["properties"]["content"] = {"encoding": "utf-8", "value": "GRIB", "size": 4}
+    failed = _failed(validate_notification(message, topic=topic))
+    assert set(failed) == {"topic"} and "never inlined" in failed["topic"]
+
+
+def test_gzip_content_size_is_the_decompressed_size() -> None:
+    import gzip
+
+    raw = b"observation " * 100
+    message = _good()
+    value = base64.b64encode(gzip.compress(raw)).decode()
+    message["properties"]["content"] = {"encoding": "gzip", "value": value, "size": len(raw)}
+    assert validate_notification(message).ok
+    message["properties"]["content"]["size"] = len(raw) - 1
+    assert "decoded size" in _failed(validate_notification(message))["content-size"]
+    message["properties"]["content"]["value"] = base64.b64encode(raw).decode()  # not gzip
+    assert "not gzip" in _failed(validate_notification(message))["content-size"]
+
+
+def test_a_link_security_object_is_checked_by_the_schema() -> None:
+    message = _good()
+    message["links"][0]["security"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    assert validate_notification(message, topic=ARGO_TOPIC).ok
+    message["links"][0]["security"] = {"bearer": {"type": "http"}}
+    assert "schema" in _failed(validate_notification(message, topic=ARGO_TOPIC))
