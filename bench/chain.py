@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -24,6 +24,7 @@ from bench.collect import Collector
 from bench.events import BenchEvent
 from bench.stats import LatencySummary, summarize
 from chain.deployments import PUBLISH_BATCH_FLOW, PUBLISH_NOTIFICATION_FLOW
+from chain.failures import UNAVAILABLE
 from chain.mqtt import MqttConnection, MqttError, Publisher
 
 if TYPE_CHECKING:
@@ -215,6 +216,16 @@ def _chain_flows() -> FlowFilter:
     return FlowFilter(name=FlowFilterName(any_=list(FLOW_NAMES)))
 
 
+def _state_key(state: Any) -> str:
+    """The state type, but UNAVAILABLE for a Failed run the recovery will schedule again
+    (`chain.failures`: a service was unavailable): not final yet."""
+    if state is None:
+        return "NONE"
+    if state.type.value == "FAILED" and state.name == UNAVAILABLE:
+        return "UNAVAILABLE"
+    return state.type.value
+
+
 async def _read_runs(node: NodeState,
                      requests: Counter[str] | None = None) -> list[tuple[list[str], str]]:
     runs: list[tuple[list[str], str]] = []
@@ -223,11 +234,36 @@ async def _read_runs(node: NodeState,
         while True:
             page = await client.read_flow_runs(flow_filter=_chain_flows(), limit=200,
                                                offset=offset)
-            runs.extend((_event_ids(r.parameters), r.state.type.value if r.state else "NONE")
-                        for r in page)
+            runs.extend((_event_ids(r.parameters), _state_key(r.state)) for r in page)
             if len(page) < 200:
                 return runs
             offset += len(page)
+
+
+def rescheduled_after_unavailable(node: NodeState, phase_marker: str) -> int:
+    """How many runs of the phase failed because a service was unavailable (a Failed state
+    named Unavailable in their history, `chain.failures`) and were scheduled again."""
+
+    async def count() -> int:
+        found = 0
+        async with _client(node) as client:
+            offset = 0
+            while True:
+                page = await client.read_flow_runs(flow_filter=_chain_flows(), limit=200,
+                                                   offset=offset)
+                for run in page:
+                    if any(phase_marker in i for i in _event_ids(run.parameters)):
+                        states = await client.read_flow_run_states(run.id)
+                        found += any(s.is_failed() and s.name == UNAVAILABLE for s in states)
+                if len(page) < 200:
+                    return found
+                offset += len(page)
+
+    try:
+        return asyncio.run(count())
+    except Exception as exc:  # reported as unknown, never fails the bench
+        log.warning("cannot read flow run states: %s", exc)
+        return -1
 
 
 def flow_run_counts(node: NodeState, phase_marker: str, settle: float = 0.0,

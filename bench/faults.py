@@ -34,6 +34,7 @@ from bench.events import BenchEvent, EventFactory
 from bench.intake import ListenerCounters, read_counters
 from bench.node import PROFILE_LISTENER_SETTINGS, BenchNode
 from chain.mqtt import Publisher
+from localnode.scaled import Topology
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class FaultResult(BaseModel):
     recovery_seconds: float | None = None  # the process answers again -> last notification
     runs: chain.FlowRunCounts | None = None  # the scenario's runs, after settling
     unfinished_runs: int = 0  # Scheduled/Pending/Running... left at the end
+    # runs failed because a service was unavailable, then scheduled again (chain.failures)
+    runs_rescheduled_unavailable: int = 0
     error: str | None = None  # the scenario could not be carried out as designed
 
 
@@ -111,6 +114,22 @@ class FaultContext:
         """The listener's counters (summed over the replicas of a scaled node)."""
         return read_counters(self.node.listener_metrics_urls())
 
+    def hold_in_flight(self, events: Sequence[BenchEvent], before: ListenerCounters,
+                       slots: int | None = None, what: str = "") -> tuple[int, int]:
+        """With the gate closed: publish `events`, wait until the listener has acknowledged
+        them (each in a flow run) and until the runs the workers took (`slots` at most;
+        default: one worker's limit) are held at the gate; (runs created, downloads held)."""
+        self.publish(events)
+        self.wait(f"the listener acknowledges {what or 'the burst'} (each event in a flow run)",
+                  lambda: (c := self.counters()).received - before.received >= len(events)
+                  and c.in_flight == 0)
+        runs = int(self.counters().runs_created - before.runs_created)
+        in_flight = max(1, min(runs, slots or self.node.settings.worker_limit))
+        self.wait(f"{in_flight} flow run(s) held at the file server's gate (Running, each "
+                  "verifying the data of its first event)",
+                  lambda: self.gate()["held"] >= in_flight)
+        return runs, self.gate()["held"]
+
     def publish(self, events: Sequence[BenchEvent]) -> None:
         """As the file server: QoS 1, each one acknowledged by the broker (PUBACK)."""
         with Publisher(self.node.state.connection("fileserver")) as pub:
@@ -157,6 +176,8 @@ def count_deliveries(ctx: FaultContext, result: FaultResult, events: Sequence[Be
     runs = chain.flow_run_counts(ctx.node.state, marker, settle=30 if not result.lost else 5)
     result.runs = runs
     result.unfinished_runs = runs.unfinished
+    result.runs_rescheduled_unavailable = chain.rescheduled_after_unavailable(ctx.node.state,
+                                                                             marker)
     return result
 
 
@@ -181,16 +202,7 @@ def prefect_server_sigkill_mid_burst(ctx: FaultContext) -> FaultResult:
     before = ctx.counters()
     ctx.close_gate()
     try:
-        ctx.publish(first)
-        ctx.wait("the listener acknowledges the first half (each event in a flow run)",
-                 lambda: (c := ctx.counters()).received - before.received >= len(first)
-                 and c.in_flight == 0)
-        runs = int(ctx.counters().runs_created - before.runs_created)
-        in_flight = max(1, min(runs, ctx.node.settings.worker_limit))
-        ctx.wait(f"{in_flight} flow run(s) held at the file server's gate (Running, each "
-                 "verifying the data of its first event)",
-                 lambda: ctx.gate()["held"] >= in_flight)
-        held = ctx.gate()["held"]
+        _, held = ctx.hold_in_flight(first, before, what="the first half")
         server.kill()
         killed_at = time.monotonic()
         ctx.publish(second)
@@ -288,15 +300,7 @@ def worker_sigkill_mid_burst(ctx: FaultContext) -> FaultResult:
     before = ctx.counters()
     ctx.close_gate()
     try:
-        ctx.publish(events)
-        ctx.wait("the listener acknowledges the burst (each event in a flow run)",
-                 lambda: (c := ctx.counters()).received - before.received >= len(events)
-                 and c.in_flight == 0)
-        runs = int(ctx.counters().runs_created - before.runs_created)
-        in_flight = max(1, min(runs, ctx.node.settings.worker_limit))
-        ctx.wait(f"{in_flight} flow run(s) held at the file server's gate",
-                 lambda: ctx.gate()["held"] >= in_flight)
-        held = ctx.gate()["held"]
+        runs, held = ctx.hold_in_flight(events, before)
         worker.kill()
         killed_at = time.monotonic()
         result.killed = (f"worker SIGKILLed with {held} download(s) of Running flow runs held at "
@@ -346,10 +350,15 @@ def run_faults(ctx: FaultContext, names: Sequence[str] | None = None) -> dict[st
 
 @contextmanager
 def fault_node(run_dir: Path, database: str = "sqlite", events: int = 10,
-               timeout: float = 180.0, tag: str = "FAULT") -> Iterator[FaultContext]:
+               timeout: float = 180.0, tag: str = "FAULT", topology: Topology | None = None,
+               worker_limit: int = 8, env: dict[str, str] | None = None
+               ) -> Iterator[FaultContext]:
     """A whole node on free ports, ready for the scenarios (flows verify their data at the gated
-    file server; Prefect on SQLite, or on a PostgreSQL cluster of its own), and the origin-topic
-    collector: what the tests use. Everything is stopped on exit."""
+    file server; Prefect on SQLite, or on a PostgreSQL cluster of its own; with `topology`, the
+    scaled node: its workers and listener replicas, its own PostgreSQL and Redis shared by
+    them), and the origin-topic collector: what the tests use; `env`: more environment of the
+    chain's processes. Everything is stopped on exit."""
+    from bench.node import ScaledBenchNode
     from chain.processes import free_port
     from localnode.node import NodeSettings
     from localnode.postgres import PostgresCluster
@@ -359,7 +368,7 @@ def fault_node(run_dir: Path, database: str = "sqlite", events: int = 10,
     node: BenchNode | None = None
     try:
         database_url = None
-        if database == "postgres":
+        if database == "postgres" and topology is None:
             postgres = PostgresCluster(log_path=run_dir / "postgres.log").start()
             database_url = postgres.create_database("prefect")
         ports: list[int] = []
@@ -371,9 +380,15 @@ def fault_node(run_dir: Path, database: str = "sqlite", events: int = 10,
         settings = NodeSettings(
             _env_file=None, run_dir=run_dir / "node", broker_port=broker, broker_ws_port=ws,
             prefect_port=prefect, files_port=files, metrics_port=metrics, verify_data=True,
-            database_url=database_url, database="sqlite", worker_type="warm", worker_limit=8)
-        node = BenchNode(settings, extra_env=dict(FAULT_ENV),
-                         listener_settings=PROFILE_LISTENER_SETTINGS.get(database, {}))
+            database_url=database_url, database="sqlite", worker_type="warm",
+            worker_limit=worker_limit)
+        if topology is not None:
+            node = ScaledBenchNode(settings, extra_env={**FAULT_ENV, **(env or {})},
+                                   topology=topology,
+                                   listener_settings=PROFILE_LISTENER_SETTINGS["scaled"])
+        else:
+            node = BenchNode(settings, extra_env={**FAULT_ENV, **(env or {})},
+                             listener_settings=PROFILE_LISTENER_SETTINGS.get(database, {}))
         node.postgres = postgres
         node.start()
         state = node.state

@@ -25,8 +25,9 @@ API (one interface, two implementations)::
     ledger.record(key, notification_id=..., rel=..., checksum=..., pubtime=..., **extra)
     ledger.record_many({key: LedgerEntry, ...})  # one transaction (a batch run's record)
     ledger.all(), ledger.forget(key)
-    with ledger.claim(data_ids, timeout):     # held from the build to the ledger record
+    with ledger.claim(data_ids, timeout) as claim:  # held from the build to the ledger record
         ...
+        if not claim.confirm(): ...           # before publishing: lost and taken again, read again
 
 `claim` holds every given data_id for the whole node until the block exits: a second claim of any
 of them (another thread, process or worker host) waits; a claim inside a claim of the same
@@ -57,6 +58,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from chain.ledger_entry import (
     SELECT_ENTRIES,
+    Claim,
+    ClaimLost,
     ClaimTimeout,
     LedgerEntry,
     LedgerUnavailable,
@@ -70,9 +73,9 @@ from chain.ledger_postgres import PostgresLedger
 if TYPE_CHECKING:
     from chain.settings import ChainSettings
 
-__all__ = ["ClaimTimeout", "Ledger", "LedgerEntry", "LedgerReader", "LedgerSnapshot",
-           "LedgerUnavailable", "PostgresLedger", "SqliteLedger", "claim_key", "ledger_location",
-           "open_ledger", "ordered_claims"]
+__all__ = ["Claim", "ClaimLost", "ClaimTimeout", "Ledger", "LedgerEntry", "LedgerReader",
+           "LedgerSnapshot", "LedgerUnavailable", "PostgresLedger", "SqliteLedger", "claim_key",
+           "ledger_location", "open_ledger", "ordered_claims"]
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +115,7 @@ class Ledger(Protocol):
     def forget(self, key: str) -> bool: ...
 
     def claim(self, data_ids: Iterable[str], timeout: float | None
-              ) -> AbstractContextManager[None]: ...
+              ) -> AbstractContextManager[Claim]: ...
 
 
 class LedgerReader(Protocol):
@@ -150,7 +153,9 @@ def ledger_location(settings: ChainSettings) -> str:
 def open_ledger(location: str) -> Ledger:
     """The ledger at `location` (a PostgreSQL URL, else an SQLite file path); one per process."""
     if is_postgres_url(location):
-        return PostgresLedger(location)
+        from chain.settings import ChainSettings
+
+        return PostgresLedger(location, retry_seconds=ChainSettings().ledger_retry_seconds)
     return SqliteLedger(location)
 
 
@@ -276,7 +281,7 @@ class SqliteLedger:
             return conn.execute("DELETE FROM publications WHERE key = ?", (key,)).rowcount > 0
 
     @contextmanager
-    def claim(self, data_ids: Iterable[str], timeout: float | None) -> Iterator[None]:
+    def claim(self, data_ids: Iterable[str], timeout: float | None) -> Iterator[Claim]:
         """Hold `data_ids`: one flock'ed lock file per data_id under ``claims/`` beside the
         database, removed when released (a killed holder's file stays, unlocked, and is reused)."""
         directory = self.path.parent / "claims"
@@ -287,7 +292,7 @@ class SqliteLedger:
                 path = directory / f"{key & 0xFFFF_FFFF_FFFF_FFFF:016x}.lock"
                 fd = _lock_file(path, deadline, data_id, timeout)
                 held.callback(_unlock_file, path, fd)
-            yield
+            yield Claim()
 
 
 def _lock_file(path: Path, deadline: float | None, data_id: str, timeout: float | None) -> int:

@@ -52,6 +52,22 @@ class LedgerUnavailable(RuntimeError):
     """The ledger's database cannot be reached (after retries)."""
 
 
+class ClaimLost(RuntimeError):
+    """A claim's locks died with their connection and what was decided under them no longer
+    holds (another run recorded one of its files meanwhile): the run is retried as a whole."""
+
+
+class Claim:
+    """A held claim (`Ledger.claim`). `confirm()` before publishing: True when the claim has
+    been held without a break since it was taken; False when its locks were lost (their
+    connection died) and have been taken again: whatever was read from the ledger under the
+    claim must be read again. A claim that cannot be taken again raises (`ClaimTimeout`,
+    `LedgerUnavailable`). Lock files (SQLite ledger) cannot be lost: always True."""
+
+    def confirm(self) -> bool:
+        return True
+
+
 def claim_key(data_id: str) -> int:
     """A data_id as a signed 64-bit integer (PostgreSQL advisory lock key, lock file name)."""
     return int.from_bytes(hashlib.sha256(data_id.encode("utf-8")).digest()[:8], "big",

@@ -3,17 +3,22 @@
 Same semantics and `LedgerEntry` model as the SQLite ledger (`chain.ledger`): a table
 ``publications`` indexed by key, created on first use. The URL carries no password: libpq's
 standard ``PGPASSWORD``, ``PGPASSFILE`` / ``~/.pgpass`` or ``PGSERVICE`` supply it (so it never
-appears in flow-run parameters or logs, which carry the URL). Each thread keeps one connection;
-a lost connection is reopened, and after `CONNECT_ATTEMPTS` failed attempts the operation raises
-`LedgerUnavailable` naming WIS2_LEDGER_URL (never ignored: a publication whose record fails is
-recorded by the rerun of its event).
+appears in flow-run parameters or logs, which carry the URL). Each thread keeps one connection.
+A lost connection, or a server that does not answer or is starting up, is retried with backoff
+for up to `retry_seconds` (``WIS2_LEDGER_RETRY_SECONDS``; `chain.failures.ride_out`), a write as
+well as a read (every write is an idempotent upsert); past that the operation raises
+`LedgerUnavailable` naming WIS2_LEDGER_URL (an infrastructure failure: the run is scheduled again
+later, `chain.failures`).
 
 Claims (`claim`): session-level advisory locks ``pg_advisory_lock(<64-bit hash of data_id>)``,
 taken in ascending key order on a connection dedicated to claims (one per thread, reused:
 ``pg_advisory_unlock_all()`` at the end of each claim). The
 server also releases them when the connection dies: a SIGKILLed worker's claims are free at once;
 TCP keepalives (client side and the session's ``tcp_keepalives_*``) notice a dead host within
-about 30 s.
+about 30 s. The same holds for a holder whose server restarts: its locks are gone with its
+connection and another run may take the files meanwhile. So the holder confirms its claim
+before it publishes (`PgClaim.confirm`: its locks still granted to its own session, else taken
+again on a new connection, and the caller reads the ledger again).
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ import psycopg
 from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict
 
+from chain.failures import ride_out
 from chain.ledger_entry import (
     SELECT_ENTRIES,
+    Claim,
     ClaimTimeout,
     LedgerEntry,
     LedgerUnavailable,
@@ -40,7 +47,7 @@ from chain.ledger_entry import (
 
 log = logging.getLogger(__name__)
 
-CONNECT_ATTEMPTS = 4  # about 7 s of retries (0.5, 1, 2 s apart) before LedgerUnavailable
+DEFAULT_RETRY_SECONDS = 120.0  # ChainSettings.ledger_retry_seconds
 CONNECT_TIMEOUT_S = 10
 # a dead peer is noticed after idle + interval * count seconds of silence (10 + 5 * 4 = 30 s)
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
@@ -66,64 +73,75 @@ _UPSERT = (
 T = TypeVar("T")
 
 
+def _connection_error(exc: BaseException) -> bool:
+    """A failure of the connection or the server (retried), not of the statement: a lock wait
+    past lock_timeout (a claim's timeout) is not one."""
+    return (isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+            and not isinstance(exc, errors.LockNotAvailable))
+
+
 class PostgresLedger:
     """A publication ledger in one PostgreSQL database (a table created on first use)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, retry_seconds: float | None = None) -> None:
         # the URL appears in messages and flow-run parameters: never with a password
         if "password" in conninfo_to_dict(url):
             raise ValueError("WIS2_LEDGER_URL must not contain a password: set PGPASSWORD or "
                              "~/.pgpass (libpq) on each worker host")
         self.location = url
+        self.retry_seconds = DEFAULT_RETRY_SECONDS if retry_seconds is None else retry_seconds
         self._local = threading.local()
         self._schema_ready = False
 
     def __repr__(self) -> str:
         return f"PostgresLedger({self.location!r})"
 
+    def _ride_out(self, operation: Callable[[], T], doing: str) -> T:
+        """`operation()`, retried on connection errors for `retry_seconds`; then
+        `LedgerUnavailable` naming WIS2_LEDGER_URL."""
+        try:
+            return ride_out(operation, seconds=self.retry_seconds,
+                            what=f"publication ledger {self.location}",
+                            retry_if=_connection_error)
+        except psycopg.Error as exc:
+            if not _connection_error(exc):
+                raise
+            raise LedgerUnavailable(
+                f"publication ledger WIS2_LEDGER_URL={self.location}: {doing} failed for "
+                f"{self.retry_seconds:g} s (WIS2_LEDGER_RETRY_SECONDS): {exc}".strip()) from exc
+
     def _open(self, *, purpose: str) -> psycopg.Connection[Any]:
-        """A new autocommit connection (retried; `LedgerUnavailable` after the last attempt)."""
-        delay = 0.5
-        for attempt in range(1, CONNECT_ATTEMPTS + 1):
-            try:
-                conn = psycopg.connect(self.location, autocommit=True,
-                                       connect_timeout=CONNECT_TIMEOUT_S,
-                                       application_name=f"wis2-chain {purpose}", **KEEPALIVES)
-                break
-            except psycopg.OperationalError as exc:
-                if attempt == CONNECT_ATTEMPTS:
-                    raise LedgerUnavailable(
-                        f"publication ledger WIS2_LEDGER_URL={self.location}: cannot "
-                        f"connect after {attempt} attempts: {exc}".strip()) from exc
-                log.warning("publication ledger %s: cannot connect (%s); retrying in %g s",
-                            self.location, str(exc).strip(), delay)
-                time.sleep(delay)
-                delay *= 2
-        if not self._schema_ready:
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-                conn.execute(_SCHEMA)
-            self._schema_ready = True
+        """A new autocommit connection (one attempt: the callers retry)."""
+        conn = psycopg.connect(self.location, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
+                               application_name=f"wis2-chain {purpose}", **KEEPALIVES)
+        try:
+            if not self._schema_ready:
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+                    conn.execute(_SCHEMA)
+                self._schema_ready = True
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def _run(self, operation: Callable[[psycopg.Connection[Any]], T]) -> T:
-        """`operation` on this thread's connection; a lost connection is reopened once."""
-        for attempt in (1, 2):
+        """`operation` on this thread's connection; a lost one is opened again (ride_out)."""
+
+        def attempt() -> T:
             conn = getattr(self._local, "conn", None)
-            if conn is None or conn.closed:
+            if conn is None or conn.closed or conn.broken:
+                self._local.conn = None
                 conn = self._local.conn = self._open(purpose="ledger")
             try:
                 return operation(conn)
-            except psycopg.OperationalError as exc:
-                conn.close()
-                self._local.conn = None
-                if attempt == 2 or not conn.broken:
-                    raise LedgerUnavailable(
-                        f"publication ledger WIS2_LEDGER_URL={self.location}: "
-                        f"{exc}".strip()) from exc
-                log.warning("publication ledger %s: connection lost (%s); reconnecting",
-                            self.location, str(exc).strip())
-        raise AssertionError("unreachable")
+            except psycopg.OperationalError:
+                if conn.broken or conn.closed:
+                    conn.close()
+                    self._local.conn = None
+                raise
+
+        return self._ride_out(attempt, "reading or writing")
 
     def get(self, key: str) -> LedgerEntry | None:
         """The entry recorded for `key`, or None."""
@@ -193,29 +211,19 @@ class PostgresLedger:
         return self._run(insert)
 
     @contextmanager
-    def claim(self, data_ids: Iterable[str], timeout: float | None) -> Iterator[None]:
+    def claim(self, data_ids: Iterable[str], timeout: float | None) -> Iterator[Claim]:
         """Hold `data_ids` for the whole node (advisory locks on a connection of the claim's
         own, kept for the thread's next claim once its locks are released)."""
         with new_claims(self.location, data_ids) as todo:
             if not todo:
-                yield
+                yield Claim()
                 return
-            conn = self._claim_connection()
+            held = PgClaim(self, todo, timeout)
             try:
-                # 0: wait without limit; lock_timeout also bounds advisory lock waits
-                conn.execute(f"SET lock_timeout = {int((timeout or 0) * 1000)}")
-                for key, data_id in todo:
-                    try:
-                        conn.execute("SELECT pg_advisory_lock(%s)", (key,))
-                    except errors.LockNotAvailable:
-                        raise ClaimTimeout(data_id, timeout) from None
-                    except psycopg.OperationalError as exc:
-                        raise LedgerUnavailable(
-                            f"publication ledger WIS2_LEDGER_URL={self.location}: claiming "
-                            f"{data_id!r} failed: {exc}".strip()) from exc
-                yield
+                held.take()
+                yield held
             finally:
-                self._release(conn)
+                held.release()
 
     def _claim_connection(self) -> psycopg.Connection[Any]:
         idle = getattr(self._local, "claim_conn", None)
@@ -228,7 +236,7 @@ class PostgresLedger:
             conn.execute(f"SET tcp_keepalives_{name} = {KEEPALIVES['keepalives_' + name]}")
         return conn
 
-    def _release(self, conn: psycopg.Connection[Any]) -> None:
+    def _keep_claim_connection(self, conn: psycopg.Connection[Any]) -> None:
         """Release every advisory lock of the session; keep the connection for the next claim
         (closed instead when anything is wrong: closing releases them too)."""
         try:
@@ -240,3 +248,65 @@ class PostgresLedger:
         if old is not None:
             old.close()
         self._local.claim_conn = conn
+
+
+class PgClaim(Claim):
+    """The advisory locks of one claim, on one connection (`PostgresLedger.claim`)."""
+
+    def __init__(self, ledger: PostgresLedger, todo: list[tuple[int, str]],
+                 timeout: float | None) -> None:
+        self.ledger, self.todo, self.timeout = ledger, todo, timeout
+        self.conn: psycopg.Connection[Any] | None = None
+
+    def take(self) -> None:
+        """Take every lock, in key order, on a working connection: a connection lost while
+        taking them is replaced and the locks taken again (the server dropped those already
+        taken); waiting for another holder is bounded by `timeout` in all (`ClaimTimeout`)."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+
+        def attempt() -> None:
+            self._drop()
+            conn = self.conn = self.ledger._claim_connection()
+            left = 0 if deadline is None else max(deadline - time.monotonic(), 0.001)
+            # 0: wait without limit; lock_timeout also bounds advisory lock waits
+            conn.execute(f"SET lock_timeout = {int(left * 1000)}")
+            for key, data_id in self.todo:
+                try:
+                    conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+                except errors.LockNotAvailable:
+                    raise ClaimTimeout(data_id, self.timeout) from None
+
+        self.ledger._ride_out(attempt, f"claiming {self.todo[0][1]!r}")
+
+    def confirm(self) -> bool:
+        """True when this session still holds every lock of the claim (one query); otherwise
+        (its connection died: the server released them) take them again and return False."""
+        conn = self.conn
+        if conn is not None and not conn.closed and not conn.broken:
+            try:
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                    "AND pid = pg_backend_pid()").fetchone()
+                if row is not None and int(row[0]) >= len(self.todo):
+                    return True
+            except psycopg.Error as exc:
+                log.warning("publication ledger %s: the claim of %s was lost with its "
+                            "connection (%s)", self.ledger.location, self.todo[0][1],
+                            str(exc).strip())
+        log.warning("publication ledger %s: claiming %d data_id(s) again (%s, ...) before "
+                    "publishing", self.ledger.location, len(self.todo), self.todo[0][1])
+        self.take()
+        return False
+
+    def _drop(self) -> None:
+        if self.conn is not None:
+            self.conn.close()  # a dead or half-claimed session: closing releases its locks
+            self.conn = None
+
+    def release(self) -> None:
+        if self.conn is not None:
+            conn, self.conn = self.conn, None
+            if conn.closed or conn.broken:
+                conn.close()
+            else:
+                self.ledger._keep_claim_connection(conn)

@@ -71,6 +71,24 @@ class ChainSettings(BaseSettings):
         description="Redis holding the build and publish task results shared by every worker "
         "host, e.g. redis://cache:6379/0; unset: files in results_dir (one worker host)",
     )
+    ledger_retry_seconds: float = Field(
+        default=120.0, ge=0,
+        description="Seconds a ledger read, record or claim waits for the PostgreSQL of "
+        "WIS2_LEDGER_URL when its connection is lost or refused (retried with backoff); then "
+        "the run fails as unavailable and is scheduled again later (WIS2_RECOVERY_*)",
+    )
+    results_retry_seconds: float = Field(
+        default=120.0, ge=0,
+        description="Seconds a read or write of the task results waits for the Redis of "
+        "WIS2_RESULTS_URL when it cannot be reached (retried with backoff); a read still "
+        "impossible then is a cache miss (the ledger still stops a second announcement), a "
+        "write fails the run as unavailable (scheduled again later)",
+    )
+    results_timeout: float = Field(
+        default=10.0, gt=0,
+        description="Seconds one Redis command of the task results may take (connect, answer) "
+        "before it counts as unreachable and is retried",
+    )
     wnm_kpi: bool = Field(default=False, description="Also run pywis-pubsub's KPI (needs network)")
     wcmp2_kpi: bool = Field(default=False, description="Also run pywcmp's KPI (needs network)")
     block_cache_seconds: float = Field(

@@ -27,7 +27,7 @@ from typing import Any
 from prefect.logging import get_run_logger
 from prefect.utilities.annotations import quote
 
-from chain.ledger import LedgerSnapshot
+from chain.ledger import Claim, LedgerSnapshot
 from flows.pipeline import Pipeline, ProcessedEvent, _in_ledger, as_event, file_label
 from flows.tasks.batch import (
     DEFERRED,
@@ -119,7 +119,7 @@ def _round(items: list[BatchEvent], pipeline: Pipeline) -> list[BatchEvent]:
     # also against runs on other worker hosts; publish-notification runs claim the same way
     with ExitStack() as claim:
         try:
-            claim.enter_context(pipeline.claimed(sorted(data_ids)))
+            held = claim.enter_context(pipeline.claimed(sorted(data_ids)))
             # the round's ledger entries in one read: claimed, nobody else records them until
             # this round has recorded its own
             known = LedgerSnapshot(pipeline.ledger, data_ids)
@@ -128,11 +128,11 @@ def _round(items: list[BatchEvent], pipeline: Pipeline) -> list[BatchEvent]:
             for item in claiming:
                 item.error = exc
             return []
-        return _claimed_round(claiming, pipeline, known)
+        return _claimed_round(claiming, pipeline, known, held)
 
 
 def _claimed_round(items: list[BatchEvent], pipeline: Pipeline,
-                   known: LedgerSnapshot) -> list[BatchEvent]:
+                   known: LedgerSnapshot, claim: Claim) -> list[BatchEvent]:
     tasks, settings, topic = pipeline.tasks, pipeline.settings, pipeline.dataset.topic
     logger = get_run_logger()
     built = _each(len(items), lambda: build_batch_task(
@@ -166,6 +166,18 @@ def _claimed_round(items: list[BatchEvent], pipeline: Pipeline,
     else:
         logger.info("data verification is off (WIS2_VERIFY_DATA=false)")
 
+    if any(one.to_send for one in active):
+        try:  # the claim held all along, or taken again and the ledger read again
+            again = pipeline.recheck(claim, [n for one in active for n in one.notifications])
+        except Exception as exc:
+            logger.error("%d event(s) not published: %s", len(active), exc)
+            for one in active:
+                one.fail(exc)
+            return deferred
+        if again is not None:
+            known, earlier = again[0], iter(again[1])
+            for one in active:
+                one.earlier = [next(earlier) for _ in one.notifications]
     sending = [one for one in active if one.to_send]
     results: list[list[bool] | Failure] = []
     if sending:

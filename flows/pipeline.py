@@ -24,7 +24,15 @@ from typing import Any
 from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
-from chain.ledger import Ledger, LedgerReader, ledger_location, open_ledger
+from chain.ledger import (
+    Claim,
+    ClaimLost,
+    Ledger,
+    LedgerReader,
+    LedgerSnapshot,
+    ledger_location,
+    open_ledger,
+)
 from chain.mqtt import MqttConnection
 from chain.settings import ChainSettings
 from flows.tasks import (
@@ -46,6 +54,7 @@ from wis2.dataset import DatasetDescription
 from wis2.errors import FieldError, InvalidInput
 from wis2.mapping import data_ids_of
 from wis2.notification import Notification
+from wis2.relations import relation_for
 from wis2.validation import ValidationFailed
 
 log = logging.getLogger(__name__)
@@ -131,12 +140,36 @@ class Pipeline:
         return open_ledger(self.ledger_location)
 
     @contextmanager
-    def claimed(self, data_ids: Iterable[str]) -> Iterator[None]:
+    def claimed(self, data_ids: Iterable[str]) -> Iterator[Claim]:
         """Hold `data_ids` for the whole node while the block runs (build .. ledger record).
         Waits for another run holding one of them, at most WIS2_CACHE_LOCK_TIMEOUT seconds
-        (`ClaimTimeout` naming the data_id)."""
-        with self.ledger.claim(data_ids, self.settings.cache_lock_timeout):
-            yield
+        (`ClaimTimeout` naming the data_id). Confirm the claim before publishing (`recheck`)."""
+        with self.ledger.claim(data_ids, self.settings.cache_lock_timeout) as claim:
+            yield claim
+
+    def recheck(self, claim: Claim, notifications: list[Notification]
+                ) -> tuple[LedgerSnapshot, list[str | None]] | None:
+        """Right before publishing: None when the claim was held all along (what was read
+        under it still holds). Otherwise its locks died with their connection (the ledger's
+        server restarted) and `claim.confirm()` has taken them again: the entries of the
+        notifications' data_ids read again, and for each notification the id under which the
+        node announced its file meanwhile (`announced_before`: not sent then). A notification
+        whose relation the ledger now contradicts (another run recorded a new version of its
+        file meanwhile) raises `ClaimLost`: the run is scheduled again (`chain.failures`)."""
+        if claim.confirm():
+            return None
+        now = LedgerSnapshot(self.ledger, {n.properties.data_id for n in notifications})
+        earlier = [self.announced_before(note, now) for note in notifications]
+        for note, earlier_id in zip(notifications, earlier, strict=True):
+            if earlier_id is None and note.rel in ("canonical", "update") and relation_for(
+                    "create", now.get(note.properties.data_id), checksum_of(note)) != note.rel:
+                raise ClaimLost(
+                    f"{note.properties.data_id}: recorded by another run while this run's claim "
+                    f"was lost with its ledger connection; {note.rel} no longer holds")
+        get_run_logger().warning("claim of %d data_id(s) taken again after its connection was "
+                                 "lost; ledger read again: %d already announced",
+                                 len(notifications), sum(e is not None for e in earlier))
+        return now, earlier
 
     def announced_before(self, note: Notification,
                          ledger: LedgerReader | None = None) -> str | None:
@@ -214,12 +247,12 @@ def publish_event(
     when a later notification of a multi-asset event fails to publish).
     """
     event = as_event(raw_event)
-    with pipeline.claimed(data_ids_of(event, pipeline.dataset)):
-        return _publish_claimed(event, pipeline, validation_key)
+    with pipeline.claimed(data_ids_of(event, pipeline.dataset)) as claim:
+        return _publish_claimed(event, pipeline, validation_key, claim)
 
 
 def _publish_claimed(
-    event: CloudEvent, pipeline: Pipeline, validation_key: str | None
+    event: CloudEvent, pipeline: Pipeline, validation_key: str | None, claim: Claim
 ) -> ProcessedEvent:
     logger = get_run_logger()
     tasks, settings = pipeline.tasks, pipeline.settings
@@ -253,6 +286,8 @@ def _publish_claimed(
                      concurrency=settings.verify_concurrency)
     elif not settings.verify_data:
         logger.info("data verification is off (WIS2_VERIFY_DATA=false)")
+    if to_send and (again := pipeline.recheck(claim, notifications)) is not None:
+        earlier = again[1]
 
     sent: list[bool] = []
     for note, earlier_id in zip(notifications, earlier, strict=True):

@@ -23,6 +23,7 @@ from prefect.states import Completed, Failed, State
 from pydantic import BaseModel
 
 from chain.deployments import PUBLISH_BATCH_FLOW, PUBLISH_NOTIFICATION
+from chain.failures import UNAVAILABLE, is_infrastructure
 from chain.settings import ChainSettings
 from flows.artifacts import artifact_key, batch_failure_artifact, batch_table_artifact
 from flows.batch_pipeline import publish_events
@@ -166,6 +167,12 @@ def publish_batch(events: list[CloudEvent], dataset: str | None = None) -> State
         batch_failure_artifact(key=artifact_key("failed", label), failures=failures,
                                total=len(events), deployment=PUBLISH_NOTIFICATION)
         names = ", ".join(f"{f['label']} ({_first_line(f)})" for f in failures)
+        unavailable = sum(is_infrastructure(f["error"]) for f in failures)
+        if unavailable:  # scheduled again by the recovery: the same events, the same ids
+            return Failed(name=UNAVAILABLE, data=result, message=(
+                f"{len(failures)} of {len(events)} event(s) failed, {unavailable} because a "
+                f"service was unavailable: the run is scheduled again "
+                f"(WIS2_RECOVERY_MAX_RETRIES): {names}")[:2000])
         return Failed(message=f"{len(failures)} of {len(events)} event(s) failed: {names}"[:2000],
                       data=result)
     return Completed(message=summary, data=result)

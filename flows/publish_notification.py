@@ -15,9 +15,11 @@ from typing import Any
 from prefect import flow
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import Failed, State
 from pydantic import BaseModel
 
 from chain.deployments import PUBLISH_NOTIFICATION_FLOW
+from chain.failures import UNAVAILABLE, is_infrastructure
 from chain.settings import ChainSettings
 from flows.artifacts import (
     artifact_key,
@@ -73,8 +75,13 @@ def run_name() -> str:
     description="Turn one file-diffusion CloudEvent (STAC item) into WIS2 notification(s), "
     "validate and publish them.",
 )
-def publish_notification(event: CloudEvent, dataset: str | None = None) -> NotificationRunResult:
+def publish_notification(event: CloudEvent, dataset: str | None = None
+                         ) -> NotificationRunResult | State:
     """Publish the WIS2 notification(s) announcing the file(s) of `event`.
+
+    A failure of a service (`chain.failures`: ledger, result store, broker, Prefect API) ends
+    the run in a Failed state named `Unavailable`, which the recovery schedules again; any other
+    failure is the event's: raised, the run Failed for an operator.
 
     Args:
         event: the CloudEvent announcing the file (its `data` is a STAC 1.1 item).
@@ -95,7 +102,15 @@ def publish_notification(event: CloudEvent, dataset: str | None = None) -> Notif
             received=event_json(event),
             field_errors=errors,
         )
+        if is_infrastructure(exc):
+            return Failed(name=UNAVAILABLE, data=exc, message=unavailable_message(exc))
         raise
+
+
+def unavailable_message(exc: BaseException) -> str:
+    """The message of a run failed on infrastructure (`chain.failures`)."""
+    return (f"{type(exc).__name__}: {exc} -- a service was unavailable: the run is scheduled "
+            "again (WIS2_RECOVERY_MAX_RETRIES)")[:2000]
 
 
 def _publish(

@@ -119,6 +119,10 @@ class PortTaken(RuntimeError):
 
 class LocalNode:
     WORKER_CLIENT_MAX_RETRIES = "7"  # compose.yml too (measured: bench/RESULTS.md, fault phase)
+    # also retried: a 500, what the Prefect server answers while its PostgreSQL refuses
+    # connections (asyncpg's ConnectionRefusedError is not among the errors it answers 503 for;
+    # docs/operating/outages.md); compose.yml too
+    WORKER_CLIENT_RETRY_CODES = "500"
     CLIENT_CSRF_SUPPORT = "false"
     WORKER_QUERY_SECONDS = "1"  # the worker polls for new runs every second (compose.yml too)
     # Recovery (worker/recovery.py): a worker heartbeat every 10 s, so a dead worker's runs are
@@ -307,7 +311,8 @@ class LocalNode:
     def worker_env(self, env: dict[str, str]) -> dict[str, str]:
         return {**env, "PREFECT_WORKER_HEARTBEAT_SECONDS": self.WORKER_HEARTBEAT_SECONDS,
                 # ~4 minutes of API retries: a run rides out a Prefect server restart
-                "PREFECT_CLIENT_MAX_RETRIES": self.WORKER_CLIENT_MAX_RETRIES}
+                "PREFECT_CLIENT_MAX_RETRIES": self.WORKER_CLIENT_MAX_RETRIES,
+                "PREFECT_CLIENT_RETRY_EXTRA_CODES": self.WORKER_CLIENT_RETRY_CODES}
 
     def worker_argv(self, worker_type: str, name: str) -> list[str]:
         return [prefect_cli(), "worker", "start", "--pool", WORK_POOL, "--type", worker_type,

@@ -20,6 +20,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from chain.processes import ManagedProcess, free_port, port_is_open
@@ -151,6 +152,23 @@ class PostgresCluster(ManagedProcess):
         import signal
 
         return super().stop(timeout, sig or signal.SIGINT)
+
+    def kill(self) -> None:
+        """SIGKILL the whole cluster (postmaster and backends), then wait until the postmaster
+        is reaped (as root it is the child of `runuser`, reaped by init a moment later): a
+        `start()` right after would otherwise see its process in `postmaster.pid` and refuse
+        ("Is another postmaster running?")."""
+        pid = self._postmaster_pid()
+        super().kill()
+        deadline = time.monotonic() + 30
+        while pid is not None and os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def _postmaster_pid(self) -> int | None:
+        try:
+            return int((self.pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return None
 
     def cleanup(self) -> None:
         """Stop, and remove the data directory if this object made it."""

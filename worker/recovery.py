@@ -16,12 +16,19 @@ How a run is found stranded, with Prefect's own records only:
   is stranded;
 - a worker that starts again with the same `--name` reclaims at once the runs labelled with its
   name whose state predates its start and that it is not running (`own_name`/`own_runs`: the
-  `wis2-warm` worker); give each live worker its own name;
+  `wis2-warm` worker); give each live worker its own name; it also reclaims the runs it
+  executed whose final state never reached the API (`own_ended`: the engine gave up on an
+  API that stayed unavailable, and the Crashed state it then proposed was refused too);
 - a Pending run that no worker labelled (killed between the claim and the label) is stranded
   once it has been Pending for `unclaimed_timeout`;
 - a run Crashed because its process died (Prefect's process worker reports "Process exited
-  with status code: -9", e.g. after the OOM killer) in the last hour is stranded too: Prefect
-  retries never cover Crashed.
+  with status code: -9", e.g. after the OOM killer) or because the `wis2-warm` worker's engine
+  failed (e.g. the Prefect API away for longer than the client's retries) in the last hour is
+  stranded too: Prefect retries never cover Crashed;
+- a run that ended Failed because a service it needs was unavailable (a Failed state named
+  `Unavailable`: `chain.failures` tells those failures from the event's own) in the last hour,
+  `unavailable_delay` seconds after it failed: the same events run again, and their caches and
+  ids make the rerun publish what was missing and nothing twice.
 
 Each stranded run is proposed a Scheduled state named `Recovering` (server orchestration rules
 apply: never forced), whose message names the dead worker. A run that was already rescheduled
@@ -46,6 +53,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from chain.failures import UNAVAILABLE
+
 if TYPE_CHECKING:
     from uuid import UUID
 
@@ -58,7 +67,10 @@ WORKER_LABEL = "prefect.worker.name"  # set by BaseWorker._give_worker_labels_to
 RECOVERING = "Recovering"  # name of the Scheduled state given to a rescheduled run
 HEARTBEAT_MULTIPLE = 3  # Prefect's foreman: offline after 3 missed heartbeats
 # Crashed state messages of a flow-run process that died (runner's state proposer, BaseWorker)
-PROCESS_DIED = ("Process exited with status code", "Flow run infrastructure exited with non-zero")
+ENGINE_ERROR = "engine error in the wis2-warm worker"  # worker/warm.py: its Crashed message
+PROCESS_DIED = ("Process exited with status code", "Flow run infrastructure exited with non-zero",
+                ENGINE_ERROR)
+SLOW_LOOK_S = 20.0  # a look this slow was retried through an API outage
 CRASHED_LOOKBACK = timedelta(hours=1)  # older Crashed runs are left to the operator
 
 
@@ -78,6 +90,15 @@ class RecoverySettings(BaseSettings):
         default=45.0, gt=0, description="Seconds a Pending run without a worker label may wait")
     max_retries: int = Field(
         default=3, ge=0, description="Reschedules of one run; then it is marked Failed")
+    outage_grace: float = Field(
+        default=150.0, ge=0,
+        description="Seconds after the Prefect API was last found unavailable during which no "
+        "worker is judged dead by a missing heartbeat (a heartbeat sent during the outage waits "
+        "in the client's retry backoff, up to 128 s with PREFECT_CLIENT_MAX_RETRIES=7)")
+    unavailable_delay: float = Field(
+        default=30.0, ge=0,
+        description="Seconds after a run failed because a service was unavailable (a Failed "
+        "state named Unavailable) before it is scheduled again")
     crashed_grace: float = Field(
         default=30.0, ge=0,
         description="Seconds a Crashed run is left alone first: the process worker reports a "
@@ -102,15 +123,23 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def worker_is_dead(worker: Worker | None, settings: RecoverySettings, now: datetime) -> str | None:
-    """Why `worker` counts as dead (None: alive)."""
+def worker_is_dead(worker: Worker | None, settings: RecoverySettings, now: datetime,
+                   outage_end: datetime | None = None) -> str | None:
+    """Why `worker` counts as dead (None: alive). `outage_end`: when this process last found
+    the API unavailable: no worker could send a heartbeat before that, and one sent during the
+    outage may be waiting in its client's retry backoff for a while after: a silence counts
+    from `outage_grace` seconds after it at the earliest."""
     if worker is None:
         return "is not registered in the pool any more"
     if worker.last_heartbeat_time is None:
         return "never sent a heartbeat"
     timeout = settings.worker_timeout or HEARTBEAT_MULTIPLE * (worker.heartbeat_interval_seconds
                                                                or 30)
-    silent = (now - _aware(worker.last_heartbeat_time)).total_seconds()
+    last = _aware(worker.last_heartbeat_time)
+    if outage_end is not None and outage_end > last:
+        # a heartbeat sent during the outage may still be in the client's retry backoff
+        last = outage_end + timedelta(seconds=settings.outage_grace)
+    silent = (now - last).total_seconds()
     if silent > timeout:
         return f"sent no heartbeat for {silent:.0f} s (timeout {timeout:.0f} s)"
     return None
@@ -119,9 +148,17 @@ def worker_is_dead(worker: Worker | None, settings: RecoverySettings, now: datet
 def stranded_reason(run: FlowRun, workers: dict[str, Worker], settings: RecoverySettings,
                     now: datetime, own_name: str | None = None,
                     own_runs: Collection[UUID] = (),
-                    own_since: datetime | None = None) -> str | None:
+                    own_since: datetime | None = None,
+                    outage_end: datetime | None = None,
+                    own_ended: Collection[UUID] = ()) -> str | None:
     """Why the Pending/Running/Crashed `run` is stranded (None: leave it)."""
     state = run.state
+    if state is not None and state.is_failed():
+        age = now - _aware(state.timestamp)
+        if (state.name == UNAVAILABLE and age < CRASHED_LOOKBACK
+                and age.total_seconds() >= settings.unavailable_delay):
+            return f"Failed, a service unavailable: {(state.message or '').splitlines()[0]}"
+        return None
     if state is not None and state.is_crashed():
         message = state.message or ""
         age = now - _aware(state.timestamp)
@@ -133,6 +170,8 @@ def stranded_reason(run: FlowRun, workers: dict[str, Worker], settings: Recovery
         return None
     if run.id in own_runs:  # this worker holds it (maybe not labelled yet)
         return None
+    if run.id in own_ended:  # executed here, but its final state never reached the API
+        return "its execution in this worker ended, but its final state did not reach the API"
     claimant = (run.labels or {}).get(WORKER_LABEL)
     if claimant is None:
         age = (now - _aware(state.timestamp)).total_seconds()
@@ -143,7 +182,7 @@ def stranded_reason(run: FlowRun, workers: dict[str, Worker], settings: Recovery
         if own_since is not None and _aware(state.timestamp) >= own_since:
             return None  # since this worker started: another live worker of the same name
         return f"claimed by this worker ({own_name}) before it restarted"
-    dead = worker_is_dead(workers.get(str(claimant)), settings, now)
+    dead = worker_is_dead(workers.get(str(claimant)), settings, now, outage_end)
     return f"its worker {claimant} {dead}" if dead else None
 
 
@@ -172,10 +211,12 @@ def failure_markdown(run: FlowRun, reason: str, attempts: int) -> str:
     lines = [
         f"# Given up after {attempts} recoveries",
         "",
-        f"Each time this run was executing, its worker or process died without finishing it; last: "
-        f"{reason}. It is not retried again (WIS2_RECOVERY_MAX_RETRIES).",
-        "Look for what kills the worker (its log, `dmesg` for the OOM killer), fix it, then "
-        "replay each event with a custom run of `publish-notification/default` (`event`).",
+        f"Each time this run was executing, its worker or process died without finishing it, or "
+        f"a service it needs was unavailable; last: {reason}. It is not retried again "
+        "(WIS2_RECOVERY_MAX_RETRIES).",
+        "Look for what kills the worker (its log, `dmesg` for the OOM killer) or keeps the "
+        "service away (docs/operating/outages.md), fix it, then replay each event with a custom "
+        "run of `publish-notification/default` (`event`).",
         "",
         f"## {len(events)} event(s)",
         "",
@@ -233,12 +274,16 @@ async def _reschedule(client: PrefectClient, run: FlowRun, reason: str,
 async def recover_pool(client: PrefectClient, pool: str, settings: RecoverySettings,
                        own_name: str | None = None,
                        own_runs: Callable[[], Collection[UUID]] = frozenset,
-                       own_since: datetime | None = None) -> list[Recovered]:
+                       own_since: datetime | None = None,
+                       outage_end: datetime | None = None,
+                       own_ended: Callable[[], Collection[UUID]] = frozenset
+                       ) -> list[Recovered]:
     """Reschedule (or fail, past `max_retries`) the stranded runs of `pool`, once."""
     from prefect.client.schemas.filters import (
         FlowRunFilter,
         FlowRunFilterEndTime,
         FlowRunFilterState,
+        FlowRunFilterStateName,
         FlowRunFilterStateType,
         WorkPoolFilter,
         WorkPoolFilterName,
@@ -262,16 +307,22 @@ async def recover_pool(client: PrefectClient, pool: str, settings: RecoverySetti
             state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CRASHED])),
             end_time=FlowRunFilterEndTime(after_=_now() - CRASHED_LOOKBACK)),
         limit=200)
+    runs += await client.read_flow_runs(
+        work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
+        flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(name=FlowRunFilterStateName(any_=[UNAVAILABLE])),
+            end_time=FlowRunFilterEndTime(after_=_now() - CRASHED_LOOKBACK)),
+        limit=200)
     done: list[Recovered] = []
     for run in runs:
         if stranded_reason(run, workers, settings, _now(), own_name, own_runs(),
-                           own_since) is None:
+                           own_since, outage_end, own_ended()) is None:
             continue
         try:
             # read again: the run may have ended, or been claimed by this worker meanwhile
             run = await client.read_flow_run(run.id)
             reason = stranded_reason(run, workers, settings, _now(), own_name, own_runs(),
-                                     own_since)
+                                     own_since, outage_end, own_ended())
             if reason is None:
                 continue
             done.append(await _reschedule(client, run, reason, settings))
@@ -285,13 +336,22 @@ class PoolRecovery:
 
     def __init__(self, pool: str, settings: RecoverySettings | None = None,
                  own_name: str | None = None,
-                 own_runs: Callable[[], Collection[UUID]] = frozenset) -> None:
+                 own_runs: Callable[[], Collection[UUID]] = frozenset,
+                 own_ended: Callable[[], Collection[UUID]] = frozenset) -> None:
         self.pool = pool
+        self.own_ended = own_ended
         self.settings = settings or RecoverySettings()
         self.own_name = own_name
         self.own_runs = own_runs
         self.own_since = _now()  # runs claimed under own_name before this: a former process
+        self.outage_end: datetime | None = None  # the API last found unavailable
         self._next = 0.0
+
+    def saw_outage(self) -> None:
+        """The API was found unavailable now (a poll, heartbeat or look failed, or took so long
+        that the client must have retried through an outage): the workers' heartbeats could not
+        reach it either, so none is judged dead by a silence before (`outage_grace`)."""
+        self.outage_end = _now()
 
     async def maybe_run(self, client: PrefectClient) -> list[Recovered]:
         """One look if the interval has passed (never raises: the next look tries again)."""
@@ -300,10 +360,15 @@ class PoolRecovery:
         self._next = time.monotonic() + self.settings.interval
         try:
             return await recover_pool(client, self.pool, self.settings, self.own_name,
-                                      self.own_runs, self.own_since)
+                                      self.own_runs, self.own_since, self.outage_end,
+                                      self.own_ended)
         except Exception as exc:
+            self.saw_outage()
             log.warning("looking for stranded flow runs of pool %s failed: %s", self.pool, exc)
             return []
+        finally:
+            if time.monotonic() - (self._next - self.settings.interval) > SLOW_LOOK_S:
+                self.saw_outage()  # its calls were retried through an API outage
 
 
 async def watch(pool: str, settings: RecoverySettings, once: bool = False) -> None:

@@ -1,4 +1,6 @@
 """The `wis2-warm` worker: flow runs executed in the worker's own process, flow code kept imported.
+Long because it is one worker class: the Prefect worker hooks it overrides (poll, heartbeat,
+claim labels, run, states, riding out an unavailable API) share its state and belong together.
 
 The standard `process` worker starts a Python interpreter per flow run (imports Prefect, pydantic,
 the validators... ~3 CPU s and ~150-200 MB each). This worker imports each deployment's flow once
@@ -44,6 +46,7 @@ What it does differently from the `process` worker (by design, because runs shar
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import importlib
 import importlib.util
@@ -51,6 +54,7 @@ import inspect
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,8 +72,9 @@ from prefect.workers.base import (
 from pydantic import Field, PrivateAttr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from chain.failures import is_infrastructure
 from worker.engine import ClientPool, ReadCache, keep_server_result_storage, suspension_observer
-from worker.recovery import PoolRecovery, Recovered
+from worker.recovery import ENGINE_ERROR, PoolRecovery, Recovered
 from worker.wakeup import PoolWakeup
 
 if TYPE_CHECKING:
@@ -82,6 +87,8 @@ log = logging.getLogger(__name__)
 
 WORKER_TYPE = "wis2-warm"
 DEFAULT_THREADS = 16  # flow runs at once when the worker is started without --limit
+ENDED_KEPT = 1000  # runs remembered as executed here (recovery: own_ended)
+SLOW_API_CALL_S = 20.0  # a poll or heartbeat this slow was retried through an API outage
 
 
 class WarmWorkerSettings(BaseSettings):
@@ -240,8 +247,11 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         self._wake = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
         self._executing: set[UUID] = set()  # runs this process is executing (recovery skips)
+        # runs whose execution here ended (the last ENDED_KEPT): one still Pending or Running
+        # on the server never got its final state there (recovery reclaims it)
+        self._ended: collections.deque[UUID] = collections.deque(maxlen=ENDED_KEPT)
         self._recovery = PoolRecovery(self._work_pool_name, own_name=self.name,
-                                      own_runs=self._own_runs)
+                                      own_runs=self._own_runs, own_ended=lambda: self._ended)
         if self._limit is None:
             log.warning("wis2-warm worker started without --limit: at most %d flow runs at once",
                         DEFAULT_THREADS)
@@ -300,6 +310,7 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         try:
             return await self._run(flow_run, configuration, run_logger, identifier)
         finally:
+            self._ended.append(flow_run.id)
             self._executing.discard(flow_run.id)
 
     async def _run(self, flow_run: FlowRun, configuration: WarmJobConfiguration,
@@ -316,7 +327,7 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         except Exception as exc:
             run_logger.exception("flow run %s ended with an engine error", flow_run.id)
             await self._propose_crashed_state(
-                flow_run, f"engine error in the wis2-warm worker: {type(exc).__name__}: {exc}")
+                flow_run, f"{ENGINE_ERROR}: {type(exc).__name__}: {exc}")
             return WarmWorkerResult(identifier=identifier, status_code=1)
 
         # A Completed state was accepted by the server, so the run was not being cancelled.
@@ -328,13 +339,50 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         return self._executing | set(self._submitting_flow_run_ids)
 
     async def get_and_submit_flow_runs(self) -> list[FlowRun]:
-        """Before each poll (at most every WIS2_RECOVERY_INTERVAL): reschedule stranded runs."""
+        """Before each poll (at most every WIS2_RECOVERY_INTERVAL): reschedule stranded runs.
+        A poll that fails because the API is unavailable (`chain.failures`) is reported and
+        tried again at the next interval: Prefect's service loop would back off and, after
+        about a minute of failures, end the worker (a Prefect server whose database or
+        messaging restarts); the runs this worker executes go on meanwhile."""
         if self._client is not None:
             recovered: list[Recovered] = await self._recovery.maybe_run(self.client)
             for item in recovered:
                 self._logger.warning("recovery: %s flow run %s (%s): %s", item.action,
                                      item.name, item.flow_run_id, item.reason)
-        return await super().get_and_submit_flow_runs()
+        started = time.monotonic()
+        try:
+            return await super().get_and_submit_flow_runs()
+        except Exception as exc:
+            if not is_infrastructure(exc):
+                raise
+            self._api_unavailable("polling the pool", exc)
+            return []
+        finally:
+            self._slow_call(started)
+
+    async def _sync_and_initialize(self) -> None:
+        """The heartbeat (and pool sync): once the worker has synced, an unavailable API is
+        reported and tried again at the next heartbeat instead of backing off to an exit."""
+        started = time.monotonic()
+        try:
+            await super()._sync_and_initialize()
+        except Exception as exc:
+            if not self._has_successfully_synced or not is_infrastructure(exc):
+                raise
+            self._api_unavailable("sending the heartbeat", exc)
+        finally:
+            self._slow_call(started)
+
+    def _slow_call(self, started: float) -> None:
+        """A poll or heartbeat that took this long spent it in the client's retries: the API
+        was unavailable meanwhile (for the other workers' heartbeats too)."""
+        if time.monotonic() - started > SLOW_API_CALL_S:
+            self._recovery.saw_outage()
+
+    def _api_unavailable(self, doing: str, exc: BaseException) -> None:
+        self._recovery.saw_outage()
+        self._logger.warning("%s failed, the Prefect API is unavailable (%s): tried again",
+                             doing, str(exc).splitlines()[0][:300])
 
     async def _propose_submitting_state(self, flow_run: FlowRun) -> None:
         """No `Submitting` state: the run starts in this process at once (Pending -> Running).

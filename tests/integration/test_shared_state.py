@@ -105,8 +105,12 @@ def test_record_many_records_all_in_one_transaction_or_none(
 
 
 def test_an_unreachable_ledger_fails_naming_wis2_ledger_url() -> None:
-    ledger = PostgresLedger(f"postgresql://{PG_USER}@127.0.0.1:{free_port()}/nowhere")
-    with pytest.raises(LedgerUnavailable, match=r"WIS2_LEDGER_URL=postgresql://.*cannot connect"):
+    """Retried for WIS2_LEDGER_RETRY_SECONDS (test_service_outages.py: a server coming back
+    within it), then `LedgerUnavailable` naming the URL and the setting."""
+    ledger = PostgresLedger(f"postgresql://{PG_USER}@127.0.0.1:{free_port()}/nowhere",
+                            retry_seconds=1)
+    with pytest.raises(LedgerUnavailable, match=r"WIS2_LEDGER_URL=postgresql://.*failed for 1 s "
+                       r"\(WIS2_LEDGER_RETRY_SECONDS\).*Connection refused"):
         ledger.get("wis2/x/a")
 
 

@@ -130,6 +130,7 @@ def test_chain_settings_match_the_benchmarked_ones(resolved: dict) -> None:
     assert "--type wis2-warm --limit 8" in " ".join(services["prefect-worker"]["command"])
     assert worker_env["PREFECT_WORKER_QUERY_SECONDS"] == LocalNode.WORKER_QUERY_SECONDS
     assert worker_env["PREFECT_CLIENT_MAX_RETRIES"] == LocalNode.WORKER_CLIENT_MAX_RETRIES
+    assert worker_env["PREFECT_CLIENT_RETRY_EXTRA_CODES"] == LocalNode.WORKER_CLIENT_RETRY_CODES
     listener_env = services["listener"]["environment"]
     for env in (worker_env, listener_env):
         assert env["PREFECT_CLIENT_CSRF_SUPPORT_ENABLED"] == LocalNode.CLIENT_CSRF_SUPPORT
