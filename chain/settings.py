@@ -46,6 +46,16 @@ class ChainSettings(BaseSettings):
         default=Path.home() / ".wis2-chain" / "results",
         description="Where cached task results and the publication ledger are persisted",
     )
+    results_retention_days: float = Field(
+        default=14.0, gt=0,
+        description="Days the cached task results are kept (files: deleted; Redis: expire). "
+        "14, as long as the Prefect server keeps flow runs: a run that can still be retried "
+        "finds its results; afterwards the publication ledger alone decides (chain/retention.py)",
+    )
+    housekeeping_seconds: float = Field(
+        default=3600.0, gt=0,
+        description="Seconds between two sweeps of the results by each warm worker",
+    )
     ledger_url: str | None = Field(
         default=None,
         description="PostgreSQL database of the publication ledger shared by every worker host, "

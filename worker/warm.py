@@ -67,6 +67,8 @@ from prefect.workers.base import (
 from pydantic import Field, PrivateAttr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from chain.retention import Housekeeper
+from chain.settings import get_settings
 from worker.engine import ClientPool, suspension_observer
 from worker.recovery import PoolRecovery, Recovered
 from worker.wakeup import PoolWakeup
@@ -245,6 +247,8 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         if self._wakeup is not None:
             self._background = [asyncio.create_task(self._wakeup.run()),
                                 asyncio.create_task(self._poll_on_wake())]
+        # Results retention (chain/retention.py): this host's results, every hour by default.
+        self._background.append(asyncio.create_task(Housekeeper(get_settings()).run()))
 
     async def teardown(self, *exc_info: Any) -> None:
         for task in self._background:
