@@ -47,7 +47,7 @@ NODE_SERVER_SETTINGS: dict[str, str] = {
     "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "events,flow_runs",
     "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD": str(14 * 86400),
     # Events (the UI's event feed, the workers' wake-up stream): Prefect's 7 days, made explicit.
-    "PREFECT_SERVER_EVENTS_RETENTION_PERIOD": str(7 * 86400),
+    "PREFECT_SERVER_EVENTS_RETENTION_PERIOD": "P7D",  # ISO 8601 (no plain seconds here)
     # glibc's allocator: blocks over 128 kB (a batch run's parameters and its responses are
     # ~100 kB of JSON) are mapped and returned to the system when freed, instead of the
     # threshold rising to 32 MB and bursts leaving a fragmented heap behind; two arenas for
