@@ -49,6 +49,7 @@ class Options(argparse.Namespace):
     variant: list[str]
     variants: list[Variant]  # parsed from --variant
     count_requests: bool
+    ledger_scale: int
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -136,6 +137,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
                    "per route")
     p.add_argument("--tiny", action="store_true",
                    help="5 events per phase, short timeouts (the test suite's smoke run)")
+    p.add_argument("--ledger-scale", type=int, default=0, metavar="N",
+                   help="only measure the publication ledger filled with N entries, SQLite and "
+                   "PostgreSQL (bench/ledger_scale.py): size, get_many and record_many of 50")
     p.add_argument("--out", type=Path, default=None, help="output directory")
     p.add_argument("--dataset", default="argo")
     p.add_argument("--listener", choices=["project", "standin"], default="project",

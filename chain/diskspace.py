@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,6 +31,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 log = logging.getLogger(__name__)
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+MIN_HEADROOM = 2**20  # after a write failed for lack of space: wait for 1 MiB more than then
+T = TypeVar("T")
 
 
 class DiskSettings(BaseSettings):
@@ -97,6 +102,58 @@ def is_disk_full(exc: BaseException) -> bool:
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+class DiskFull(OSError):
+    """The file system holding `path` stayed full for longer than the run may wait."""
+
+    def __init__(self, path: Path, waited: float) -> None:
+        self.path = path
+        super().__init__(errno.ENOSPC, f"no space left on the disk holding {path} "
+                         f"(waited {waited:.0f} s for space; free it and re-run)")
+
+
+def wait_for_space(path: Path, need_bytes: int, timeout: float, poll: float = 5.0,
+                   sleep: Callable[[float], None] = time.sleep) -> float:
+    """Return once the file system holding `path` has more than `need_bytes` free (at once if
+    it has); meanwhile log a WARNING naming the path every minute. Returns the seconds waited;
+    raises `DiskFull` after `timeout` seconds."""
+    began = time.monotonic()
+    last_log = -math.inf
+    while True:
+        free = measure(path, 0).free_bytes
+        if free > need_bytes:
+            return time.monotonic() - began
+        waited = time.monotonic() - began
+        if waited >= timeout:
+            raise DiskFull(Path(path), waited)
+        if waited - last_log >= 60:
+            last_log = waited
+            log.warning("disk full: %s has %d bytes free, %d needed: waiting for space "
+                        "(at most %.0f s more)", path, free, need_bytes, timeout - waited,
+                        extra={"path": str(path), "free_bytes": free})
+        sleep(poll)
+
+
+def retry_when_disk_full(call: Callable[[], T], path: Path, reserve_bytes: int, timeout: float,
+                         poll: float = 5.0) -> T:
+    """`call()`, once the disk holding `path` has more than `reserve_bytes` free; when it
+    fails with 'no space left on device' (`is_disk_full`), wait for space and call it again
+    (it must be safe to repeat: the chain's runs are, through their cache and the ledger), for
+    `timeout` seconds in all, then `DiskFull`."""
+    deadline = time.monotonic() + timeout
+    need = reserve_bytes
+    while True:
+        wait_for_space(path, need, max(0.0, deadline - time.monotonic()), poll)
+        try:
+            return call()
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            log.error("no space left on the disk holding %s: %s; retrying once space is freed",
+                      path, exc, extra={"path": str(path)})
+            # more than what was free when it failed: no busy loop on a nearly full disk
+            need = max(reserve_bytes, measure(path, 0).free_bytes) + MIN_HEADROOM
 
 
 class DiskWatch:

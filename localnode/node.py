@@ -216,6 +216,10 @@ class LocalNode:
             "WIS2_LISTENER_CLIENT_ID": "wis2-chain-demo-listener",
             "WIS2_LISTENER_DEADLETTER_DIR": str(self.run_dir / "deadletters"),
             "WIS2_LISTENER_METRICS_PORT": str(s.metrics_port),
+            # the free-space alarm also watches the worker's results and ledger, and the
+            # broker's persistence (one host: chain/diskspace.py)
+            "WIS2_DISK_PATHS": json.dumps([str(self.run_dir / "results"),
+                                           str(self.run_dir / "broker" / "data")]),
         })
         if self.database_url.startswith("postgresql"):
             env["WIS2_LISTENER_API_CONCURRENCY"] = self.POSTGRES_LISTENER_API_CONCURRENCY

@@ -114,3 +114,40 @@ def test_disk_settings_paths(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     settings = DiskSettings(_env_file=None)
     assert settings.min_free_percent == 5
     assert settings.paths_with(tmp_path / "results") == [tmp_path / "results", tmp_path / "pg"]
+
+
+def test_a_run_waits_for_space_then_goes_on_and_names_the_disk_when_it_gives_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from chain.diskspace import DiskFull, DiskUsage, retry_when_disk_full
+
+    free = iter([10 * 2**20, 0, 0, 5 * 2**20, 5 * 2**20])  # space, then full, then freed
+
+    def fake_measure(path: Path, min_free_percent: float) -> DiskUsage:
+        value = next(free)
+        return DiskUsage(path=str(path), free_bytes=value, total_bytes=2**30,
+                         free_percent=0.0, low=True)
+
+    monkeypatch.setattr(diskspace, "measure", fake_measure)
+    calls: list[int] = []
+
+    def write() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return "published"
+
+    with caplog.at_level(logging.WARNING, logger="chain.diskspace"):
+        assert retry_when_disk_full(write, tmp_path, reserve_bytes=2**20, timeout=60,
+                                    poll=0) == "published"
+    assert len(calls) == 2
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "no space left on the disk holding" in messages and str(tmp_path) in messages
+    assert "disk full" in messages  # the wait, naming the path
+    monkeypatch.setattr(diskspace, "measure", lambda path, pct: DiskUsage(
+        path=str(path), free_bytes=0, total_bytes=1, free_percent=0.0, low=True))
+    with pytest.raises(DiskFull, match=str(tmp_path)):
+        retry_when_disk_full(lambda: "never", tmp_path, reserve_bytes=0, timeout=0.2, poll=0.05)
+    with pytest.raises(ValueError):  # other errors are not retried
+        monkeypatch.setattr(diskspace, "measure", lambda path, pct: DiskUsage(
+            path=str(path), free_bytes=2**30, total_bytes=2**31, free_percent=50.0, low=False))
+        retry_when_disk_full(lambda: int("x"), tmp_path, reserve_bytes=0, timeout=1, poll=0)
