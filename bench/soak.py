@@ -15,6 +15,7 @@ after the first retention cycle (per 10,000 events) and whether it plateaus. A P
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import statistics
@@ -137,7 +138,7 @@ def series_of(samples: list[dict[str, Any]]) -> dict[str, list[float | None]]:
 
 
 def slope_per_10k(xs: list[float], ys: list[float]) -> float | None:
-    """Least-squares slope of ys over xs (events), per 10,000 events."""
+    """Least-squares slope of ys over xs (events published), per 10,000 events."""
     if len(xs) < 3 or max(xs) == min(xs):
         return None
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
@@ -154,7 +155,8 @@ def plateaus(samples: list[dict[str, Any]], after_t: float,
     window = [i for i, s in enumerate(samples) if s["t"] >= after_t]
     result: dict[str, Any] = {}
     for name, values in series_of(samples).items():
-        points = [(samples[i]["sent"], values[i]) for i in window if values[i] is not None]
+        points = [(samples[i]["published"], values[i]) for i in window
+                  if values[i] is not None]
         if len(points) < 3:
             result[name] = {"slope_per_10k": None, "plateau": None}
             continue
@@ -216,6 +218,7 @@ def run(opts: Any, out_dir: Path) -> dict[str, Any]:
             result["drain_seconds"] = round(time.monotonic() - started, 1)
             sampler.stop.wait(2 * opts.soak_sample_seconds)  # the last samples, drained
         samples = sampler.samples
+        (out_dir / "samples.json").write_text(json.dumps(samples) + "\n")
         result["drained"] = drained
         result["lost"] = len(good) - collector.received(good)
         result["second_ids"] = sum(1 for d in good if collector.copies(d)[1] > 1)
@@ -230,11 +233,8 @@ def run(opts: Any, out_dir: Path) -> dict[str, Any]:
         else:
             result["plateau_check"] = plateaus(samples, first_cycle, events_per_day=200000)
         series = series_of(samples)
-        small_multiples(out_dir / "soak.png", [s["sent"] for s in samples],
-                        [[v if v is not None else None for v in values]
-                         for values in series.values()],
-                        marker_x=next((s["sent"] for s in samples if s["t"] >= first_cycle),
-                                      None))
+        small_multiples(out_dir / "soak.png", [s["t"] for s in samples],
+                        list(series.values()), marker_x=first_cycle)
         result["plot"] = str(out_dir / "soak.png")
         result["plot_panels"] = {name: [min(v for v in vals if v is not None),
                                         max(v for v in vals if v is not None)]
@@ -253,7 +253,7 @@ def markdown(results: dict[str, Any]) -> str:
              f"- published: every good event {'yes' if r.get('drained') else 'NO'}; lost "
              f"{r.get('lost')}; second ids {r.get('second_ids')}; publishing took "
              f"{r.get('publish_seconds')} s, drained at {r.get('drain_seconds')} s",
-             f"- plot (panels in this order, each from 0 to its max; x: events sent; red: the "
+             f"- plot (panels in this order, each from 0 to its max; x: seconds; red: the "
              f"first retention cycle): `{r.get('plot')}`"]
     for name, (low, high) in r.get("plot_panels", {}).items():
         lines.append(f"  - {name}: {low} .. {high}")

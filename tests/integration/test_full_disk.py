@@ -21,8 +21,8 @@ import pytest
 from bench.collect import Collector
 from bench.events import EventFactory
 from chain.mqtt import Publisher
-from chain.processes import free_port
-from localnode.node import LocalNode, NodeSettings
+from localnode.node import LocalNode
+from tests.fixtures.node import running_node, wait_subscribed
 from wis2.dataset import load_dataset
 
 pytestmark = pytest.mark.integration
@@ -52,26 +52,17 @@ def wait_for(condition, timeout: float, what: str):
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]:
     if os.geteuid() != 0:
         pytest.skip("mounting the test's tmpfs needs root")
-    settings = NodeSettings(
-        _env_file=None, run_dir=tmp_path_factory.mktemp("full-disk-node"),
-        broker_port=free_port(), broker_ws_port=free_port(), prefect_port=free_port(),
-        files_port=free_port(), metrics_port=free_port(), verify_data=False, timeout=240)
-    node = SmallDiskNode(settings)
-    results = settings.run_dir / "results"
-    mounted = False
-    try:
-        node.start()
+    with running_node(tmp_path_factory.mktemp("full-disk-node"), timeout=240,
+                      node_class=SmallDiskNode, verify_data=False) as node:
+        results = node.run_dir / "results"
         results.mkdir(parents=True, exist_ok=True)
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "wis2-full-disk",
                         str(results)], check=True)
-        mounted = True
-        listener_log = settings.run_dir / "logs" / "listener.log"
-        wait_for(lambda: "msg=subscribed" in listener_log.read_text(), 120,
-                 "the listener's subscription")
-        yield node
-    finally:
-        node.stop()
-        if mounted:
+        try:
+            wait_subscribed(node)
+            yield node
+        finally:
+            node.stop()  # before the file system goes
             subprocess.run(["umount", "-l", str(results)], check=False)
 
 

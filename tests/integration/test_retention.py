@@ -23,10 +23,10 @@ import httpx
 import pytest
 
 from chain.mqtt import connect, publish_once
-from chain.processes import free_port
 from chain.retention import sweep_results
 from chain.settings import ChainSettings
-from localnode.node import LocalNode, NodeSettings
+from localnode.node import LocalNode
+from tests.fixtures.node import running_node, wait_subscribed
 
 pytestmark = pytest.mark.integration
 
@@ -36,20 +36,11 @@ TOPIC = "diffusion/files/coriolis/argo/csv"
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]:
-    settings = NodeSettings(
-        _env_file=None, run_dir=tmp_path_factory.mktemp("retention-node"),
-        broker_port=free_port(), broker_ws_port=free_port(), prefect_port=free_port(),
-        files_port=free_port(), metrics_port=free_port(), timeout=240)
     # The node's retention settings as they are; only the vacuum looks every 2 s.
-    node = LocalNode(settings, server_env={"PREFECT_SERVER_SERVICES_DB_VACUUM_LOOP_SECONDS": "2"})
-    try:
-        node.start()
-        listener_log = node.run_dir / "logs" / "listener.log"  # a new session: subscribe first
-        wait_for(lambda: "msg=subscribed" in listener_log.read_text(), 120,
-                 "the listener's subscription")
+    with running_node(tmp_path_factory.mktemp("retention-node"), timeout=240,
+                      server_env={"PREFECT_SERVER_SERVICES_DB_VACUUM_LOOP_SECONDS": "2"}) as node:
+        wait_subscribed(node)
         yield node
-    finally:
-        node.stop()
 
 
 class Origin:
