@@ -113,10 +113,16 @@ class Sampler:
     def _loop(self) -> None:
         while not self.stop.is_set():
             try:
-                self.samples.append(self.sample())
+                self._keep(self.sample())
             except Exception:
                 log.exception("soak sample failed")
             self.stop.wait(self.interval)
+
+    def _keep(self, sample: dict[str, Any]) -> None:
+        """Kept, and appended to samples.jsonl as it comes (a run cut short keeps its series)."""
+        self.samples.append(sample)
+        with (self.node.run_dir.parent / "samples.jsonl").open("a") as out:
+            out.write(json.dumps(sample) + "\n")
 
     def __enter__(self) -> Sampler:
         self.thread.start()
@@ -125,7 +131,7 @@ class Sampler:
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join(30)
-        self.samples.append(self.sample())
+        self._keep(self.sample())
 
 
 def series_of(samples: list[dict[str, Any]]) -> dict[str, list[float | None]]:
