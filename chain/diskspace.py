@@ -89,19 +89,39 @@ def measure(path: Path, min_free_percent: float) -> DiskUsage:
                      free_percent=round(percent, 3), low=percent < min_free_percent)
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and what caused it."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not other for other in seen):
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
 def is_disk_full(exc: BaseException) -> bool:
     """Whether `exc` (or what caused it) is 'no space left on device' / 'quota exceeded'."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in _chain(exc):
         if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
             return True
         text = str(current).lower()
         if "no space left on device" in text or "database or disk is full" in text:
             return True
-        current = current.__cause__ or current.__context__
     return False
+
+
+def is_io_error(exc: BaseException) -> bool:
+    """Whether `exc` (or its cause) is an I/O error, as SQLite reports a WAL write that found
+    no space ('disk I/O error', SQLITE_IOERR): a full disk when the disk is full."""
+    return any((isinstance(current, OSError) and current.errno == errno.EIO)
+               or "disk i/o error" in str(current).lower() for current in _chain(exc))
+
+
+def out_of_space(exc: BaseException, path: Path, reserve_bytes: int) -> bool:
+    """Whether `exc` is the disk holding `path` being full: 'no space left' said so, or an I/O
+    error while that disk has no more than `reserve_bytes` (+ 1 MiB) free."""
+    return is_disk_full(exc) or (
+        is_io_error(exc) and measure(path, 0).free_bytes <= reserve_bytes + MIN_HEADROOM)
 
 
 class DiskFull(OSError):
@@ -148,7 +168,7 @@ def retry_when_disk_full(call: Callable[[], T], path: Path, reserve_bytes: int, 
         try:
             return call()
         except Exception as exc:
-            if not is_disk_full(exc):
+            if not out_of_space(exc, path, reserve_bytes):
                 raise
             log.error("no space left on the disk holding %s: %s; retrying once space is freed",
                       path, exc, extra={"path": str(path)})

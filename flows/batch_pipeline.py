@@ -28,7 +28,6 @@ from typing import Any
 from prefect.logging import get_run_logger
 from prefect.utilities.annotations import quote
 
-from chain.diskspace import is_disk_full
 from chain.ledger import LedgerSnapshot
 from flows.pipeline import Pipeline, ProcessedEvent, _in_ledger, as_event, file_label
 from flows.tasks.batch import (
@@ -92,19 +91,20 @@ def publish_events(raw_events: list[Any], pipeline: Pipeline) -> list[BatchEvent
     while pending:
         rounds += 1
         pending = pipeline.when_disk_has_space(partial(_round, pending, pipeline))
-        pending += _out_of_space(items, pending)
+        pending += _out_of_space(items, pending, pipeline)
     if rounds > 1:
         get_run_logger().info("%d rounds: some events of the batch announce the same file",
                               rounds)
     return items
 
 
-def _out_of_space(items: list[BatchEvent], pending: list[BatchEvent]) -> list[BatchEvent]:
+def _out_of_space(items: list[BatchEvent], pending: list[BatchEvent],
+                  pipeline: Pipeline) -> list[BatchEvent]:
     """The events of the round that failed for lack of disk space, made pending again (the
     next round waits for space first: `Pipeline.when_disk_has_space`)."""
     full = [item for item in items
-            if item.error is not None and is_disk_full(item.error)
-            and all(item is not other for other in pending)]
+            if item.error is not None and all(item is not other for other in pending)
+            and pipeline.out_of_space(item.error)]
     for item in full:
         get_run_logger().warning("%s: no space left on the results' disk (%s): retried once "
                                  "space is freed", item.label, item.error)

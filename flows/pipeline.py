@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
-from chain.diskspace import retry_when_disk_full
+from chain.diskspace import out_of_space, retry_when_disk_full
 from chain.ledger import Ledger, LedgerReader, ledger_location, open_ledger
 from chain.mqtt import MqttConnection
 from chain.settings import ChainSettings
@@ -163,6 +163,11 @@ class Pipeline:
         s = self.settings
         return retry_when_disk_full(call, Path(s.results_dir).expanduser(),
                                     int(s.disk_reserve_mb * 2**20), s.disk_full_wait_seconds)
+
+    def out_of_space(self, error: BaseException) -> bool:
+        """Whether `error` is the results' disk being full (`chain.diskspace`)."""
+        return out_of_space(error, Path(self.settings.results_dir).expanduser(),
+                            int(self.settings.disk_reserve_mb * 2**20))
 
     def connection(self) -> MqttConnection:
         """The broker to publish with, loaded on first use (after validation passed)."""

@@ -28,7 +28,7 @@ from chain.settings import ChainSettings
 from localnode.node import LocalNode
 from tests.fixtures.node import running_node, wait_subscribed
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]  # a node on a busy machine
 
 DAY = 86400
 TOPIC = "diffusion/files/coriolis/argo/csv"

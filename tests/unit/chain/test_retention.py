@@ -151,3 +151,21 @@ def test_a_run_waits_for_space_then_goes_on_and_names_the_disk_when_it_gives_up(
         monkeypatch.setattr(diskspace, "measure", lambda path, pct: DiskUsage(
             path=str(path), free_bytes=2**30, total_bytes=2**31, free_percent=50.0, low=False))
         retry_when_disk_full(lambda: int("x"), tmp_path, reserve_bytes=0, timeout=1, poll=0)
+
+
+def test_an_io_error_counts_as_a_full_disk_only_when_the_disk_is_full(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite reports a WAL write that found no space as 'disk I/O error' (seen on a full
+    tmpfs): retried as a full disk when the disk is full, raised otherwise."""
+    import sqlite3
+
+    from chain.diskspace import DiskUsage, out_of_space
+
+    error = sqlite3.OperationalError("disk I/O error")
+    free = {"bytes": 0}
+    monkeypatch.setattr(diskspace, "measure", lambda path, pct: DiskUsage(
+        path=str(path), free_bytes=free["bytes"], total_bytes=2**30, free_percent=0.0, low=True))
+    assert out_of_space(error, tmp_path, reserve_bytes=2**20)
+    free["bytes"] = 2**30
+    assert not out_of_space(error, tmp_path, reserve_bytes=2**20)
+    assert out_of_space(OSError(errno.ENOSPC, "No space left on device"), tmp_path, 0)
