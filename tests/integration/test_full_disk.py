@@ -148,4 +148,5 @@ def failed_runs(node: LocalNode) -> list[str]:
 
 
 def all_runs_done(node: LocalNode) -> bool:
-    return all(r["state_type"] == "COMPLETED" for r in flow_runs(node))
+    """No run pending or running (the daily metadata deployment's future runs stay Scheduled)."""
+    return not [r for r in flow_runs(node) if r["state_type"] in ("PENDING", "RUNNING")]
