@@ -60,7 +60,7 @@ class Canvas:
 def small_multiples(path: Path, x: Sequence[float], series: Sequence[Sequence[float]],
                     marker_x: float | None = None, columns: int = 2,
                     panel: tuple[int, int] = (420, 150)) -> None:
-    """One panel per series (row-major, `columns` wide), each scaled from 0 to its own maximum,
+    """One panel per series (row-major, `columns` wide), each scaled from 0 to 1.1 x its maximum,
     on the same x axis; a grey grid at quarters; a red vertical line at `marker_x`."""
     width, height = panel
     pad = 10
@@ -71,7 +71,7 @@ def small_multiples(path: Path, x: Sequence[float], series: Sequence[Sequence[fl
     for index, values in enumerate(series):
         left = pad + (index % columns) * (width + pad)
         top = pad + (index // columns) * (height + pad)
-        y_max = max((v for v in values if v is not None), default=0.0) or 1.0
+        y_max = 1.1 * max((v for v in values if v is not None), default=0.0) or 1.0  # a margin
         for q in (1, 2, 3):
             canvas.line(left, top + q * height // 4, left + width, top + q * height // 4, GREY)
             canvas.line(left + q * width // 4, top, left + q * width // 4, top + height, GREY)

@@ -259,7 +259,7 @@ def markdown(results: dict[str, Any]) -> str:
              f"- published: every good event {'yes' if r.get('drained') else 'NO'}; lost "
              f"{r.get('lost')}; second ids {r.get('second_ids')}; publishing took "
              f"{r.get('publish_seconds')} s, drained at {r.get('drain_seconds')} s",
-             f"- plot (panels in this order, each from 0 to its max; x: seconds; red: the "
+             f"- plot (panels in this order, each from 0 to 1.1 x its max; x: seconds; red: the "
              f"first retention cycle): `{r.get('plot')}`"]
     for name, (low, high) in r.get("plot_panels", {}).items():
         lines.append(f"  - {name}: {low} .. {high}")
