@@ -12,6 +12,12 @@ threshold (and an INFO when it is back above), never more than once per change, 
 fires days before the disk is full; callers turn the result into a metric and a health check
 (`listener.observability`). A path that does not exist yet is measured at its nearest existing
 parent (the file system it will be created on).
+
+When the disk is full anyway, `retry_when_disk_full(call, path, reserve, timeout)` runs `call`
+once `path`'s file system has `reserve` bytes free, and again after it failed for lack of space
+(`out_of_space`: ENOSPC/EDQUOT, SQLite's "database or disk is full", or an I/O error while that
+disk is full), logging the wait; after `timeout` seconds it raises `DiskFull` naming the path
+(`flows.pipeline.Pipeline.when_disk_has_space`).
 """
 
 from __future__ import annotations
