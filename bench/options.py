@@ -54,6 +54,12 @@ class Options(argparse.Namespace):
     verify: bool
     file_mix: FileMix
     file_latency_ms: float
+    ledger_scale: int
+    soak: bool
+    soak_events: int
+    soak_rate: float
+    soak_retention_seconds: float
+    soak_sample_seconds: float
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -152,6 +158,17 @@ def parse_args(argv: list[str] | None = None) -> Options:
                    "request (a remote data server)")
     p.add_argument("--tiny", action="store_true",
                    help="5 events per phase, short timeouts (the test suite's smoke run)")
+    p.add_argument("--ledger-scale", type=int, default=0, metavar="N",
+                   help="only measure the publication ledger filled with N entries, SQLite and "
+                   "PostgreSQL (bench/ledger_scale.py): size, get_many and record_many of 50")
+    p.add_argument("--soak", action="store_true",
+                   help="only the soak (bench/soak.py): --soak-events at --soak-rate through "
+                   "the PostgreSQL node with every retention compressed, sampled")
+    p.add_argument("--soak-events", type=int, default=100000)
+    p.add_argument("--soak-rate", type=float, default=25.0, help="events per second")
+    p.add_argument("--soak-retention-seconds", type=float, default=3601.0,
+                   help="every retention during the soak (Prefect's minimum: over an hour)")
+    p.add_argument("--soak-sample-seconds", type=float, default=10.0)
     p.add_argument("--out", type=Path, default=None, help="output directory")
     p.add_argument("--dataset", default="argo")
     p.add_argument("--listener", choices=["project", "standin"], default="project",

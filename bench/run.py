@@ -393,6 +393,38 @@ def _write(results: dict[str, Any], out_dir: Path) -> None:
     (out_dir / "results.md").write_text(markdown(results))
 
 
+def run_ledger_scale(opts: Options) -> int:
+    """`--ledger-scale N`: the publication ledger alone (bench/ledger_scale.py)."""
+    from bench import ledger_scale
+
+    out_dir = opts.out or OUT / datetime.now(UTC).strftime("ledger-%Y%m%dT%H%M%SZ")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {"started": datetime.now(UTC).isoformat(timespec="seconds"),
+               "command": "python -m bench.run " + " ".join(sys.argv[1:]),
+               "machine": describe(), **ledger_scale.run(opts.ledger_scale, out_dir)}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "results.md").write_text(ledger_scale.markdown(results))
+    sys.stdout.write(ledger_scale.markdown(results))
+    sys.stdout.write(f"\nresults: {out_dir / 'results.json'}\n")
+    return 0
+
+
+def run_soak(opts: Options) -> int:
+    """`--soak`: the soak alone (bench/soak.py)."""
+    from bench import soak
+
+    out_dir = opts.out or OUT / datetime.now(UTC).strftime("soak-%Y%m%dT%H%M%SZ")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {"started": datetime.now(UTC).isoformat(timespec="seconds"),
+               "command": "python -m bench.run " + " ".join(sys.argv[1:]),
+               "machine": describe(), **soak.run(opts, out_dir)}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "results.md").write_text(soak.markdown(results))
+    sys.stdout.write(soak.markdown(results))
+    sys.stdout.write(f"\nresults: {out_dir / 'results.json'}\n")
+    return 0 if results.get("drained") and not results.get("second_ids") else 1
+
+
 def _interrupted(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -405,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for noisy in ("httpx", "prefect", "localnode"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if opts.ledger_scale:
+        return run_ledger_scale(opts)
+    if opts.soak:
+        return run_soak(opts)
     results, out_dir = run(opts)
     sys.stdout.write(markdown(results))
     sys.stdout.write(f"\nresults: {out_dir / 'results.json'}\n")

@@ -63,6 +63,28 @@ def apply_env(env: dict[str, str], changes: Mapping[str, str | None]) -> dict[st
     return env
 
 
+def rotate_log(path: Path, max_bytes: int, keep: int = 3) -> bool:
+    """Rotate `path` when it exceeds `max_bytes`: copies `path.1 .. path.<keep>` (oldest
+    dropped), then truncates `path` in place (logrotate's `copytruncate`: the child keeps
+    writing to its open file, opened in append mode, so its next lines start the new file;
+    a line written between the copy and the truncation can be lost). Returns whether it did."""
+    path = Path(path)
+    try:
+        if path.stat().st_size <= max_bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    for index in range(keep - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{index}")
+        if older.exists():
+            older.replace(path.with_name(f"{path.name}.{index + 1}"))
+    with path.open("rb") as source, path.with_name(f"{path.name}.1").open("wb") as copy:
+        while chunk := source.read(1 << 20):
+            copy.write(chunk)
+    os.truncate(path, 0)
+    return True
+
+
 class ProcessFailed(RuntimeError):
     pass
 

@@ -60,6 +60,28 @@ class ChainSettings(BaseSettings):
         description="Where cached task results, the SQLite publication ledger and its claim "
         "lock files are persisted (one worker host)",
     )
+    results_retention_days: float = Field(
+        default=14.0, gt=0,
+        description="Days the cached task results are kept (files: deleted; Redis: expire). "
+        "14, as long as the Prefect server keeps flow runs: a run that can still be retried "
+        "finds its results; afterwards the publication ledger alone decides (chain/retention.py)",
+    )
+    housekeeping_seconds: float = Field(
+        default=3600.0, gt=0,
+        description="Seconds between two sweeps of the results by each warm worker",
+    )
+    disk_reserve_mb: float = Field(
+        default=64.0, ge=0,
+        description="Free space (MB) the results directory's file system must have before a "
+        "run processes an event; below it, and after a write failed for lack of space, the run "
+        "waits (a log line naming the disk every minute) instead of failing",
+    )
+    disk_full_wait_seconds: float = Field(
+        default=86400.0, ge=0,
+        description="Longest time a run waits for disk space, then fails naming the disk "
+        "(its events then need a replay); a day: the free-space alarm (WIS2_DISK_*) warned "
+        "long before",
+    )
     ledger_url: str | None = Field(
         default=None,
         description="PostgreSQL database of the publication ledger shared by every worker host, "

@@ -22,6 +22,7 @@ import logging
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from prefect.logging import get_run_logger
@@ -89,11 +90,26 @@ def publish_events(raw_events: list[Any], pipeline: Pipeline) -> list[BatchEvent
     rounds = 0
     while pending:
         rounds += 1
-        pending = _round(pending, pipeline)
+        pending = pipeline.when_disk_has_space(partial(_round, pending, pipeline))
+        pending += _out_of_space(items, pending, pipeline)
     if rounds > 1:
         get_run_logger().info("%d rounds: some events of the batch announce the same file",
                               rounds)
     return items
+
+
+def _out_of_space(items: list[BatchEvent], pending: list[BatchEvent],
+                  pipeline: Pipeline) -> list[BatchEvent]:
+    """The events of the round that failed for lack of disk space, made pending again (the
+    next round waits for space first: `Pipeline.when_disk_has_space`)."""
+    full = [item for item in items
+            if item.error is not None and all(item is not other for other in pending)
+            and pipeline.out_of_space(item.error)]
+    for item in full:
+        get_run_logger().warning("%s: no space left on the results' disk (%s): retried once "
+                                 "space is freed", item.label, item.error)
+        item.error = None
+    return full
 
 
 def _round(items: list[BatchEvent], pipeline: Pipeline) -> list[BatchEvent]:

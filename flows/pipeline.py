@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
+from chain.diskspace import out_of_space, retry_when_disk_full
 from chain.ledger import (
     Claim,
     ClaimLost,
@@ -58,6 +60,8 @@ from wis2.relations import relation_for
 from wis2.validation import ValidationFailed
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class NotificationOutcome(BaseModel):
@@ -189,6 +193,19 @@ class Pipeline:
             return None
         return entry.notification_id
 
+    def when_disk_has_space(self, call: Callable[[], T]) -> T:
+        """`call()` once the results' disk has WIS2_DISK_RESERVE_MB free, again after a
+        failure for lack of space (`chain.diskspace.retry_when_disk_full`: safe, the cache and
+        the ledger make a repeat publish nothing twice), for WIS2_DISK_FULL_WAIT_SECONDS at most."""
+        s = self.settings
+        return retry_when_disk_full(call, Path(s.results_dir).expanduser(),
+                                    int(s.disk_reserve_mb * 2**20), s.disk_full_wait_seconds)
+
+    def out_of_space(self, error: BaseException) -> bool:
+        """Whether `error` is the results' disk being full (`chain.diskspace`)."""
+        return out_of_space(error, Path(self.settings.results_dir).expanduser(),
+                            int(self.settings.disk_reserve_mb * 2**20))
+
     def connection(self) -> MqttConnection:
         """The broker to publish with, loaded on first use (after validation passed)."""
         if self._connection is None:
@@ -247,8 +264,12 @@ def publish_event(
     when a later notification of a multi-asset event fails to publish).
     """
     event = as_event(raw_event)
-    with pipeline.claimed(data_ids_of(event, pipeline.dataset)) as claim:
-        return _publish_claimed(event, pipeline, validation_key, claim)
+
+    def attempt() -> ProcessedEvent:
+        with pipeline.claimed(data_ids_of(event, pipeline.dataset)) as claim:
+            return _publish_claimed(event, pipeline, validation_key, claim)
+
+    return pipeline.when_disk_has_space(attempt)
 
 
 def _publish_claimed(

@@ -172,6 +172,25 @@ class DeadLetterStore:
             letter.replays = [r for r in letter.replays if r != replay]
             self._write(letter)
 
+    def remove_older_than(self, max_age_seconds: float,
+                          now: datetime | None = None) -> list[DeadLetter]:
+        """Delete the records last received more than `max_age_seconds` ago (open or
+        replayed: a message the broker delivers again makes a new record); returns them. Each
+        removal is logged with its id, topic and reason."""
+        cutoff = (now or utcnow()).timestamp() - max_age_seconds
+        removed = []
+        with self._locked():
+            for letter in self.list(include_replayed=True):
+                if letter.last_received.timestamp() >= cutoff:
+                    continue
+                self.path(letter.id).unlink(missing_ok=True)
+                removed.append(letter)
+                log.info("dead letter removed by retention", extra={
+                    "id": letter.id, "topic": letter.topic, "reason": letter.reason,
+                    "last_received": letter.last_received.isoformat(),
+                    "status": letter.status})
+        return removed
+
     def set_payload(self, letter_id: str, payload: bytes) -> DeadLetter:
         """Replace the payload to replay (the record keeps its id)."""
         with self._locked():

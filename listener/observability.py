@@ -13,6 +13,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from chain.diskspace import DiskUsage
 from listener.deadletters import REASONS
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
@@ -98,12 +99,29 @@ class Metrics:
             "wis2_listener_in_flight", "Messages received and not acknowledged yet", registry=r)
         self.broker_connected = Gauge(
             "wis2_listener_broker_connected", "1 when connected to the broker", registry=r)
+        self.disk_free_bytes = Gauge(
+            "wis2_listener_disk_free_bytes",
+            "Free bytes of the file system holding a watched path (chain.diskspace)", ["path"],
+            registry=r)
+        self.disk_low = Gauge(
+            "wis2_listener_disk_low",
+            "1 when a watched path's file system has less free space than "
+            "WIS2_DISK_MIN_FREE_PERCENT", ["path"], registry=r)
+        self.deadletters_expired = Counter(
+            "wis2_listener_deadletters_expired",
+            "Dead letters deleted by retention (WIS2_LISTENER_DEADLETTER_RETENTION_DAYS)",
+            registry=r)
         for reason in REASONS:
             self.rejected.labels(reason=reason)
         if oldest_unacked is not None:
             self.oldest_unacked.set_function(oldest_unacked)
         if in_flight is not None:
             self.in_flight.set_function(in_flight)
+
+    def set_disk(self, usages: list[DiskUsage]) -> None:
+        for usage in usages:
+            self.disk_free_bytes.labels(path=usage.path).set(usage.free_bytes)
+            self.disk_low.labels(path=usage.path).set(1 if usage.low else 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -18,6 +18,7 @@ import logging
 import signal
 from typing import Any
 
+from chain.diskspace import DiskSettings, DiskWatch
 from listener.backoff import ApiBackoff
 from listener.batching import BatchPolicy
 from listener.creation import RunCreation
@@ -49,6 +50,8 @@ class Listener:
         self.rejecter = Rejecter(self.store, self.metrics, self.session)
         self.queue: asyncio.Queue[Inbound | None] = asyncio.Queue()
         self.http: HealthServer | None = None
+        disk = DiskSettings()
+        self.disk = DiskWatch(disk.paths_with(settings.deadletter_dir), disk.min_free_percent)
 
     def health(self) -> dict[str, Any]:
         """The /healthz document."""
@@ -56,11 +59,29 @@ class Listener:
             status = "stopping"
         elif not self.session.connected:
             status = "disconnected"
+        elif self.disk.low_paths:
+            status = "disk_low"
         else:
             status = "ok"
         return {"status": status, "broker_connected": self.session.connected,
                 "api": self.api.status, "in_flight": self.in_flight.count(),
-                "oldest_unacked_age_seconds": self.in_flight.oldest_age()}
+                "oldest_unacked_age_seconds": self.in_flight.oldest_age(),
+                "disk_low": self.disk.low_paths}
+
+    def housekeeping(self) -> None:
+        """Free disk space (metrics, health, a log line when low) and dead-letter retention."""
+        self.metrics.set_disk(self.disk.check())
+        expired = self.store.remove_older_than(self.settings.deadletter_retention_days * 86400)
+        if expired:
+            self.metrics.deadletters_expired.inc(len(expired))
+
+    async def _housekeeping_loop(self) -> None:
+        while not self.stop.requested:
+            try:
+                await asyncio.to_thread(self.housekeeping)
+            except Exception:  # retried next time; never stops the listener
+                log.exception("housekeeping failed")
+            await self.stop.sleep(self.settings.housekeeping_seconds)
 
     def request_stop(self, why: str = "signal") -> None:
         if self.stop.requested:
@@ -109,7 +130,9 @@ class Listener:
                     lambda item: loop.call_soon_threadsafe(self.queue.put_nowait, item))
                 workers = [asyncio.create_task(processor.worker())
                            for _ in range(s.concurrency)]
+                housekeeping = asyncio.create_task(self._housekeeping_loop())
                 await self.stop.wait()
+                housekeeping.cancel()
                 _done, pending = await asyncio.wait(workers, timeout=s.shutdown_timeout or None)
                 for task in pending:
                     task.cancel()

@@ -166,6 +166,17 @@ class ListenerSettings(BaseSettings, MqttConnection):
     deadletter_dir: Path = Field(
         default=Path.home() / ".wis2-chain" / "deadletters",
         description="Where rejected messages are kept, to read and replay")
+    deadletter_retention_days: float = Field(
+        default=30.0, gt=0,
+        description="Days a dead letter is kept after it was last received, then deleted "
+        "(logged). 30: longer than the flow runs (14), an operator has a month to see, fix "
+        "and replay it",
+    )
+    housekeeping_seconds: float = Field(
+        default=60.0, gt=0,
+        description="Seconds between two checks of the free disk space (WIS2_DISK_*) and "
+        "sweeps of the dead letters",
+    )
     metrics_host: str = Field(
         default="127.0.0.1", description="Address of the /metrics and /healthz endpoint")
     metrics_port: int = Field(default=9464, ge=0, le=65535, description="0: no HTTP endpoint")

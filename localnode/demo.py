@@ -52,7 +52,8 @@ def run(settings: NodeSettings, scaled: Topology | None = None) -> int:
         print(f"logs:       {settings.run_dir / 'logs'}")
         print("another event: make demo-event EVENT=path/to/event.json")
         print("Ctrl-C stops every process of the demo.", flush=True)
-        stop.wait()
+        while not stop.wait(60):  # until SIGTERM or Ctrl-C; the logs rotate meanwhile
+            node.rotate_logs()
         return 0
     except KeyboardInterrupt:
         return 0

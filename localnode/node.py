@@ -34,7 +34,7 @@ from broker.launcher import BrokerConfig, RunningBroker, start_broker
 from chain.deployments import PUBLISH_METADATA, PUBLISH_NOTIFICATION_FLOW
 from chain.files import write_atomically
 from chain.mqtt import MqttConnection, connect, publish_once
-from chain.processes import ManagedProcess, port_is_open
+from chain.processes import ManagedProcess, port_is_open, rotate_log
 from localnode.postgres import PostgresCluster
 from localnode.prefect_server import PrefectServer, prefect_cli
 
@@ -78,6 +78,10 @@ class NodeSettings(BaseSettings):
     prefect_auth_string: SecretStr | None = Field(
         default=None, description="'user:password' the Prefect API and UI ask for "
         "(default: admin and a generated password, in node.json)")
+    log_max_bytes: int = Field(
+        default=20 * 2**20, gt=0,
+        description="Size at which a process's log file under run_dir is rotated (3 old "
+        "copies kept: at most ~80 MB per process)")
 
 
 class NodeState(BaseModel):
@@ -219,6 +223,10 @@ class LocalNode:
             "WIS2_LISTENER_CLIENT_ID": "wis2-chain-demo-listener",
             "WIS2_LISTENER_DEADLETTER_DIR": str(self.run_dir / "deadletters"),
             "WIS2_LISTENER_METRICS_PORT": str(s.metrics_port),
+            # the free-space alarm also watches the worker's results and ledger, and the
+            # broker's persistence (one host: chain/diskspace.py)
+            "WIS2_DISK_PATHS": json.dumps([str(self.run_dir / "results"),
+                                           str(self.run_dir / "broker" / "data")]),
         })
         if self.database_url.startswith("postgresql"):
             env["WIS2_LISTENER_API_CONCURRENCY"] = self.POSTGRES_LISTENER_API_CONCURRENCY
@@ -337,6 +345,12 @@ class LocalNode:
         if self.postgres is not None and self._owns_postgres:
             self.postgres.cleanup()
             self.postgres, self._owns_postgres = None, False
+
+    def rotate_logs(self) -> int:
+        """Rotate the log files under run_dir over `log_max_bytes` (`chain.processes.rotate_log`);
+        returns how many were rotated."""
+        return sum(rotate_log(path, self.settings.log_max_bytes)
+                   for path in sorted(self.run_dir.rglob("*.log")) if path.is_file())
 
     # ---- using it --------------------------------------------------------------------------
     def event_payload(self, path: Path) -> bytes:

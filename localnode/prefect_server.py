@@ -38,6 +38,16 @@ NODE_SERVER_SETTINGS: dict[str, str] = {
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "200",
+    # Retention (docs/operating/keeping-it-running.md): the database vacuum deletes the flow
+    # runs that ended more than 14 days ago, with their task runs, states, logs and artifacts
+    # ("flow_runs"; Prefect's default vacuums only "events", so runs were kept for ever), every
+    # hour (Prefect's default loop). 14 days: an incident noticed after a weekend or a holiday
+    # can still be read in the UI and its runs retried, and the database stays a few GB at
+    # 200,000 files a day. What was published is the publication ledger's, never vacuumed.
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "events,flow_runs",
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD": str(14 * 86400),
+    # Events (the UI's event feed, the workers' wake-up stream): Prefect's 7 days, made explicit.
+    "PREFECT_SERVER_EVENTS_RETENTION_PERIOD": "P7D",  # ISO 8601 (no plain seconds here)
     # glibc's allocator: blocks over 128 kB (a batch run's parameters and its responses are
     # ~100 kB of JSON) are mapped and returned to the system when freed, instead of the
     # threshold rising to 32 MB and bursts leaving a fragmented heap behind; two arenas for

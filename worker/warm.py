@@ -73,6 +73,8 @@ from pydantic import Field, PrivateAttr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from chain.failures import is_infrastructure
+from chain.retention import Housekeeper
+from chain.settings import get_settings
 from worker.engine import ClientPool, ReadCache, keep_server_result_storage, suspension_observer
 from worker.recovery import ENGINE_ERROR, PoolRecovery, Recovered
 from worker.wakeup import PoolWakeup
@@ -262,6 +264,8 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         if self._wakeup is not None:
             self._background = [asyncio.create_task(self._wakeup.run()),
                                 asyncio.create_task(self._poll_on_wake())]
+        # Results retention (chain/retention.py): this host's results, every hour by default.
+        self._background.append(asyncio.create_task(Housekeeper(get_settings()).run()))
 
     async def teardown(self, *exc_info: Any) -> None:
         for task in self._background:

@@ -310,3 +310,19 @@ def test_split_server_override_runs_api_and_services_apart_on_redis() -> None:
         assert env["PREFECT_API_DATABASE_CONNECTION_URL"] == (
             api["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"])
     assert PINNED.match(background["image"])
+
+
+def test_retention_is_on_in_every_prefect_server_process(resolved: dict) -> None:
+    """The database vacuum deletes old flow runs (not only events) wherever it runs: in the
+    one server process, and in the services process of the split server."""
+    from localnode.prefect_server import NODE_SERVER_SETTINGS
+
+    retention = {k: v for k, v in NODE_SERVER_SETTINGS.items()
+                 if "VACUUM" in k or "RETENTION" in k}
+    assert "flow_runs" in retention["PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED"].split(",")
+    services = compose_config(COMPOSE, SPLIT_SERVER)["services"]
+    for env in (resolved["services"]["prefect-server"]["environment"],
+                services["prefect-services"]["environment"]):
+        assert {k: env[k] for k in retention} == retention
+    for name, service in resolved["services"].items():
+        assert service.get("logging", {}).get("options", {}).get("max-size"), name
