@@ -12,11 +12,13 @@ import typer
 
 from chain.settings import ChainSettings
 from cli.backfill import backfill_command
+from cli.delivery import delivery_app
 
 app = typer.Typer(help="WIS2 node publishing chain", no_args_is_help=True)
 bundles_app = typer.Typer(help="WIS2 validator bundles", no_args_is_help=True)
 app.add_typer(bundles_app, name="bundles")
 app.command("backfill")(backfill_command)
+app.add_typer(delivery_app, name="delivery")
 
 
 def _read(path: Path) -> bytes:
