@@ -12,6 +12,9 @@ The names are those of deploy/grafana/wis2-chain-dashboard.json's queries.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+from datetime import UTC, datetime
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from wis2.topics import centre_id_of_topic
@@ -22,9 +25,27 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3
 DOWNLOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 
 
+# Failure reasons, by the name of the exception's class (or of one of its bases)
+REASONS = {"InvalidInput": "invalid-input", "ValidationFailed": "validation",
+           "DataMismatch": "data-mismatch", "ClaimTimeout": "claim-timeout",
+           "LedgerUnavailable": "ledger", "PublishRefused": "broker-refused",
+           "MqttError": "broker", "HTTPError": "download", "TimeoutError": "timeout"}
+_UNKNOWN = (("centre_id", "unknown"), ("dataset", "unknown"))
+_FLOW_LABELS: ContextVar[tuple[tuple[str, str], ...]] = ContextVar("wis2_flow_labels",
+                                                                   default=_UNKNOWN)
+
+
 def labels_of(topic: str, dataset: str) -> dict[str, str]:
     """The `centre_id` and `dataset` labels of a dataset published on `topic`."""
     return {"centre_id": centre_id_of_topic(topic) or "unknown", "dataset": dataset}
+
+
+def reason_of(error: BaseException) -> str:
+    """The `reason` label of a failure (see REASONS), else 'other'."""
+    for cls in type(error).__mro__:
+        if cls.__name__ in REASONS:
+            return REASONS[cls.__name__]
+    return "other"
 
 
 class FlowMetrics:
@@ -59,6 +80,34 @@ class FlowMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    # ---- what the flows call (labels: `use_dataset`, set once per flow run) ----------------
+    @staticmethod
+    def use_dataset(topic: str, dataset: str) -> None:
+        """The labels of what this flow run (this context) counts from now on."""
+        _FLOW_LABELS.set(tuple(labels_of(topic, dataset).items()))
+
+    def outcome(self, sent: list[bool], event_time: datetime | None) -> None:
+        """An event's notifications: sent now (acknowledged), or not (already published)."""
+        labels = dict(_FLOW_LABELS.get())
+        for was_sent in sent:
+            (self.published if was_sent else self.skipped).labels(**labels).inc()
+        if any(sent) and event_time is not None:
+            age = (datetime.now(UTC) - event_time).total_seconds()
+            self.event_to_puback.labels(**labels).observe(max(0.0, age))
+
+    def failure(self, error: BaseException) -> None:
+        """An event failed: its reason, and the failed checks of a validation failure."""
+        labels = dict(_FLOW_LABELS.get())
+        self.failed.labels(**labels, reason=reason_of(error)).inc()
+        report = getattr(error, "report", None)
+        for check in getattr(report, "failures", None) or []:
+            self.validation_failures.labels(**labels, check=str(check.id)).inc()
+
+    def download(self, size: int, seconds: float) -> None:
+        labels = dict(_FLOW_LABELS.get())
+        self.download_bytes.labels(**labels).inc(size)
+        self.download_seconds.labels(**labels).observe(seconds)
 
 
 FLOW_METRICS = FlowMetrics()

@@ -25,6 +25,7 @@ from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
 from chain.ledger import Ledger, LedgerReader, ledger_location, open_ledger
+from chain.metrics import FLOW_METRICS
 from chain.mqtt import MqttConnection
 from chain.settings import ChainSettings
 from flows.tasks import (
@@ -115,6 +116,7 @@ class Pipeline:
     @classmethod
     def load(cls, dataset_name: str, settings: ChainSettings) -> Pipeline:
         dataset = load_dataset_task(dataset_name, settings.datasets_dir)
+        FLOW_METRICS.use_dataset(dataset.topic, dataset.name)
         return cls(
             settings=settings,
             dataset=dataset,
@@ -258,5 +260,6 @@ def _publish_claimed(
              if was_sent or (not earlier_id and not _in_ledger(pipeline.ledger, note))]
     if fresh:
         record_publication_task(fresh, pipeline.ledger_location)
+    FLOW_METRICS.outcome(sent, event.time)
     return ProcessedEvent(event=event, notifications=notifications, sent=sent,
                           validation_rows=rows, earlier_ids=earlier)

@@ -1,4 +1,6 @@
 """The `wis2-warm` worker: flow runs executed in the worker's own process, flow code kept imported.
+Long because the Prefect worker type is one plugin module: its settings, job configuration, flow
+cache, run execution and the /metrics of the flows it runs.
 
 The standard `process` worker starts a Python interpreter per flow run (imports Prefect, pydantic,
 the validators... ~3 CPU s and ~150-200 MB each). This worker imports each deployment's flow once
@@ -67,6 +69,8 @@ from prefect.workers.base import (
 from pydantic import Field, PrivateAttr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from chain.metrics import FLOW_METRICS
+from listener.observability import serve_metrics
 from worker.engine import ClientPool, suspension_observer
 from worker.recovery import PoolRecovery, Recovered
 from worker.wakeup import PoolWakeup
@@ -98,6 +102,9 @@ class WarmWorkerSettings(BaseSettings):
         default=False, description="Prefect's per-run observer of external suspension requests "
         "(a thread, a client and a websocket per run; worker/engine.py); off: no flow of the "
         "chain suspends")
+    worker_metrics_port: int | None = Field(default=None, ge=0, le=65535, description="Port of "
+        "the worker's /metrics (the flows' wis2_chain_*: they run in its process); unset: none")
+    worker_metrics_host: str = Field(default="127.0.0.1", description="Its address")
 
     def resolved_project_dir(self) -> Path:
         return (self.project_dir or Path.cwd()).resolve()
@@ -234,6 +241,7 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         self._wake = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
         self._executing: set[UUID] = set()  # runs this process is executing (recovery skips)
+        self._metrics: Any = None  # the /metrics server (setup)
         self._recovery = PoolRecovery(self._work_pool_name, own_name=self.name,
                                       own_runs=self._own_runs)
         if self._limit is None:
@@ -242,6 +250,9 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
 
     async def setup(self) -> None:
         await super().setup()
+        settings = WarmWorkerSettings()
+        self._metrics = serve_metrics(settings.worker_metrics_host, settings.worker_metrics_port,
+                                      FLOW_METRICS, "wis2-warm")
         if self._wakeup is not None:
             self._background = [asyncio.create_task(self._wakeup.run()),
                                 asyncio.create_task(self._poll_on_wake())]
@@ -251,6 +262,8 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         self._background = []
+        if self._metrics is not None:
+            self._metrics.stop()
         await super().teardown(*exc_info)
         self._clients.close()
 

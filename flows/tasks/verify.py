@@ -26,6 +26,7 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.logging import get_run_logger
 from prefect.states import State
 
+from chain.metrics import FLOW_METRICS
 from wis2.multihash import new_hasher
 from wis2.notification import Link, Notification
 
@@ -162,7 +163,9 @@ def verify_notifications(
         for note in notifications:
             if note.rel not in ("canonical", "update"):
                 continue
+            started = time.monotonic()
             size = download_and_check(client, note, max_bytes, max_seconds)
+            FLOW_METRICS.download(size, time.monotonic() - started)
             href = data_link(note).href
             if logger is not None:
                 logger.info("verified %s (%d bytes)", href, size)
