@@ -248,14 +248,16 @@ class DeliveryMonitor:
                                           self.max_redeliveries)
             if decision == "redeliver":
                 self.resend(record.topic, record.payload.encode("utf-8"))
-                self.store.mark_sent_again(record.notification_id, now_utc())
+                self.store.mark_sent_again(record.notification_id,
+                                            now.isoformat(timespec="milliseconds"))
                 self.metrics.redelivered.labels(**self._labels(record)).inc()
                 done["redelivered"] += 1
                 log.warning("no watched Broker relayed %s (%s) within %g s: sent again (%d/%d)",
                             record.notification_id, record.data_id, self.relay_timeout,
                             record.redeliveries + 1, self.max_redeliveries)
             elif decision == "undelivered":
-                self.store.mark_undelivered(record.notification_id, now_utc())
+                self.store.mark_undelivered(record.notification_id,
+                                            now.isoformat(timespec="milliseconds"))
                 self.metrics.undelivered.labels(**self._labels(record)).inc()
                 done["undelivered"] += 1
                 log.error("UNDELIVERED %s (%s): no watched Broker relayed it after %d "
