@@ -1,5 +1,5 @@
-# Image of the chain's own processes (Prefect worker, MQTT listener, broker config renderer,
-# simulated Global Broker). The broker itself runs the official eclipse-mosquitto image.
+# Image of the chain's own processes (Prefect worker, MQTT listener, delivery monitor, broker
+# config renderer, simulated Global Broker). The broker itself runs the official eclipse-mosquitto image.
 FROM python:3.11.11-slim-bookworm
 
 # mosquitto_passwd renders the broker's password file (broker-config service).
@@ -15,6 +15,7 @@ COPY flows ./flows
 COPY blocks ./blocks
 COPY listener ./listener
 COPY worker ./worker
+COPY delivery ./delivery
 COPY broker ./broker
 COPY cli ./cli
 COPY data ./data

@@ -207,6 +207,14 @@ class DeliveryStore:
             "UPDATE deliveries SET redeliveries = redeliveries + 1, last_sent_at = ? "
             "WHERE notification_id = ? AND state = ?", (at, notification_id, PENDING)))
 
+    def watch_again(self, notification_id: str, at: str) -> None:
+        """An operator sent it again (`wis2-chain delivery resend`): pending, redeliveries
+        counted anew from `at`."""
+        self._run(lambda execute: execute(
+            "UPDATE deliveries SET state = ?, redeliveries = 0, last_sent_at = ?, "
+            "undelivered_at = NULL WHERE notification_id = ? AND state <> ?",
+            (PENDING, at, notification_id, RELAYED)))
+
     def mark_undelivered(self, notification_id: str, at: str) -> None:
         self._run(lambda execute: execute(
             "UPDATE deliveries SET state = 'undelivered', undelivered_at = ? "

@@ -8,8 +8,14 @@ from typing import Annotated
 
 import typer
 
-from chain.delivery_store import DeliveryStore, delivery_reports, records_location
+from chain.delivery_store import (
+    DeliveryStore,
+    delivery_reports,
+    now_utc,
+    records_location,
+)
 from chain.ledger import ledger_location
+from chain.mqtt import MqttError, publish_once
 from chain.settings import ChainSettings
 from wis2.delivery import report_markdown
 
@@ -52,3 +58,27 @@ def status(
         for event in (e for e in events if e.notification_id == record.notification_id):
             delay = f" after {event.delay_s:.3f} s" if event.delay_s is not None else ""
             typer.echo(f"  {event.kind:<7} {event.source}  {event.seen_at}{delay}")
+
+
+@delivery_app.command("resend")
+def resend(
+    data_id: Annotated[str, typer.Argument(help="the data_id of undelivered notification(s)")],
+) -> None:
+    """Publish the undelivered notification(s) of DATA_ID again, exactly as recorded (same id,
+    same pubtime), on the node's broker (WIS2_MQTT_*, the publisher account); the delivery
+    monitor watches them again."""
+    store = _store()
+    records = [r for r in store.by_data_id(data_id) if r.state != "relayed"]
+    if not records:
+        typer.echo(f"no undelivered or pending notification of {data_id!r} ({store.location})",
+                   err=True)
+        raise typer.Exit(1)
+    connection = ChainSettings().mqtt.connection()
+    for record in records:
+        try:
+            publish_once(connection, record.topic, record.payload.encode("utf-8"))
+        except MqttError as exc:
+            typer.echo(f"error: {record.notification_id}: {exc}", err=True)
+            raise typer.Exit(1) from None
+        store.watch_again(record.notification_id, now_utc())
+        typer.echo(f"sent again {record.notification_id} ({record.pubtime}) on {record.topic}")

@@ -138,7 +138,12 @@ class DeliveryService:
                  self.store.location, ", ".join(s.name for s in self.sessions[1:]) or "nothing")
         for session in self.sessions:
             session.start(self.stopping)
+        if len(self.sessions) == 1:
+            log.warning("no Global Broker to watch (WIS2_DELIVERY_GLOBAL_BROKERS): publications "
+                        "are recorded, nothing is sent again nor reported undelivered")
         while not self.stopping.wait(self.settings.check_interval):
+            if len(self.sessions) == 1:
+                continue
             try:
                 self.monitor.check()
             except Exception:  # e.g. the node's broker or the database away: next round
