@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+import threading
+from collections.abc import Callable
+from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 
-from chain.ledger import is_postgres_url
+from chain.ledger import is_postgres_url, sqlite_transaction
 from chain.ledger_postgres import PostgresLedger
 from wis2.delivery import (
     CACHE_AWAITED,
@@ -129,30 +130,28 @@ class DeliveryStore:
         self.location = location
         self._postgres = PostgresLedger(location) if is_postgres_url(location) else None
         self._ready = False
+        self._init_lock = threading.Lock()
 
     # ---- plumbing: one SQL text for both databases (`?` placeholders) ----------------------
-    @contextmanager
-    def _sqlite(self) -> Iterator[sqlite3.Connection]:
-        path = Path(self.location)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(sqlite3.connect(path, timeout=60, isolation_level=None)) as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+    def _prepare_sqlite(self) -> None:
+        """WAL journal (kept in the file) and tables, once per store object."""
+        with self._init_lock:
+            if self._ready:
+                return
+            path = Path(self.location)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with closing(sqlite3.connect(path, timeout=60, isolation_level=None)) as conn:
+                conn.execute("PRAGMA journal_mode=WAL")
+            with sqlite_transaction(path) as conn:
+                for ddl in _SCHEMA:
+                    conn.execute(ddl)
+            self._ready = True
 
     def _run(self, statements: Callable[[Callable[..., list[tuple[Any, ...]]]], T]) -> T:
         """`statements(execute)` in one transaction; `execute(sql, params)` returns the rows."""
         if self._postgres is None:
-            with self._sqlite() as conn:
-                if not self._ready:
-                    for ddl in _SCHEMA:
-                        conn.execute(ddl)
-                    self._ready = True
+            self._prepare_sqlite()
+            with sqlite_transaction(Path(self.location)) as conn:
                 return statements(lambda sql, params=(): conn.execute(sql, params).fetchall())
 
         def on_postgres(conn: Any) -> T:
