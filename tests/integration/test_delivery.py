@@ -262,3 +262,36 @@ def test_relays_caches_reports_redelivery_and_undelivered(world: dict[str, Any])
     delays = wait_for("the relay delay histogram", lambda: by_label(prometheus.query(
         queries["Relays (delay histogram count)"]), "broker"))
     assert delays == {broker_a: 4.0, broker_b: 6.0}
+
+
+def test_a_killed_monitor_gets_what_happened_meanwhile(world: dict[str, Any]) -> None:
+    """SIGKILL the monitor; 5 notifications are published, relayed by both Brokers and cached
+    while it is dead; restarted, its persistent sessions deliver the node's copies, the relays
+    and the cache copies it missed: every record relayed by both and cached, each id reaching
+    B's subscriber once."""
+    store: DeliveryStore = world["store"]
+    gb_a: GlobalBrokerSim = world["gb_a"]
+    gb_b: GlobalBrokerSim = world["gb_b"]
+    monitor: ManagedProcess = world["monitor"]
+    files, files_dir = world["files"], world["files_dir"]
+    first = notification("first", files, files_dir)
+    world["publish"](CORE, first)
+    wait_for("'first' relayed by both", lambda: len(store.events([first["id"]], "relay")) == 2)
+
+    monitor.kill()
+    during = [notification(f"during-{i}", files, files_dir) for i in range(5)]
+    for message in during:
+        world["publish"](CORE, message)
+    ids = {m["id"] for m in during}
+    data_ids = {m["properties"]["data_id"] for m in during}
+    wait_for("both Brokers relayed the 5", lambda: ids <= set(gb_a.relayed) & set(gb_b.relayed))
+    wait_for("the Cache cached the 5", lambda: data_ids <= set(world["cache"].cached))
+    assert all(store.get(i) is None for i in ids)  # nothing recorded while dead
+
+    monitor.start(90)
+    for message in during:
+        wait_for(f"{message['id']} relayed by both and cached", lambda m=message: (
+            len(store.events([m["id"]], "relay")) == 2
+            and store.get(m["id"]).cache_state == CACHED))  # type: ignore[union-attr]
+    received = world["subscriber_b"].ids()
+    assert all(received.count(i) == 1 for i in ids)
