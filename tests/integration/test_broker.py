@@ -8,7 +8,6 @@ Rendering the configuration and the settings alone: tests/unit/broker/test_launc
 
 from __future__ import annotations
 
-import datetime as dt
 import ipaddress
 import os
 import queue
@@ -32,7 +31,7 @@ from broker.launcher import (
 )
 from chain.mqtt import MqttConnection, MqttError, Publisher, PublishRefused, connect, new_client
 from chain.processes import ManagedProcess, port_is_open
-from tests.fixtures.broker import broker_test_config
+from tests.fixtures.broker import broker_test_config, self_signed
 
 CENTRE = "fr-ifremer-argo"
 ORIGIN = f"origin/a/wis2/{CENTRE}"
@@ -376,58 +375,9 @@ def test_password_rotation_and_reload(mqtt_broker: RunningBroker) -> None:
 # ------------------------------------------------------------------------------ TLS
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path, Path]:
-    """A CA and a server certificate for 127.0.0.1/localhost signed by it."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = dt.datetime.now(dt.UTC)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder().subject_name(name("wis2-chain test CA"))
-        .issuer_name(name("wis2-chain test CA")).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder().subject_name(name("localhost")).issuer_name(ca.subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    ca_path, cert_path = directory / "ca.pem", directory / "server.pem"
-    key_path = directory / "key.pem"
-    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_path.chmod(0o600)
-    return ca_path, cert_path, key_path
-
-
 @pytest.fixture
 def tls_broker(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RunningBroker]:
-    ca, cert, key = _self_signed(tmp_path / "pki")
+    ca, cert, key = self_signed(tmp_path / "pki")
     broker = start_broker(
         broker_test_config(certfile=cert, keyfile=key, cafile=ca), tmp_path / "broker"
     )

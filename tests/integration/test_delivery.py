@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,11 +23,14 @@ from typing import Any
 
 import pytest
 
-from broker.launcher import RunningBroker
+from broker.launcher import RunningBroker, start_broker
 from chain.delivery_store import DeliveryStore, records_location
-from chain.mqtt import publish_once
+from chain.metrics import DeliveryMetrics
+from chain.mqtt import MqttError, connect, publish_once
 from chain.processes import ManagedProcess, free_port, port_is_open
-from tests.fixtures.broker import TEST_CENTRE_ID
+from delivery.service import Session
+from delivery.settings import global_broker
+from tests.fixtures.broker import TEST_CENTRE_ID, broker_test_config, self_signed
 from tests.fixtures.paths import DATA, REPO
 from tests.fixtures.wis2_global import (
     CatalogueSim,
@@ -295,3 +299,35 @@ def test_a_killed_monitor_gets_what_happened_meanwhile(world: dict[str, Any]) ->
             and store.get(m["id"]).cache_state == CACHED))  # type: ignore[union-attr]
     received = world["subscriber_b"].ids()
     assert all(received.count(i) == 1 for i in ids)
+
+
+def test_global_brokers_over_verified_tls(tmp_path: Path) -> None:
+    """mqtts:// Global Brokers: the certificate is verified (the given CA, else the system's),
+    the `everyone` account is the default, and the session receives what the Broker relays."""
+    ca, cert, key = self_signed(tmp_path / "pki")
+    other_ca, _cert, _key = self_signed(tmp_path / "other-pki")
+    broker = start_broker(broker_test_config(certfile=cert, keyfile=key, cafile=ca),
+                          tmp_path / "broker")
+    stop = threading.Event()
+    session = None
+    try:
+        url = f"mqtts://localhost:{broker.tls_port}"
+        for refused in (global_broker(url), global_broker(url, ca_certs=str(other_ca))):
+            with pytest.raises(MqttError, match="certificate verify failed"):
+                connect(refused.connection())
+        got: list[str] = []
+        watched = global_broker(url, ca_certs=str(ca), client_id_prefix="tls-test")
+        session = Session(watched.name, watched.connection(), f"tls-test-{uuid.uuid4().hex[:8]}",
+                          [f"origin/a/wis2/{TEST_CENTRE_ID}/#"],
+                          lambda topic, _payload: got.append(topic), 60, DeliveryMetrics())
+        session.start(stop)
+        wait_for("the TLS session", lambda: session.connected)
+        # published until one arrives: the subscription follows the connection
+        wait_for("a message over TLS", lambda: publish_once(
+            broker.connection("publisher"), CORE, b"{}") or got)
+        assert set(got) == {CORE}
+    finally:
+        stop.set()
+        if session is not None:
+            session.stop()
+        broker.stop()
