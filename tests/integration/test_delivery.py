@@ -40,6 +40,7 @@ from tests.fixtures.wis2_global import (
     GlobalCacheSim,
     Prometheus,
     integrity_value,
+    program,
 )
 from wis2.delivery import CACHE_MISMATCH, CACHE_NOT_EXPECTED, CACHED, RELAYED, UNDELIVERED
 from wis2.metadata_notification import build_metadata_notification
@@ -331,3 +332,11 @@ def test_global_brokers_over_verified_tls(tmp_path: Path) -> None:
         if session is not None:
             session.stop()
         broker.stop()
+
+
+def test_the_scrape_configuration_is_valid_for_prometheus() -> None:
+    """deploy/prometheus/prometheus.yml as Debian's promtool reads it."""
+    done = subprocess.run([program("promtool"), "check", "config",
+                           str(REPO / "deploy" / "prometheus" / "prometheus.yml")],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
