@@ -121,6 +121,7 @@ class BrokerDelays(BaseModel):
     """One Broker's relays in a report."""
 
     relayed: int
+    not_relayed: int = Field(description="Notifications of the period this Broker did not relay")
     median_delay_s: float | None
     worst_delay_s: float | None
 
@@ -162,7 +163,7 @@ def summarize(dataset: str, records: Iterable[Mapping[str, Any]],
             CACHE_NOT_EXPECTED),
         cache_mismatches=caches.count(CACHE_MISMATCH),
         redelivered=sum(1 for r in records if r["redeliveries"]),
-        brokers={source: BrokerDelays(relayed=len(values),
+        brokers={source: BrokerDelays(relayed=len(values), not_relayed=len(records) - len(values),
                                       median_delay_s=statistics.median(values),
                                       worst_delay_s=max(values))
                  for source, values in sorted(delays.items())},
@@ -181,14 +182,15 @@ def report_markdown(report: DeliveryReport, period: str) -> str:
         f"| {report.published} | {report.relayed} | {report.pending} | {report.undelivered} "
         f"({share}) | {report.redelivered} | {report.cached} / {report.cache_expected} "
         f"| {report.cache_mismatches} |", "",
-        "| Global Broker | relayed | median delay (s) | worst delay (s) |",
-        "| --- | --- | --- | --- |",
+        "| Global Broker | relayed | not relayed | median delay (s) | worst delay (s) |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for broker, delays in report.brokers.items():
-        lines.append(f"| {broker} | {delays.relayed} | {delays.median_delay_s:.3f} "
+        lines.append(f"| {broker} | {delays.relayed} | {delays.not_relayed} "
+                     f"| {delays.median_delay_s:.3f} "
                      f"| {delays.worst_delay_s:.3f} |")
     if not report.brokers:
-        lines.append("| (none) | 0 | | |")
+        lines.append("| (none) | 0 | | | |")
     lines += ["", f"### Undelivered ({report.undelivered})", ""]
     lines += [f"- `{data_id}`" for data_id in report.undelivered_data_ids] or ["none"]
     return "\n".join(lines) + "\n"

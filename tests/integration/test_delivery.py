@@ -195,7 +195,8 @@ def test_relays_caches_reports_redelivery_and_undelivered(world: dict[str, Any])
         world["publish"](topic, message)
 
     def state(message: dict[str, Any]) -> Any:
-        return store.get(message["id"])
+        """The message's record, once the monitor recorded it (it may be a moment behind)."""
+        return wait_for(f"{message['id']} recorded", lambda: store.get(message["id"]))
 
     # relayed by both Brokers, cached by the Cache; the corrupt copy flagged
     for message in (good, corrupt, recommended, metadata):
@@ -221,14 +222,20 @@ def test_relays_caches_reports_redelivery_and_undelivered(world: dict[str, Any])
     got = wait_for("B's subscriber got 'missed'", lambda: [
         m for _t, m in world["subscriber_b"].messages if m["id"] == missed["id"]])
     assert got == [missed]  # the exact message: same id, same pubtime
-    assert missed["id"] not in world["subscriber_a"].ids()
-    assert gb_a.seen.count(missed["id"]) == 2 and gb_b.seen.count(missed["id"]) == 2
+    wait_for("both relays saw 'missed' twice", lambda: gb_a.seen.count(missed["id"]) == 2
+             and gb_b.seen.count(missed["id"]) == 2)
+    assert missed["id"] not in world["subscriber_a"].ids()  # A drops it: nothing in flight
 
     # 'lost': nobody relays it: sent again once, then undelivered
     undelivered = wait_for("'lost' undelivered", lambda: state(lost).state == UNDELIVERED
                            and state(lost))
     assert undelivered.redeliveries == 1 and undelivered.undelivered_at
-    assert gb_a.seen.count(lost["id"]) == 2
+    wait_for("A saw 'lost' twice", lambda: gb_a.seen.count(lost["id"]) == 2)
+
+    # redeliveries so far: 'missed' and 'lost' once each; the others only on a machine so slow
+    # that no relay came within RELAY_TIMEOUT (the Brokers then drop the repeated id)
+    redelivered = sum(state(m).redeliveries for m in (good, corrupt, recommended, metadata,
+                                                       missed, lost))
 
     # the operator's CLI
     done = subprocess.run([str(Path(sys.executable).with_name("wis2-chain")), "delivery",
@@ -254,9 +261,10 @@ def test_relays_caches_reports_redelivery_and_undelivered(world: dict[str, Any])
     broker_a, broker_b = (f"127.0.0.1:{gb.mosquitto.port}" for gb in (gb_a, gb_b))
     expected = {
         "Relayed per Global Broker": ("broker", {broker_a: 4.0, broker_b: 6.0}),
+        "Not relayed per Global Broker": ("broker", {broker_a: 2.0, broker_b: 0.0}),
         "Cached per Global Cache": ("cache", {"gc-sim.example.org": 1.0}),
         "Cache integrity mismatches": ("cache", {"gc-sim.example.org": 1.0}),
-        "Redelivered": ("dataset", {"argo": 2.0}),
+        "Redelivered": ("dataset", {"argo": float(redelivered)}),
         "Undelivered": ("dataset", {"argo": 1.0}),  # a counter: given up once
         "Catalogue reports": ("dataset", {"argo": 1.0}),
     }
@@ -298,7 +306,8 @@ def test_a_killed_monitor_gets_what_happened_meanwhile(world: dict[str, Any]) ->
         wait_for(f"{message['id']} relayed by both and cached", lambda m=message: (
             len(store.events([m["id"]], "relay")) == 2
             and store.get(m["id"]).cache_state == CACHED))  # type: ignore[union-attr]
-    received = world["subscriber_b"].ids()
+    received = wait_for("B's subscriber got the 5", lambda: ids <= set(
+        world["subscriber_b"].ids()) and world["subscriber_b"].ids())
     assert all(received.count(i) == 1 for i in ids)
 
 

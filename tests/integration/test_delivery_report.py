@@ -112,7 +112,7 @@ def test_daily_report_artifacts_and_the_failing_check(
     assert set(artifacts) == {"delivery-argo", "delivery-synop"}
     argo = artifacts["delivery-argo"]
     assert "| 3 | 2 | 0 | 1 (33.3%) | 1 | 1 / 2 | 0 |" in argo
-    assert "| gb-a:8883 | 2 | 1.000 | 1.500 |" in argo
+    assert "| gb-a:8883 | 2 | 1 | 1.000 | 1.500 |" in argo
     assert "- `wis2/x/a3`" in argo
 
     assert delivery_check(threshold=0.5, return_state=True).is_completed()

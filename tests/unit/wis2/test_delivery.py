@@ -94,5 +94,6 @@ def test_the_report() -> None:
     assert report.undelivered_data_ids == ["d3"]
     assert report.undelivered_share == pytest.approx(1 / 3)
     text = report_markdown(report, "24 h")
-    assert "| gb-b | 1 | 2.000 | 2.000 |" in text and "- `d3`" in text
+    assert report.brokers["gb-b"].not_relayed == 2
+    assert "| gb-b | 1 | 2 | 2.000 | 2.000 |" in text and "- `d3`" in text
     assert summarize("empty", [], []).undelivered_share == 0.0
