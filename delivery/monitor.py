@@ -84,8 +84,9 @@ class DeliveryMonitor:
         self.max_redeliveries = max_redeliveries
         self.datasets = dict(datasets or {})
         self._lock = threading.RLock()
-        # (kind, key) -> [(broker, topic, message, seen)]: relays by id, cache copies by
-        # (data_id, pubtime), reports by metadata_id, that arrived before the node's copy
+        # (kind, key) -> [(broker, topic, message, seen, monotonic time kept)]: relays by id,
+        # cache copies by "data_id pubtime", reports by metadata_id, that arrived before the
+        # node's copy
         self._orphans: dict[tuple[str, str], list[tuple[str, str, dict[str, Any], datetime,
                                                          float]]] = {}
 
@@ -217,12 +218,11 @@ class DeliveryMonitor:
         properties = message.get("properties") if isinstance(message.get("properties"),
                                                              dict) else {}
         metadata_id = properties.get("metadata_id")
-        record = self.store.latest_metadata(metadata_id) if isinstance(metadata_id,
-                                                                       str) else None
         if not isinstance(metadata_id, str):
             log.warning("%s: catalogue report on %s has no properties.metadata_id: skipped",
                         broker, topic)
             return
+        record = self.store.latest_metadata(metadata_id)
         if record is None:
             self._keep_orphan("report", metadata_id, broker, topic, message, seen)
             return
