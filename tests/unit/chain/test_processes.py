@@ -13,6 +13,6 @@ from chain.processes import ManagedProcess, ProcessFailed
 def test_a_process_never_ready_is_stopped(tmp_path: Path) -> None:
     process = ManagedProcess("sleeper", [sys.executable, "-c", "import time; time.sleep(600)"],
                              tmp_path / "sleeper.log", ready=lambda: False)
-    with pytest.raises(ProcessFailed, match="not ready after 0.5s"):
+    with pytest.raises(ProcessFailed, match="not ready after"):
         process.start(timeout=0.5)
     assert not process.running
