@@ -1,5 +1,5 @@
 # Image of the chain's own processes (Prefect worker, MQTT listener, broker config renderer,
-# simulated Global Broker, demo file server). The broker itself runs the eclipse-mosquitto image.
+# simulated Global Broker, demo file server, delivery monitor). The broker itself runs the eclipse-mosquitto image.
 #
 # Behind a TLS-intercepting proxy, give pip the proxy's CA bundle as the build secret `proxy_ca`
 # (BuildKit; the CA is used for this build only, never stored in the image):
@@ -31,6 +31,7 @@ COPY flows ./flows
 COPY blocks ./blocks
 COPY listener ./listener
 COPY worker ./worker
+COPY delivery ./delivery
 COPY broker ./broker
 COPY cli ./cli
 COPY data ./data

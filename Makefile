@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 WIS2_BUNDLE_DIR ?= $(if $(wildcard ../shared/wis2-bundle/README.md),../shared/wis2-bundle,)
 export WIS2_BUNDLE_DIR
 
-.PHONY: help venv install mosquitto postgresql redis docker-compose docker standins chromium nginx bundles lint test test-unit docs docs-build demo demo-event broker-config blocks bench clean
+.PHONY: help venv install mosquitto prometheus postgresql redis docker-compose docker standins chromium nginx bundles lint test test-unit docs docs-build demo demo-event broker-config blocks bench clean
 
 help:
 	@echo "make demo   - start the whole chain on loopback and publish the sample Argo event"
@@ -31,6 +31,14 @@ mosquitto:
 	  echo "mosquitto not found: installing Debian's mosquitto package"; \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y mosquitto; \
 	  else echo "run: sudo apt-get install -y mosquitto" >&2; exit 1; fi; }
+
+# Prometheus (Debian's prometheus): the delivery test starts one of its own on a free port, scrapes
+# the chain's /metrics and asks it the dashboard's queries (deploy/grafana/); nothing uses a system one.
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || test -x /usr/bin/prometheus || { \
+	  echo "prometheus not found: installing Debian's prometheus package"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y --no-install-recommends prometheus; \
+	  else echo "run: sudo apt-get install -y prometheus" >&2; exit 1; fi; }
 
 # PostgreSQL's programs (initdb, postgres): the tests, the bench and the demo start clusters of
 # their own on free ports (localnode/postgres.py); nothing uses a system-wide server.
@@ -95,7 +103,7 @@ lint: install
 # Test files run in TEST_WORKERS parallel pytest processes (one file stays in one process, so a
 # file's broker, Prefect server and worker fixtures are shared as written); 1 runs them in order.
 TEST_WORKERS ?= 3
-test: install mosquitto postgresql redis docker-compose docker chromium nginx bundles lint
+test: install mosquitto prometheus postgresql redis docker-compose docker chromium nginx bundles lint
 	$(BIN)/python -m pytest $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 # tests/unit/ alone (what `pytest -m "not integration"` selects): no service, a few seconds.

@@ -138,6 +138,21 @@ class LedgerSnapshot:
         return self.entries.get(key) if key in self.keys else self.ledger.get(key)
 
 
+@contextmanager
+def sqlite_transaction(path: Path) -> Iterator[sqlite3.Connection]:
+    """A connection to the SQLite database `path` (in WAL mode) in a write transaction
+    (``BEGIN IMMEDIATE``), committed on success, rolled back on error."""
+    with closing(sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)) as conn:
+        conn.execute("PRAGMA synchronous=NORMAL")  # WAL: safe when killed, not on power loss
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+
 def is_postgres_url(location: str) -> bool:
     return location.startswith(("postgresql://", "postgres://"))
 
@@ -196,16 +211,8 @@ class SqliteLedger:
     def _connect(self) -> Iterator[sqlite3.Connection]:
         """A connection in a transaction (committed on success, rolled back on error)."""
         self._prepare()
-        with closing(sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S,
-                                     isolation_level=None)) as conn:
-            conn.execute("PRAGMA synchronous=NORMAL")  # WAL: safe when killed, not on power loss
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+        with sqlite_transaction(self.path) as conn:
+            yield conn
 
     def _import_legacy(self, conn: sqlite3.Connection) -> None:
         legacy = self.path.with_name(LEGACY_FILE)

@@ -127,7 +127,11 @@ class ManagedProcess:
         )
         log_file.close()
         if self.ready is not None:
-            self.wait_ready(timeout)
+            try:
+                self.wait_ready(timeout)
+            except BaseException:  # not ready: never left running behind the caller's back
+                self.stop()
+                raise
         return self
 
     def wait_ready(self, timeout: float) -> None:

@@ -13,6 +13,7 @@ import typer
 from chain.settings import ChainSettings
 from cli.api import require_api
 from cli.backfill import backfill_command
+from cli.delivery import delivery_app
 from cli.doctor import doctor_command
 
 app = typer.Typer(help="WIS2 node publishing chain", no_args_is_help=True)
@@ -20,6 +21,7 @@ bundles_app = typer.Typer(help="WIS2 validator bundles", no_args_is_help=True)
 app.add_typer(bundles_app, name="bundles")
 app.command("backfill")(backfill_command)
 app.command("doctor")(doctor_command)
+app.add_typer(delivery_app, name="delivery")
 
 
 def _read(path: Path) -> bytes:

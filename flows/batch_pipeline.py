@@ -29,6 +29,7 @@ from prefect.logging import get_run_logger
 from prefect.utilities.annotations import quote
 
 from chain.ledger import Claim, LedgerSnapshot
+from chain.metrics import FLOW_METRICS
 from flows.pipeline import Pipeline, ProcessedEvent, _in_ledger, as_event, file_label
 from flows.tasks.batch import (
     DEFERRED,
@@ -95,6 +96,11 @@ def publish_events(raw_events: list[Any], pipeline: Pipeline) -> list[BatchEvent
     if rounds > 1:
         get_run_logger().info("%d rounds: some events of the batch announce the same file",
                               rounds)
+    for item in items:
+        if item.error is not None:
+            FLOW_METRICS.failure(item.error)
+        elif item.done is not None:
+            FLOW_METRICS.outcome(item.done.sent, item.done.event.time)
     return items
 
 

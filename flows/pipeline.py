@@ -35,6 +35,7 @@ from chain.ledger import (
     ledger_location,
     open_ledger,
 )
+from chain.metrics import FLOW_METRICS
 from chain.mqtt import MqttConnection
 from chain.settings import ChainSettings
 from flows.tasks import (
@@ -132,6 +133,7 @@ class Pipeline:
     def load(cls, dataset_name: str, settings: ChainSettings) -> Pipeline:
         dataset = load_dataset_task(dataset_name, settings.datasets_dir,
                                     settings.block_cache_seconds)
+        FLOW_METRICS.use_dataset(dataset.topic, dataset.name)
         return cls(
             settings=settings,
             dataset=dataset,
@@ -326,5 +328,6 @@ def _publish_claimed(
              if was_sent or (not earlier_id and not _in_ledger(pipeline.ledger, note))]
     if fresh:
         record_publication_task(fresh, pipeline.ledger_location)
+    FLOW_METRICS.outcome(sent, event.time)
     return ProcessedEvent(event=event, notifications=notifications, sent=sent,
                           validation_rows=rows, earlier_ids=earlier)

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from chain.deployments import PUBLISH_NOTIFICATION_FLOW
 from chain.failures import UNAVAILABLE, is_infrastructure
+from chain.metrics import FLOW_METRICS
 from chain.settings import ChainSettings
 from flows.artifacts import (
     artifact_key,
@@ -96,6 +97,7 @@ def publish_notification(event: CloudEvent, dataset: str | None = None
     except Exception as exc:
         errors = exc.errors if isinstance(exc, InvalidInput) else []
         logger.error("publication of %s failed: %s", label, exc)
+        FLOW_METRICS.failure(exc)
         failure_artifact(
             key=artifact_key("failed", label),
             error=exc,

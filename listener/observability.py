@@ -174,3 +174,20 @@ class HealthServer:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def serve_metrics(host: str, port: int | None, metrics: Any, what: str) -> HealthServer | None:
+    """`/metrics` of `metrics` (anything with `render() -> bytes`) and a `/healthz` always ok,
+    for a process whose metrics are not its job (the worker): None when `port` is None or taken
+    (logged; the process goes on)."""
+    if port is None:
+        return None
+    try:
+        server = HealthServer(host, port, metrics, lambda: {"status": "ok"}).start()
+    except OSError as exc:
+        logging.getLogger(__name__).error("%s: cannot serve /metrics on %s:%s: %s", what, host,
+                                          port, exc)
+        return None
+    logging.getLogger(__name__).info("%s: metrics on http://%s:%s/metrics", what, host,
+                                     server.port)
+    return server

@@ -50,6 +50,11 @@ def run(settings: NodeSettings, scaled: Topology | None = None) -> int:
         print(f"Prefect UI: {state.ui_url} (login: the prefect_auth_string of "
               f"{settings.run_dir / 'node.json'})")
         print(f"logs:       {settings.run_dir / 'logs'}")
+        if settings.observability:
+            print(f"metrics:    http://{state.host}:{settings.metrics_port}/metrics (listener), "
+                  f":{settings.worker_metrics_port}/metrics (worker), "
+                  f":{settings.delivery_metrics_port}/metrics (delivery monitor); "
+                  "delivery: wis2-chain delivery status")
         print("another event: make demo-event EVENT=path/to/event.json")
         print("Ctrl-C stops every process of the demo.", flush=True)
         while not stop.wait(60):  # until SIGTERM or Ctrl-C; the logs rotate meanwhile
@@ -109,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(send(settings, args.event, args.topic or settings.event_topic))
     if getattr(args, "database", None):
         settings = settings.model_copy(update={"database": args.database})
+    if "observability" not in settings.model_fields_set:  # on for the demo unless set
+        settings = settings.model_copy(update={"observability": True})
     scaled = (Topology(separate_services=args.split_server)
               if getattr(args, "scaled", False) else None)
     sys.exit(run(settings, scaled=scaled))

@@ -82,6 +82,15 @@ class NodeSettings(BaseSettings):
         default=20 * 2**20, gt=0,
         description="Size at which a process's log file under run_dir is rotated (3 old "
         "copies kept: at most ~80 MB per process)")
+    observability: bool = Field(
+        default=False, description="Also serve the worker's /metrics (worker_metrics_port) and "
+        "run the delivery monitor (delivery_metrics_port); `make demo` turns it on")
+    worker_metrics_port: int = Field(default=9467, description="wis2-warm worker /metrics")
+    delivery_metrics_port: int = Field(default=9466,
+                                       description="Delivery monitor /healthz and /metrics")
+    global_brokers: list[str] = Field(
+        default_factory=list, description="Global Brokers the delivery monitor watches (URLs; "
+        "none: it records what the node publishes)")
 
 
 class NodeState(BaseModel):
@@ -178,6 +187,9 @@ class LocalNode:
             "WIS2_DEMO_PREFECT_PORT": s.prefect_port, "WIS2_DEMO_FILES_PORT": s.files_port,
             "WIS2_DEMO_METRICS_PORT": s.metrics_port,
         }
+        if s.observability:
+            wanted |= {"WIS2_DEMO_WORKER_METRICS_PORT": s.worker_metrics_port,
+                       "WIS2_DEMO_DELIVERY_METRICS_PORT": s.delivery_metrics_port}
         taken = [f"{port} ({name})" for name, port in wanted.items() if port_is_open(s.host, port)]
         if taken:
             raise PortTaken(
@@ -305,6 +317,8 @@ class LocalNode:
             self._spawn("recover", [str(Path(py).with_name("wis2-chain")), "recover", "--pool",
                                     WORK_POOL, "--watch"], env)
         self.start_listeners()
+        if s.observability:
+            self.start_delivery_monitor()
         state = self.state
         state.save(self.run_dir / "node.json")
         return state
@@ -317,10 +331,24 @@ class LocalNode:
                              node_settings=self.server_node_settings)
 
     def worker_env(self, env: dict[str, str]) -> dict[str, str]:
+        metrics = ({"WIS2_WORKER_METRICS_PORT": str(self.settings.worker_metrics_port)}
+                   if self.settings.observability else {})
         return {**env, "PREFECT_WORKER_HEARTBEAT_SECONDS": self.WORKER_HEARTBEAT_SECONDS,
                 # ~4 minutes of API retries: a run rides out a Prefect server restart
                 "PREFECT_CLIENT_MAX_RETRIES": self.WORKER_CLIENT_MAX_RETRIES,
-                "PREFECT_CLIENT_RETRY_EXTRA_CODES": self.WORKER_CLIENT_RETRY_CODES}
+                "PREFECT_CLIENT_RETRY_EXTRA_CODES": self.WORKER_CLIENT_RETRY_CODES, **metrics}
+
+    def start_delivery_monitor(self) -> None:
+        """The delivery monitor (`delivery/`): the node's broker as publisher, the results
+        directory of the worker (the report flows read the same records)."""
+        s = self.settings
+        env = {**self.child_env(), "WIS2_DELIVERY_CENTRE_ID": s.centre_id,
+               "WIS2_DELIVERY_GLOBAL_BROKERS": json.dumps(s.global_brokers),
+               "WIS2_DELIVERY_METRICS_HOST": s.host,
+               "WIS2_DELIVERY_METRICS_PORT": str(s.delivery_metrics_port),
+               "WIS2_DELIVERY_CLIENT_ID": "wis2-chain-demo-delivery"}
+        self._spawn("delivery-monitor", [sys.executable, "-m", "delivery"], env,
+                    ready=lambda: port_is_open(s.host, s.delivery_metrics_port), timeout=90)
 
     def worker_argv(self, worker_type: str, name: str) -> list[str]:
         return [prefect_cli(), "worker", "start", "--pool", WORK_POOL, "--type", worker_type,

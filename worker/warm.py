@@ -1,6 +1,7 @@
 """The `wis2-warm` worker: flow runs executed in the worker's own process, flow code kept imported.
 Long because it is one worker class: the Prefect worker hooks it overrides (poll, heartbeat,
-claim labels, run, states, riding out an unavailable API) share its state and belong together.
+claim labels, run, states, riding out an unavailable API) share its state and belong together,
+with its settings, job configuration and the /metrics of the flows it runs.
 
 The standard `process` worker starts a Python interpreter per flow run (imports Prefect, pydantic,
 the validators... ~3 CPU s and ~150-200 MB each). This worker imports each deployment's flow once
@@ -73,8 +74,10 @@ from pydantic import Field, PrivateAttr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from chain.failures import is_infrastructure
+from chain.metrics import FLOW_METRICS
 from chain.retention import Housekeeper
 from chain.settings import get_settings
+from listener.observability import serve_metrics
 from worker.engine import ClientPool, ReadCache, keep_server_result_storage, suspension_observer
 from worker.recovery import ENGINE_ERROR, PoolRecovery, Recovered
 from worker.wakeup import PoolWakeup
@@ -111,6 +114,9 @@ class WarmWorkerSettings(BaseSettings):
         default=False, description="Prefect's per-run observer of external suspension requests "
         "(a thread, a client and a websocket per run; worker/engine.py); off: no flow of the "
         "chain suspends")
+    worker_metrics_port: int | None = Field(default=None, ge=0, le=65535, description="Port of "
+        "the worker's /metrics (the flows' wis2_chain_*: they run in its process); unset: none")
+    worker_metrics_host: str = Field(default="127.0.0.1", description="Its address")
 
     def resolved_project_dir(self) -> Path:
         return (self.project_dir or Path.cwd()).resolve()
@@ -252,6 +258,7 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         # runs whose execution here ended (the last ENDED_KEPT): one still Pending or Running
         # on the server never got its final state there (recovery reclaims it)
         self._ended: collections.deque[UUID] = collections.deque(maxlen=ENDED_KEPT)
+        self._metrics: Any = None  # the /metrics server (setup)
         self._recovery = PoolRecovery(self._work_pool_name, own_name=self.name,
                                       own_runs=self._own_runs, own_ended=lambda: self._ended)
         if self._limit is None:
@@ -261,6 +268,9 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
     async def setup(self) -> None:
         await super().setup()
         self._reads.install(self.client)
+        settings = WarmWorkerSettings()
+        self._metrics = serve_metrics(settings.worker_metrics_host, settings.worker_metrics_port,
+                                      FLOW_METRICS, "wis2-warm")
         if self._wakeup is not None:
             self._background = [asyncio.create_task(self._wakeup.run()),
                                 asyncio.create_task(self._poll_on_wake())]
@@ -272,6 +282,8 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         self._background = []
+        if self._metrics is not None:
+            self._metrics.stop()
         await super().teardown(*exc_info)
         self._clients.close()
 

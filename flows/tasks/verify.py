@@ -40,6 +40,7 @@ from prefect.logging import get_run_logger
 from prefect.states import State
 from pydantic import SecretStr
 
+from chain.metrics import FLOW_METRICS
 from wis2.access import credential_headers
 from wis2.multihash import new_hasher
 from wis2.notification import Link, Notification
@@ -254,7 +255,9 @@ def verify_notifications(
           else verification_client(timeout, concurrency)) as http:
 
         def check(note: Notification) -> str:
+            started = time.monotonic()
             size = download_and_check(http, note, max_bytes, max_seconds, credential)
+            FLOW_METRICS.download(size, time.monotonic() - started)
             href = data_link(note).href
             if logger is not None:
                 logger.info("verified %s (%d bytes)", href, size)

@@ -21,6 +21,7 @@ from chain.processes import ManagedProcess
 from localnode.node import LocalNode
 from tests.fixtures.node import running_node
 from tests.fixtures.paths import DATA, REPO
+from tests.fixtures.wis2_global import Prometheus
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +32,8 @@ DOCS_IMG = REPO / "docs" / "img"  # committed: the documentation shows them
 
 @pytest.fixture(scope="module")
 def demo_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]:
-    with running_node(tmp_path_factory.mktemp("demo-node")) as node:
+    # as `make demo` runs it: the worker's /metrics and the delivery monitor too
+    with running_node(tmp_path_factory.mktemp("demo-node"), observability=True) as node:
         yield node
 
 
@@ -221,3 +223,39 @@ def test_backfill_command_runs_the_deployment_with_a_worker(
     assert done.returncode == 0, done.stdout + done.stderr
     assert "of backfill/default created" in done.stdout
     assert "done: 1/1 entries: 0 published, 1 already published" in done.stdout
+
+
+def test_the_demo_counts_and_watches_what_it_publishes(published: dict, demo_node: LocalNode,
+                                                       tmp_path: Path) -> None:
+    """The worker's flow metrics, scraped by a real Prometheus and asked the dashboard's query;
+    the delivery monitor's record of the notification (no Global Broker to watch in the demo:
+    it stays pending), shown by `wis2-chain delivery status`."""
+    settings = demo_node.settings
+    dashboard = json.loads((REPO / "deploy" / "grafana" / "wis2-chain-dashboard.json")
+                           .read_text(encoding="utf-8"))
+    query = next(p["targets"][0]["expr"] for p in dashboard["panels"]
+                 if p["title"] == "Notifications published")
+    query = query.replace("$centre_id", settings.centre_id).replace("$dataset", ".*")
+    prometheus = Prometheus(tmp_path / "prometheus", [
+        f"{settings.host}:{settings.worker_metrics_port}",
+        f"{settings.host}:{settings.delivery_metrics_port}"]).start()
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not prometheus.query(query):
+            time.sleep(0.5)
+        assert {s["metric"]["dataset"]: float(s["value"][1])
+                for s in prometheus.query(query)} == {"argo": 1.0}
+    finally:
+        prometheus.stop()
+    data_id = published["message"]["properties"]["data_id"]
+    env = {**demo_node.child_env(), "PATH": os.environ["PATH"]}
+    deadline = time.monotonic() + 60
+    while True:
+        done = subprocess.run([str(Path(sys.executable).with_name("wis2-chain")), "delivery",
+                               "status", data_id], capture_output=True, text=True, env=env,
+                              timeout=120, check=False)
+        if done.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert done.returncode == 0, done.stderr
+    assert f"{published['message']['id']}  pending" in done.stdout

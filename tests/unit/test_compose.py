@@ -48,7 +48,7 @@ def test_expected_services(resolved: dict) -> None:
     assert {
         "mosquitto", "postgres", "prefect-server", "prefect-worker", "listener",
         "argo-event-diffusion", "wis2-global-broker", "broker-config", "redis",
-        "prefect-worker-2", "listener-2",
+        "prefect-worker-2", "listener-2", "delivery-monitor",
     } <= set(resolved["services"])
     assert resolved["services"]["argo-event-diffusion"]["profiles"] == ["demo"]
     assert resolved["services"]["demo-files"]["profiles"] == ["demo"]
