@@ -255,6 +255,7 @@ def crash_and_count(node: ComposeNode, collector: Collector, factory: EventFacto
 HEALTHCHECKED = ("postgres", "redis", "prefect-server")
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize(("service", "only"), [
     ("prefect-worker", "prefect-worker"),  # it holds every run of the burst
     ("prefect-server", None),
@@ -271,6 +272,7 @@ def test_crash_mid_burst(node: ComposeNode, collector: Collector, factory: Event
     check(result)
 
 
+@pytest.mark.heavy
 def test_broker_crash_with_the_listeners_away(
     node: ComposeNode, collector: Collector, factory: EventFactory,
     request: pytest.FixtureRequest, figures: dict[str, Any],
@@ -315,6 +317,7 @@ def resubscribed(node: ComposeNode, collector: Collector) -> None:
     wait("the MQTTS subscriber is back", seen, 120)
 
 
+@pytest.mark.heavy
 def test_network_partition_of_a_worker_host(
     node: ComposeNode, collector: Collector, factory: EventFactory,
     request: pytest.FixtureRequest, figures: dict[str, Any],
@@ -338,6 +341,7 @@ def test_network_partition_of_a_worker_host(
     check(result)
 
 
+@pytest.mark.heavy
 def test_upgrade_in_place(node: ComposeNode, collector: Collector, factory: EventFactory,
                           request: pytest.FixtureRequest, figures: dict[str, Any]) -> None:
     """A new chain image and `docker compose up -d` over the same volumes: the files already
@@ -392,6 +396,7 @@ def runs_finished(node: ComposeNode, events: list[BenchEvent]) -> bool:
     return seen == wanted
 
 
+@pytest.mark.heavy
 def test_workers_racing_for_a_run_is_harmless(
     node: ComposeNode, request: pytest.FixtureRequest, figures: dict[str, Any]
 ) -> None:
