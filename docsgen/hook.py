@@ -19,4 +19,7 @@ def on_files(files: Any, config: Any) -> Any:
 
     for path, render in PAGES.items():
         files.append(File.generated(config, path, content=render()))
+    # bench/RESULTS.md is shown as benchmarks/results.md (a snippet): the plots it links beside it
+    for plot in sorted((REPO / "bench").glob("*.png")):
+        files.append(File.generated(config, f"benchmarks/{plot.name}", content=plot.read_bytes()))
     return files
