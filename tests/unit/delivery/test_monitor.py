@@ -138,3 +138,19 @@ def test_redelivery_of_the_exact_message_then_undelivered(setup) -> None:
     assert sample(monitor, "wis2_chain_undelivered_total") == 1
     assert sample(monitor, "wis2_chain_redelivered_total") == 2
     assert monitor.metrics.registry.get_sample_value("wis2_chain_delivery_pending") == 0
+
+
+def test_redelivery_keeps_cache_false_and_expects_no_cache_copy(setup) -> None:
+    """A not-cached file's notification (`properties.cache: false`, issue 26) is redelivered as
+    the very bytes published, so Caches are still told not to cache it (wis2box#1069: lost)."""
+    monitor, sent = setup
+    big = message("big.grib2", cache=False)
+    payload = raw(big)
+    monitor.on_published(CORE, payload)
+    now = datetime.now(UTC)
+    assert monitor.check(now + timedelta(seconds=61)) == {"redelivered": 1, "undelivered": 0}
+    assert sent == [(CORE, payload)]
+    assert json.loads(sent[0][1])["properties"]["cache"] is False
+    monitor.on_global("gb-a", CORE, payload)  # relayed at last: delivered, no cache copy due
+    record = monitor.store.get("id-big.grib2")
+    assert (record.state, record.cache_state) == (RELAYED, CACHE_NOT_EXPECTED)
