@@ -36,7 +36,8 @@ HEAVY_ENV = "WIS2_HEAVY_TESTS"
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     heavy = os.environ.get(HEAVY_ENV, "") not in ("", "0", "false")
-    skip_heavy = pytest.mark.skip(reason=f"heavy test: set {HEAVY_ENV}=1 (make test-heavy) to run it")
+    skip_heavy = pytest.mark.skip(
+        reason=f"heavy test: set {HEAVY_ENV}=1 (make test-heavy) to run it")
     for item in items:
         if INTEGRATION_DIR in item.path.resolve().parents:
             item.add_marker(pytest.mark.integration)
