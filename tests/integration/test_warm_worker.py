@@ -50,10 +50,13 @@ class WarmNode:
             return client.create_flow_run_from_deployment(
                 self.deployment_id, parameters={"event": event})
 
-    def create_sleep_run(self, seconds: float) -> FlowRun:
+    def create_sleep_run(self, seconds: float, gate: Path | None = None) -> FlowRun:
+        parameters: dict[str, object] = {"seconds": seconds}
+        if gate is not None:
+            parameters["gate"] = str(gate)
         with get_client(sync_client=True) as client:
             return client.create_flow_run_from_deployment(
-                self.sleep_deployment_id, parameters={"seconds": seconds})
+                self.sleep_deployment_id, parameters=parameters)
 
     def wait_final(self, run_ids: list[uuid.UUID], timeout: float = 60) -> list[FlowRun]:
         deadline = time.monotonic() + timeout
@@ -193,11 +196,30 @@ def test_a_failed_run_leaves_the_worker_running(warm_node: WarmNode, subscriber)
     assert warm_node.worker.poll() is None
 
 
-def test_the_limit_bounds_concurrent_runs(warm_node: WarmNode) -> None:
-    """6 runs of 2 s queued at once (a flow loaded from a file outside the installed package):
-    exactly `--limit` of them Running at a time at most, all Completed."""
-    ids = [warm_node.create_sleep_run(2.0).id for _ in range(6)]
-    runs = warm_node.wait_final(ids, timeout=90)
+def test_the_limit_bounds_concurrent_runs(warm_node: WarmNode, tmp_path: Path) -> None:
+    """6 runs queued at once (a flow loaded from a file outside the installed package), each held
+    until the test opens their gate: `--limit` of them Running, the others left waiting while
+    those are held, then all Completed, never more than `--limit` Running at a time."""
+    gate = tmp_path / "gate"
+    ids = [warm_node.create_sleep_run(0.0, gate=gate).id for _ in range(6)]
+    with get_client(sync_client=True) as client:
+        deadline = time.monotonic() + 180
+        while True:  # the worker fills its slots with held runs
+            states = [client.read_flow_run(i).state for i in ids]
+            running = sum(1 for s in states if s is not None and s.is_running())
+            if running >= LIMIT:
+                break
+            assert warm_node.worker.poll() is None, f"the worker exited:\n{warm_node.tail()}"
+            assert time.monotonic() < deadline, (
+                f"{running} Running: {[s and s.name for s in states]}")
+            time.sleep(0.2)
+        # several of the worker's polls (every second) while every slot is held: none takes more
+        time.sleep(3)
+        states = [client.read_flow_run(i).state for i in ids]
+        assert sum(1 for s in states if s is not None and s.is_running()) == LIMIT, (
+            [s and s.name for s in states])
+    gate.touch()
+    runs = warm_node.wait_final(ids, timeout=180)
     assert all(r.state.is_completed() for r in runs), [(r.name, r.state.message) for r in runs]
 
     intervals: list[tuple[datetime, datetime]] = []
