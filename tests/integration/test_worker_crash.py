@@ -103,6 +103,9 @@ class CrashNode:
             WIS2_PUBLISH_RETRIES="2", WIS2_RETRY_BASE_DELAY="0.5",
             PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_HEARTBEAT_SECONDS=str(HEARTBEAT),
             WIS2_RECOVERY_INTERVAL="2", WIS2_RECOVERY_UNCLAIMED_TIMEOUT="5",
+            # one download at a time per run: N downloads held at the file server are N runs
+            # holding their slots (with concurrent downloads, one batch run could hold them all)
+            WIS2_VERIFY_CONCURRENCY="1",
         )
         env.update(settings)
         self.env = env
