@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 WIS2_BUNDLE_DIR ?= $(if $(wildcard ../shared/wis2-bundle/README.md),../shared/wis2-bundle,)
 export WIS2_BUNDLE_DIR
 
-.PHONY: help venv install mosquitto prometheus postgresql redis docker-compose docker standins chromium nginx bundles lint test test-heavy test-unit docs docs-build demo demo-event broker-config blocks bench clean
+.PHONY: help venv install mosquitto prometheus postgresql redis docker-compose docker standins chromium nginx bundles lint test test-unit docs docs-build demo demo-event broker-config blocks bench clean
 
 help:
 	@echo "make demo   - start the whole chain on loopback and publish the sample Argo event"
@@ -105,10 +105,6 @@ lint: install
 TEST_WORKERS ?= 3
 test: install mosquitto prometheus postgresql redis docker-compose docker chromium nginx bundles lint
 	$(BIN)/python -m pytest $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
-
-# The tests marked `heavy` (the compose fault scenarios; tens of minutes), skipped by `make test`.
-test-heavy: install mosquitto postgresql redis docker-compose docker bundles
-	WIS2_HEAVY_TESTS=1 $(BIN)/python -m pytest -m heavy
 
 # tests/unit/ alone (what `pytest -m "not integration"` selects): no service, a few seconds.
 # mosquitto for its mosquitto_passwd tool, docker-compose for `docker-compose config`.

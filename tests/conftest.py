@@ -7,7 +7,6 @@ integration"` (or `pytest tests/unit`) runs the unit tests alone.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -28,21 +27,10 @@ LONGEST_FIRST = ("test_compose_node.py", "test_service_outages.py", "test_worker
                  "test_listener.py")
 
 
-# Tests marked `heavy` (the compose fault scenarios: a burst of 200 events through containers per
-# scenario, tens of minutes on the 2-core machine) would take `make test` past its 15 minutes:
-# they run with WIS2_HEAVY_TESTS=1 (`make test-heavy`), and are skipped with this reason otherwise.
-HEAVY_ENV = "WIS2_HEAVY_TESTS"
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    heavy = os.environ.get(HEAVY_ENV, "") not in ("", "0", "false")
-    skip_heavy = pytest.mark.skip(
-        reason=f"heavy test: set {HEAVY_ENV}=1 (make test-heavy) to run it")
     for item in items:
         if INTEGRATION_DIR in item.path.resolve().parents:
             item.add_marker(pytest.mark.integration)
-        if not heavy and item.get_closest_marker("heavy"):
-            item.add_marker(skip_heavy)
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept inside
 

@@ -73,6 +73,7 @@ def test_host_ports_and_the_bundle_directory_come_from_the_environment() -> None
     env = {"WIS2_PUBLISHED_MQTTS_PORT": "18883", "WIS2_PUBLISHED_WSS_PORT": "18084",
            "WIS2_PUBLISHED_UI_PORT": "14200", "WIS2_PUBLISHED_METRICS_PORT": "19464",
            "WIS2_PUBLISHED_METRICS_PORT_2": "19465",
+           "WIS2_PUBLISHED_DELIVERY_METRICS_PORT": "19466",
            "WIS2_BUNDLE_DIR": "/srv/wis2-bundle"}
     services = compose_config(COMPOSE, env=env)["services"]
     assert {p[1:] for p in published_ports(services["mosquitto"])} == {(18883, 8883),
@@ -80,6 +81,7 @@ def test_host_ports_and_the_bundle_directory_come_from_the_environment() -> None
     assert published_ports(services["prefect-ui-tls"])[0][1:] == (14200, 4443)
     assert published_ports(services["listener"]) == [("127.0.0.1", 19464, 9464)]
     assert published_ports(services["listener-2"]) == [("127.0.0.1", 19465, 9464)]
+    assert published_ports(services["delivery-monitor"]) == [("127.0.0.1", 19466, 9466)]
     for name in ("prefect-worker", "prefect-worker-2", "wis2-global-broker"):
         assert _mounts(services[name])["/bundles"] == "/srv/wis2-bundle", name
         assert "bundles install --from-if-present /bundles" in " ".join(
