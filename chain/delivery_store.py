@@ -34,6 +34,7 @@ from wis2.delivery import (
 )
 
 RECORDS_FILE = "delivery-records.sqlite3"
+_SCHEMA_LOCK = 0x77697332_64656C76  # advisory lock of the tables' creation ("wis2delv")
 EARLY_SECONDS = 3600.0  # how long an early message (matching no record yet) is kept
 MAX_EARLY = 10000  # early messages kept at most
 T = TypeVar("T")
@@ -183,7 +184,8 @@ class DeliveryStore:
 
         def on_postgres(conn: Any) -> T:
             with conn.transaction():
-                if not self._ready:
+                if not self._ready:  # one creator at a time: CREATE ... IF NOT EXISTS races
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
                     for ddl in _SCHEMA:
                         conn.execute(ddl)
 
