@@ -16,7 +16,7 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from contextlib import closing
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,6 +34,9 @@ from wis2.delivery import (
 )
 
 RECORDS_FILE = "delivery-records.sqlite3"
+_SCHEMA_LOCK = 0x77697332_64656C76  # advisory lock of the tables' creation ("wis2delv")
+EARLY_SECONDS = 3600.0  # how long an early message (matching no record yet) is kept
+MAX_EARLY = 10000  # early messages kept at most
 T = TypeVar("T")
 
 _SCHEMA = (
@@ -54,6 +57,7 @@ _SCHEMA = (
 )""",
     "CREATE INDEX IF NOT EXISTS deliveries_data_id ON deliveries (data_id, pubtime)",
     "CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries (state, published_at)",
+    "CREATE INDEX IF NOT EXISTS deliveries_published ON deliveries (published_at)",
     """CREATE TABLE IF NOT EXISTS delivery_events (
     notification_id TEXT NOT NULL,
     kind TEXT NOT NULL,
@@ -63,6 +67,18 @@ _SCHEMA = (
     detail TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (notification_id, kind, source)
 )""",
+    # what a Global Broker delivered before the node's own copy of the notification it
+    # matches (`DeliveryStore.keep_early`): kept across a restart, for `EARLY_SECONDS` at most
+    """CREATE TABLE IF NOT EXISTS delivery_early (
+    kind TEXT NOT NULL,
+    match_key TEXT NOT NULL,
+    source TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    message TEXT NOT NULL,
+    seen_at TEXT NOT NULL,
+    PRIMARY KEY (kind, match_key, source, topic)
+)""",
+    "CREATE INDEX IF NOT EXISTS delivery_early_seen ON delivery_early (seen_at)",
 )
 _RECORD_COLUMNS = ("notification_id", "data_id", "metadata_id", "pubtime", "topic", "dataset",
                    "payload", "published_at", "last_sent_at", "state", "cache_state",
@@ -103,6 +119,18 @@ class DeliveryRecord(BaseModel):
                              description="not-expected, awaited, cached or integrity-mismatch")
     redeliveries: int = 0
     undelivered_at: str | None = None
+
+
+class EarlyMessage(BaseModel):
+    """A relay (kind `relay`, matched by `id`), a Cache's copy (`cache`, by "data_id pubtime")
+    or a Catalogue report (`report`, by metadata_id) received before the record it matches."""
+
+    kind: str
+    match_key: str
+    source: str = Field(description="The Global Broker it came from")
+    topic: str
+    message: dict[str, Any]
+    seen_at: str
 
 
 class DeliveryEvent(BaseModel):
@@ -156,7 +184,8 @@ class DeliveryStore:
 
         def on_postgres(conn: Any) -> T:
             with conn.transaction():
-                if not self._ready:
+                if not self._ready:  # one creator at a time: CREATE ... IF NOT EXISTS races
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
                     for ddl in _SCHEMA:
                         conn.execute(ddl)
 
@@ -219,6 +248,49 @@ class DeliveryStore:
             "UPDATE deliveries SET state = 'undelivered', undelivered_at = ? "
             "WHERE notification_id = ? AND state = ?", (at, notification_id, PENDING)))
 
+    def keep_early(self, early: EarlyMessage, now: datetime) -> bool:
+        """Keep a message that matches no record yet (`take_early` hands it over when the record
+        comes), after expiring those older than `EARLY_SECONDS`; False when `MAX_EARLY` are kept
+        already (it is not kept)."""
+        cutoff = (now - timedelta(seconds=EARLY_SECONDS)).isoformat(timespec="milliseconds")
+
+        def statements(execute: Callable[..., list[tuple[Any, ...]]]) -> bool:
+            execute("DELETE FROM delivery_early WHERE seen_at < ?", (cutoff,))
+            if execute("SELECT COUNT(*) FROM delivery_early")[0][0] >= MAX_EARLY:
+                return False
+            execute("INSERT INTO delivery_early (kind, match_key, source, topic, message, "
+                    "seen_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (kind, match_key, source, "
+                    "topic) DO NOTHING",
+                    (early.kind, early.match_key, early.source, early.topic,
+                     json.dumps(early.message, sort_keys=True), early.seen_at))
+            return True
+
+        return self._run(statements)
+
+    def take_early(self, keys: list[tuple[str, str]]) -> list[EarlyMessage]:
+        """The early messages of these (kind, match_key), removed from the store."""
+
+        def statements(execute: Callable[..., list[tuple[Any, ...]]]) -> list[EarlyMessage]:
+            found: list[EarlyMessage] = []
+            for kind, key in keys:
+                rows = execute("DELETE FROM delivery_early WHERE kind = ? AND match_key = ? "
+                               "RETURNING source, topic, message, seen_at", (kind, key))
+                found += [EarlyMessage(kind=kind, match_key=key, source=source, topic=topic,
+                                       message=json.loads(message), seen_at=seen_at)
+                          for source, topic, message, seen_at in rows]
+            return sorted(found, key=lambda e: e.seen_at)
+
+        return self._run(statements)
+
+    def early(self) -> list[EarlyMessage]:
+        """Every early message kept."""
+        rows = self._run(lambda execute: execute(
+            "SELECT kind, match_key, source, topic, message, seen_at FROM delivery_early "
+            "ORDER BY seen_at"))
+        return [EarlyMessage(kind=kind, match_key=key, source=source, topic=topic,
+                             message=json.loads(message), seen_at=seen_at)
+                for kind, key, source, topic, message, seen_at in rows]
+
     # ---- reads -----------------------------------------------------------------------------
     def _records(self, where: str = "", params: tuple[Any, ...] = ()) -> list[DeliveryRecord]:
         rows = self._run(lambda execute: execute(
@@ -250,6 +322,18 @@ class DeliveryStore:
         return self._records("WHERE published_at >= ? AND dataset = ?",
                              (published_after, dataset))
 
+    def not_relayed(self, broker: str, published_from: str, published_to: str
+                    ) -> dict[tuple[str, str], int]:
+        """{(topic, dataset): how many} of the records published between the two times (ISO
+        UTC) that `broker` did not relay (0 for a topic and dataset it relayed everything of)."""
+        rows = self._run(lambda execute: execute(
+            "SELECT topic, dataset, SUM(CASE WHEN EXISTS (SELECT 1 FROM delivery_events e "
+            "WHERE e.notification_id = d.notification_id AND e.kind = 'relay' "
+            "AND e.source = ?) THEN 0 ELSE 1 END) FROM deliveries d WHERE published_at >= ? "
+            "AND published_at <= ? GROUP BY topic, dataset",
+            (broker, published_from, published_to)))
+        return {(topic, dataset): int(count) for topic, dataset, count in rows}
+
     def events(self, notification_ids: list[str], kind: str | None = None
                ) -> list[DeliveryEvent]:
         """The events of these notifications (of one kind, or all)."""
@@ -273,8 +357,8 @@ def initial_states(expects_cache: bool) -> tuple[str, str]:
     return PENDING, CACHE_AWAITED if expects_cache else CACHE_NOT_EXPECTED
 
 
-__all__ = ["RELAYED", "DeliveryEvent", "DeliveryRecord", "DeliveryStore", "delivery_reports",
-           "initial_states", "now_utc", "records_location"]
+__all__ = ["RELAYED", "DeliveryEvent", "DeliveryRecord", "DeliveryStore", "EarlyMessage",
+           "delivery_reports", "initial_states", "now_utc", "records_location"]
 
 
 def delivery_reports(store: DeliveryStore, since: str) -> list[DeliveryReport]:

@@ -4,8 +4,12 @@ labelled with `centre_id` and `dataset`, each family on a registry of its own:
 - `FLOW_METRICS`: what the flows count in the process they run in (the `wis2-warm` worker, which
   serves them on `/metrics`): notifications published, failed (by reason), skipped as already
   published; validation failures by check; download bytes and seconds; event-to-PUBACK seconds.
+  The data flows and `publish-metadata` count alike (a metadata notification's `dataset` label:
+  the dataset whose `metadata_id` is the record's id, else the record's id; its time from the
+  run's start to the PUBACK).
 - `DeliveryMetrics`: what the delivery monitor (`delivery/`) counts: relayed per Global Broker,
-  cached per Global Cache, integrity mismatches, redelivered, undelivered, relay delay.
+  cached per Global Cache, integrity mismatches, redelivered, undelivered, not relayed per
+  Global Broker (a gauge, from the delivery records), relay delay (from the PUBACK).
 
 The names are those of deploy/grafana/wis2-chain-dashboard.json's queries.
 """
@@ -75,7 +79,8 @@ class FlowMetrics:
             buckets=DOWNLOAD_BUCKETS, registry=r)
         self.event_to_puback = Histogram(
             "wis2_chain_event_to_puback_seconds",
-            "From the event's time (CloudEvent `time`) to the broker's PUBACK", LABELS,
+            "From the event's time (CloudEvent `time`; a publish-metadata run: its start) to the "
+            "broker's PUBACK", LABELS,
             buckets=LATENCY_BUCKETS, registry=r)
 
     def render(self) -> bytes:
@@ -146,6 +151,11 @@ class DeliveryMetrics:
             "wis2_chain_undelivered",
             "Notifications no watched Broker relayed after every redelivery", LABELS,
             registry=r)
+        self.not_relayed = Gauge(
+            "wis2_chain_not_relayed",
+            "Undelivered per Global Broker: notifications published in the last "
+            "WIS2_DELIVERY_NOT_RELAYED_WINDOW seconds, more than the relay timeout ago, that "
+            "this watched Broker has not relayed", (*LABELS, "broker"), registry=r)
         self.pending = Gauge(
             "wis2_chain_delivery_pending",
             "Notifications waiting for a first relay", registry=r)

@@ -11,9 +11,18 @@
   times; then it is `undelivered`.
 
 The node's own copy and a Global Broker's messages arrive on different connections, in either
-order: a relay, cache copy or report that matches no record yet is kept (in memory, at most
-`ORPHAN_SECONDS`) and matched when the node's copy is recorded. Messages are handled one at a
+order: a relay, cache copy or report that matches no record yet is kept in the delivery store
+(`DeliveryStore.keep_early`: a restart, even after a SIGKILL, still matches it; at most
+`EARLY_SECONDS`) and matched when the node's copy is recorded. Messages are handled one at a
 time (a lock): the sessions' threads never interleave a match with a record.
+
+A relay's delay counts from the PUBACK of the node's broker, as the chain recorded it in the
+publication ledger (`puback_at` of the notification's entry: `puback_time`); when it is not
+known (no ledger entry of this notification, an older chain, the ledger unreachable), from the
+monitor's receipt of the node's own copy (`published_at`).
+
+`check()` also sets `wis2_chain_not_relayed`: per watched Broker, the notifications published in
+the last `not_relayed_window` seconds (and more than `relay_timeout` ago) that it did not relay.
 
 A message that is not JSON, or lacks what it is matched by, is logged with the reason and
 skipped: it never stops the monitor.
@@ -24,18 +33,19 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from chain.delivery_store import (
     DeliveryEvent,
     DeliveryRecord,
     DeliveryStore,
+    EarlyMessage,
     initial_states,
     now_utc,
 )
+from chain.ledger import Ledger
 from chain.metrics import DeliveryMetrics
 from wis2.delivery import (
     CACHE_MISMATCH,
@@ -53,8 +63,26 @@ from wis2.topics import centre_id_of_topic
 log = logging.getLogger(__name__)
 
 Resend = Callable[[str, bytes], None]  # (topic, payload): publish on the node's broker
-ORPHAN_SECONDS = 3600.0  # how long a message matching no record yet is kept
-MAX_ORPHANS = 10000
+PubackTime = Callable[[DeliveryRecord], datetime | None]  # the PUBACK time the chain recorded
+PUBACK_MEMO = 10000  # PUBACK times remembered (one ledger read per notification, not per relay)
+
+
+def ledger_puback_time(ledger: Ledger) -> PubackTime:
+    """The PUBACK time of a record's notification in the publication ledger (`puback_at` of
+    its data_id's entry when that entry is this notification), else None."""
+
+    def puback_time(record: DeliveryRecord) -> datetime | None:
+        try:
+            entry = ledger.get(record.data_id)
+        except Exception as exc:  # the ledger away: the monitor's receipt instead
+            log.warning("ledger not read for %s: %s", record.data_id, exc)
+            return None
+        if entry is None or entry.notification_id != record.notification_id:
+            return None
+        value = (entry.model_extra or {}).get("puback_at")
+        return parse_time(value) if isinstance(value, str) else None
+
+    return puback_time
 
 
 def _message(topic: str, payload: bytes, where: str) -> dict[str, Any] | None:
@@ -74,8 +102,12 @@ class DeliveryMonitor:
 
     def __init__(self, centre_id: str, store: DeliveryStore, metrics: DeliveryMetrics,
                  resend: Resend, *, relay_timeout: float, max_redeliveries: int,
-                 datasets: Mapping[str, str] | None = None) -> None:
-        """`datasets`: {metadata_id: dataset name} (the `dataset` label; else the metadata_id)."""
+                 datasets: Mapping[str, str] | None = None, brokers: list[str] | None = None,
+                 puback_time: PubackTime | None = None,
+                 not_relayed_window: float = 86400.0) -> None:
+        """`datasets`: {metadata_id: dataset name} (the `dataset` label; else the metadata_id);
+        `brokers`: the watched Global Brokers' names; `puback_time`: the PUBACK time the chain
+        recorded for a notification (`ledger_puback_time`)."""
         self.centre_id = centre_id
         self.store = store
         self.metrics = metrics
@@ -83,34 +115,46 @@ class DeliveryMonitor:
         self.relay_timeout = relay_timeout
         self.max_redeliveries = max_redeliveries
         self.datasets = dict(datasets or {})
+        self.brokers = list(brokers or [])
+        self.puback_time = puback_time
+        self.not_relayed_window = not_relayed_window
         self._lock = threading.RLock()
-        # (kind, key) -> [(broker, topic, message, seen, monotonic time kept)]: relays by id,
-        # cache copies by "data_id pubtime", reports by metadata_id, that arrived before the
-        # node's copy
-        self._orphans: dict[tuple[str, str], list[tuple[str, str, dict[str, Any], datetime,
-                                                         float]]] = {}
+        self._puback: dict[str, datetime] = {}
+        self._not_relayed_labels: set[tuple[str, str, str]] = set()
 
-    def _keep_orphan(self, kind: str, key: str, broker: str, topic: str,
-                     message: dict[str, Any], seen: datetime) -> None:
-        now = time.monotonic()
-        self._orphans = {k: kept for k, v in self._orphans.items()
-                         if (kept := [o for o in v if now - o[4] < ORPHAN_SECONDS])}
-        if sum(len(v) for v in self._orphans.values()) >= MAX_ORPHANS:
-            log.warning("%s: %s %s matches no notification of this node: dropped (%d kept "
-                        "already)", broker, kind, key, MAX_ORPHANS)
+    def _keep_early(self, kind: str, key: str, broker: str, topic: str,
+                    message: dict[str, Any], seen: datetime) -> None:
+        if not self.store.keep_early(EarlyMessage(
+                kind=kind, match_key=key, source=broker, topic=topic, message=message,
+                seen_at=seen.isoformat(timespec="milliseconds")), seen):
+            log.warning("%s: %s %s matches no notification of this node: dropped (too many "
+                        "kept already)", broker, kind, key)
             return
-        self._orphans.setdefault((kind, key), []).append((broker, topic, message, seen, now))
+        log.info("%s: %s %s matches no notification of this node yet: kept", broker, kind, key)
 
-    def _adopt_orphans(self, record: DeliveryRecord) -> None:
+    def _adopt_early(self, record: DeliveryRecord) -> None:
         """Match what arrived before the node's copy of `record`."""
         keys = [("relay", record.notification_id),
                 ("cache", f"{record.data_id} {record.pubtime}")]
         if record.metadata_id:
             keys.append(("report", record.metadata_id))
-        for key in keys:
-            for broker, topic, message, seen, _t in self._orphans.pop(key, []):
-                {"relay": self._relayed, "cache": self._cached,
-                 "report": self._reported}[key[0]](broker, topic, message, seen)
+        handle = {"relay": self._relayed, "cache": self._cached, "report": self._reported}
+        for early in self.store.take_early(keys):
+            handle[early.kind](early.source, early.topic, early.message,
+                               parse_time(early.seen_at))
+
+    def _sent_at(self, record: DeliveryRecord) -> datetime:
+        """When the node's broker acknowledged the notification (`puback_time`), else when the
+        monitor received the node's copy."""
+        if (known := self._puback.get(record.notification_id)) is not None:
+            return known
+        puback = self.puback_time(record) if self.puback_time is not None else None
+        if puback is None:
+            return parse_time(record.published_at)
+        if len(self._puback) >= PUBACK_MEMO:
+            self._puback.pop(next(iter(self._puback)))
+        self._puback[record.notification_id] = puback
+        return puback
 
     def _labels(self, record: DeliveryRecord) -> dict[str, str]:
         return {"centre_id": centre_id_of_topic(record.topic) or self.centre_id,
@@ -150,7 +194,7 @@ class DeliveryMonitor:
             return self.store.get(record.notification_id)
         self.metrics.recorded.labels(**self._labels(record)).inc()
         log.info("watching %s (%s) on %s", record.notification_id, record.data_id, topic)
-        self._adopt_orphans(record)
+        self._adopt_early(record)
         return record
 
     # ---- the Global Brokers ----------------------------------------------------------------
@@ -168,9 +212,9 @@ class DeliveryMonitor:
                  seen: datetime) -> None:
         record = self.store.get(str(message.get("id")))
         if record is None:  # the node's own copy may reach the monitor after the relay
-            self._keep_orphan("relay", str(message.get("id")), broker, topic, message, seen)
+            self._keep_early("relay", str(message.get("id")), broker, topic, message, seen)
             return
-        delay = max(0.0, (seen - parse_time(record.published_at)).total_seconds())
+        delay = max(0.0, (seen - self._sent_at(record)).total_seconds())
         if not self.store.add_event(DeliveryEvent(
                 notification_id=record.notification_id, kind="relay", source=broker,
                 seen_at=seen.isoformat(timespec="milliseconds"), delay_s=delay), state=RELAYED):
@@ -192,8 +236,8 @@ class DeliveryMonitor:
         cache = copy.global_cache or broker
         records = self.store.by_data_id(copy.data_id, copy.pubtime)
         if not records:
-            self._keep_orphan("cache", f"{copy.data_id} {copy.pubtime}", broker, topic, message,
-                              seen)
+            self._keep_early("cache", f"{copy.data_id} {copy.pubtime}", broker, topic, message,
+                             seen)
         for record in records:
             ours = integrity_of(json.loads(record.payload))
             mismatch = ours is not None and copy.integrity != ours
@@ -201,7 +245,7 @@ class DeliveryMonitor:
             if not self.store.add_event(DeliveryEvent(
                     notification_id=record.notification_id, kind="cache", source=cache,
                     seen_at=seen.isoformat(timespec="milliseconds"),
-                    delay_s=max(0.0, (seen - parse_time(record.published_at)).total_seconds()),
+                    delay_s=max(0.0, (seen - self._sent_at(record)).total_seconds()),
                     detail=copy.model_dump() | {"ours": ours}), cache_state=state):
                 continue
             labels = self._labels(record)
@@ -224,7 +268,7 @@ class DeliveryMonitor:
             return
         record = self.store.latest_metadata(metadata_id)
         if record is None:
-            self._keep_orphan("report", metadata_id, broker, topic, message, seen)
+            self._keep_early("report", metadata_id, broker, topic, message, seen)
             return
         if self.store.add_event(DeliveryEvent(
                 notification_id=record.notification_id, kind="report",
@@ -264,4 +308,20 @@ class DeliveryMonitor:
                           "redeliveries", record.notification_id, record.data_id,
                           record.redeliveries)
         self.metrics.pending.set(len(self.store.pending()))
+        self._count_not_relayed(now)
         return done
+
+    def _count_not_relayed(self, now: datetime) -> None:
+        """`wis2_chain_not_relayed`, per watched Broker (see the module docstring)."""
+        since = (now - timedelta(seconds=self.not_relayed_window)).isoformat(
+            timespec="milliseconds")
+        until = (now - timedelta(seconds=self.relay_timeout)).isoformat(timespec="milliseconds")
+        values: dict[tuple[str, str, str], int] = dict.fromkeys(self._not_relayed_labels, 0)
+        for broker in self.brokers:
+            for (topic, dataset), count in self.store.not_relayed(broker, since, until).items():
+                key = (centre_id_of_topic(topic) or self.centre_id, dataset, broker)
+                values[key] = values.get(key, 0) + count
+        for (centre_id, dataset, broker), count in values.items():
+            self.metrics.not_relayed.labels(centre_id=centre_id, dataset=dataset,
+                                            broker=broker).set(count)
+        self._not_relayed_labels = set(values)

@@ -19,14 +19,14 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from chain.delivery_store import DeliveryStore, records_location
-from chain.ledger import ledger_location
+from chain.ledger import ledger_location, open_ledger
 from chain.metrics import DeliveryMetrics
 from chain.mqtt import MqttConnection, MqttError, connect, new_client, publish_once
 from chain.settings import ChainSettings
-from delivery.monitor import DeliveryMonitor
+from delivery.monitor import DeliveryMonitor, ledger_puback_time
 from delivery.settings import DeliverySettings, GlobalBroker
 from listener.observability import HealthServer
-from wis2.dataset import list_datasets
+from wis2.dataset import dataset_names
 from wis2.delivery import subscriptions
 
 log = logging.getLogger(__name__)
@@ -103,12 +103,15 @@ class DeliveryService:
         self.settings = settings
         self.chain = chain or ChainSettings()
         self.metrics = DeliveryMetrics()
-        self.store = DeliveryStore(records_location(ledger_location(self.chain)))
-        datasets = {d.metadata_id: d.name for d in list_datasets(self.chain.datasets_dir)}
+        ledger = ledger_location(self.chain)
+        self.store = DeliveryStore(records_location(ledger))
+        datasets = dataset_names(self.chain.datasets_dir)
         self.monitor = DeliveryMonitor(
             settings.centre_id, self.store, self.metrics, self._resend,
             relay_timeout=settings.relay_timeout, max_redeliveries=settings.max_redeliveries,
-            datasets=datasets)
+            datasets=datasets, brokers=[broker.name for broker in settings.brokers()],
+            puback_time=ledger_puback_time(open_ledger(ledger)),
+            not_relayed_window=settings.not_relayed_window)
         self.stopping = threading.Event()
         node = self.chain.mqtt.connection()
         self.sessions = [Session(

@@ -79,6 +79,10 @@ class DeliverySettings(BaseSettings):
         default=3, ge=0,
         description="Times a notification is sent again (same id, same pubtime) before it is "
         "reported undelivered")
+    not_relayed_window: float = Field(
+        default=86400.0, gt=0,
+        description="Seconds of publications the metric wis2_chain_not_relayed (undelivered per "
+        "Global Broker) counts over")
     check_interval: float = Field(
         default=10.0, gt=0, description="Seconds between two checks for overdue notifications")
     metrics_host: str = Field(default="127.0.0.1", description="Address of /metrics, /healthz")

@@ -201,7 +201,7 @@ def _claimed_round(items: list[BatchEvent], pipeline: Pipeline,
             for one in active:
                 one.earlier = [next(earlier) for _ in one.notifications]
     sending = [one for one in active if one.to_send]
-    results: list[list[bool] | Failure] = []
+    results: list[list[str | None] | Failure] = []
     if sending:
         try:
             connection = pipeline.connection()
@@ -215,13 +215,16 @@ def _claimed_round(items: list[BatchEvent], pipeline: Pipeline,
 
     fresh: list[Notification] = []
     recording: list[_Active] = []
+    acked: dict[str, str] = {}  # notification id: its PUBACK time
     for one in active:
         result = outcome.get(id(one), [])
         if isinstance(result, Failure):
             one.fail(result.error)
             continue
         sent_now = iter(result)
-        sent = [False if e else next(sent_now) for e in one.earlier]
+        acked_at = [None if e else next(sent_now) for e in one.earlier]
+        acked |= {n.id: t for n, t in zip(one.notifications, acked_at, strict=True) if t}
+        sent = [t is not None for t in acked_at]
         new = [n for n, s, e in zip(one.notifications, sent, one.earlier, strict=True)
                if s or (not e and not _in_ledger(known, n))]
         fresh += new
@@ -231,7 +234,7 @@ def _claimed_round(items: list[BatchEvent], pipeline: Pipeline,
                                        earlier_ids=one.earlier)  # type: ignore[arg-type]
     if fresh:
         try:
-            record_batch_task(quote(fresh), pipeline.ledger_location)
+            record_batch_task(quote(fresh), pipeline.ledger_location, acked)
         except Exception as exc:  # published, not recorded: a rerun records them
             for one in recording:
                 one.item.done = None

@@ -313,6 +313,7 @@ def _publish_claimed(
         earlier = again[1]
 
     sent: list[bool] = []
+    acked: dict[str, str] = {}
     for note, earlier_id in zip(notifications, earlier, strict=True):
         if earlier_id:
             sent.append(False)
@@ -320,6 +321,7 @@ def _publish_claimed(
         state = tasks.publish(note, pipeline.dataset.topic, pipeline.connection(),
                               return_state=True)
         receipt: BrokerReceipt = state.result()  # raises the publish error after retries
+        acked[receipt.notification_id] = receipt.published_at
         sent.append(state.name != "Cached")
         logger.info("notification %s: %s", receipt.notification_id,
                     "sent" if sent[-1] else "already published (cached)")
@@ -327,7 +329,7 @@ def _publish_claimed(
     fresh = [note for note, was_sent, earlier_id in zip(notifications, sent, earlier, strict=True)
              if was_sent or (not earlier_id and not _in_ledger(pipeline.ledger, note))]
     if fresh:
-        record_publication_task(fresh, pipeline.ledger_location)
+        record_publication_task(fresh, pipeline.ledger_location, acked=acked)
     FLOW_METRICS.outcome(sent, event.time)
     return ProcessedEvent(event=event, notifications=notifications, sent=sent,
                           validation_rows=rows, earlier_ids=earlier)

@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 from chain.deployments import PUBLISH_METADATA, PUBLISH_METADATA_FLOW, REPUBLISH_METADATA_FLOW
 from chain.ledger import LedgerEntry, ledger_location, open_ledger
+from chain.metrics import FLOW_METRICS
 from chain.settings import ChainSettings
 from flows.artifacts import artifact_key, failure_artifact, notification_artifact
 from flows.pipeline import field_errors_of
@@ -46,6 +47,9 @@ from flows.tasks.metadata_record import (
     serve_record_task,
     validate_record_task,
 )
+from flows.tasks.publish import BrokerReceipt
+from wis2.dataset import dataset_names
+from wis2.errors import InvalidInput
 from wis2.metadata_notification import (
     Wcmp2Record,
     centre_id_of,
@@ -137,11 +141,14 @@ def publish_metadata(
     settings = ChainSettings()
     logger = get_run_logger()
     label = _run_label()
+    started = datetime.now(UTC)
+    FLOW_METRICS.use_dataset("", "unknown")  # until the record is known
     try:
-        return _publish_metadata(
+        result = _publish_metadata(
             record, record_location, public_url, operation, record_id, settings, label
         )
     except Exception as exc:
+        FLOW_METRICS.failure(exc)
         logger.error("metadata publication failed: %s", exc)
         failure_artifact(
             key=artifact_key("failed-metadata", label),
@@ -155,6 +162,22 @@ def publish_metadata(
             replay=_replay_lines(),
         )
         raise
+    FLOW_METRICS.outcome([result.sent], started)
+    return result
+
+
+def _use_labels(record: dict[str, Any], settings: ChainSettings) -> None:
+    """The metrics' labels of this run: the record's centre and dataset (`dataset_names`)."""
+    try:
+        rid, centre_id = record_id_of(record), centre_id_of(record)
+    except InvalidInput:
+        return  # the run fails on it: counted under centre_id and dataset "unknown"
+    try:
+        dataset = dataset_names(settings.datasets_dir).get(rid, rid)
+    except (OSError, ValueError) as exc:  # a bad dataset description: not this run's failure
+        log.warning("dataset descriptions not read (%s): metrics labelled with %s", exc, rid)
+        dataset = rid
+    FLOW_METRICS.use_dataset(metadata_topic(centre_id), dataset)
 
 
 def _ledger_entry(settings: ChainSettings, centre_id: str, record_id: str) -> LedgerEntry | None:
@@ -175,12 +198,14 @@ def _publish_metadata(
         if not record_id:
             raise invalid("$.record_id", "a delete needs record_id (or record/record_location)")
         record_dict: dict[str, Any] = {"id": record_id}
+        _use_labels(record_dict, settings)
         record_id_of(record_dict)
     else:
         if record_id:
             raise invalid("$.record_id", "only for a delete without record/record_location")
         loaded = load_record_task(record, record_location, settings.verify_timeout)
         record_dict = loaded.record
+        _use_labels(record_dict, settings)
         if operation != "delete":
             validate_record_task(loaded, settings.wcmp2_kpi, label)
     rid = record_id_of(record_dict)
@@ -237,7 +262,7 @@ def _announce(
                 connection.describe(), origin)
     publish = configured_tasks(settings).publish
     state = publish(notification, topic, connection, return_state=True)
-    state.result()  # raises the publish error after retries
+    receipt: BrokerReceipt = state.result()  # raises the publish error after retries
     sent = state.name != "Cached"
 
     copy = keep_record_copy(loaded, settings.results_dir) if loaded is not None else None
@@ -250,6 +275,7 @@ def _announce(
             "record_location": loaded.location if loaded is not None else None,
             "record_copy": str(copy) if copy else None,
         },
+        acked={receipt.notification_id: receipt.published_at},
     )
     if operation == "delete" and served.path:
         Path(served.path).unlink(missing_ok=True)

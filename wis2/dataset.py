@@ -172,3 +172,9 @@ def list_datasets(datasets_dir: Path | None = None) -> list[DatasetDescription]:
         DatasetDescription.model_validate(json.loads(p.read_text(encoding="utf-8")))
         for p in sorted(directory.glob("*.json"))
     ]
+
+
+def dataset_names(datasets_dir: Path | None = None) -> dict[str, str]:
+    """{metadata_id: dataset name} of the dataset descriptions: the `dataset` label of what is
+    published about a WCMP2 record (its metadata notifications, their delivery)."""
+    return {d.metadata_id: d.name for d in list_datasets(datasets_dir)}

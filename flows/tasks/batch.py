@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -34,7 +34,7 @@ from wis2.validation import ValidationFailed, validate_notification
 from .build import checksum_of, not_cached, notifications_for, small_contents
 from .cache_store import MISSING, CacheStore
 from .caching import build_cache_key, publish_cache_key
-from .publish import BrokerReceipt
+from .publish import BrokerReceipt, puback_extra, puback_time
 from .validate import previous_pubtimes
 from .verify import (
     DataMismatch,
@@ -261,35 +261,37 @@ def publish_key(note: Notification, topic: str) -> str:
 def publish_batch_task(
     batch: Sequence[Sequence[Notification]], topic: str, connection: MqttConnection,
     publish: Task[Any, Any], retry: Retry, timeout: float = 10.0,
-) -> list[list[bool] | Failure]:
+) -> list[list[str | None] | Failure]:
     """Publish each notification (QoS 1, one connection, each PUBACK awaited) unless its
     publish-task cache key already holds a receipt; the receipt is written under that key right
-    after the PUBACK. Per event: whether each notification was sent now (False: published
-    earlier). A message the broker refuses fails its event alone; once the connection failed past
-    the retries, the remaining events fail with that error (nothing of theirs was sent)."""
+    after the PUBACK. Per event, for each notification: the time of its PUBACK when it was sent
+    now, None when it was published earlier. A message the broker refuses fails its event
+    alone; once the connection failed past the retries, the remaining events fail with that
+    error (nothing of theirs was sent)."""
     logger = get_run_logger()
     cache = CacheStore.of(publish)
     broker = _Broker(connection, timeout)
     broken: Failure | None = None
-    out: list[list[bool] | Failure] = []
+    out: list[list[str | None] | Failure] = []
     try:
         for notes in batch:
             if broken is not None:
                 out.append(broken)
                 continue
-            sent: list[bool] = []
+            sent: list[str | None] = []
             try:
                 for note in notes:
                     key = publish_key(note, topic)
                     if cache.has(key):
-                        sent.append(False)
+                        sent.append(None)
                         continue
                     payload = note.to_json().encode("utf-8")
                     retry.call(lambda payload=payload: broker.publish(topic, payload),
                                retry_if=lambda exc: isinstance(exc, MqttError | OSError),
                                on_retry=lambda exc: logger.warning("publish retried: %s", exc))
-                    cache.save(key, receipt(note, topic, len(payload)))
-                    sent.append(True)
+                    acknowledged = receipt(note, topic, len(payload))
+                    cache.save(key, acknowledged)
+                    sent.append(acknowledged.published_at)
             except PublishRefused as exc:  # this message refused (e.g. too large): alone
                 logger.error("publication refused: %s", exc)
                 out.append(Failure(exc))
@@ -304,8 +306,8 @@ def publish_batch_task(
         broker.close()
     done = [s for s in out if isinstance(s, list)]
     logger.info("published %d notification(s) on %s via %s, %d already published, %d event(s) "
-                "failed", sum(sum(s) for s in done), topic, connection.describe(),
-                sum(s.count(False) for s in done), len(out) - len(done))
+                "failed", sum(t is not None for s in done for t in s), topic,
+                connection.describe(), sum(s.count(None) for s in done), len(out) - len(done))
     return out
 
 
@@ -313,19 +315,21 @@ def receipt(note: Notification, topic: str, size: int) -> BrokerReceipt:
     """What the single-event publish task returns (and caches) for `note`."""
     return BrokerReceipt(
         notification_id=note.id, data_id=note.properties.data_id, topic=topic, rel=note.rel,
-        published_at=datetime.now(UTC).isoformat(timespec="seconds"), bytes=size)
+        published_at=puback_time(), bytes=size)
 
 
 # ----------------------------------------------------------------------------------- record
-def ledger_entry(note: Notification) -> LedgerEntry:
+def ledger_entry(note: Notification, puback_at: str | None = None) -> LedgerEntry:
     return LedgerEntry(notification_id=note.id, rel=note.rel or "canonical",
                        checksum=checksum_of(note), pubtime=note.properties.pubtime,
-                       **not_cached(note))
+                       **not_cached(note), **puback_extra(puback_at))
 
 
 @task(name="record-batch", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
-def record_batch_task(notifications: Sequence[Notification], ledger: str) -> int:
+def record_batch_task(notifications: Sequence[Notification], ledger: str,
+                      acked: Mapping[str, str] | None = None) -> int:
     """Record the notifications in the publication ledger (`ledger`: its location) in one
-    transaction."""
-    entries = {note.properties.data_id: ledger_entry(note) for note in notifications}
+    transaction (`acked`: {notification id: its PUBACK time}, kept as `puback_at`)."""
+    entries = {note.properties.data_id: ledger_entry(note, (acked or {}).get(note.id))
+               for note in notifications}
     return open_ledger(ledger).record_many(entries)

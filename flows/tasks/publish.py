@@ -30,8 +30,19 @@ class BrokerReceipt(BaseModel):
     data_id: str
     topic: str
     rel: str | None
-    published_at: str
+    published_at: str  # when the PUBACK came (`puback_time`; seconds only before 2026-12)
     bytes: int
+
+
+def puback_time() -> str:
+    """Now, as the PUBACK time the chain records (ISO UTC, milliseconds)."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def puback_extra(puback_at: str | None) -> dict[str, str]:
+    """The ledger entry's extra field holding the PUBACK time of its notification, read by the
+    delivery monitor (`delivery.monitor.ledger_puback_time`) to time the Global Brokers' relays."""
+    return {"puback_at": puback_at} if puback_at else {}
 
 
 PublishReceipt = BrokerReceipt  # its name until 2026-11: publish results cached then
@@ -65,6 +76,6 @@ def publish_notification_task(
         data_id=notification.properties.data_id,
         topic=topic,
         rel=notification.rel,
-        published_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        published_at=puback_time(),
         bytes=len(payload),
     )

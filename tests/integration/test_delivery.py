@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from chain.mqtt import MqttError, connect, publish_once
 from chain.processes import ManagedProcess, free_port, port_is_open
 from delivery.service import Session
 from delivery.settings import global_broker
+from localnode.postgres import PG_USER, PostgresCluster
 from tests.fixtures.broker import TEST_CENTRE_ID, broker_test_config
 from tests.fixtures.paths import DATA, REPO
 from tests.fixtures.pki import self_signed
@@ -85,9 +87,12 @@ def notification(name: str, files: FileServer, directory: Path) -> dict[str, Any
     }
 
 
-@pytest.fixture
-def world(mqtt_broker: RunningBroker, tmp_path: Path) -> Iterator[dict[str, Any]]:
-    """The node's broker, two Global Brokers, a Cache, a Catalogue, the monitor, Prometheus."""
+@contextmanager
+def running_world(mqtt_broker: RunningBroker, tmp_path: Path,
+                  ledger_url: str | None = None) -> Iterator[dict[str, Any]]:
+    """The node's broker, two Global Brokers, a Cache, a Catalogue, the monitor, Prometheus;
+    the delivery records beside the SQLite ledger of WIS2_RESULTS_DIR, or in the PostgreSQL
+    database of `ledger_url` (WIS2_LEDGER_URL)."""
     started: list[Any] = []
     files_dir = tmp_path / "files"
     files_dir.mkdir()
@@ -127,12 +132,15 @@ def world(mqtt_broker: RunningBroker, tmp_path: Path) -> Iterator[dict[str, Any]
             "WIS2_RESULTS_DIR": str(results),
             "WIS2_DATASETS_DIR": str(DATA / "datasets"),
         }
+        if ledger_url is not None:
+            env["WIS2_LEDGER_URL"] = ledger_url
         monitor = ManagedProcess("delivery-monitor", [sys.executable, "-m", "delivery"],
                                  tmp_path / "delivery-monitor.log", env=env, cwd=tmp_path,
                                  ready=lambda: port_is_open("127.0.0.1", metrics_port))
         started.append(monitor)
         monitor.start(90)
-        store = DeliveryStore(records_location(str(results / "publication-ledger.sqlite3")))
+        store = DeliveryStore(records_location(
+            ledger_url or str(results / "publication-ledger.sqlite3")))
         # the monitor's three sessions are up: its health says so
         wait_for("the monitor connected to the three brokers",
                  lambda: all(health(metrics_port)["connected"].values()))
@@ -147,6 +155,12 @@ def world(mqtt_broker: RunningBroker, tmp_path: Path) -> Iterator[dict[str, Any]
     finally:
         for part in reversed(started):
             part.stop()
+
+
+@pytest.fixture
+def world(mqtt_broker: RunningBroker, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    with running_world(mqtt_broker, tmp_path) as parts:
+        yield parts
 
 
 def health(port: int) -> dict[str, Any]:
@@ -282,7 +296,9 @@ def test_a_killed_monitor_gets_what_happened_meanwhile(world: dict[str, Any]) ->
     """SIGKILL the monitor; 5 notifications are published, relayed by both Brokers and cached
     while it is dead; restarted, its persistent sessions deliver the node's copies, the relays
     and the cache copies it missed: every record relayed by both and cached, each id reaching
-    B's subscriber once."""
+    B's subscriber once. Before the kill, Broker A's relay of 'early' reached the monitor ahead
+    of the node's own copy (which is published only once the monitor is dead): kept in the
+    delivery store, the restarted monitor matches it with the node's copy."""
     store: DeliveryStore = world["store"]
     gb_a: GlobalBrokerSim = world["gb_a"]
     gb_b: GlobalBrokerSim = world["gb_b"]
@@ -292,7 +308,17 @@ def test_a_killed_monitor_gets_what_happened_meanwhile(world: dict[str, Any]) ->
     world["publish"](CORE, first)
     wait_for("'first' relayed by both", lambda: len(store.events([first["id"]], "relay")) == 2)
 
+    # 'early': A's relay is all the monitor will ever get of it from a Global Broker (the
+    # simulators' relays of the node's copy miss it), and it comes before the node's copy
+    early = notification("early", files, files_dir)
+    gb_a.miss_all.add(early["properties"]["data_id"])
+    gb_b.miss_all.add(early["properties"]["data_id"])
+    publish_once(gb_a.connection("early-relay"), CORE, json.dumps(early))
+    kept = wait_for("A's early relay kept in the delivery store", lambda: [
+        e for e in store.early() if e.kind == "relay" and e.match_key == early["id"]])
+
     monitor.kill()
+    world["publish"](CORE, early)  # the node's own copy, queued in the monitor's session
     during = [notification(f"during-{i}", files, files_dir) for i in range(5)]
     for message in during:
         world["publish"](CORE, message)
@@ -310,6 +336,40 @@ def test_a_killed_monitor_gets_what_happened_meanwhile(world: dict[str, Any]) ->
     received = wait_for("B's subscriber got the 5", lambda: ids <= set(
         world["subscriber_b"].ids()) and world["subscriber_b"].ids())
     assert all(received.count(i) == 1 for i in ids)
+    relays = wait_for("'early' recorded with A's early relay",
+                      lambda: store.events([early["id"]], "relay"))
+    assert [e.source for e in relays] == [f"127.0.0.1:{gb_a.mosquitto.port}"]
+    assert relays[0].seen_at == kept[0].seen_at  # the relay received before the kill
+    assert store.get(early["id"]).state == RELAYED  # type: ignore[union-attr]
+    assert not [e for e in store.early() if e.match_key == early["id"]]
+
+
+def test_the_monitor_records_into_postgresql(mqtt_broker: RunningBroker, tmp_path: Path,
+                                             postgres_cluster: PostgresCluster) -> None:
+    """WIS2_LEDGER_URL set: the monitor keeps its records in the ledger's PostgreSQL database
+    (none in SQLite), and `wis2-chain delivery status` reads them there."""
+    postgres_cluster.create_database("delivery_monitor")
+    url = (f"postgresql://{PG_USER}@{postgres_cluster.host}:{postgres_cluster.port}/"
+           "delivery_monitor")
+    with running_world(mqtt_broker, tmp_path, ledger_url=url) as world:
+        store: DeliveryStore = world["store"]
+        assert store.location == url
+        good = notification("good", world["files"], world["files_dir"])
+        world["publish"](CORE, good)
+        wait_for("'good' relayed by both Brokers and cached", lambda: (
+            len(store.events([good["id"]], "relay")) == 2
+            and store.get(good["id"]).cache_state == CACHED))  # type: ignore[union-attr]
+        done = subprocess.run([str(Path(sys.executable).with_name("wis2-chain")), "delivery",
+                               "status", good["properties"]["data_id"]], capture_output=True,
+                              text=True, env=world["env"], timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert lines[0].startswith(f"{good['id']}  {RELAYED}  cache: {CACHED}")
+        sources = {line.split()[1] for line in lines[2:]
+                   if line.split()[0] in ("relay", "cache")}
+        assert sources == {f"127.0.0.1:{world['gb_a'].mosquitto.port}",
+                           f"127.0.0.1:{world['gb_b'].mosquitto.port}", "gc-sim.example.org"}
+        assert not list((tmp_path / "results").glob("*.sqlite3"))  # nothing beside
 
 
 def test_global_brokers_over_verified_tls(tmp_path: Path) -> None:

@@ -227,7 +227,8 @@ def test_backfill_command_runs_the_deployment_with_a_worker(
 
 def test_the_demo_counts_and_watches_what_it_publishes(published: dict, demo_node: LocalNode,
                                                        tmp_path: Path) -> None:
-    """The worker's flow metrics, scraped by a real Prometheus and asked the dashboard's query;
+    """The worker's flow metrics, scraped by a real Prometheus and asked the dashboard's query
+    (the demo's metadata notification and its sample event's, both of dataset argo);
     the delivery monitor's record of the notification (no Global Broker to watch in the demo:
     it stays pending), shown by `wis2-chain delivery status`."""
     settings = demo_node.settings
@@ -244,7 +245,7 @@ def test_the_demo_counts_and_watches_what_it_publishes(published: dict, demo_nod
         while time.monotonic() < deadline and not prometheus.query(query):
             time.sleep(0.5)
         assert {s["metric"]["dataset"]: float(s["value"][1])
-                for s in prometheus.query(query)} == {"argo": 1.0}
+                for s in prometheus.query(query)} == {"argo": 2.0}
     finally:
         prometheus.stop()
     data_id = published["message"]["properties"]["data_id"]

@@ -166,6 +166,8 @@ def test_an_event_of_a_batch_run_alone_and_the_reverse_is_published_once(
     # the ledger would tell the single run the notification was acknowledged (not sent again,
     # no publish task run): without that entry only the shared caches can tell
     [data_id] = [n.data_id for n in batched.events[0].notifications]
+    # the time of the broker's PUBACK, kept for the delivery monitor's relay delays
+    puback_at = (SqliteLedger.in_dir(chain.results).get(data_id).model_extra or {})["puback_at"]
     assert SqliteLedger.in_dir(chain.results).forget(data_id)
     alone = publish_notification(event=numbered_event(40), return_state=True)
     assert alone.is_completed(), alone.message
@@ -176,6 +178,9 @@ def test_an_event_of_a_batch_run_alone_and_the_reverse_is_published_once(
     states = {r.name.rsplit("-", 1)[0]: r.state_name for r in runs}
     assert states["build-notifications"] == "Cached" and states["publish-notification"] == \
         "Cached", states
+    # recorded again with the PUBACK time of the publication (the cached receipt's), not now
+    again = SqliteLedger.in_dir(chain.results).get(data_id)
+    assert again is not None and (again.model_extra or {})["puback_at"] == puback_at
 
     first = publish_notification(event=numbered_event(42), return_state=True).result()
     again = publish_batch(events=[numbered_event(i) for i in (42, 43)], return_state=True)

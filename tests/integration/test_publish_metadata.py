@@ -11,6 +11,7 @@ import hashlib
 import json
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
@@ -18,11 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from blocks.mqtt_broker import MqttBroker
 from chain.ledger import SqliteLedger
+from chain.metrics import FLOW_METRICS
 from chain.mqtt import connect
 from flows.publish_metadata import publish_metadata, republish_metadata
+from listener.observability import serve_metrics
 from tests.fixtures.paths import ARGO_METADATA, DATA
 from wis2.metadata_notification import Wcmp2Record
 from wis2.validation import validate_notification
@@ -282,3 +286,56 @@ def test_edited_record_is_an_update_then_its_withdrawal_stops_the_republication(
     assert result.republished == [] and result.failed == {}
     time.sleep(1)
     assert len(subscriber.messages) == 3, "a withdrawn record is not republished"
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The samples of /metrics as a Prometheus scrape reads them."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_metadata_notifications_are_counted_in_the_flow_metrics(node, subscriber) -> None:
+    """publish-metadata counts on the worker's /metrics as the data flows do: published,
+    failed by reason (with the failed checks), and the run-to-PUBACK histogram; labelled with
+    the record's centre and its dataset (the record's id here: no dataset description has it);
+    the ledger keeps the PUBACK time the delivery monitor times the relays from."""
+    server = serve_metrics("127.0.0.1", 0, FLOW_METRICS, "test")
+    assert server is not None
+    try:
+        record = json.loads(DEMO.read_text(encoding="utf-8"))
+        record["id"] = f"urn:wmo:md:fr-ifremer-argo:metrics-{uuid.uuid4().hex[:8]}"
+        bad = json.loads(json.dumps(record))
+        bad["id"] = record["id"] + "-bad"
+        bad["links"][0]["channel"] = ("origin/a/wis2/de-dwd/data/core/weather/"
+                                      "surface-based-observations/synop")
+        ours = frozenset({("centre_id", "fr-ifremer-argo"), ("dataset", record["id"])})
+        theirs = frozenset({("centre_id", "fr-ifremer-argo"), ("dataset", bad["id"])})
+        before = scrape(server.port)
+
+        first = publish_metadata(record=record)
+        publish_metadata(record=record)  # an update: published again
+        assert publish_metadata(record=bad, return_state=True).is_failed()
+        subscriber.wait_for(2)
+        after = scrape(server.port)
+    finally:
+        server.stop()
+
+    def added(name: str, labels: frozenset[tuple[str, str]]) -> float:
+        return after.get((name, labels), 0.0) - before.get((name, labels), 0.0)
+
+    assert added("wis2_chain_notifications_published_total", ours) == 2
+    assert added("wis2_chain_notifications_skipped_total", ours) == 0
+    assert added("wis2_chain_event_to_puback_seconds_count", ours) == 2
+    assert added("wis2_chain_notifications_failed_total",
+                 theirs | {("reason", "validation")}) == 1
+    assert added("wis2_chain_notifications_published_total", theirs) == 0
+    checks = [dict(labels)["check"] for name, labels in after
+              if name == "wis2_chain_validation_failures_total"
+              and {("dataset", bad["id"])} <= labels]
+    assert checks, "the failed checks of the record are counted"
+    entry = SqliteLedger.in_dir(node["results"]).get(first.data_id)
+    assert entry is not None
+    puback_at = (entry.model_extra or {})["puback_at"]
+    assert datetime.fromisoformat(puback_at).tzinfo is not None  # ISO UTC, milliseconds

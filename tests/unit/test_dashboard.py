@@ -52,7 +52,7 @@ def test_every_panel_queries_metrics_the_chain_exposes() -> None:
                  "wis2_chain_download_bytes", "wis2_chain_download_seconds",
                  "wis2_chain_event_to_puback_seconds", "wis2_chain_relayed",
                  "wis2_chain_relay_delay_seconds", "wis2_chain_cached",
-                 "wis2_chain_undelivered"):
+                 "wis2_chain_undelivered", "wis2_chain_not_relayed"):
         assert name in queried, f"no panel shows {name}"
 
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from chain.delivery_store import DeliveryStore
+from chain.delivery_store import EARLY_SECONDS, DeliveryStore, EarlyMessage
+from chain.ledger import SqliteLedger
 from chain.metrics import DeliveryMetrics
-from delivery.monitor import DeliveryMonitor
+from delivery.monitor import DeliveryMonitor, ledger_puback_time
 from wis2.delivery import CACHE_MISMATCH, CACHE_NOT_EXPECTED, CACHED, RELAYED, UNDELIVERED
 
 CENTRE = "fr-ifremer-argo"
@@ -154,3 +155,104 @@ def test_redelivery_keeps_cache_false_and_expects_no_cache_copy(setup) -> None:
     monitor.on_global("gb-a", CORE, payload)  # relayed at last: delivered, no cache copy due
     record = monitor.store.get("id-big.grib2")
     assert (record.state, record.cache_state) == (RELAYED, CACHE_NOT_EXPECTED)
+
+
+def test_early_messages_are_kept_in_the_store_across_a_restart(tmp_path: Path) -> None:
+    """A relay, a Cache's copy and a Catalogue report received before the node's copy are in
+    the delivery store: a new monitor on it (a restart) matches them; they are taken once."""
+    location = str(tmp_path / "records.sqlite3")
+
+    def monitor() -> DeliveryMonitor:
+        return DeliveryMonitor(CENTRE, DeliveryStore(location), DeliveryMetrics(),
+                               lambda t, p: None, relay_timeout=60, max_redeliveries=2,
+                               datasets={METADATA_ID: "argo"})
+
+    early = monitor()
+    data, meta = message("early.nc"), message("meta") | {"id": "id-meta"}
+    early.on_global("gb-a", CORE, raw(data))
+    early.on_global("gb-a", CACHE, raw(message("early.nc", **{"global-cache": "gc-1"})
+                                       | {"id": "gc-copy"}))
+    early.on_global("gb-b", f"monitor/a/wis2/{CENTRE}/gdc",
+                    raw({"id": "rep-1", "properties": {"metadata_id": METADATA_ID}}))
+    assert sorted(e.kind for e in early.store.early()) == ["cache", "relay", "report"]
+    del early  # nothing of it is used again: the restarted monitor has only the store
+
+    restarted = monitor()
+    restarted.on_published(CORE, raw(data))
+    restarted.on_published(f"origin/a/wis2/{CENTRE}/metadata", raw(meta))
+    store = restarted.store
+    assert store.get("id-early.nc").state == RELAYED
+    assert [e.source for e in store.events(["id-early.nc"], "relay")] == ["gb-a"]
+    assert store.get("id-early.nc").cache_state == CACHED
+    assert [e.source for e in store.events(["id-meta"], "report")] == ["rep-1"]
+    assert store.early() == []
+    assert sample(restarted, "wis2_chain_relayed_total", broker="gb-a") == 1
+
+
+def test_early_messages_expire(tmp_path: Path) -> None:
+    store = DeliveryStore(str(tmp_path / "records.sqlite3"))
+    old = datetime.now(UTC) - timedelta(seconds=EARLY_SECONDS + 60)
+    assert store.keep_early(EarlyMessage(kind="relay", match_key="id-old", source="gb-a",
+                                         topic=CORE, message={"id": "id-old"},
+                                         seen_at=old.isoformat()), old)
+    now = datetime.now(UTC)
+    assert store.keep_early(EarlyMessage(kind="relay", match_key="id-new", source="gb-a",
+                                         topic=CORE, message={"id": "id-new"},
+                                         seen_at=now.isoformat()), now)
+    assert [e.match_key for e in store.early()] == ["id-new"]
+
+
+def test_the_relay_delay_counts_from_the_puback_the_chain_recorded(tmp_path: Path) -> None:
+    """The ledger's `puback_at` of this very notification, else the monitor's receipt."""
+    ledger = SqliteLedger(tmp_path / "publication-ledger.sqlite3")
+    monitor = DeliveryMonitor(CENTRE, DeliveryStore(str(tmp_path / "records.sqlite3")),
+                              DeliveryMetrics(), lambda t, p: None, relay_timeout=60,
+                              max_redeliveries=2, datasets={METADATA_ID: "argo"},
+                              puback_time=ledger_puback_time(ledger))
+    acked, unknown, replaced = message("acked.nc"), message("unknown.nc"), message("old.nc")
+    puback = datetime.now(UTC) - timedelta(seconds=100)
+    ledger.record(acked["properties"]["data_id"], notification_id=acked["id"], rel="canonical",
+                  puback_at=puback.isoformat(timespec="milliseconds"))
+    # the ledger's entry of this data_id is another (later) notification: not its PUBACK
+    ledger.record(replaced["properties"]["data_id"], notification_id="id-newer",
+                  rel="update", puback_at=puback.isoformat(timespec="milliseconds"))
+    for note in (acked, unknown, replaced):
+        monitor.on_published(CORE, raw(note))
+        monitor.on_global("gb-a", CORE, raw(note))
+    delay = {n["id"]: monitor.store.events([n["id"]], "relay")[0].delay_s
+             for n in (acked, unknown, replaced)}
+    assert 100 <= delay["id-acked.nc"] < 160
+    assert delay["id-unknown.nc"] < 60 and delay["id-old.nc"] < 60  # from the receipt
+    bucket = monitor.metrics.registry.get_sample_value
+    labels = {"centre_id": CENTRE, "dataset": "argo", "broker": "gb-a"}
+    assert bucket("wis2_chain_relay_delay_seconds_bucket", labels | {"le": "60.0"}) == 2
+    assert bucket("wis2_chain_relay_delay_seconds_bucket", labels | {"le": "120.0"}) == 3
+
+
+def test_not_relayed_per_broker(tmp_path: Path) -> None:
+    """`wis2_chain_not_relayed`: per watched Broker, what it did not relay of the records past
+    the relay timeout (0 when it relayed all); a newer record is not counted yet."""
+    monitor = DeliveryMonitor(CENTRE, DeliveryStore(str(tmp_path / "records.sqlite3")),
+                              DeliveryMetrics(), lambda t, p: None, relay_timeout=60,
+                              max_redeliveries=2, datasets={METADATA_ID: "argo"},
+                              brokers=["gb-a", "gb-b"])
+    both, only_b = message("both.nc"), message("only-b.nc")
+    for note in (both, only_b):
+        monitor.on_published(CORE, raw(note))
+        monitor.on_global("gb-b", CORE, raw(note))
+    monitor.on_global("gb-a", CORE, raw(both))
+    now = datetime.now(UTC)
+    monitor.check(now)  # both younger than the relay timeout: not counted
+    assert sample(monitor, "wis2_chain_not_relayed", broker="gb-a") == 0
+    monitor.check(now + timedelta(seconds=61))
+    assert sample(monitor, "wis2_chain_not_relayed", broker="gb-a") == 1
+    assert monitor.metrics.registry.get_sample_value(
+        "wis2_chain_not_relayed", {"centre_id": CENTRE, "dataset": "argo",
+                                   "broker": "gb-b"}) == 0
+    monitor.on_global("gb-a", CORE, raw(only_b))  # late, but relayed
+    monitor.check(now + timedelta(seconds=62))
+    assert sample(monitor, "wis2_chain_not_relayed", broker="gb-a") == 0
+    monitor.check(now + timedelta(days=2))  # out of the window: back to 0, the series kept
+    assert monitor.metrics.registry.get_sample_value(
+        "wis2_chain_not_relayed", {"centre_id": CENTRE, "dataset": "argo",
+                                   "broker": "gb-a"}) == 0
