@@ -169,6 +169,10 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--soak-retention-seconds", type=float, default=3601.0,
                    help="every retention during the soak (Prefect's minimum: over an hour)")
     p.add_argument("--soak-sample-seconds", type=float, default=10.0)
+    p.add_argument("--soak-batch-wait", type=float, default=1.0,
+                   help="the listener's WIS2_LISTENER_BATCH_MAX_WAIT during the soak: at a "
+                   "sustained rate, fewer and larger runs (the default 0.2 s makes a run of ~3 "
+                   "events at 16/s, more than a 2-core node's Prefect server keeps up with)")
     p.add_argument("--out", type=Path, default=None, help="output directory")
     p.add_argument("--dataset", default="argo")
     p.add_argument("--listener", choices=["project", "standin"], default="project",

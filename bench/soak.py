@@ -44,14 +44,17 @@ BAD_EVERY = 100  # one malformed message in 100: the dead letters grow, and are 
 PLATEAU_TOLERANCE = 0.10  # growth over the window after the first cycle, relative to the mean
 
 
-def soak_env(retention_seconds: int) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
-    """(Prefect server env, chain env, listener settings) with every retention compressed."""
+def soak_env(retention_seconds: int, batch_wait: float = 1.0,
+             ) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """(Prefect server env, chain env, listener settings) with every retention compressed, and
+    the listener's batch wait."""
     server = {"PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD": str(retention_seconds),
               "PREFECT_SERVER_SERVICES_DB_VACUUM_LOOP_SECONDS": "60",
               "PREFECT_SERVER_EVENTS_RETENTION_PERIOD": f"PT{retention_seconds}S"}
     days = f"{retention_seconds / 86400:.6f}"
     chain = {"WIS2_RESULTS_RETENTION_DAYS": days, "WIS2_HOUSEKEEPING_SECONDS": "60"}
-    listener = {"DEADLETTER_RETENTION_DAYS": days, "HOUSEKEEPING_SECONDS": "10"}
+    listener = {"DEADLETTER_RETENTION_DAYS": days, "HOUSEKEEPING_SECONDS": "10",
+                "BATCH_MAX_WAIT": str(batch_wait)}
     return server, chain, listener
 
 
@@ -180,7 +183,7 @@ def plateaus(samples: list[dict[str, Any]], after_t: float,
 
 def run(opts: Any, out_dir: Path) -> dict[str, Any]:
     retention = int(opts.soak_retention_seconds)
-    server_env, chain_env, listener_settings = soak_env(retention)
+    server_env, chain_env, listener_settings = soak_env(retention, opts.soak_batch_wait)
     result: dict[str, Any] = {
         "events": opts.soak_events, "rate": opts.soak_rate, "retention_seconds": retention,
         "server_env": server_env, "chain_env": chain_env, "listener_settings": listener_settings,
