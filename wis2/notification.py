@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import gzip
 import json
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -31,10 +33,24 @@ class Integrity(BaseModel):
     value: str  # base64
 
 
+def decode_content(value: str, encoding: str | None) -> bytes:
+    """The data an inline `content` value carries; raises `binascii.Error`, `ValueError`,
+    `OSError` or `EOFError` when it is not in `encoding`."""
+    if encoding == "gzip":
+        return gzip.decompress(base64.b64decode(value, validate=True))
+    if encoding == "base64":
+        return base64.b64decode(value, validate=True)
+    return value.encode("utf-8")
+
+
 class Content(BaseModel):
     encoding: ContentEncoding
     value: str
     size: int
+
+    def data(self) -> bytes:
+        """The bytes this inline content carries (`decode_content`)."""
+        return decode_content(self.value, self.encoding)
 
 
 class Link(BaseModel):

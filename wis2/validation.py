@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import gzip
 import json
 import logging
 import re
@@ -23,7 +22,7 @@ from jsonschema import Draft202012Validator
 from pydantic import BaseModel
 
 from wis2.multihash import DIGEST_LENGTHS
-from wis2.notification import MAX_INLINE_CONTENT_CHARS, MAX_MESSAGE_BYTES
+from wis2.notification import MAX_INLINE_CONTENT_CHARS, MAX_MESSAGE_BYTES, decode_content
 from wis2.relations import LINK_RELATIONS
 from wis2.stations import wsi_problem
 from wis2.topics import centre_id_of_topic, publication_topic_problem
@@ -254,12 +253,7 @@ def _check_content(
                    f"at most {MAX_INLINE_CONTENT_CHARS} may be inlined")
         return
     try:
-        if encoding == "gzip":
-            size = len(gzip.decompress(base64.b64decode(value, validate=True)))
-        elif encoding == "base64":
-            size = len(base64.b64decode(value, validate=True))
-        else:
-            size = len(value.encode("utf-8"))
+        size = len(decode_content(value, encoding))
     except (binascii.Error, ValueError, OSError, EOFError):
         report.add("content-size", False, f"properties.content.value is not {encoding}")
         return

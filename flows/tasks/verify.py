@@ -9,6 +9,10 @@ A run's files are downloaded concurrently, at most `WIS2_VERIFY_CONCURRENCY` at 
 sharing one client whose pool holds as many connections): memory stays a few network reads per
 download, whatever the sizes.
 
+A file carried inline (`properties.content`, small core data) is not downloaded again: the build
+fetched it from its link and checked it against the event; its inline content is checked against
+the link's length and the integrity instead (`check_inline_content`).
+
 Network errors and HTTP errors are retried (exponential backoff); a file whose bytes do not
 match the announced length or checksum, or a refused URL, fails at once (`DataMismatch`, not
 retried).
@@ -190,6 +194,36 @@ def download_and_check(
     return size
 
 
+def check_inline_content(notification: Notification) -> int | None:
+    """The size of the data a notification carries inline, checked against its link's length
+    and its integrity like a download; None without inline content. The build fetched that
+    data from the link and checked it against the event (`flows.tasks.build.small_contents`):
+    the file is not downloaded a second time. Raises `DataMismatch` naming the field."""
+    content = notification.properties.content
+    if content is None:
+        return None
+    link = data_link(notification)
+    try:
+        data = content.data()
+    except (ValueError, OSError, EOFError) as exc:  # binascii.Error is a ValueError
+        raise DataMismatch(f"properties.content.value: not {content.encoding}: {exc}",
+                           path="$.properties.content.value") from None
+    if link.length is not None and len(data) != link.length:
+        raise _too_long(link, f"{len(data)} (its inline content)")
+    integrity = notification.properties.integrity
+    if integrity is not None:
+        hasher = new_hasher(integrity.method)
+        hasher.update(data)
+        actual = base64.b64encode(hasher.digest()).decode("ascii")
+        if not hmac.compare_digest(actual, integrity.value):
+            raise DataMismatch(
+                f"properties.integrity.value: {integrity.method} of the inline content of "
+                f"{link.href} is {actual}, the event announced {integrity.value}",
+                path="$.properties.integrity.value",
+            )
+    return len(data)
+
+
 def fetch_small_file(client: httpx.Client, href: str, size: int) -> bytes | None:
     """The bytes of a small file announced with `size` bytes (to inline them), None when the URL
     is not http(s) or the server sends more or fewer bytes; `httpx.HTTPError` on network or
@@ -255,10 +289,14 @@ def verify_notifications(
           else verification_client(timeout, concurrency)) as http:
 
         def check(note: Notification) -> str:
+            href = data_link(note).href
+            if (size := check_inline_content(note)) is not None:
+                if logger is not None:
+                    logger.info("verified %s (%d bytes, its inline content)", href, size)
+                return href
             started = time.monotonic()
             size = download_and_check(http, note, max_bytes, max_seconds, credential)
             FLOW_METRICS.download(size, time.monotonic() - started)
-            href = data_link(note).href
             if logger is not None:
                 logger.info("verified %s (%d bytes)", href, size)
             return href

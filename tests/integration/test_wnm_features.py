@@ -267,8 +267,11 @@ def test_recommended_data_is_verified_with_the_secret_and_published_with_securit
 
 @pytest.mark.parametrize("encoding", ["utf-8", "base64", "gzip"])
 def test_small_files_are_inlined_in_the_dataset_encoding(
-    chain, meteo_broker, datasets, encoding: str
+    chain, meteo_broker, datasets, encoding: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Inlined in the dataset's encoding; with verification on, the file is fetched once (by
+    the build, to inline it): the verification checks the inline content."""
+    monkeypatch.setenv("WIS2_VERIFY_DATA", "true")
     synop = json.loads((datasets["dir"] / "synop.json").read_text(encoding="utf-8"))
     (datasets["dir"] / "synop.json").write_text(
         json.dumps(synop | {"content_encoding": encoding}), encoding="utf-8")
@@ -292,6 +295,7 @@ def test_small_files_are_inlined_in_the_dataset_encoding(
                "gzip": lambda v: gzip.decompress(base64.b64decode(v))}[encoding](value)
     assert decoded == report and len(value) <= 4096
     assert validate_notification(message, topic=SYNOP.topic).ok
+    assert len(files.authorizations) == 1, "one GET of the file: the build's"
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The verification download of access-controlled data: the credential is presented as the link's
 security scheme asks, a protected link without a credential fails at once, and the credential
-appears in no error."""
+appears in no error. Data carried inline is checked from its content, not downloaded again."""
 
 from __future__ import annotations
 
@@ -10,11 +10,16 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from flows.tasks.verify import DataMismatch, download_and_check
+from flows.tasks.verify import (
+    DataMismatch,
+    check_inline_content,
+    download_and_check,
+    verify_notifications,
+)
 from tests.fixtures.paths import DATA
 from wis2.cloudevent import parse_event
 from wis2.dataset import load_dataset
-from wis2.mapping import build_notifications
+from wis2.mapping import build_notifications, inline_content
 
 TOKEN = SecretStr("arpege-token-value")
 CONTENT = b"GRIB" + bytes(range(256)) * 4 + b"7777"  # what data/events/arpege-event.json announces
@@ -72,3 +77,32 @@ def test_an_open_link_sends_no_credential() -> None:
     with httpx.Client(transport=httpx.MockTransport(handle)) as client:
         download_and_check(client, note, credential=TOKEN)
     assert "authorization" not in seen[0]
+
+
+# ---- inline content: checked without a second download ---------------------------------------
+@pytest.mark.parametrize("encoding", ["utf-8", "base64", "gzip"])
+def test_inline_content_is_checked_without_downloading(encoding: str) -> None:
+    note = _note()
+    note.properties.content = inline_content(CONTENT, encoding if encoding != "utf-8" else None)
+    assert check_inline_content(note) == len(CONTENT)
+    seen: list[str] = []
+    with httpx.Client(transport=httpx.MockTransport(
+            lambda request: seen.append(str(request.url)) or httpx.Response(500))) as client:
+        assert verify_notifications([note], client=client) == [note.links[0].href]
+    assert seen == [], "the file was downloaded although its content is inline"
+
+
+def test_inline_content_that_does_not_match_the_integrity_is_a_mismatch() -> None:
+    note = _note()
+    note.properties.content = inline_content(CONTENT[::-1], "base64")
+    with pytest.raises(DataMismatch) as err:
+        check_inline_content(note)
+    assert err.value.path == "$.properties.integrity.value"
+    note.properties.content = inline_content(CONTENT[:-1], "base64")
+    with pytest.raises(DataMismatch) as err:
+        check_inline_content(note)
+    assert "length" in err.value.path
+
+
+def test_without_inline_content_nothing_is_checked_here() -> None:
+    assert check_inline_content(_note()) is None
