@@ -5,16 +5,15 @@ the UI is seen by the runs that start after that delay; a missing block is never
 
 from __future__ import annotations
 
-import threading
-import time
 from typing import TypeVar
 
 from prefect.blocks.core import Block
 
+from chain.expiring import MISSING, Expiring
+
 B = TypeVar("B", bound=Block)
 
-_lock = threading.Lock()
-_kept: dict[tuple[type[Block], str], tuple[float, Block]] = {}
+_kept: Expiring[tuple[type[Block], str], Block] = Expiring()
 
 
 def load_block(block_type: type[B], name: str, seconds: float = 0.0) -> B:
@@ -22,17 +21,12 @@ def load_block(block_type: type[B], name: str, seconds: float = 0.0) -> B:
     if seconds <= 0:
         return block_type.load(name)
     key = (block_type, name)
-    with _lock:
-        kept = _kept.get(key)
-    if kept is not None and time.monotonic() - kept[0] < seconds:
-        return kept[1].model_copy(deep=True)  # type: ignore[return-value]
-    block = block_type.load(name)
-    with _lock:
-        _kept[key] = (time.monotonic(), block)
-    return block.model_copy(deep=True)
+    block = _kept.get(key, seconds)
+    if block is MISSING:
+        block = _kept.put(key, block_type.load(name))
+    return block.model_copy(deep=True)  # type: ignore[return-value]
 
 
 def forget_blocks() -> None:
     """Drop every kept block (the next loads read the API)."""
-    with _lock:
-        _kept.clear()
+    _kept.clear()

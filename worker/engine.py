@@ -36,6 +36,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 from uuid import UUID
 
+from chain.expiring import MISSING, Expiring
+
 log = logging.getLogger(__name__)
 
 
@@ -115,9 +117,8 @@ class ReadCache:
 
     def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.seconds = seconds
-        self.clock = clock
         self.hits = self.reads = 0
-        self._deployments: dict[UUID, tuple[float, Any]] = {}
+        self._deployments: Expiring[UUID, Any] = Expiring(clock)
         self._flows: dict[UUID, Any] = {}
 
     def install(self, client: Any) -> None:
@@ -129,11 +130,10 @@ class ReadCache:
         client.read_flow = self._cached(client.read_flow, self._flows.get, self._flows.__setitem__)
 
     def _deployment_hit(self, key: UUID) -> Any:
-        hit = self._deployments.get(key)
-        return hit[1] if hit is not None and self.clock() - hit[0] < self.seconds else None
+        return self._deployments.get(key, self.seconds, default=None)
 
     def _deployment_store(self, key: UUID, value: Any) -> None:
-        self._deployments[key] = (self.clock(), value)
+        self._deployments.put(key, value)
 
     def _cached(self, read: Callable[..., Awaitable[Any]], hit: Callable[[UUID], Any],
                 store: Callable[[UUID, Any], None]) -> Callable[..., Awaitable[Any]]:
@@ -151,8 +151,7 @@ class ReadCache:
         return cached
 
 
-_storage_lock = threading.Lock()
-_storage: list[tuple[float, Any]] = []  # (when read, the server's default storage block id)
+_storage: Expiring[str, Any] = Expiring()  # "default": the server's default storage block id
 
 
 def keep_server_result_storage(seconds: float) -> None:
@@ -164,15 +163,11 @@ def keep_server_result_storage(seconds: float) -> None:
         return
 
     def kept() -> tuple[bool, Any]:
-        with _storage_lock:
-            if _storage and time.monotonic() - _storage[0][0] < seconds:
-                return True, _storage[0][1]
-        return False, None
+        value = _storage.get("default", seconds)
+        return (False, None) if value is MISSING else (True, value)
 
     def keep(value: Any) -> Any:
-        with _storage_lock:
-            _storage[:] = [(time.monotonic(), value)]
-        return value
+        return _storage.put("default", value)
 
     def read_sync() -> Any:
         from prefect.client.orchestration import get_client

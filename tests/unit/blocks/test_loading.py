@@ -33,7 +33,7 @@ def fresh() -> None:
 def test_a_block_is_read_once_per_delay_and_each_caller_gets_a_copy(
         monkeypatch: pytest.MonkeyPatch) -> None:
     now = [100.0]
-    monkeypatch.setattr(loading.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(loading._kept, "clock", lambda: now[0])
     first = load_block(Counted, "a", seconds=30)
     first.value = "changed by a run"
     assert load_block(Counted, "a", seconds=30).value == "a"

@@ -11,6 +11,7 @@ import pytest
 from prefect.context import SyncClientContext
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from chain.expiring import Expiring
 from worker.engine import ClientPool, suspension_observer
 from worker.warm import WarmJobConfiguration
 
@@ -121,7 +122,7 @@ def test_the_servers_default_result_storage_is_read_once_per_delay(
     for name in ("_read_server_default_result_storage_block_id",
                  "_aread_server_default_result_storage_block_id"):
         monkeypatch.setattr(results, name, getattr(results, name))  # restored after the test
-    monkeypatch.setattr(engine, "_storage", [])
+    monkeypatch.setattr(engine, "_storage", Expiring())
     reads: list[str] = []
 
     class Answer:
