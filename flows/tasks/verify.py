@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -47,7 +47,7 @@ from pydantic import SecretStr
 from chain.metrics import FLOW_METRICS
 from wis2.access import credential_headers
 from wis2.multihash import new_hasher
-from wis2.notification import Link, Notification
+from wis2.notification import Integrity, Link, Notification
 
 ALLOWED_SCHEMES = ("http", "https")
 T = TypeVar("T")
@@ -184,14 +184,19 @@ def download_and_check(
     if link.length is not None and size != link.length:
         raise _too_long(link, str(size))
     if integrity is not None and hasher is not None:
-        actual = base64.b64encode(hasher.digest()).decode("ascii")
-        if not hmac.compare_digest(actual, integrity.value):
-            raise DataMismatch(
-                f"properties.integrity.value: {integrity.method} of {link.href} is {actual}, "
-                f"the event announced {integrity.value}",
-                path="$.properties.integrity.value",
-            )
+        _check_digest(integrity, hasher, link.href)
     return size
+
+
+def _check_digest(integrity: Integrity, hasher: Any, what: str) -> None:
+    """Raise `DataMismatch` unless `hasher` (fed with the data of `what`) gives `integrity`."""
+    actual = base64.b64encode(hasher.digest()).decode("ascii")
+    if not hmac.compare_digest(actual, integrity.value):
+        raise DataMismatch(
+            f"properties.integrity.value: {integrity.method} of {what} is {actual}, the event "
+            f"announced {integrity.value}",
+            path="$.properties.integrity.value",
+        )
 
 
 def check_inline_content(notification: Notification) -> int | None:
@@ -214,13 +219,7 @@ def check_inline_content(notification: Notification) -> int | None:
     if integrity is not None:
         hasher = new_hasher(integrity.method)
         hasher.update(data)
-        actual = base64.b64encode(hasher.digest()).decode("ascii")
-        if not hmac.compare_digest(actual, integrity.value):
-            raise DataMismatch(
-                f"properties.integrity.value: {integrity.method} of the inline content of "
-                f"{link.href} is {actual}, the event announced {integrity.value}",
-                path="$.properties.integrity.value",
-            )
+        _check_digest(integrity, hasher, f"the inline content of {link.href}")
     return len(data)
 
 
