@@ -13,7 +13,12 @@ How a run is found stranded, with Prefect's own records only:
 - a worker labels each run it claims (`prefect.worker.name`, Prefect's worker labels) and sends
   heartbeats (`PREFECT_WORKER_HEARTBEAT_SECONDS`); a Pending or Running run whose worker has not
   sent one for `worker_timeout` (default: 3 heartbeat intervals, Prefect's own "offline" rule)
-  is stranded;
+  is stranded; but no silence counts while the API was unavailable, nor for `outage_grace`
+  seconds after (a live worker's heartbeat sent during an outage waits in its client's retry
+  backoff): an outage is seen when a call of this process to the API fails, or has waited over
+  `slow_call` seconds (still waiting: seen from then on; the look's own reads included), and a
+  look asks at each decision, not once at its start (a look whose reads waited through an
+  outage rescheduled a live worker's run once it ended);
 - a worker that starts again with the same `--name` reclaims at once the runs labelled with its
   name whose state predates its start and that it is not running (`own_name`/`own_runs`: the
   `wis2-warm` worker); give each live worker its own name; it also reclaims the runs it
@@ -45,7 +50,8 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -70,7 +76,6 @@ HEARTBEAT_MULTIPLE = 3  # Prefect's foreman: offline after 3 missed heartbeats
 ENGINE_ERROR = "engine error in the wis2-warm worker"  # worker/warm.py: its Crashed message
 PROCESS_DIED = ("Process exited with status code", "Flow run infrastructure exited with non-zero",
                 ENGINE_ERROR)
-SLOW_LOOK_S = 20.0  # a look this slow was retried through an API outage
 CRASHED_LOOKBACK = timedelta(hours=1)  # older Crashed runs are left to the operator
 
 
@@ -99,6 +104,11 @@ class RecoverySettings(BaseSettings):
         default=30.0, ge=0,
         description="Seconds after a run failed because a service was unavailable (a Failed "
         "state named Unavailable) before it is scheduled again")
+    slow_call: float = Field(
+        default=20.0, gt=0,
+        description="Seconds after which a call to the Prefect API (a poll, a heartbeat, the "
+        "recovery's own reads) counts as retried through an outage of the API, from then on "
+        "while it is still waiting")
     crashed_grace: float = Field(
         default=30.0, ge=0,
         description="Seconds a Crashed run is left alone first: the process worker reports a "
@@ -271,14 +281,23 @@ async def _reschedule(client: PrefectClient, run: FlowRun, reason: str,
     return Recovered(run.id, run.name, "rescheduled", message)
 
 
+def _no_outage() -> datetime | None:
+    return None
+
+
 async def recover_pool(client: PrefectClient, pool: str, settings: RecoverySettings,
                        own_name: str | None = None,
                        own_runs: Callable[[], Collection[UUID]] = frozenset,
                        own_since: datetime | None = None,
-                       outage_end: datetime | None = None,
+                       outage_end: Callable[[], datetime | None] = _no_outage,
                        own_ended: Callable[[], Collection[UUID]] = frozenset
                        ) -> list[Recovered]:
-    """Reschedule (or fail, past `max_retries`) the stranded runs of `pool`, once."""
+    """Reschedule (or fail, past `max_retries`) the stranded runs of `pool`, once.
+
+    `outage_end()`: when the API was last found unavailable, asked at each decision (an outage
+    seen by another call of the process while this look waited counts). A read of this look
+    that took over `settings.slow_call` seconds was retried through an outage too: the workers'
+    heartbeats could not be stored meanwhile, so no silence before it counts either."""
     from prefect.client.schemas.filters import (
         FlowRunFilter,
         FlowRunFilterEndTime,
@@ -290,6 +309,7 @@ async def recover_pool(client: PrefectClient, pool: str, settings: RecoverySetti
     )
     from prefect.client.schemas.objects import StateType
 
+    look = _Look(settings, outage_end)
     workers = {w.name: w for w in await client.read_workers_for_work_pool(pool)}
     runs: list[FlowRun] = []
     while True:
@@ -313,22 +333,47 @@ async def recover_pool(client: PrefectClient, pool: str, settings: RecoverySetti
             state=FlowRunFilterState(name=FlowRunFilterStateName(any_=[UNAVAILABLE])),
             end_time=FlowRunFilterEndTime(after_=_now() - CRASHED_LOOKBACK)),
         limit=200)
+    look.read()  # the reads above waited through an outage: no silence before now counts
     done: list[Recovered] = []
     for run in runs:
         if stranded_reason(run, workers, settings, _now(), own_name, own_runs(),
-                           own_since, outage_end, own_ended()) is None:
+                           own_since, look.outage_end(), own_ended()) is None:
             continue
         try:
             # read again: the run may have ended, or been claimed by this worker meanwhile
+            started = time.monotonic()
             run = await client.read_flow_run(run.id)
+            look.read(started)
             reason = stranded_reason(run, workers, settings, _now(), own_name, own_runs(),
-                                     own_since, outage_end, own_ended())
+                                     own_since, look.outage_end(), own_ended())
             if reason is None:
                 continue
             done.append(await _reschedule(client, run, reason, settings))
         except Exception as exc:  # next look will try again
             log.warning("cannot recover flow run %s (%s): %s", run.name, run.id, exc)
     return done
+
+
+class _Look:
+    """One look's view of API outages: the process's (`outage_end()`, asked at each decision),
+    and the look's own reads, which waited in the client's retries when they were slow."""
+
+    def __init__(self, settings: RecoverySettings,
+                 outage_end: Callable[[], datetime | None]) -> None:
+        self.settings = settings
+        self._process_view = outage_end
+        self._started = time.monotonic()
+        self._seen: datetime | None = None
+
+    def read(self, started: float | None = None) -> None:
+        """The reads since `started` (default: the look's start) are done: slow, an outage."""
+        if time.monotonic() - (self._started if started is None else started) \
+                > self.settings.slow_call:
+            self._seen = _now()
+
+    def outage_end(self) -> datetime | None:
+        seen = [t for t in (self._seen, self._process_view()) if t is not None]
+        return max(seen) if seen else None
 
 
 class PoolRecovery:
@@ -345,6 +390,7 @@ class PoolRecovery:
         self.own_runs = own_runs
         self.own_since = _now()  # runs claimed under own_name before this: a former process
         self.outage_end: datetime | None = None  # the API last found unavailable
+        self._calls: dict[int, float] = {}  # API calls of the process under way: their start
         self._next = 0.0
 
     def saw_outage(self) -> None:
@@ -353,6 +399,29 @@ class PoolRecovery:
         reach it either, so none is judged dead by a silence before (`outage_grace`)."""
         self.outage_end = _now()
 
+    @contextmanager
+    def api_call(self) -> Iterator[None]:
+        """Around a call of the process to the API (a poll, a heartbeat): one that takes over
+        `slow_call` seconds is being retried through an outage, which is seen from then on while
+        it waits (`current_outage_end`: the look may decide meanwhile), and when it ends."""
+        token = object()
+        self._calls[id(token)] = time.monotonic()
+        try:
+            yield
+        finally:
+            started = self._calls.pop(id(token))
+            if time.monotonic() - started > self.settings.slow_call:
+                self.saw_outage()
+
+    def current_outage_end(self) -> datetime | None:
+        """When the API was last found unavailable: now while a call of the process has been
+        waiting for it for over `slow_call` seconds (still in its client's retries), else when
+        a call last failed or ended slow (`saw_outage`)."""
+        if any(time.monotonic() - started > self.settings.slow_call
+               for started in list(self._calls.values())):
+            return _now()
+        return self.outage_end
+
     async def maybe_run(self, client: PrefectClient) -> list[Recovered]:
         """One look if the interval has passed (never raises: the next look tries again)."""
         if not self.settings.enabled or time.monotonic() < self._next:
@@ -360,14 +429,14 @@ class PoolRecovery:
         self._next = time.monotonic() + self.settings.interval
         try:
             return await recover_pool(client, self.pool, self.settings, self.own_name,
-                                      self.own_runs, self.own_since, self.outage_end,
+                                      self.own_runs, self.own_since, self.current_outage_end,
                                       self.own_ended)
         except Exception as exc:
             self.saw_outage()
             log.warning("looking for stranded flow runs of pool %s failed: %s", self.pool, exc)
             return []
         finally:
-            if time.monotonic() - (self._next - self.settings.interval) > SLOW_LOOK_S:
+            if time.monotonic() - (self._next - self.settings.interval) > self.settings.slow_call:
                 self.saw_outage()  # its calls were retried through an API outage
 
 

@@ -129,6 +129,26 @@ def test_a_worker_silent_only_during_an_api_outage_is_not_dead() -> None:
     assert recovery.outage_end is not None
 
 
+def test_a_call_waiting_for_the_api_is_an_outage_while_it_waits() -> None:
+    """A heartbeat or poll stuck in its client's retries: the recovery sees the outage while it
+    waits (a look may decide meanwhile), and once it ended."""
+    import time
+
+    from worker.recovery import PoolRecovery, RecoverySettings
+
+    recovery = PoolRecovery("pool", RecoverySettings(slow_call=0.05))
+    with recovery.api_call():
+        assert recovery.current_outage_end() is None  # not slow yet
+        time.sleep(0.1)
+        assert recovery.current_outage_end() is not None  # waiting: an outage now
+        assert recovery.outage_end is None
+    assert recovery.outage_end is not None  # ended slow
+    quick = PoolRecovery("pool", RecoverySettings(slow_call=60))
+    with quick.api_call():
+        pass
+    assert quick.current_outage_end() is None
+
+
 def test_a_run_that_ended_here_without_its_final_state_is_reclaimed() -> None:
     """The engine gave up on an unavailable API and the Crashed state the worker proposed was
     refused too: the run stays Running on the server; the worker that executed it reclaims it."""
