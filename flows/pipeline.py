@@ -1,6 +1,7 @@
 """The per-event pipeline of the publishing flows, and what they share (`Pipeline`).
 
-One event: claim its data_ids -> build its notifications (cached per event identity) ->
+One event: claim its data_ids -> build its notifications (cached per event identity; a cached
+build that the ledger now contradicts is built again, what was announced of it kept) ->
 validate them strictly -> verify the data (optional) -> publish each (cached per notification id,
 retried) -> record the fresh ones in the publication ledger -> release the claim. A flow run sets
 up a `Pipeline` once (dataset, configured tasks, ledger, broker connection) and calls

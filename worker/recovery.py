@@ -13,12 +13,8 @@ How a run is found stranded, with Prefect's own records only:
 - a worker labels each run it claims (`prefect.worker.name`, Prefect's worker labels) and sends
   heartbeats (`PREFECT_WORKER_HEARTBEAT_SECONDS`); a Pending or Running run whose worker has not
   sent one for `worker_timeout` (default: 3 heartbeat intervals, Prefect's own "offline" rule)
-  is stranded; but no silence counts while the API was unavailable, nor for `outage_grace`
-  seconds after (a live worker's heartbeat sent during an outage waits in its client's retry
-  backoff): an outage is seen when a call of this process to the API fails, or has waited over
-  `slow_call` seconds (still waiting: seen from then on; the look's own reads included), and a
-  look asks at each decision, not once at its start (a look whose reads waited through an
-  outage rescheduled a live worker's run once it ended);
+  is stranded; no silence counts during an outage of the API, nor `outage_grace` seconds
+  after (`worker.api_outages`: how this process sees them);
 - a worker that starts again with the same `--name` reclaims at once the runs labelled with its
   name whose state predates its start and that it is not running (`own_name`/`own_runs`: the
   `wis2-warm` worker); give each live worker its own name; it also reclaims the runs it
@@ -50,8 +46,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -60,6 +55,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from chain.failures import UNAVAILABLE
+from worker.api_outages import ApiOutages, LookOutages
 
 if TYPE_CHECKING:
     from uuid import UUID
@@ -135,10 +131,8 @@ def _aware(value: datetime) -> datetime:
 
 def worker_is_dead(worker: Worker | None, settings: RecoverySettings, now: datetime,
                    outage_end: datetime | None = None) -> str | None:
-    """Why `worker` counts as dead (None: alive). `outage_end`: when this process last found
-    the API unavailable: no worker could send a heartbeat before that, and one sent during the
-    outage may be waiting in its client's retry backoff for a while after: a silence counts
-    from `outage_grace` seconds after it at the earliest."""
+    """Why `worker` counts as dead (None: alive). `outage_end`: when the API was last found
+    unavailable; a silence counts from `outage_grace` seconds after it at the earliest."""
     if worker is None:
         return "is not registered in the pool any more"
     if worker.last_heartbeat_time is None:
@@ -146,8 +140,7 @@ def worker_is_dead(worker: Worker | None, settings: RecoverySettings, now: datet
     timeout = settings.worker_timeout or HEARTBEAT_MULTIPLE * (worker.heartbeat_interval_seconds
                                                                or 30)
     last = _aware(worker.last_heartbeat_time)
-    if outage_end is not None and outage_end > last:
-        # a heartbeat sent during the outage may still be in the client's retry backoff
+    if outage_end is not None and outage_end > last:  # a heartbeat may be in retry backoff
         last = outage_end + timedelta(seconds=settings.outage_grace)
     silent = (now - last).total_seconds()
     if silent > timeout:
@@ -281,23 +274,17 @@ async def _reschedule(client: PrefectClient, run: FlowRun, reason: str,
     return Recovered(run.id, run.name, "rescheduled", message)
 
 
-def _no_outage() -> datetime | None:
-    return None
-
-
 async def recover_pool(client: PrefectClient, pool: str, settings: RecoverySettings,
                        own_name: str | None = None,
                        own_runs: Callable[[], Collection[UUID]] = frozenset,
                        own_since: datetime | None = None,
-                       outage_end: Callable[[], datetime | None] = _no_outage,
+                       outage_end: Callable[[], datetime | None] = lambda: None,
                        own_ended: Callable[[], Collection[UUID]] = frozenset
                        ) -> list[Recovered]:
     """Reschedule (or fail, past `max_retries`) the stranded runs of `pool`, once.
 
-    `outage_end()`: when the API was last found unavailable, asked at each decision (an outage
-    seen by another call of the process while this look waited counts). A read of this look
-    that took over `settings.slow_call` seconds was retried through an outage too: the workers'
-    heartbeats could not be stored meanwhile, so no silence before it counts either."""
+    `outage_end()`: when the API was last found unavailable, asked at each decision, the
+    look's own slow reads counting too (`worker.api_outages.LookOutages`)."""
     from prefect.client.schemas.filters import (
         FlowRunFilter,
         FlowRunFilterEndTime,
@@ -309,7 +296,7 @@ async def recover_pool(client: PrefectClient, pool: str, settings: RecoverySetti
     )
     from prefect.client.schemas.objects import StateType
 
-    look = _Look(settings, outage_end)
+    look = LookOutages(settings.slow_call, outage_end)
     workers = {w.name: w for w in await client.read_workers_for_work_pool(pool)}
     runs: list[FlowRun] = []
     while True:
@@ -337,7 +324,7 @@ async def recover_pool(client: PrefectClient, pool: str, settings: RecoverySetti
     done: list[Recovered] = []
     for run in runs:
         if stranded_reason(run, workers, settings, _now(), own_name, own_runs(),
-                           own_since, look.outage_end(), own_ended()) is None:
+                           own_since, look.end(), own_ended()) is None:
             continue
         try:
             # read again: the run may have ended, or been claimed by this worker meanwhile
@@ -345,35 +332,13 @@ async def recover_pool(client: PrefectClient, pool: str, settings: RecoverySetti
             run = await client.read_flow_run(run.id)
             look.read(started)
             reason = stranded_reason(run, workers, settings, _now(), own_name, own_runs(),
-                                     own_since, look.outage_end(), own_ended())
+                                     own_since, look.end(), own_ended())
             if reason is None:
                 continue
             done.append(await _reschedule(client, run, reason, settings))
         except Exception as exc:  # next look will try again
             log.warning("cannot recover flow run %s (%s): %s", run.name, run.id, exc)
     return done
-
-
-class _Look:
-    """One look's view of API outages: the process's (`outage_end()`, asked at each decision),
-    and the look's own reads, which waited in the client's retries when they were slow."""
-
-    def __init__(self, settings: RecoverySettings,
-                 outage_end: Callable[[], datetime | None]) -> None:
-        self.settings = settings
-        self._process_view = outage_end
-        self._started = time.monotonic()
-        self._seen: datetime | None = None
-
-    def read(self, started: float | None = None) -> None:
-        """The reads since `started` (default: the look's start) are done: slow, an outage."""
-        if time.monotonic() - (self._started if started is None else started) \
-                > self.settings.slow_call:
-            self._seen = _now()
-
-    def outage_end(self) -> datetime | None:
-        seen = [t for t in (self._seen, self._process_view()) if t is not None]
-        return max(seen) if seen else None
 
 
 class PoolRecovery:
@@ -389,38 +354,13 @@ class PoolRecovery:
         self.own_name = own_name
         self.own_runs = own_runs
         self.own_since = _now()  # runs claimed under own_name before this: a former process
-        self.outage_end: datetime | None = None  # the API last found unavailable
-        self._calls: dict[int, float] = {}  # API calls of the process under way: their start
+        self.outages = ApiOutages(self.settings.slow_call)  # this process's calls to the API
         self._next = 0.0
 
     def saw_outage(self) -> None:
-        """The API was found unavailable now (a poll, heartbeat or look failed, or took so long
-        that the client must have retried through an outage): the workers' heartbeats could not
-        reach it either, so none is judged dead by a silence before (`outage_grace`)."""
-        self.outage_end = _now()
-
-    @contextmanager
-    def api_call(self) -> Iterator[None]:
-        """Around a call of the process to the API (a poll, a heartbeat): one that takes over
-        `slow_call` seconds is being retried through an outage, which is seen from then on while
-        it waits (`current_outage_end`: the look may decide meanwhile), and when it ends."""
-        token = object()
-        self._calls[id(token)] = time.monotonic()
-        try:
-            yield
-        finally:
-            started = self._calls.pop(id(token))
-            if time.monotonic() - started > self.settings.slow_call:
-                self.saw_outage()
-
-    def current_outage_end(self) -> datetime | None:
-        """When the API was last found unavailable: now while a call of the process has been
-        waiting for it for over `slow_call` seconds (still in its client's retries), else when
-        a call last failed or ended slow (`saw_outage`)."""
-        if any(time.monotonic() - started > self.settings.slow_call
-               for started in list(self._calls.values())):
-            return _now()
-        return self.outage_end
+        """The API was found unavailable now: no worker is judged dead by a silence before,
+        nor for `outage_grace` seconds after (`api_outages`)."""
+        self.outages.saw()
 
     async def maybe_run(self, client: PrefectClient) -> list[Recovered]:
         """One look if the interval has passed (never raises: the next look tries again)."""
@@ -429,7 +369,7 @@ class PoolRecovery:
         self._next = time.monotonic() + self.settings.interval
         try:
             return await recover_pool(client, self.pool, self.settings, self.own_name,
-                                      self.own_runs, self.own_since, self.current_outage_end,
+                                      self.own_runs, self.own_since, self.outages.end,
                                       self.own_ended)
         except Exception as exc:
             self.saw_outage()

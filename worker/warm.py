@@ -365,9 +365,9 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
                                      item.name, item.flow_run_id, item.reason)
         # a poll or heartbeat waiting over WIS2_RECOVERY_SLOW_CALL s is in the client's retries:
         # the API is unavailable (for the other workers' heartbeats too), seen by the recovery
-        # from then on (`PoolRecovery.api_call`)
+        # from then on (`worker.api_outages`)
         try:
-            with self._recovery.api_call():
+            with self._recovery.outages.call():
                 return await super().get_and_submit_flow_runs()
         except Exception as exc:
             if not is_infrastructure(exc):
@@ -379,7 +379,7 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         """The heartbeat (and pool sync): once the worker has synced, an unavailable API is
         reported and tried again at the next heartbeat instead of backing off to an exit."""
         try:
-            with self._recovery.api_call():
+            with self._recovery.outages.call():
                 await super()._sync_and_initialize()
         except Exception as exc:
             if not self._has_successfully_synced or not is_infrastructure(exc):

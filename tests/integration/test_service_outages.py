@@ -6,14 +6,19 @@ message id, no run is left Failed or Crashed.
 (a) The ledger alone (a PostgreSQL cluster of the test's own): a read made while the server is
 dead waits for it; a claim whose locks died with the server, and which another run took and
 recorded meanwhile, is taken again by `confirm()` (waiting for the new holder) and says so.
-(b) The whole scaled node (`bench.faults.fault_node` with a topology: two workers, two listener
+(b) The recovery's judgement of workers through an outage of the Prefect API (a real Prefect
+server behind `ApiGate`): a look whose read of the pool's workers waited through the outage
+leaves a live worker's run alone, and reschedules it once the worker stays silent past the grace
+(the genuine case: tests/integration/test_worker_crash.py).
+(c) The whole scaled node (`bench.faults.fault_node` with a topology: two workers, two listener
 replicas, its own PostgreSQL and Redis; the scenarios of `bench/faults_scaled.py`, also run by
 `make bench --faults`): the burst's runs are held Running at the gated file server, the service
 is killed or frozen, the runs are released while it is away, it comes back 3 s or 60 s later;
 every event's notification on `origin/a/wis2/#`. The node's runs wait only 10 s for a service
 (WIS2_LEDGER_RETRY_SECONDS, WIS2_RESULTS_RETRY_SECONDS; 120 by default, as `make bench` runs
 them): a 3-second outage is ridden out inside the runs, a 60-second one fails the released runs
-as `Unavailable` (a service, not the event) and the recovery runs them again once it is back.
+as `Unavailable` (a service, not the event) and the recovery runs them again once it is back;
+both workers live throughout, so no run may be rescheduled as a dead worker's.
 """
 
 from __future__ import annotations
