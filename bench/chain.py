@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,7 @@ from bench.stats import LatencySummary, summarize
 from chain.deployments import PUBLISH_BATCH_FLOW, PUBLISH_NOTIFICATION_FLOW
 from chain.failures import UNAVAILABLE
 from chain.mqtt import MqttConnection, MqttError, Publisher
+from worker.recovery import RECOVERING
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
@@ -243,6 +244,20 @@ async def _read_runs(node: NodeState,
 def rescheduled_after_unavailable(node: NodeState, phase_marker: str) -> int:
     """How many runs of the phase failed because a service was unavailable (a Failed state
     named Unavailable in their history, `chain.failures`) and were scheduled again."""
+    return _runs_whose_states(node, phase_marker, lambda s: s.is_failed()
+                              and s.name == UNAVAILABLE)
+
+
+def rescheduled_as_their_workers_died(node: NodeState, phase_marker: str) -> int:
+    """How many runs of the phase the recovery rescheduled because it judged their worker dead
+    (a `Recovering` state naming the worker, `worker.recovery.stranded_reason`): in a phase
+    where no worker dies, each is a live worker's run taken from it."""
+    return _runs_whose_states(node, phase_marker, lambda s: s.is_scheduled()
+                              and s.name == RECOVERING and "its worker " in (s.message or ""))
+
+
+def _runs_whose_states(node: NodeState, phase_marker: str, which: Callable[[Any], bool]) -> int:
+    """How many runs of the phase have a state `which` accepts in their history (-1: unknown)."""
 
     async def count() -> int:
         found = 0
@@ -254,7 +269,7 @@ def rescheduled_after_unavailable(node: NodeState, phase_marker: str) -> int:
                 for run in page:
                     if any(phase_marker in i for i in _event_ids(run.parameters)):
                         states = await client.read_flow_run_states(run.id)
-                        found += any(s.is_failed() and s.name == UNAVAILABLE for s in states)
+                        found += any(which(s) for s in states)
                 if len(page) < 200:
                     return found
                 offset += len(page)

@@ -95,6 +95,12 @@ def is_infrastructure(exc: BaseException) -> bool:
     return classify(exc) == "infrastructure"
 
 
+def unavailable_message(exc: BaseException) -> str:
+    """The message of the Failed state of a run failed on infrastructure (`UNAVAILABLE`)."""
+    return (f"{type(exc).__name__}: {exc} -- a service was unavailable: the run is scheduled "
+            "again (WIS2_RECOVERY_MAX_RETRIES)")[:2000]
+
+
 def ride_out(operation: Callable[[], T], *, seconds: float, what: str,
              retry_if: Callable[[BaseException], bool] = is_infrastructure,
              on_retry: Callable[[BaseException], None] | None = None,

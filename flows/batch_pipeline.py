@@ -158,7 +158,8 @@ def _claimed_round(items: list[BatchEvent], pipeline: Pipeline,
     tasks, settings, topic = pipeline.tasks, pipeline.settings, pipeline.dataset.topic
     logger = get_run_logger()
     built = _each(len(items), lambda: build_batch_task(
-        quote([i.event for i in items]), pipeline.dataset, quote(known), quote(tasks.build)))
+        quote([i.event for i in items]), pipeline.dataset, quote(known), quote(tasks.build),
+        quote(tasks.publish), pipeline.dataset.topic))
     deferred: list[BatchEvent] = []
     active: list[_Active] = []
     for item, result in zip(items, built, strict=True):

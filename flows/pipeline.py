@@ -1,6 +1,7 @@
 """The per-event pipeline of the publishing flows, and what they share (`Pipeline`).
 
-One event: claim its data_ids -> build its notifications (cached per event identity) ->
+One event: claim its data_ids -> build its notifications (cached per event identity; a cached
+build that the ledger now contradicts is built again, what was announced of it kept) ->
 validate them strictly -> verify the data (optional) -> publish each (cached per notification id,
 retried) -> record the fresh ones in the publication ledger -> release the claim. A flow run sets
 up a `Pipeline` once (dataset, configured tasks, ledger, broker connection) and calls
@@ -30,6 +31,7 @@ from chain.ledger import (
     Claim,
     ClaimLost,
     Ledger,
+    LedgerEntry,
     LedgerReader,
     LedgerSnapshot,
     ledger_location,
@@ -48,16 +50,16 @@ from flows.tasks import (
     record_publication_task,
     validate_notifications_task,
 )
-from flows.tasks.build import checksum_of
+from flows.tasks.build import checksum_of, current_build
 from flows.tasks.cache_store import CacheStore
-from flows.tasks.caching import publish_cache_key
+from flows.tasks.caching import build_cache_key, publish_cache_key
 from flows.tasks.validate import previous_pubtimes
 from wis2.cloudevent import CloudEvent, parse_event
 from wis2.dataset import DatasetDescription
 from wis2.errors import FieldError, InvalidInput
 from wis2.mapping import data_ids_of
 from wis2.notification import Notification
-from wis2.relations import relation_for
+from wis2.relations import DATA_RELATIONS, relation_for
 from wis2.validation import ValidationFailed
 
 log = logging.getLogger(__name__)
@@ -155,27 +157,11 @@ class Pipeline:
 
     def recheck(self, claim: Claim, notifications: list[Notification]
                 ) -> tuple[LedgerSnapshot, list[str | None]] | None:
-        """Right before publishing: None when the claim was held all along (what was read
-        under it still holds). Otherwise its locks died with their connection (the ledger's
-        server restarted) and `claim.confirm()` has taken them again: the entries of the
-        notifications' data_ids read again, and for each notification the id under which the
-        node announced its file meanwhile (`announced_before`: not sent then). A notification
-        whose relation the ledger now contradicts (another run recorded a new version of its
-        file meanwhile) raises `ClaimLost`: the run is scheduled again (`chain.failures`)."""
-        if claim.confirm():
-            return None
-        now = LedgerSnapshot(self.ledger, {n.properties.data_id for n in notifications})
-        earlier = [self.announced_before(note, now) for note in notifications]
-        for note, earlier_id in zip(notifications, earlier, strict=True):
-            if earlier_id is None and note.rel in ("canonical", "update") and relation_for(
-                    "create", now.get(note.properties.data_id), checksum_of(note)) != note.rel:
-                raise ClaimLost(
-                    f"{note.properties.data_id}: recorded by another run while this run's claim "
-                    f"was lost with its ledger connection; {note.rel} no longer holds")
-        get_run_logger().warning("claim of %d data_id(s) taken again after its connection was "
-                                 "lost; ledger read again: %d already announced",
-                                 len(notifications), sum(e is not None for e in earlier))
-        return now, earlier
+        """Right before publishing: `recheck_claim` with the data notifications' rules (a
+        file announced before: `announced_before`; a relation that still holds: the one
+        `relation_for` gives against the entry read again)."""
+        return recheck_claim(claim, self.ledger, notifications, self.announced_before,
+                             data_relation_holds)
 
     def announced_before(self, note: Notification,
                          ledger: LedgerReader | None = None) -> str | None:
@@ -246,6 +232,42 @@ class ProcessedEvent:
         ]
 
 
+def data_relation_holds(note: Notification, entry: LedgerEntry | None) -> bool:
+    """Whether a data notification's link relation still holds against the ledger's entry of
+    its file (a deletion's always does)."""
+    return note.rel not in DATA_RELATIONS or relation_for(
+        "create", entry, checksum_of(note)) == note.rel
+
+
+def recheck_claim(
+    claim: Claim, ledger: Ledger, notifications: list[Notification],
+    announced_before: Callable[[Notification, LedgerReader], str | None],
+    holds: Callable[[Notification, LedgerEntry | None], bool],
+) -> tuple[LedgerSnapshot, list[str | None]] | None:
+    """Right before publishing what was decided under `claim` (every publishing flow: data
+    and discovery metadata). None when the claim was held all along: what was read under it
+    still holds. Otherwise its locks died with their connection (the ledger's server
+    restarted) and `claim.confirm()` has taken them again: the entries of the notifications'
+    data_ids are read again, and for each notification the id under which the node announced
+    its file meanwhile (`announced_before`: not sent then). A notification not announced whose
+    decision the entry read again contradicts (`holds` False: another run recorded its file
+    meanwhile) raises `ClaimLost`: the run is scheduled again (`chain.failures`) and decides
+    anew."""
+    if claim.confirm():
+        return None
+    now = LedgerSnapshot(ledger, {n.properties.data_id for n in notifications})
+    earlier = [announced_before(note, now) for note in notifications]
+    for note, earlier_id in zip(notifications, earlier, strict=True):
+        if earlier_id is None and not holds(note, now.get(note.properties.data_id)):
+            raise ClaimLost(
+                f"{note.properties.data_id}: recorded by another run while this run's claim "
+                f"was lost with its ledger connection; {note.rel} no longer holds")
+    get_run_logger().warning("claim of %d data_id(s) taken again after its connection was "
+                             "lost; ledger read again: %d already announced",
+                             len(notifications), sum(e is not None for e in earlier))
+    return now, earlier
+
+
 def _in_ledger(ledger: LedgerReader, note: Notification) -> bool:
     """Whether the ledger holds this publication, or a later one, of the note's data_id. A run
     killed after the broker's PUBACK and before the record leaves it out: its rerun finds the
@@ -286,12 +308,22 @@ def _publish_claimed(
         )
     topic = pipeline.dataset.topic
     publish_cache = CacheStore.of(tasks.publish)
-    previous = previous_pubtimes(
-        notifications, pipeline.ledger,
-        lambda note: publish_cache.has(publish_cache_key(None, {"notification": note,
-                                                                "topic": topic})))
+
+    def announced(note: Notification) -> bool:  # acknowledged by the broker (its receipt)
+        return publish_cache.has(publish_cache_key(None, {"notification": note, "topic": topic}))
+
+    # the ledger's entries of the event's files, claimed: nobody else records them meanwhile
+    known = LedgerSnapshot(pipeline.ledger, {n.properties.data_id for n in notifications})
+    # a build cached by an earlier run of this event, before another event recorded a new
+    # version of one of its files, is built again (what was announced of it kept)
+    if (again := current_build(event, pipeline.dataset, notifications, known,
+                               announced)) is not None:
+        CacheStore.of(tasks.build).save(
+            build_cache_key(None, {"event": event, "dataset": pipeline.dataset}), again)
+        notifications = again
+    previous = previous_pubtimes(notifications, known, announced)
     rows = validate_notifications_task(notifications, topic, validation_key, previous)
-    earlier = [pipeline.announced_before(note) for note in notifications]
+    earlier = [pipeline.announced_before(note, known) for note in notifications]
     for note, earlier_id in zip(notifications, earlier, strict=True):
         if earlier_id == note.id:
             logger.info("notification %s (%s) was already acknowledged by the broker: not sent "

@@ -15,6 +15,7 @@ decided from the publication ledger) -> validate it strictly -> publish it on
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -22,14 +23,16 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import Failed, State
 from pydantic import BaseModel
 
 from chain.deployments import PUBLISH_METADATA, PUBLISH_METADATA_FLOW, REPUBLISH_METADATA_FLOW
-from chain.ledger import LedgerEntry, ledger_location, open_ledger
+from chain.failures import UNAVAILABLE, is_infrastructure, unavailable_message
+from chain.ledger import Claim, LedgerEntry, LedgerReader, ledger_location, open_ledger
 from chain.metrics import FLOW_METRICS
 from chain.settings import ChainSettings
 from flows.artifacts import artifact_key, failure_artifact, notification_artifact
-from flows.pipeline import field_errors_of
+from flows.pipeline import field_errors_of, recheck_claim
 from flows.tasks import (
     build_metadata_notification_task,
     configured_tasks,
@@ -56,7 +59,7 @@ from wis2.metadata_notification import (
     metadata_data_id,
     record_id_of,
 )
-from wis2.notification import rfc3339
+from wis2.notification import Notification, rfc3339
 from wis2.relations import Operation, relation_for
 from wis2.topics import metadata_topic
 
@@ -125,7 +128,7 @@ def publish_metadata(
     public_url: str | None = None,
     operation: Literal["create", "update", "delete"] = "create",
     record_id: str | None = None,
-) -> MetadataRunResult:
+) -> MetadataRunResult | State:
     """Publish (or delete) one WCMP2 discovery metadata record.
 
     Args:
@@ -161,6 +164,8 @@ def publish_metadata(
             received_title="Parameters",
             replay=_replay_lines(),
         )
+        if is_infrastructure(exc):  # scheduled again by the recovery (chain.failures)
+            return Failed(name=UNAVAILABLE, data=exc, message=unavailable_message(exc))
         raise
     FLOW_METRICS.outcome([result.sent], started)
     return result
@@ -212,12 +217,29 @@ def _publish_metadata(
     centre_id = centre_id_of(record_dict)
     # one publication of a record at a time on the whole node: the relation is decided once
     with open_ledger(ledger_location(settings)).claim(
-            [metadata_data_id(centre_id, rid)], settings.cache_lock_timeout):
-        return _announce(loaded, record_dict, rid, centre_id, public_url, operation, settings,
-                         label)
+            [metadata_data_id(centre_id, rid)], settings.cache_lock_timeout) as claim:
+        return _announce(claim, loaded, record_dict, rid, centre_id, public_url, operation,
+                         settings, label)
+
+
+def _same_entry(before: LedgerEntry | None) -> Callable[[Notification, LedgerEntry | None],
+                                                        bool]:
+    """`recheck_claim`'s rule for a record: what was decided under the claim holds while the
+    ledger's entry is still the one read then (no other run published the record meanwhile)."""
+    def holds(note: Notification, entry: LedgerEntry | None) -> bool:
+        return (entry.notification_id if entry else None) == (
+            before.notification_id if before else None)
+    return holds
+
+
+def _this_notification(note: Notification, ledger: LedgerReader) -> str | None:
+    """`recheck_claim`'s `announced_before` for a record: only this very notification."""
+    entry = ledger.get(note.properties.data_id)
+    return note.id if entry is not None and entry.notification_id == note.id else None
 
 
 def _announce(
+    claim: Claim,
     loaded: LoadedRecord | None,
     record_dict: dict[str, Any],
     rid: str,
@@ -257,13 +279,24 @@ def _announce(
                if rel == "update" and previous is not None and previous.pubtime else None)
     validate_notifications_task([notification], topic, artifact_key("wnm-validation", label),
                                 earlier)
-    connection, origin = load_broker_connection(settings)
-    logger.info("publishing %s (rel=%s) on %s via %s (%s)", rid, rel, topic,
-                connection.describe(), origin)
-    publish = configured_tasks(settings).publish
-    state = publish(notification, topic, connection, return_state=True)
-    receipt: BrokerReceipt = state.result()  # raises the publish error after retries
-    sent = state.name != "Cached"
+    # the claim's locks may have died with their ledger connection (its server restarted)
+    # while the relation was decided: taken again, and the record's entry read again
+    # (`ClaimLost`, the run scheduled again, when another run published the record meanwhile)
+    again = recheck_claim(claim, open_ledger(ledger_location(settings)), [notification],
+                          _this_notification, _same_entry(previous))
+    receipt: BrokerReceipt | None = None
+    if again is not None and again[1][0] is not None:
+        logger.info("notification %s of %s was already acknowledged by the broker: not sent "
+                    "again", notification.id, rid)
+        sent = False
+    else:
+        connection, origin = load_broker_connection(settings)
+        logger.info("publishing %s (rel=%s) on %s via %s (%s)", rid, rel, topic,
+                    connection.describe(), origin)
+        publish = configured_tasks(settings).publish
+        state = publish(notification, topic, connection, return_state=True)
+        receipt = state.result()  # raises the publish error after retries
+        sent = state.name != "Cached"
 
     copy = keep_record_copy(loaded, settings.results_dir) if loaded is not None else None
     record_publication_task(
@@ -275,7 +308,7 @@ def _announce(
             "record_location": loaded.location if loaded is not None else None,
             "record_copy": str(copy) if copy else None,
         },
-        acked={receipt.notification_id: receipt.published_at},
+        acked={receipt.notification_id: receipt.published_at} if receipt else None,
     )
     if operation == "delete" and served.path:
         Path(served.path).unlink(missing_ok=True)

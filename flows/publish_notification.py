@@ -19,7 +19,7 @@ from prefect.states import Failed, State
 from pydantic import BaseModel
 
 from chain.deployments import PUBLISH_NOTIFICATION_FLOW
-from chain.failures import UNAVAILABLE, is_infrastructure
+from chain.failures import UNAVAILABLE, is_infrastructure, unavailable_message
 from chain.metrics import FLOW_METRICS
 from chain.settings import ChainSettings
 from flows.artifacts import (
@@ -107,12 +107,6 @@ def publish_notification(event: CloudEvent, dataset: str | None = None
         if is_infrastructure(exc):
             return Failed(name=UNAVAILABLE, data=exc, message=unavailable_message(exc))
         raise
-
-
-def unavailable_message(exc: BaseException) -> str:
-    """The message of a run failed on infrastructure (`chain.failures`)."""
-    return (f"{type(exc).__name__}: {exc} -- a service was unavailable: the run is scheduled "
-            "again (WIS2_RECOVERY_MAX_RETRIES)")[:2000]
 
 
 def _publish(

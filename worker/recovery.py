@@ -13,7 +13,8 @@ How a run is found stranded, with Prefect's own records only:
 - a worker labels each run it claims (`prefect.worker.name`, Prefect's worker labels) and sends
   heartbeats (`PREFECT_WORKER_HEARTBEAT_SECONDS`); a Pending or Running run whose worker has not
   sent one for `worker_timeout` (default: 3 heartbeat intervals, Prefect's own "offline" rule)
-  is stranded;
+  is stranded; no silence counts during an outage of the API, nor `outage_grace` seconds
+  after (`worker.api_outages`: how this process sees them);
 - a worker that starts again with the same `--name` reclaims at once the runs labelled with its
   name whose state predates its start and that it is not running (`own_name`/`own_runs`: the
   `wis2-warm` worker); give each live worker its own name; it also reclaims the runs it
@@ -54,6 +55,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from chain.failures import UNAVAILABLE
+from worker.api_outages import ApiOutages, LookOutages
 
 if TYPE_CHECKING:
     from uuid import UUID
@@ -70,7 +72,6 @@ HEARTBEAT_MULTIPLE = 3  # Prefect's foreman: offline after 3 missed heartbeats
 ENGINE_ERROR = "engine error in the wis2-warm worker"  # worker/warm.py: its Crashed message
 PROCESS_DIED = ("Process exited with status code", "Flow run infrastructure exited with non-zero",
                 ENGINE_ERROR)
-SLOW_LOOK_S = 20.0  # a look this slow was retried through an API outage
 CRASHED_LOOKBACK = timedelta(hours=1)  # older Crashed runs are left to the operator
 
 
@@ -99,6 +100,11 @@ class RecoverySettings(BaseSettings):
         default=30.0, ge=0,
         description="Seconds after a run failed because a service was unavailable (a Failed "
         "state named Unavailable) before it is scheduled again")
+    slow_call: float = Field(
+        default=20.0, gt=0,
+        description="Seconds after which a call to the Prefect API (a poll, a heartbeat, the "
+        "recovery's own reads) counts as retried through an outage of the API, from then on "
+        "while it is still waiting")
     crashed_grace: float = Field(
         default=30.0, ge=0,
         description="Seconds a Crashed run is left alone first: the process worker reports a "
@@ -125,10 +131,8 @@ def _aware(value: datetime) -> datetime:
 
 def worker_is_dead(worker: Worker | None, settings: RecoverySettings, now: datetime,
                    outage_end: datetime | None = None) -> str | None:
-    """Why `worker` counts as dead (None: alive). `outage_end`: when this process last found
-    the API unavailable: no worker could send a heartbeat before that, and one sent during the
-    outage may be waiting in its client's retry backoff for a while after: a silence counts
-    from `outage_grace` seconds after it at the earliest."""
+    """Why `worker` counts as dead (None: alive). `outage_end`: when the API was last found
+    unavailable; a silence counts from `outage_grace` seconds after it at the earliest."""
     if worker is None:
         return "is not registered in the pool any more"
     if worker.last_heartbeat_time is None:
@@ -136,8 +140,7 @@ def worker_is_dead(worker: Worker | None, settings: RecoverySettings, now: datet
     timeout = settings.worker_timeout or HEARTBEAT_MULTIPLE * (worker.heartbeat_interval_seconds
                                                                or 30)
     last = _aware(worker.last_heartbeat_time)
-    if outage_end is not None and outage_end > last:
-        # a heartbeat sent during the outage may still be in the client's retry backoff
+    if outage_end is not None and outage_end > last:  # a heartbeat may be in retry backoff
         last = outage_end + timedelta(seconds=settings.outage_grace)
     silent = (now - last).total_seconds()
     if silent > timeout:
@@ -275,10 +278,13 @@ async def recover_pool(client: PrefectClient, pool: str, settings: RecoverySetti
                        own_name: str | None = None,
                        own_runs: Callable[[], Collection[UUID]] = frozenset,
                        own_since: datetime | None = None,
-                       outage_end: datetime | None = None,
+                       outage_end: Callable[[], datetime | None] = lambda: None,
                        own_ended: Callable[[], Collection[UUID]] = frozenset
                        ) -> list[Recovered]:
-    """Reschedule (or fail, past `max_retries`) the stranded runs of `pool`, once."""
+    """Reschedule (or fail, past `max_retries`) the stranded runs of `pool`, once.
+
+    `outage_end()`: when the API was last found unavailable, asked at each decision, the
+    look's own slow reads counting too (`worker.api_outages.LookOutages`)."""
     from prefect.client.schemas.filters import (
         FlowRunFilter,
         FlowRunFilterEndTime,
@@ -290,6 +296,7 @@ async def recover_pool(client: PrefectClient, pool: str, settings: RecoverySetti
     )
     from prefect.client.schemas.objects import StateType
 
+    look = LookOutages(settings.slow_call, outage_end)
     workers = {w.name: w for w in await client.read_workers_for_work_pool(pool)}
     runs: list[FlowRun] = []
     while True:
@@ -313,16 +320,19 @@ async def recover_pool(client: PrefectClient, pool: str, settings: RecoverySetti
             state=FlowRunFilterState(name=FlowRunFilterStateName(any_=[UNAVAILABLE])),
             end_time=FlowRunFilterEndTime(after_=_now() - CRASHED_LOOKBACK)),
         limit=200)
+    look.read()  # the reads above waited through an outage: no silence before now counts
     done: list[Recovered] = []
     for run in runs:
         if stranded_reason(run, workers, settings, _now(), own_name, own_runs(),
-                           own_since, outage_end, own_ended()) is None:
+                           own_since, look.end(), own_ended()) is None:
             continue
         try:
             # read again: the run may have ended, or been claimed by this worker meanwhile
+            started = time.monotonic()
             run = await client.read_flow_run(run.id)
+            look.read(started)
             reason = stranded_reason(run, workers, settings, _now(), own_name, own_runs(),
-                                     own_since, outage_end, own_ended())
+                                     own_since, look.end(), own_ended())
             if reason is None:
                 continue
             done.append(await _reschedule(client, run, reason, settings))
@@ -344,14 +354,13 @@ class PoolRecovery:
         self.own_name = own_name
         self.own_runs = own_runs
         self.own_since = _now()  # runs claimed under own_name before this: a former process
-        self.outage_end: datetime | None = None  # the API last found unavailable
+        self.outages = ApiOutages(self.settings.slow_call)  # this process's calls to the API
         self._next = 0.0
 
     def saw_outage(self) -> None:
-        """The API was found unavailable now (a poll, heartbeat or look failed, or took so long
-        that the client must have retried through an outage): the workers' heartbeats could not
-        reach it either, so none is judged dead by a silence before (`outage_grace`)."""
-        self.outage_end = _now()
+        """The API was found unavailable now: no worker is judged dead by a silence before,
+        nor for `outage_grace` seconds after (`api_outages`)."""
+        self.outages.saw()
 
     async def maybe_run(self, client: PrefectClient) -> list[Recovered]:
         """One look if the interval has passed (never raises: the next look tries again)."""
@@ -360,14 +369,14 @@ class PoolRecovery:
         self._next = time.monotonic() + self.settings.interval
         try:
             return await recover_pool(client, self.pool, self.settings, self.own_name,
-                                      self.own_runs, self.own_since, self.outage_end,
+                                      self.own_runs, self.own_since, self.outages.end,
                                       self.own_ended)
         except Exception as exc:
             self.saw_outage()
             log.warning("looking for stranded flow runs of pool %s failed: %s", self.pool, exc)
             return []
         finally:
-            if time.monotonic() - (self._next - self.settings.interval) > SLOW_LOOK_S:
+            if time.monotonic() - (self._next - self.settings.interval) > self.settings.slow_call:
                 self.saw_outage()  # its calls were retried through an API outage
 
 

@@ -55,7 +55,6 @@ import inspect
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,7 +92,6 @@ log = logging.getLogger(__name__)
 WORKER_TYPE = "wis2-warm"
 DEFAULT_THREADS = 16  # flow runs at once when the worker is started without --limit
 ENDED_KEPT = 1000  # runs remembered as executed here (recovery: own_ended)
-SLOW_API_CALL_S = 20.0  # a poll or heartbeat this slow was retried through an API outage
 
 
 class WarmWorkerSettings(BaseSettings):
@@ -365,35 +363,28 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
             for item in recovered:
                 self._logger.warning("recovery: %s flow run %s (%s): %s", item.action,
                                      item.name, item.flow_run_id, item.reason)
-        started = time.monotonic()
+        # a poll or heartbeat waiting over WIS2_RECOVERY_SLOW_CALL s is in the client's retries:
+        # the API is unavailable (for the other workers' heartbeats too), seen by the recovery
+        # from then on (`worker.api_outages`)
         try:
-            return await super().get_and_submit_flow_runs()
+            with self._recovery.outages.call():
+                return await super().get_and_submit_flow_runs()
         except Exception as exc:
             if not is_infrastructure(exc):
                 raise
             self._api_unavailable("polling the pool", exc)
             return []
-        finally:
-            self._slow_call(started)
 
     async def _sync_and_initialize(self) -> None:
         """The heartbeat (and pool sync): once the worker has synced, an unavailable API is
         reported and tried again at the next heartbeat instead of backing off to an exit."""
-        started = time.monotonic()
         try:
-            await super()._sync_and_initialize()
+            with self._recovery.outages.call():
+                await super()._sync_and_initialize()
         except Exception as exc:
             if not self._has_successfully_synced or not is_infrastructure(exc):
                 raise
             self._api_unavailable("sending the heartbeat", exc)
-        finally:
-            self._slow_call(started)
-
-    def _slow_call(self, started: float) -> None:
-        """A poll or heartbeat that took this long spent it in the client's retries: the API
-        was unavailable meanwhile (for the other workers' heartbeats too)."""
-        if time.monotonic() - started > SLOW_API_CALL_S:
-            self._recovery.saw_outage()
 
     def _api_unavailable(self, doing: str, exc: BaseException) -> None:
         self._recovery.saw_outage()

@@ -31,7 +31,7 @@ from wis2.dataset import DatasetDescription
 from wis2.notification import Notification
 from wis2.validation import ValidationFailed, validate_notification
 
-from .build import checksum_of, not_cached, notifications_for, small_contents
+from .build import checksum_of, current_build, not_cached, notifications_for, small_contents
 from .cache_store import MISSING, CacheStore
 from .caching import build_cache_key, publish_cache_key
 from .publish import BrokerReceipt, puback_extra, puback_time
@@ -101,13 +101,21 @@ class Retry:
 @task(name="build-batch", cache_policy=NO_CACHE, retries=0)
 def build_batch_task(
     events: Sequence[CloudEvent], dataset: DatasetDescription, ledger: LedgerReader,
-    build: Task[Any, Any],
+    build: Task[Any, Any], publish: Task[Any, Any], topic: str,
 ) -> list[list[Notification] | Failure | Deferred]:
     """The notifications of each event, from the build task's cache (`build`'s key and store)
-    or built now and stored there. An event announcing a file that an earlier event of this
-    call announces is `DEFERRED` (not built, not cached). `ledger`: the entries of the events'
-    data_ids (`chain.ledger.LedgerSnapshot`, read by the caller, which holds their claim)."""
+    or built now and stored there; a cached build the ledger now contradicts (another event
+    recorded a new version of a file since) is built again, what was announced of it kept
+    (`build.current_build`; announced: a receipt of `publish` on `topic`). An event announcing
+    a file that an earlier event of this call announces is `DEFERRED` (not built, not cached).
+    `ledger`: the entries of the events' data_ids (`chain.ledger.LedgerSnapshot`, read by the
+    caller, which holds their claim)."""
     cache = CacheStore.of(build)
+    receipts = CacheStore.of(publish)
+
+    def announced(note: Notification) -> bool:
+        return receipts.has(publish_cache_key(None, {"notification": note, "topic": topic}))
+
     claimed: set[str] = set()
     out: list[list[Notification] | Failure | Deferred] = []
     cached = 0
@@ -119,6 +127,8 @@ def build_batch_task(
             if fresh:
                 notes = notifications_for(event, dataset, ledger, pubtime=datetime.now(UTC),
                                           contents=small_contents(event, dataset))
+            elif (again := current_build(event, dataset, notes, ledger, announced)) is not None:
+                notes, fresh = again, True
             data_ids = {note.properties.data_id for note in notes}
             if data_ids & claimed:
                 out.append(DEFERRED)

@@ -9,6 +9,7 @@ file whose ``data_id`` was already published with a different checksum is announ
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,7 +25,7 @@ from wis2.mapping import build_notifications, data_assets
 from wis2.metadata_notification import build_metadata_notification
 from wis2.multihash import integrity_of
 from wis2.notification import MAX_INLINE_CONTENT_CHARS, Notification
-from wis2.relations import relation_for
+from wis2.relations import DATA_RELATIONS, relation_for
 
 from .caching import BUILD_CACHE
 from .verify import fetch_small_file
@@ -98,6 +99,42 @@ def notifications_for(
         update if flag else note
         for note, update, flag in zip(built, updates, needs_update, strict=True)
     ]
+
+
+def outdated(event: CloudEvent, notifications: list[Notification],
+             ledger: LedgerReader) -> list[str]:
+    """The data_ids whose link relation in `notifications` (the event's build, maybe cached by
+    an earlier run of the event) the ledger now contradicts: another event recorded a new
+    version, or a deletion, of the file since they were built (`notifications_for` would
+    decide otherwise now). Only a create's relation comes from the ledger."""
+    if event.operation != "create":
+        return []
+    return [note.properties.data_id for note in notifications
+            if note.rel in DATA_RELATIONS and (note.rel == "update") != (relation_for(
+                "create", ledger.get(note.properties.data_id), checksum_of(note)) == "update")]
+
+
+def current_build(
+    event: CloudEvent, dataset: DatasetDescription, notifications: list[Notification],
+    ledger: LedgerReader, announced: Callable[[Notification], bool],
+) -> list[Notification] | None:
+    """None when `notifications` (the event's build, maybe cached: a rerun, a redelivery) still
+    hold against the ledger (read under the claim of their data_ids). Otherwise the event's
+    notifications built again against it, for the caller to cache and use instead: a
+    notification not announced yet announces its file as the ledger now requires; one already
+    announced (`announced`: the broker acknowledged it) is kept as it was, so that a rerun
+    sends the same message id again, never a second one."""
+    stale = outdated(event, notifications, ledger)
+    if not stale or all(announced(note) for note in notifications
+                        if note.properties.data_id in stale):
+        return None
+    again = notifications_for(event, dataset, ledger, pubtime=datetime.now(UTC),
+                              contents=small_contents(event, dataset))
+    kept = [old if announced(old) else new
+            for old, new in zip(notifications, again, strict=True)]
+    log.warning("event %s: built before another event recorded a new version of %s: built "
+                "again against the ledger", event.id, ", ".join(stale))
+    return kept
 
 
 @task(name="build-notifications", cache_policy=BUILD_CACHE, persist_result=True, retries=0)

@@ -4,7 +4,9 @@ Idempotency rests on Prefect's cache, keyed by
 
 - the build: ``wnm-build-<sha256(event identity, dataset name)>`` -- the event identity covers its
   source, id and asset checksums, so a retried run, a re-run from the UI or a redelivered event
-  gets the SAME notifications (same ``id``, same ``pubtime``), while a changed file gets new ones;
+  gets the SAME notifications (same ``id``, same ``pubtime``), while a changed file gets new ones
+  (and a cached build that the ledger now contradicts, never announced, is built again and
+  cached instead: `build.current_build`);
 - the publication: ``wnm-published-<notification id>`` -- a notification already acknowledged by
   the broker is never sent again.
 

@@ -356,3 +356,41 @@ def test_a_batch_with_the_broker_away_fails_each_event_and_sends_them_once_later
     assert [e.status for e in result.events] == ["published"] * 3
     assert sorted(m["id"] for _, m in origin.settle()) == sorted(result.ids)
     origin.close()
+
+
+def test_a_batch_rerun_built_before_a_newer_version_was_announced_announces_an_update(
+    on_session_broker: Subscriber, chain: Any, session_broker: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 29, in a batch (as the single-event test of test_publish_notification): the batch
+    builds and caches its events' notifications, then fails to publish (no broker); a new
+    version of one file is announced meanwhile (canonical); the batch's rerun builds that
+    event again against the ledger (an update), and reuses the other event's build."""
+    monkeypatch.setenv("WIS2_PUBLISH_RETRIES", "0")
+    direct = session_broker.connection("publisher")
+    gone = MqttPublishGate(direct.host, direct.port, allow=0)
+    gone.close()  # a port nobody listens on any more
+    MqttBroker.from_connection(direct.model_copy(update={"port": gone.port})).save(
+        chain.block, overwrite=True)
+    events = [numbered_event(80), numbered_event(81)]
+    assert publish_batch(events=events, return_state=True).is_failed()
+    chain.use_broker(session_broker)
+    monkeypatch.setenv("WIS2_PUBLISH_RETRIES", "1")
+
+    newer = numbered_event(80)
+    newer["id"] = "batch-080-corrected"
+    [asset] = newer["data"]["assets"].values()
+    asset["file:checksum"] = sha256_multihash(b"the file was corrected")
+    announced: NotificationRunResult = publish_notification(event=newer)
+    assert announced.notifications[0].rel == "canonical"
+
+    again = publish_batch(events=events, return_state=True)
+    assert again.is_completed(), again.message
+    result: BatchRunResult = again.result()
+    assert [[n.rel for n in e.notifications] for e in result.events] == [["update"],
+                                                                          ["canonical"]]
+    messages = on_session_broker.settle()
+    assert [m["id"] for _, m in messages] == announced.ids + result.ids
+    rels = [next(lk["rel"] for lk in m["links"] if lk["rel"] in ("canonical", "update"))
+            for _, m in messages]
+    assert rels == ["canonical", "update", "canonical"]

@@ -7,6 +7,7 @@ public `everyone` account checks what the Global Brokers would receive on the me
 from __future__ import annotations
 
 import base64
+import contextvars
 import hashlib
 import json
 import threading
@@ -18,17 +19,19 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from blocks.mqtt_broker import MqttBroker
-from chain.ledger import SqliteLedger
+from chain.ledger import ClaimLost, PostgresLedger, SqliteLedger, open_ledger
 from chain.metrics import FLOW_METRICS
 from chain.mqtt import connect
 from flows.publish_metadata import publish_metadata, republish_metadata
 from listener.observability import serve_metrics
+from localnode.postgres import PG_USER, PostgresCluster, postgres_problem
 from tests.fixtures.paths import ARGO_METADATA, DATA
-from wis2.metadata_notification import Wcmp2Record
+from wis2.metadata_notification import Wcmp2Record, metadata_data_id
 from wis2.validation import validate_notification
 
 pytestmark = pytest.mark.timeout(180)
@@ -66,6 +69,12 @@ class Subscriber:
             if not self._cond.wait_for(lambda: len(self.messages) >= count, timeout):
                 raise AssertionError(f"{len(self.messages)} of {count} message(s) after "
                                      f"{timeout} s on {sorted(set(self.topics))}")
+            return list(self.messages)
+
+    def settle(self, seconds: float = 1.5) -> list[dict[str, Any]]:
+        """Everything received after a quiet period (to check nothing more arrives)."""
+        time.sleep(seconds)
+        with self._cond:
             return list(self.messages)
 
     def close(self) -> None:
@@ -339,3 +348,75 @@ def test_metadata_notifications_are_counted_in_the_flow_metrics(node, subscriber
     assert entry is not None
     puback_at = (entry.model_extra or {})["puback_at"]
     assert datetime.fromisoformat(puback_at).tzinfo is not None  # ISO UTC, milliseconds
+
+
+def _claim_holders(url: str) -> list[int]:
+    """The sessions of this flow's claims that hold an advisory lock (`PostgresLedger`)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        return [row[0] for row in conn.execute(
+            "SELECT l.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.granted "
+            "AND a.application_name = 'wis2-chain claim'").fetchall()]
+
+
+def _waiting(url: str, locktype: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = %s AND NOT granted",
+                           (locktype,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _until(condition: Any, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_a_claim_lost_with_the_ledgers_connection_is_confirmed_before_publishing(
+        node, subscriber, monkeypatch, tmp_path: Path) -> None:
+    """Issue 29: the run's claim of a record (a PostgreSQL advisory lock) dies with its
+    connection while the run decides the relation (its read of the ledger held behind a table
+    lock: made, not raced), and another run takes the record and records it meanwhile. Before
+    publishing, the run confirms its claim: it waits for the other holder, reads the ledger
+    again, finds the record published since and ends `Unavailable` (`ClaimLost`, scheduled
+    again by the recovery) instead of announcing it as canonical a second time; its rerun
+    announces an update."""
+    if problem := postgres_problem():
+        pytest.fail(f"PostgreSQL is needed (make postgresql): {problem}")
+    with PostgresCluster(log_path=tmp_path / "postgres.log") as cluster:
+        cluster.create_database("ledger")
+        url = f"postgresql://{PG_USER}@{cluster.host}:{cluster.port}/ledger"
+        monkeypatch.setenv("WIS2_LEDGER_URL", url)
+        assert open_ledger(url).all() == {}  # its table created by the flows' ledger
+        other = PostgresLedger(url)  # another run, on another host
+        data_id = metadata_data_id("fr-ifremer-argo", ARGO_ID)
+        states: list[Any] = []
+        run = threading.Thread(target=contextvars.copy_context().run, args=(lambda: states.append(
+            publish_metadata(record_location=str(ARGO_METADATA), return_state=True)),))
+        with psycopg.connect(url) as locker:
+            locker.execute("LOCK TABLE publications IN ACCESS EXCLUSIVE MODE")
+            run.start()
+            _until(lambda: _claim_holders(url) and _waiting(url, "relation"),
+                   "the run did not claim the record and read the ledger")
+            (holder,) = _claim_holders(url)
+            locker.execute("SELECT pg_terminate_backend(%s)", (holder,))  # the claim is lost
+            with other.claim([data_id], timeout=60):
+                locker.commit()  # the run reads the ledger: never published, canonical
+                _until(lambda: _waiting(url, "advisory"),
+                       "the run did not confirm its claim before publishing")
+                other.record(data_id, notification_id="another-run", rel="canonical",
+                             pubtime="2025-08-20T14:00:00Z", kind="wcmp2-record")
+        run.join(120)
+        (state,) = states
+        assert state.is_failed() and state.name == "Unavailable", state
+        with pytest.raises(ClaimLost):
+            state.result()
+        assert subscriber.settle() == [], "published on a lost claim"
+
+        rerun = publish_metadata(record_location=str(ARGO_METADATA))
+        assert rerun.rel == "update"
+        (message,) = subscriber.wait_for(1)
+        assert message["links"][0]["rel"] == "update" and message["id"] == rerun.notification_id
+        entry = open_ledger(url).get(data_id)
+        assert entry is not None and entry.notification_id == rerun.notification_id

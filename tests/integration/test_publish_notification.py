@@ -286,6 +286,57 @@ def test_changed_file_is_published_as_update(on_session_broker: Subscriber, chai
     assert (entry.notification_id, entry.rel) == (second.ids[0], "update")
 
 
+def test_a_rerun_built_before_a_newer_version_was_announced_announces_an_update(
+        on_session_broker: Subscriber, chain, session_broker,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 29: event A's run builds its notification (canonical: nothing announced yet) and
+    fails before publishing (the broker unreachable: `Unavailable`); event B, a new version of
+    the same file, is announced meanwhile (canonical). A's rerun (the same event: its build is
+    cached) must not announce the file as canonical a second time: never announced, it is built
+    again against the ledger, as an update of B. A further rerun of A, announced by then, keeps
+    its message id and sends nothing."""
+    from chain.processes import free_port
+
+    first = bufr_event()  # A
+    newer = bufr_event()  # B: the same file, another checksum
+    newer["id"] = "IOPX01_LFVX_251403-corrected"
+    content = b"a corrected BUFR file"
+    newer["data"]["assets"][BUFR_ASSET]["file:checksum"] = sha256_multihash(content)
+    newer["data"]["assets"][BUFR_ASSET]["file:size"] = len(content)
+
+    MqttBroker(host="127.0.0.1", port=free_port("127.0.0.1"),
+               username="publisher").save(chain.block, overwrite=True)
+    monkeypatch.setenv("WIS2_PUBLISH_RETRIES", "0")
+    failed = run(first)
+    assert failed.is_failed() and failed.name == "Unavailable", failed
+    chain.use_broker(session_broker)
+    monkeypatch.setenv("WIS2_PUBLISH_RETRIES", "6")
+
+    announced = run(newer)
+    assert announced.is_completed(), announced.message
+    b: NotificationRunResult = announced.result()
+    assert b.notifications[0].rel == "canonical"
+
+    rerun = run(first)
+    assert rerun.is_completed(), rerun.message
+    a: NotificationRunResult = rerun.result()
+    assert a.notifications[0].rel == "update" and a.notifications[0].sent
+    assert a.notifications[0].data_id == b.notifications[0].data_id
+
+    again = run(first)
+    assert again.is_completed(), again.message
+    assert again.result().ids == a.ids and not again.result().notifications[0].sent
+
+    messages = on_session_broker.settle()
+    assert [m["id"] for _, m in messages] == b.ids + a.ids
+    assert [[lk["rel"] for lk in m["links"] if lk["rel"] in ("canonical", "update")]
+            for _, m in messages] == [["canonical"], ["update"]]
+    assert validate_notification(messages[1][1], topic=ARGO.topic).ok
+    assert messages[1][1]["properties"]["pubtime"] > messages[0][1]["properties"]["pubtime"]
+    entry = SqliteLedger.in_dir(chain.results).get(a.notifications[0].data_id)
+    assert entry is not None and (entry.notification_id, entry.rel) == (a.ids[0], "update")
+
+
 def test_deletion_event_publishes_a_deletion(on_session_broker: Subscriber, chain) -> None:
     first = run(bufr_event()).result()
     deletion = bufr_event()

@@ -124,9 +124,37 @@ def test_a_worker_silent_only_during_an_api_outage_is_not_dead() -> None:
                  last_heartbeat_time=now - timedelta(seconds=400))
     assert worker_is_dead(old, settings, now, outage_end=now - timedelta(seconds=300))
     recovery = PoolRecovery("pool", settings)
-    assert recovery.outage_end is None
+    assert recovery.outages.end() is None
     recovery.saw_outage()
-    assert recovery.outage_end is not None
+    assert recovery.outages.end() is not None
+
+
+def test_a_call_waiting_for_the_api_is_an_outage_while_it_waits() -> None:
+    """A heartbeat or poll stuck in its client's retries: the outage is seen while it waits (a
+    recovery look may decide meanwhile), and once it ended; a look's own slow reads too."""
+    import time
+
+    from worker.api_outages import ApiOutages, LookOutages
+
+    outages = ApiOutages(slow_call=0.05)
+    with outages.call():
+        assert outages.end() is None  # not slow yet
+        time.sleep(0.1)
+        assert outages.end() is not None  # waiting: an outage now
+        assert outages.last is None
+    assert outages.last is not None  # ended slow
+    quick = ApiOutages(slow_call=60)
+    with quick.call():
+        pass
+    assert quick.end() is None
+
+    look = LookOutages(0.05, quick.end)
+    look.read()
+    assert look.end() is None
+    time.sleep(0.1)
+    look.read()  # its reads took longer than slow_call
+    assert look.end() is not None
+    assert LookOutages(60, outages.end).end() == outages.last  # the process's view
 
 
 def test_a_run_that_ended_here_without_its_final_state_is_reclaimed() -> None:

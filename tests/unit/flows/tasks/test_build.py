@@ -58,3 +58,38 @@ def test_bytes_that_do_not_match_the_checksum_are_not_inlined(fetched: list[str]
     event = _event(b"A" * len(CONTENT))  # announces other bytes of the same size
     assert build.small_contents(event, load_dataset("synop")) == {}
     assert len(fetched) == 1
+
+
+def test_a_build_the_ledger_now_contradicts_is_built_again_unless_announced() -> None:
+    """A cached build of an event made before another event recorded a new version of its
+    file: built again against the ledger (an update), unless announced (same id kept)."""
+    from datetime import UTC, datetime
+
+    from chain.ledger import LedgerEntry
+
+    argo = load_dataset("argo")
+    event = parse_event(json.loads((DATA / "demo-event.json").read_text()))
+    cached = build.notifications_for(event, argo, _Ledger({}), datetime.now(UTC))
+    assert [n.rel for n in cached] == ["canonical"]
+    data_id = cached[0].properties.data_id
+    newer = _Ledger({data_id: LedgerEntry(notification_id="other", rel="canonical",
+                                          checksum="sha256:another")})
+    same = _Ledger({data_id: LedgerEntry(notification_id="other", rel="canonical",
+                                         checksum=build.checksum_of(cached[0]))})
+    assert build.outdated(event, cached, _Ledger({})) == []
+    assert build.outdated(event, cached, same) == []  # the same file: announced already
+    assert build.outdated(event, cached, newer) == [data_id]
+
+    assert build.current_build(event, argo, cached, _Ledger({}), lambda note: False) is None
+    assert build.current_build(event, argo, cached, newer, lambda note: True) is None
+    again = build.current_build(event, argo, cached, newer, lambda note: False)
+    assert again is not None and [n.rel for n in again] == ["update"]
+    assert again[0].id != cached[0].id and again[0].properties.data_id == data_id
+
+
+class _Ledger:
+    def __init__(self, entries: dict[str, Any]) -> None:
+        self.entries = entries
+
+    def get(self, key: str) -> Any:
+        return self.entries.get(key)
