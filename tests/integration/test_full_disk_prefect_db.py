@@ -19,6 +19,7 @@ import re
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -48,6 +49,7 @@ class SmallDatabaseDiskNode(BenchNode):
     temporary directory); the listener checks the disks every second (not every minute)."""
 
     database_dir: Path
+    client_max_retries: str | None = None  # PREFECT_CLIENT_MAX_RETRIES of the worker
 
     def _start_database(self) -> str | None:
         self.postgres = PostgresCluster(self.database_dir,
@@ -59,6 +61,11 @@ class SmallDatabaseDiskNode(BenchNode):
     def child_env(self) -> dict[str, str]:
         return {**super().child_env(), "WIS2_LISTENER_HOUSEKEEPING_SECONDS": "1"}
 
+    def worker_env(self, env: dict[str, str]) -> dict[str, str]:
+        retries = ({"PREFECT_CLIENT_MAX_RETRIES": self.client_max_retries}
+                   if self.client_max_retries else {})
+        return {**super().worker_env(env), **retries}
+
 
 def wait_for(condition, timeout: float, what: str):
     deadline = time.monotonic() + timeout
@@ -68,19 +75,36 @@ def wait_for(condition, timeout: float, what: str):
     return value
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmallDatabaseDiskNode]:
+@contextmanager
+def database_disk_node(run_dir: Path, **attributes) -> Iterator[SmallDatabaseDiskNode]:
+    """A started `SmallDatabaseDiskNode` (more class attributes in `attributes`) whose database
+    is on a tmpfs of its own; stopped (its PostgreSQL too) before the file system goes."""
     # in /tmp, not under pytest's 0700 directories: the postgres account must reach it
     database_dir = Path(tempfile.mkdtemp(prefix="wis2-full-db-disk-"))
     try:
         with small_tmpfs(database_dir, DATABASE_DISK, "wis2-full-db-disk", owner="postgres"):
-            node_class = type("Node", (SmallDatabaseDiskNode,), {"database_dir": database_dir})
-            with running_node(tmp_path_factory.mktemp("full-db-disk-node"), timeout=240,
-                              node_class=node_class) as running:
+            node_class = type("Node", (SmallDatabaseDiskNode,),
+                              {"database_dir": database_dir, **attributes})
+            with running_node(run_dir, timeout=240, node_class=node_class) as running:
                 wait_subscribed(running)
-                yield running  # stopped (its PostgreSQL too) before the file system goes
+                yield running
     finally:
         database_dir.rmdir()
+
+
+@pytest.fixture
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmallDatabaseDiskNode]:
+    with database_disk_node(tmp_path_factory.mktemp("full-db-disk-node")) as running:
+        yield running
+
+
+@pytest.fixture
+def impatient_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmallDatabaseDiskNode]:
+    """The node, its runs' Prefect client retrying an API call once (not 7 times, ~4 minutes):
+    a full disk that outlasts the retries, in seconds."""
+    with database_disk_node(tmp_path_factory.mktemp("full-db-disk-impatient"),
+                            client_max_retries="1") as running:
+        yield running
 
 
 def health(node: BenchNode) -> tuple[int, dict]:
@@ -148,6 +172,44 @@ def test_a_full_database_disk_holds_the_events_and_loses_none(
         _, ids = origin.copies(event.data_id)
         assert ids == 1, f"{event.name}: {ids} notification ids"
     assert not failed_runs(node)
+
+
+def test_a_full_database_disk_outlasting_the_runs_api_retries_loses_none(
+        impatient_node: SmallDatabaseDiskNode) -> None:
+    """The runs give up on the API while the disk is full (their engine fails: a log line, the
+    run left Running, as nothing can be written); once space is freed the worker's recovery
+    runs them again, and their caches make the rerun publish nothing twice."""
+    node = impatient_node
+    factory = EventFactory(load_dataset("argo"), "fulldbx", files_url=node.files_url,
+                           real_files=True)
+    burst = factory.batch("first", BURST)
+    with Collector(node.state.connection("everyone"), node.settings.centre_id) as origin:
+        ctx = FaultContext(node=node, factory=factory, collector=origin, events=BURST,
+                           timeout=300, topic=TOPIC)
+        ctx.close_gate()
+        ctx.hold_in_flight(burst, ctx.counters())
+        runs = {r["id"] for r in flow_runs(node) if r["state_type"] == "RUNNING"}
+
+        filler = fill(node.database_dir)
+        ctx.open_gate()
+        wait_for(lambda: log_text(node, "worker").count("ended with an engine error")
+                 >= len(runs), 300, "every run's engine to give up on the API")
+        states = [r["state_type"] for r in flow_runs(node) if r["id"] in runs]
+        print(f"while full: {origin.received(e.data_id for e in burst)} of {BURST} published; "
+              f"runs {states}")
+
+        filler.unlink()
+        assert origin.wait_for([e.data_id for e in burst], time.monotonic() + 600), (
+            f"{origin.received(e.data_id for e in burst)} of {BURST} published after freeing")
+        wait_for(lambda: all(r["state_type"] == "COMPLETED" for r in flow_runs(node)
+                             if r["id"] in runs), 600, "the runs to be run again and complete")
+        wait_for(lambda: all_runs_done(node), 300, "every run to end")
+        time.sleep(3)  # a duplicate would come right after (not a synchronisation)
+    for event in burst:
+        _, ids = origin.copies(event.data_id)
+        assert ids == 1, f"{event.name}: {ids} notification ids"
+    assert not failed_runs(node)
+    print(f"copies: {[origin.copies(e.data_id)[0] for e in burst]}")
 
 
 def flow_runs(node: BenchNode) -> list[dict]:
