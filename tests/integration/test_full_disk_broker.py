@@ -11,8 +11,8 @@ every change):
 1. mosquitto **acknowledges every event it can no longer save** (a success PUBACK: the file
    server cannot tell) and logs `Error: No space left on device.` at each failed save; it keeps
    running and keeps the events in memory. When a save fails while writing, the last good
-   database stays: SIGKILLed then, it comes back without **every event acknowledged while the
-   disk was full** (the `BEFORE` events survive).
+   database stays: SIGKILLed then, or stopped (SIGTERM: its final save fails too), it comes back
+   without **every event acknowledged while the disk was full** (the `BEFORE` events survive).
 2. When the only part of a save that fails is its last buffered block (written when the file is
    closed, an error mosquitto does not check), mosquitto renames the cut file over its good
    database: with nothing written at all, an **empty database**: after a restart, "Persistence
@@ -168,6 +168,19 @@ def test_mosquitto_acknowledges_what_it_cannot_save_and_a_crash_loses_it(
     got, session = _come_back(broker, BEFORE + WHILE_FULL, timeout=5)
     assert session
     assert sorted(got) == before, f"{len(got)} came back"  # all {WHILE_FULL} `full-` lost
+
+
+def test_a_clean_stop_while_the_disk_is_full_loses_them_too(broker: RunningBroker) -> None:
+    """A stop (SIGTERM) saves everything, except on a full disk: its final save fails too."""
+    before, filler = _saved_then_filled(broker, size=500)
+    assert _publish(broker, _events("full", WHILE_FULL, 500)) == WHILE_FULL
+    broker.stop()
+    assert "terminating" in _log(broker)
+    filler.unlink()
+    broker.start(30)
+    got, session = _come_back(broker, BEFORE + WHILE_FULL, timeout=5)
+    assert session
+    assert sorted(got) == before, f"{len(got)} came back"
 
 
 def test_a_save_with_no_room_at_all_empties_the_database(broker: RunningBroker) -> None:
