@@ -5,17 +5,21 @@ middle of a burst.
 A first burst's runs are created (the listener acknowledged every event) and held inside their
 verify step (the node's gated file server: `bench/gated_files.py`); the database's disk is
 filled; a second burst is published while it is full, and the first burst's downloads are let
-through. While it is full, PostgreSQL refuses what needs more space ("could not extend file":
-the Prefect API answers 500), the listener keeps the second burst's events unacknowledged and
-retries (its log says the API is unavailable), the runs' API calls are retried by the Prefect
-client, and the listener's free-space alarm names the database's directory (metric, /healthz,
-log line). Once the filler is deleted every event of both bursts is published with exactly one
-notification id, and no run is left Failed or Crashed.
+through. While it is full, PostgreSQL refuses what needs a new page ("could not extend file": the
+Prefect API answers 503; what fits in a page still succeeds, so which calls fail varies), the
+listener keeps the events whose runs it cannot create unacknowledged and retries (its log says
+the API is unavailable; none is dead-lettered), the first burst's runs publish (they need the
+database only to record their states and artifacts, which the Prefect client retries), and the
+listener's free-space alarm names the database's directory (metric, /healthz, log line). Once the
+filler is deleted every event of both bursts is published with exactly one notification id, and
+every run ends Completed (none Failed or Crashed).
+
+The second test: what a checkpoint on a full disk does to PostgreSQL (it crashes, and may stop).
 """
 
 from __future__ import annotations
 
-import re
+import asyncio
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,7 +33,7 @@ from bench.collect import Collector
 from bench.events import EventFactory
 from bench.faults import FaultContext
 from bench.node import BenchNode
-from localnode.postgres import PostgresCluster
+from localnode.postgres import PG_USER, PostgresCluster
 from tests.fixtures.disks import fill, small_tmpfs
 from tests.fixtures.node import running_node, wait_subscribed
 from wis2.dataset import load_dataset
@@ -39,32 +43,28 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]  # a node on a
 TOPIC = "diffusion/files/coriolis/argo/csv"
 BURST = 8
 DATABASE_DISK = "128m"  # the cluster after Prefect's migrations (~45 MB), and room to run
-# what a run of the first burst logs once its notifications are sent (a batch, one event)
-WORK_DONE = re.compile(r"Flow run '[^']*fulldb_first_[^']*' - (batch .*: \d+ event\(s\): |"
-                       r"notification \S+: sent)")
 
 
 class SmallDatabaseDiskNode(BenchNode):
     """The local node, its PostgreSQL cluster's data in `database_dir` (the test's tmpfs, not a
-    temporary directory); the listener checks the disks every second (not every minute)."""
+    temporary directory), checkpoints once a day; the listener checks the disks every second
+    (not every minute)."""
 
     database_dir: Path
-    client_max_retries: str | None = None  # PREFECT_CLIENT_MAX_RETRIES of the worker
 
     def _start_database(self) -> str | None:
         self.postgres = PostgresCluster(self.database_dir,
                                         log_path=self.run_dir / "logs" / "postgres.log")
         self._owns_postgres = True  # stopped by stop(); the directory is the test's
         self.postgres.start()
+        # No timed checkpoint while the disk is full: on a full disk a checkpoint crashes
+        # PostgreSQL, which may then stop (the next test); this test holds it full for seconds.
+        self.postgres.execute("ALTER SYSTEM SET checkpoint_timeout = '1d'")
+        self.postgres.execute("SELECT pg_reload_conf()")
         return self.postgres.create_database("prefect")
 
     def child_env(self) -> dict[str, str]:
         return {**super().child_env(), "WIS2_LISTENER_HOUSEKEEPING_SECONDS": "1"}
-
-    def worker_env(self, env: dict[str, str]) -> dict[str, str]:
-        retries = ({"PREFECT_CLIENT_MAX_RETRIES": self.client_max_retries}
-                   if self.client_max_retries else {})
-        return {**super().worker_env(env), **retries}
 
 
 def wait_for(condition, timeout: float, what: str):
@@ -98,15 +98,6 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmallDatabaseDisk
         yield running
 
 
-@pytest.fixture
-def impatient_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmallDatabaseDiskNode]:
-    """The node, its runs' Prefect client retrying an API call once (not 7 times, ~4 minutes):
-    a full disk that outlasts the retries, in seconds."""
-    with database_disk_node(tmp_path_factory.mktemp("full-db-disk-impatient"),
-                            client_max_retries="1") as running:
-        yield running
-
-
 def health(node: BenchNode) -> tuple[int, dict]:
     response = httpx.get(f"http://{node.settings.host}:{node.settings.metrics_port}/healthz",
                          timeout=10)
@@ -132,7 +123,7 @@ def test_a_full_database_disk_holds_the_events_and_loses_none(
         first_runs = {r["id"] for r in flow_runs(node) if r["state_type"] == "RUNNING"}
 
         filler = fill(node.database_dir)
-        ctx.publish(second)
+        ctx.publish(second)  # each one acknowledged by the broker: it holds them
         wait_for(lambda: "No space left on device" in log_text(node, "postgres"), 300,
                  "PostgreSQL to refuse a write for lack of space")
         wait_for(lambda: "Prefect API unavailable" in log_text(node, "listener"), 300,
@@ -147,16 +138,16 @@ def test_a_full_database_disk_holds_the_events_and_loses_none(
         metrics = httpx.get(f"http://{node.settings.host}:{node.settings.metrics_port}/metrics",
                             timeout=10).text
         assert f'wis2_listener_disk_low{{path="{pgdata}"}} 1.0' in metrics
+        broker_data = node.run_dir / "broker" / "data"  # watched too, not low
+        assert f'wis2_listener_disk_low{{path="{broker_data}"}} 0.0' in metrics
         assert f"disk space low: {pgdata}" in log_text(node, "listener")
+        # what fits in a page is still written (each connection fills its own last page):
+        # some runs may still be created, and record their end, while the disk is full
         held = ctx.counters()
-        assert held.in_flight >= 1, "the second burst's events are held unacknowledged"
-        assert origin.received(e.data_id for e in second) == 0
-        # their work done, the first burst's runs cannot record their end: Running until the
-        # Prefect client's retries of their Completed state find the space
-        wait_for(lambda: len(WORK_DONE.findall(log_text(node, "worker"))) >= len(first_runs),
-                 120, "the first burst's runs to finish their work")
+        assert held.rejected == 0, "an event dead-lettered for a full database"
         states = [r["state_type"] for r in flow_runs(node) if r["id"] in first_runs]
-        assert states == ["RUNNING"] * len(first_runs), states
+        print(f"while full: listener {held}, first burst's runs {states}, "
+              f"{origin.received(e.data_id for e in second)} of the second burst published")
 
         filler.unlink()
         everything = first + second
@@ -174,48 +165,64 @@ def test_a_full_database_disk_holds_the_events_and_loses_none(
     assert not failed_runs(node)
 
 
-def test_a_full_database_disk_outlasting_the_runs_api_retries_loses_none(
-        impatient_node: SmallDatabaseDiskNode) -> None:
-    """The runs give up on the API while the disk is full (their engine fails: a log line, the
-    run left Running, as nothing can be written); once space is freed the worker's recovery
-    runs them again, and their caches make the rerun publish nothing twice."""
-    node = impatient_node
-    factory = EventFactory(load_dataset("argo"), "fulldbx", files_url=node.files_url,
-                           real_files=True)
-    burst = factory.batch("first", BURST)
-    with Collector(node.state.connection("everyone"), node.settings.centre_id) as origin:
-        ctx = FaultContext(node=node, factory=factory, collector=origin, events=BURST,
-                           timeout=300, topic=TOPIC)
-        ctx.close_gate()
-        ctx.hold_in_flight(burst, ctx.counters())
-        runs = {r["id"] for r in flow_runs(node) if r["state_type"] == "RUNNING"}
+def test_a_checkpoint_on_a_full_disk_crashes_postgresql_and_loses_nothing(
+        tmp_path: Path) -> None:
+    """What happens to the database when the disk stays full until its next checkpoint (at most
+    `checkpoint_timeout`, 5 minutes by default; requested here): the checkpointer PANICs (a file
+    it must write finds no space) and the postmaster ends every connection (the Prefect
+    server's too). It then replays its WAL: when the end-of-recovery checkpoint finds no space
+    either (blocks written since the last checkpoint that the disk never held), it shuts down
+    for good ("shutting down due to startup process failure"), else it accepts connections again
+    on the full disk. Either way, once space is freed (and PostgreSQL started again if it
+    stopped), nothing written before is lost and writes succeed."""
+    database_dir = Path(tempfile.mkdtemp(prefix="wis2-full-db-disk-"))
+    log = tmp_path / "postgres.log"
+    try:
+        with small_tmpfs(database_dir, "64m", "wis2-full-db-disk", owner="postgres"), \
+                PostgresCluster(database_dir, log_path=log) as cluster:
+            cluster.create_database("kept")
+            cluster.execute("CREATE TABLE t (a text)", "kept")
+            cluster.execute("INSERT INTO t SELECT repeat('x', 500) FROM generate_series(1, 100)",
+                            "kept")
+            filler = fill(database_dir)
+            with pytest.raises(Exception) as dropped:
+                cluster.execute("CHECKPOINT")
+            assert "connection was closed" in str(dropped.value), dropped.value
+            assert "PANIC:" in log.read_text() and "No space left on device" in log.read_text()
+            outcome = wait_for(lambda: (
+                "stopped" if "shutting down due to startup process failure" in (
+                    text := log.read_text())
+                else "recovered" if text.count("ready to accept connections") >= 2 else None),
+                60, "PostgreSQL to recover from the crash, or to stop")
+            print(f"after the PANIC on a full disk, PostgreSQL {outcome}")
+            filler.unlink()
+            if outcome == "stopped":
+                cluster.kill()  # reap what is left of it
+                cluster.start()
+            cluster.execute("INSERT INTO t VALUES ('after')", "kept")
+            assert asyncio.run(_count(cluster)) == 101
+    finally:
+        database_dir.rmdir()
 
-        filler = fill(node.database_dir)
-        ctx.open_gate()
-        wait_for(lambda: log_text(node, "worker").count("ended with an engine error")
-                 >= len(runs), 300, "every run's engine to give up on the API")
-        states = [r["state_type"] for r in flow_runs(node) if r["id"] in runs]
-        print(f"while full: {origin.received(e.data_id for e in burst)} of {BURST} published; "
-              f"runs {states}")
 
-        filler.unlink()
-        assert origin.wait_for([e.data_id for e in burst], time.monotonic() + 600), (
-            f"{origin.received(e.data_id for e in burst)} of {BURST} published after freeing")
-        wait_for(lambda: all(r["state_type"] == "COMPLETED" for r in flow_runs(node)
-                             if r["id"] in runs), 600, "the runs to be run again and complete")
-        wait_for(lambda: all_runs_done(node), 300, "every run to end")
-        time.sleep(3)  # a duplicate would come right after (not a synchronisation)
-    for event in burst:
-        _, ids = origin.copies(event.data_id)
-        assert ids == 1, f"{event.name}: {ids} notification ids"
-    assert not failed_runs(node)
-    print(f"copies: {[origin.copies(e.data_id)[0] for e in burst]}")
+async def _count(cluster: PostgresCluster) -> int:
+    import asyncpg
+
+    conn = await asyncpg.connect(host=cluster.host, port=cluster.port, user=PG_USER,
+                                 database="kept", timeout=10)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM t"))
+    finally:
+        await conn.close()
+
+
+def api(node: BenchNode, path: str, body: dict) -> httpx.Response:
+    auth = tuple(node.state.prefect_auth_string.get_secret_value().split(":", 1))
+    return httpx.post(f"{node.state.prefect_api_url}{path}", json=body, auth=auth, timeout=60)
 
 
 def flow_runs(node: BenchNode) -> list[dict]:
-    auth = tuple(node.state.prefect_auth_string.get_secret_value().split(":", 1))
-    return httpx.post(f"{node.state.prefect_api_url}/flow_runs/filter", json={"limit": 200},
-                      auth=auth, timeout=60).json()
+    return api(node, "/flow_runs/filter", {"limit": 200}).json()
 
 
 def failed_runs(node: BenchNode) -> list[str]:
