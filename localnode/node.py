@@ -383,6 +383,25 @@ class LocalNode:
             self.postgres.cleanup()
             self.postgres, self._owns_postgres = None, False
 
+    def keep_database_running(self) -> bool:
+        """Start the node's own PostgreSQL cluster again if it stopped, as `compose.yml`'s
+        restart policy does (on a full disk a checkpoint PANICs PostgreSQL, and its recovery may
+        end in "shutting down due to startup process failure"); True when it runs. While it
+        cannot start (the disk still full) it logs why, and the next call tries again. `make
+        demo` calls it every minute."""
+        if self.postgres is None or not self._owns_postgres or self.postgres.running:
+            return True
+        log.warning("the Prefect database's PostgreSQL stopped (its log: %s): starting it again",
+                    self.postgres.log_path)
+        try:
+            self.postgres.kill()  # what may be left of it
+            self.postgres.start()
+        except Exception as exc:
+            log.error("PostgreSQL did not start again (is the disk holding %s full?): %s",
+                      self.postgres.pgdata, str(exc).strip().splitlines()[-1:])
+            return False
+        return True
+
     def rotate_logs(self) -> int:
         """Rotate the log files under run_dir over `log_max_bytes` (`chain.processes.rotate_log`);
         returns how many were rotated."""

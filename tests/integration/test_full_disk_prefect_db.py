@@ -14,7 +14,9 @@ listener's free-space alarm names the database's directory (metric, /healthz, lo
 filler is deleted every event of both bursts is published with exactly one notification id, and
 every run ends Completed (none Failed or Crashed).
 
-The second test: what a checkpoint on a full disk does to PostgreSQL (it crashes, and may stop).
+The disk full until PostgreSQL's next checkpoint: PostgreSQL crashes and may stop (the last
+test shows it on a cluster alone); the local node starts it again once space is freed (the
+second test).
 """
 
 from __future__ import annotations
@@ -158,6 +160,54 @@ def test_a_full_database_disk_holds_the_events_and_loses_none(
         wait_for(lambda: all_runs_done(node), 300, "every run to end")
         ended = [r["state_type"] for r in flow_runs(node) if r["id"] in first_runs]
         assert ended == ["COMPLETED"] * len(first_runs), ended
+        time.sleep(3)  # a duplicate would come right after (not a synchronisation)
+    for event in everything:
+        _, ids = origin.copies(event.data_id)
+        assert ids == 1, f"{event.name}: {ids} notification ids"
+    assert not failed_runs(node)
+
+
+def test_a_full_database_disk_until_a_checkpoint_stops_postgresql_the_node_starts_it_again(
+        node: SmallDatabaseDiskNode) -> None:
+    """The disk stays full until PostgreSQL's next checkpoint (requested here): PostgreSQL
+    PANICs and, its recovery finding no space either, may stop. The local node starts it again
+    once space is freed (`LocalNode.keep_database_running`, every minute under `make demo`;
+    while the disk is full it cannot); every event is then published once."""
+    assert node.postgres is not None
+    log = node.postgres.log_path
+    factory = EventFactory(load_dataset("argo"), "fulldbc", files_url=node.files_url,
+                           real_files=True)
+    first, second = factory.batch("first", BURST), factory.batch("second", BURST)
+    with Collector(node.state.connection("everyone"), node.settings.centre_id) as origin:
+        ctx = FaultContext(node=node, factory=factory, collector=origin, events=BURST,
+                           timeout=300, topic=TOPIC)
+        ctx.close_gate()
+        ctx.hold_in_flight(first, ctx.counters(), what="the first burst")
+
+        filler = fill(node.database_dir)
+        ctx.publish(second)
+        with pytest.raises(Exception, match="connection was closed"):
+            node.postgres.execute("CHECKPOINT")
+        outcome = wait_for(lambda: (
+            "stopped" if "shutting down due to startup process failure" in (
+                text := log.read_text(errors="replace"))
+            else "recovered" if text.count("ready to accept connections") >= 2 else None),
+            60, "PostgreSQL to recover from the crash, or to stop")
+        print(f"after the PANIC on a full disk, the node's PostgreSQL {outcome}")
+        if outcome == "stopped":
+            assert not node.keep_database_running()  # cannot start on the full disk
+        ctx.open_gate()  # the runs go on against a database that is down or full
+        wait_for(lambda: ctx.gate()["held"] == 0, 120, "the held downloads to be served")
+
+        filler.unlink()
+        assert node.keep_database_running()
+        assert node.postgres.running
+        everything = first + second
+        assert origin.wait_for([e.data_id for e in everything], time.monotonic() + 600), (
+            f"{origin.received(e.data_id for e in everything)} of {len(everything)} published "
+            "after freeing")
+        wait_for(lambda: all_runs_done(node), 300, "every run to end")
+        assert ctx.counters().rejected == 0
         time.sleep(3)  # a duplicate would come right after (not a synchronisation)
     for event in everything:
         _, ids = origin.copies(event.data_id)
