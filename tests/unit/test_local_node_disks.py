@@ -2,7 +2,7 @@
 `WIS2_DISK_PATHS`: the results and ledger, the broker's persistence directory, and the data
 directory of the Prefect database's PostgreSQL cluster when the node runs one), and its
 PostgreSQL started again after a full disk stopped it (tests/integration/test_full_disk*.py
-fill each of them).""""""
+fill each of them)."""
 
 from __future__ import annotations
 
