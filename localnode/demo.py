@@ -59,6 +59,7 @@ def run(settings: NodeSettings, scaled: Topology | None = None) -> int:
         print("Ctrl-C stops every process of the demo.", flush=True)
         while not stop.wait(60):  # until SIGTERM or Ctrl-C; the logs rotate meanwhile
             node.rotate_logs()
+            node.keep_database_running()
         return 0
     except KeyboardInterrupt:
         return 0

@@ -235,14 +235,23 @@ class LocalNode:
             "WIS2_LISTENER_CLIENT_ID": "wis2-chain-demo-listener",
             "WIS2_LISTENER_DEADLETTER_DIR": str(self.run_dir / "deadletters"),
             "WIS2_LISTENER_METRICS_PORT": str(s.metrics_port),
-            # the free-space alarm also watches the worker's results and ledger, and the
-            # broker's persistence (one host: chain/diskspace.py)
-            "WIS2_DISK_PATHS": json.dumps([str(self.run_dir / "results"),
-                                           str(self.run_dir / "broker" / "data")]),
+            # the free-space alarm also watches the worker's results and ledger, the broker's
+            # persistence and the Prefect database's cluster (one host: chain/diskspace.py)
+            "WIS2_DISK_PATHS": json.dumps([str(path) for path in self.watched_disks()]),
         })
         if self.database_url.startswith("postgresql"):
             env["WIS2_LISTENER_API_CONCURRENCY"] = self.POSTGRES_LISTENER_API_CONCURRENCY
         return env
+
+    def watched_disks(self) -> list[Path]:
+        """What the listener's free-space alarm watches besides its dead letters: the results
+        and ledger, the broker's persistence directory and, when the node runs it, the data
+        directory of the Prefect database's PostgreSQL cluster (a database elsewhere is
+        watched on its own host)."""
+        paths = [self.run_dir / "results", self.run_dir / "broker" / "data"]
+        if self.postgres is not None:
+            paths.append(self.postgres.pgdata)
+        return paths
 
     @property
     def database_url(self) -> str:
@@ -373,6 +382,25 @@ class LocalNode:
         if self.postgres is not None and self._owns_postgres:
             self.postgres.cleanup()
             self.postgres, self._owns_postgres = None, False
+
+    def keep_database_running(self) -> bool:
+        """Start the node's own PostgreSQL cluster again if it stopped, as `compose.yml`'s
+        restart policy does (on a full disk a checkpoint PANICs PostgreSQL, and its recovery may
+        end in "shutting down due to startup process failure"); True when it runs. While it
+        cannot start (the disk still full) it logs why, and the next call tries again. `make
+        demo` calls it every minute."""
+        if self.postgres is None or not self._owns_postgres or self.postgres.running:
+            return True
+        log.warning("the Prefect database's PostgreSQL stopped (its log: %s): starting it again",
+                    self.postgres.log_path)
+        try:
+            self.postgres.kill()  # what may be left of it
+            self.postgres.start()
+        except Exception as exc:
+            log.error("PostgreSQL did not start again (is the disk holding %s full?): %s",
+                      self.postgres.pgdata, str(exc).strip().splitlines()[-1:])
+            return False
+        return True
 
     def rotate_logs(self) -> int:
         """Rotate the log files under run_dir over `log_max_bytes` (`chain.processes.rotate_log`);

@@ -15,7 +15,6 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -25,6 +24,7 @@ from bench.events import EventFactory
 from bench.node import BenchNode
 from chain.mqtt import Publisher
 from localnode.node import LocalNode
+from tests.fixtures.disks import fill
 from tests.fixtures.node import running_node, wait_subscribed
 from wis2.dataset import load_dataset
 
@@ -67,25 +67,6 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]:
         finally:
             node.stop()  # before the file system goes
             subprocess.run(["umount", "-l", str(results)], check=False)
-
-
-def fill(directory: Path) -> Path:
-    """Write a file until the file system is full (ENOSPC); returns it."""
-    filler = directory / "filler"
-    chunk = b"\0" * 65536
-    with filler.open("wb", buffering=0) as out:
-        try:
-            while True:
-                out.write(chunk)
-        except OSError as exc:
-            assert exc.errno == 28, exc  # ENOSPC
-    try:  # the last partial block
-        with filler.open("ab", buffering=0) as out:
-            while True:
-                out.write(b"\0" * 512)
-    except OSError:
-        pass
-    return filler
 
 
 def health(node: LocalNode) -> tuple[int, dict]:
