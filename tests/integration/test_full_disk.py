@@ -26,6 +26,7 @@ from chain.mqtt import Publisher
 from localnode.node import LocalNode
 from tests.fixtures.disks import fill
 from tests.fixtures.node import running_node, wait_subscribed
+from tests.fixtures.waiting import wait_for
 from wis2.dataset import load_dataset
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]  # a node on a busy machine
@@ -41,14 +42,6 @@ class SmallDiskNode(BenchNode):
     def child_env(self) -> dict[str, str]:
         return {**super().child_env(), "WIS2_DISK_RESERVE_MB": "1",
                 "WIS2_LISTENER_HOUSEKEEPING_SECONDS": "1"}
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out ({timeout}s) waiting for {what}"
-        time.sleep(1)
-    return value
 
 
 @pytest.fixture(scope="module")

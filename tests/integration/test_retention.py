@@ -29,6 +29,7 @@ from chain.retention import sweep_results
 from chain.settings import ChainSettings
 from localnode.node import LocalNode
 from tests.fixtures.node import running_node, wait_subscribed
+from tests.fixtures.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]  # a node on a busy machine
 
@@ -82,14 +83,6 @@ def api(node: LocalNode, path: str, body: dict | None = None) -> list[dict[str, 
                           json={**(body or {}), "limit": 200}, auth=auth, timeout=60)
     response.raise_for_status()
     return response.json()
-
-
-def wait_for(condition, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out ({timeout}s) waiting for {what}"
-        time.sleep(1)
-    return value
 
 
 def completed_runs(node: LocalNode) -> list[dict[str, Any]]:

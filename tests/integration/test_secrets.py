@@ -8,7 +8,6 @@ the node. The files that must hold a secret are private (modes checked)."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -18,6 +17,7 @@ from chain.mqtt import publish_once
 from localnode.node import LocalNode
 from tests.fixtures.node import running_node
 from tests.fixtures.paths import DATA
+from tests.fixtures.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -69,16 +69,6 @@ def api_dump(node: LocalNode, path: str, body: dict | None = None) -> list:
         if len(page) < 200:
             return items
         offset += len(page)
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
