@@ -152,8 +152,9 @@ class ListenerSettings(BaseSettings, MqttConnection):
     )
     batch_max_wait: float = Field(
         default=0.2, ge=0,
-        description="Seconds a worker that found events queued waits for more to fill a batch "
-        "(an event arriving on an idle listener never waits)",
+        description="Seconds a worker that found events queued, or took its event less than "
+        "this after the one before (a stream), waits for more to fill a batch (an event on an "
+        "idle listener never waits)",
     )
     retry_min_delay: float = Field(default=1.0, gt=0, description="First API retry delay (s)")
     retry_max_delay: float = Field(default=60.0, gt=0, description="Longest API retry delay (s)")
