@@ -133,6 +133,19 @@ class EarlyMessage(BaseModel):
     seen_at: str
 
 
+_SELECT_EARLY = ("SELECT kind, match_key, source, topic, message, seen_at FROM delivery_early "
+                 "ORDER BY seen_at")
+_TAKE_EARLY = ("DELETE FROM delivery_early WHERE kind = ? AND match_key = ? "
+               "RETURNING kind, match_key, source, topic, message, seen_at")
+
+
+def _early_message(row: tuple[Any, ...]) -> EarlyMessage:
+    """An `EarlyMessage` from a row of `_SELECT_EARLY` or `_TAKE_EARLY`."""
+    kind, key, source, topic, message, seen_at = row
+    return EarlyMessage(kind=kind, match_key=key, source=source, topic=topic,
+                        message=json.loads(message), seen_at=seen_at)
+
+
 class DeliveryEvent(BaseModel):
     """A relay by a Broker, a copy by a Cache, or a Catalogue report."""
 
@@ -273,23 +286,14 @@ class DeliveryStore:
         def statements(execute: Callable[..., list[tuple[Any, ...]]]) -> list[EarlyMessage]:
             found: list[EarlyMessage] = []
             for kind, key in keys:
-                rows = execute("DELETE FROM delivery_early WHERE kind = ? AND match_key = ? "
-                               "RETURNING source, topic, message, seen_at", (kind, key))
-                found += [EarlyMessage(kind=kind, match_key=key, source=source, topic=topic,
-                                       message=json.loads(message), seen_at=seen_at)
-                          for source, topic, message, seen_at in rows]
+                found += map(_early_message, execute(_TAKE_EARLY, (kind, key)))
             return sorted(found, key=lambda e: e.seen_at)
 
         return self._run(statements)
 
     def early(self) -> list[EarlyMessage]:
         """Every early message kept."""
-        rows = self._run(lambda execute: execute(
-            "SELECT kind, match_key, source, topic, message, seen_at FROM delivery_early "
-            "ORDER BY seen_at"))
-        return [EarlyMessage(kind=kind, match_key=key, source=source, topic=topic,
-                             message=json.loads(message), seen_at=seen_at)
-                for kind, key, source, topic, message, seen_at in rows]
+        return list(map(_early_message, self._run(lambda execute: execute(_SELECT_EARLY))))
 
     # ---- reads -----------------------------------------------------------------------------
     def _records(self, where: str = "", params: tuple[Any, ...] = ()) -> list[DeliveryRecord]:

@@ -156,6 +156,10 @@ class DeliveryMonitor:
         self._puback[record.notification_id] = puback
         return puback
 
+    def _delay(self, record: DeliveryRecord, seen: datetime) -> float:
+        """Seconds from the node's sending of `record` (`_sent_at`) to `seen`."""
+        return max(0.0, (seen - self._sent_at(record)).total_seconds())
+
     def _labels(self, record: DeliveryRecord) -> dict[str, str]:
         return {"centre_id": centre_id_of_topic(record.topic) or self.centre_id,
                 "dataset": record.dataset}
@@ -214,7 +218,7 @@ class DeliveryMonitor:
         if record is None:  # the node's own copy may reach the monitor after the relay
             self._keep_early("relay", str(message.get("id")), broker, topic, message, seen)
             return
-        delay = max(0.0, (seen - self._sent_at(record)).total_seconds())
+        delay = self._delay(record, seen)
         if not self.store.add_event(DeliveryEvent(
                 notification_id=record.notification_id, kind="relay", source=broker,
                 seen_at=seen.isoformat(timespec="milliseconds"), delay_s=delay), state=RELAYED):
@@ -245,7 +249,7 @@ class DeliveryMonitor:
             if not self.store.add_event(DeliveryEvent(
                     notification_id=record.notification_id, kind="cache", source=cache,
                     seen_at=seen.isoformat(timespec="milliseconds"),
-                    delay_s=max(0.0, (seen - self._sent_at(record)).total_seconds()),
+                    delay_s=self._delay(record, seen),
                     detail=copy.model_dump() | {"ours": ours}), cache_state=state):
                 continue
             labels = self._labels(record)

@@ -51,8 +51,8 @@ from flows.tasks import (
     validate_notifications_task,
 )
 from flows.tasks.build import checksum_of, current_build
-from flows.tasks.cache_store import CacheStore
-from flows.tasks.caching import build_cache_key, publish_cache_key
+from flows.tasks.cache_store import CacheStore, acknowledged
+from flows.tasks.caching import build_cache_key
 from flows.tasks.validate import previous_pubtimes
 from wis2.cloudevent import CloudEvent, parse_event
 from wis2.dataset import DatasetDescription
@@ -307,10 +307,7 @@ def _publish_claimed(
             [FieldError(path="$.data.assets", message="no data asset to announce")], what="event"
         )
     topic = pipeline.dataset.topic
-    publish_cache = CacheStore.of(tasks.publish)
-
-    def announced(note: Notification) -> bool:  # acknowledged by the broker (its receipt)
-        return publish_cache.has(publish_cache_key(None, {"notification": note, "topic": topic}))
+    announced = acknowledged(tasks.publish, topic)  # by the broker: its receipt is cached
 
     # the ledger's entries of the event's files, claimed: nobody else records them meanwhile
     known = LedgerSnapshot(pipeline.ledger, {n.properties.data_id for n in notifications})

@@ -368,16 +368,14 @@ class PoolRecovery:
             return []
         self._next = time.monotonic() + self.settings.interval
         try:
-            return await recover_pool(client, self.pool, self.settings, self.own_name,
-                                      self.own_runs, self.own_since, self.outages.end,
-                                      self.own_ended)
+            with self.outages.call():  # a slow look was retried through an API outage
+                return await recover_pool(client, self.pool, self.settings, self.own_name,
+                                          self.own_runs, self.own_since, self.outages.end,
+                                          self.own_ended)
         except Exception as exc:
             self.saw_outage()
             log.warning("looking for stranded flow runs of pool %s failed: %s", self.pool, exc)
             return []
-        finally:
-            if time.monotonic() - (self._next - self.settings.interval) > self.settings.slow_call:
-                self.saw_outage()  # its calls were retried through an API outage
 
 
 async def watch(pool: str, settings: RecoverySettings, once: bool = False) -> None:

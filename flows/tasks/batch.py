@@ -32,8 +32,8 @@ from wis2.notification import Notification
 from wis2.validation import ValidationFailed, validate_notification
 
 from .build import checksum_of, current_build, not_cached, notifications_for, small_contents
-from .cache_store import MISSING, CacheStore
-from .caching import build_cache_key, publish_cache_key
+from .cache_store import MISSING, CacheStore, acknowledged, publish_key
+from .caching import build_cache_key
 from .publish import BrokerReceipt, puback_extra, puback_time
 from .validate import previous_pubtimes
 from .verify import (
@@ -111,11 +111,7 @@ def build_batch_task(
     `ledger`: the entries of the events' data_ids (`chain.ledger.LedgerSnapshot`, read by the
     caller, which holds their claim)."""
     cache = CacheStore.of(build)
-    receipts = CacheStore.of(publish)
-
-    def announced(note: Notification) -> bool:
-        return receipts.has(publish_cache_key(None, {"notification": note, "topic": topic}))
-
+    announced = acknowledged(publish, topic)
     claimed: set[str] = set()
     out: list[list[Notification] | Failure | Deferred] = []
     cached = 0
@@ -182,9 +178,8 @@ def validate_batch_task(
     published yet must be later than what `ledger` says was published before it (`publish`:
     the publish task, whose cached receipts tell what was published)."""
     if ledger is not None and publish is not None:
-        cache = CacheStore.of(publish)
         previous = previous_pubtimes([n for notes in batch for n in notes], ledger,
-                                     lambda note: cache.has(publish_key(note, topic)))
+                                     acknowledged(publish, topic))
     else:
         previous = {}
     out = [validate_all(notes, topic, previous) for notes in batch]
@@ -263,10 +258,6 @@ class _Broker:
                 log.debug("closing the publisher: %s", exc)
 
 
-def publish_key(note: Notification, topic: str) -> str:
-    return publish_cache_key(None, {"notification": note, "topic": topic})
-
-
 @task(name="publish-batch", cache_policy=NO_CACHE, retries=0)
 def publish_batch_task(
     batch: Sequence[Sequence[Notification]], topic: str, connection: MqttConnection,
@@ -299,9 +290,9 @@ def publish_batch_task(
                     retry.call(lambda payload=payload: broker.publish(topic, payload),
                                retry_if=lambda exc: isinstance(exc, MqttError | OSError),
                                on_retry=lambda exc: logger.warning("publish retried: %s", exc))
-                    acknowledged = receipt(note, topic, len(payload))
-                    cache.save(key, acknowledged)
-                    sent.append(acknowledged.published_at)
+                    got = receipt(note, topic, len(payload))
+                    cache.save(key, got)
+                    sent.append(got.published_at)
             except PublishRefused as exc:  # this message refused (e.g. too large): alone
                 logger.error("publication refused: %s", exc)
                 out.append(Failure(exc))

@@ -14,6 +14,7 @@ serializes a batch and any other run of the same files on every host.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,11 @@ from prefect import Task
 from prefect.context import get_run_context
 from prefect.results import ResultStore, get_result_store
 
-__all__ = ["MISSING", "CacheStore"]
+from wis2.notification import Notification
+
+from .caching import publish_cache_key
+
+__all__ = ["MISSING", "CacheStore", "acknowledged", "publish_key"]
 
 MISSING: Any = object()  # `CacheStore.lookup`: nothing cached under the key
 
@@ -50,3 +55,15 @@ class CacheStore:
     def save(self, key: str, value: Any) -> None:
         """Write `value` under `key` as a task run's commit does."""
         self.store.write(value, key=key)
+
+
+def publish_key(note: Notification, topic: str) -> str:
+    """The publish task's cache key of `note` on `topic` (`caching.publish_cache_key`)."""
+    return publish_cache_key(None, {"notification": note, "topic": topic})
+
+
+def acknowledged(publish: Task[Any, Any], topic: str) -> Callable[[Notification], bool]:
+    """Whether the broker acknowledged a notification on `topic`: `publish`'s cache holds its
+    receipt (written right after the PUBACK, by the single-event task or a batch)."""
+    receipts = CacheStore.of(publish)
+    return lambda note: receipts.has(publish_key(note, topic))
