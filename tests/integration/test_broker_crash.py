@@ -12,58 +12,23 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from bench.faults import broker_sigkill_listener_away, fault_node, wait_for_broker_save
 from broker.launcher import RunningBroker, start_broker
-from chain.mqtt import Publisher, connect, new_client
+from chain.mqtt import Publisher
 from tests.fixtures.broker import broker_test_config
+from tests.fixtures.listener_session import come_back, subscribe_and_leave
 
 pytestmark = [pytest.mark.integration]
 
 TOPIC = "diffusion/files/coriolis/argo/csv"
-SESSION = "wis2-chain-test-listener"
-
-
-def _subscribe_and_leave(broker: RunningBroker) -> None:
-    """The listener's persistent session exists, then the listener goes away."""
-    client = connect(broker.connection("listener"), SESSION, clean_start=False,
-                     session_expiry=3600)
-    subscribed = threading.Event()
-    client.on_subscribe = lambda *args: subscribed.set()
-    client.subscribe("diffusion/files/#", qos=1)
-    assert subscribed.wait(10)
-    client.disconnect()
-    client.loop_stop()
-
-
-def _come_back(broker: RunningBroker, expected: int, timeout: float = 20.0) -> list[bytes]:
-    """The listener reconnects to its session: what the broker still holds for it."""
-    got: list[bytes] = []
-    done = threading.Event()
-
-    def on_message(client, userdata, message):
-        got.append(message.payload)
-        if len(got) >= expected:
-            done.set()
-
-    client = new_client(broker.connection("listener"), SESSION)
-    client.on_message = on_message
-    connect(broker.connection("listener"), SESSION, clean_start=False, session_expiry=3600,
-            client=client)
-    done.wait(timeout)
-    time.sleep(1.0)  # a duplicate would come right after
-    client.disconnect()
-    client.loop_stop()
-    return got
 
 
 def _acknowledged_then_killed(broker: RunningBroker, count: int) -> list[bytes]:
-    _subscribe_and_leave(broker)
+    subscribe_and_leave(broker)
     sent = [f"event-{i:04d}".encode() for i in range(count)]
     with Publisher(broker.connection("fileserver")) as pub:
         for payload in sent:
@@ -78,7 +43,7 @@ def test_acknowledged_events_survive_a_broker_sigkill(mqtt_broker: RunningBroker
     assert "autosave_on_changes true" in mqtt_broker.conf_path.read_text()
     assert "autosave_interval 1\n" in mqtt_broker.conf_path.read_text()
     sent = _acknowledged_then_killed(mqtt_broker, 50)
-    got = _come_back(mqtt_broker, len(sent))
+    got, _ = come_back(mqtt_broker, len(sent))
     assert sorted(got) == sorted(sent), f"{len(got)} of {len(sent)}\n{mqtt_broker.tail(30)}"
 
 
@@ -90,7 +55,7 @@ def test_the_former_interval_setting_loses_them(tmp_path: Path) -> None:
     try:
         assert "autosave_on_changes false" in broker.conf_path.read_text()
         sent = _acknowledged_then_killed(broker, 20)
-        assert _come_back(broker, len(sent), timeout=3) == []
+        assert come_back(broker, len(sent), timeout=3)[0] == []
     finally:
         broker.stop()
 

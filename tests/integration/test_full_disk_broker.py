@@ -32,7 +32,6 @@ to refuse a message it cannot persist: the node cannot be made safe here, so its
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,15 +41,15 @@ import pytest
 from bench.faults import wait_for_broker_save
 from broker.launcher import RunningBroker, start_broker
 from chain.diskspace import DiskWatch
-from chain.mqtt import Publisher, connect, new_client
+from chain.mqtt import Publisher
 from chain.processes import ProcessFailed
 from tests.fixtures.broker import broker_test_config
 from tests.fixtures.disks import fill, free_bytes, small_tmpfs
+from tests.fixtures.listener_session import come_back, subscribe_and_leave
 
 pytestmark = [pytest.mark.integration]
 
 TOPIC = "diffusion/files/coriolis/argo/csv"
-SESSION = "wis2-chain-test-listener"
 BEFORE = 10
 WHILE_FULL = 20
 PAGE = 4096  # tmpfs allocates pages; glibc's stdio writes a file in blocks of this size too
@@ -65,47 +64,10 @@ def broker(tmp_path: Path) -> Iterator[RunningBroker]:
     with small_tmpfs(run_dir / "data", "1m", "wis2-full-broker-disk"):
         running = start_broker(broker_test_config(), run_dir)
         try:
-            _subscribe_and_leave(running)
+            subscribe_and_leave(running)
             yield running
         finally:
             running.stop()  # before the file system goes
-
-
-def _subscribe_and_leave(broker: RunningBroker) -> None:
-    client = connect(broker.connection("listener"), SESSION, clean_start=False,
-                     session_expiry=3600)
-    subscribed = threading.Event()
-    client.on_subscribe = lambda *args: subscribed.set()
-    client.subscribe("diffusion/files/#", qos=1)
-    assert subscribed.wait(10)
-    client.disconnect()
-    client.loop_stop()
-
-
-def _come_back(broker: RunningBroker, expected: int, timeout: float) -> tuple[list[bytes], bool]:
-    """The listener reconnects to its session: what the broker still holds for it (waits for
-    `expected` messages or `timeout`, then one second more for a straggler), and whether the
-    broker still had the session."""
-    got: list[bytes] = []
-    done = threading.Event()
-
-    def on_message(client, userdata, message):
-        got.append(message.payload)
-        if len(got) >= expected:
-            done.set()
-
-    client = new_client(broker.connection("listener"), SESSION)
-    client.on_message = on_message
-    session: list[bool] = []
-    client.on_connect = lambda client, userdata, flags, *args: session.append(
-        flags.session_present)
-    connect(broker.connection("listener"), SESSION, clean_start=False, session_expiry=3600,
-            client=client)
-    done.wait(timeout)
-    time.sleep(1.0)
-    client.disconnect()
-    client.loop_stop()
-    return got, bool(session and session[0])
 
 
 def _publish(broker: RunningBroker, payloads: list[bytes]) -> int:
@@ -165,7 +127,7 @@ def test_mosquitto_acknowledges_what_it_cannot_save_and_a_crash_loses_it(
     broker.kill()
     filler.unlink()
     broker.start(30)
-    got, session = _come_back(broker, BEFORE + WHILE_FULL, timeout=5)
+    got, session = come_back(broker, BEFORE + WHILE_FULL, timeout=5)
     assert session
     assert sorted(got) == before, f"{len(got)} came back"  # all {WHILE_FULL} `full-` lost
 
@@ -178,7 +140,7 @@ def test_a_clean_stop_while_the_disk_is_full_loses_them_too(broker: RunningBroke
     assert "terminating" in _log(broker)
     filler.unlink()
     broker.start(30)
-    got, session = _come_back(broker, BEFORE + WHILE_FULL, timeout=5)
+    got, session = come_back(broker, BEFORE + WHILE_FULL, timeout=5)
     assert session
     assert sorted(got) == before, f"{len(got)} came back"
 
@@ -192,7 +154,7 @@ def test_a_save_with_no_room_at_all_empties_the_database(broker: RunningBroker) 
     filler.unlink()
     broker.start(30)
     assert "Persistence file is empty" in _log(broker)
-    got, session = _come_back(broker, BEFORE + 1, timeout=3)
+    got, session = come_back(broker, BEFORE + 1, timeout=3)
     assert (got, session) == ([], False)  # the BEFORE events and the session gone too
 
 
@@ -219,5 +181,5 @@ def test_once_space_is_freed_the_next_save_holds_everything(broker: RunningBroke
     broker.kill()
     broker.start(30)
     sent = before + full + after
-    got, _ = _come_back(broker, len(sent), timeout=20)
+    got, _ = come_back(broker, len(sent), timeout=20)
     assert sorted(got) == sorted(sent), f"{len(got)} of {len(sent)}\n{broker.tail(20)}"
