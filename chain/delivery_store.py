@@ -15,14 +15,13 @@ import json
 import sqlite3
 import threading
 from collections.abc import Callable
-from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 
-from chain.ledger import is_postgres_url, sqlite_transaction
+from chain.ledger import is_postgres_url, prepare_sqlite, sqlite_transaction
 from chain.ledger_postgres import PostgresLedger
 from wis2.delivery import (
     CACHE_AWAITED,
@@ -175,17 +174,19 @@ class DeliveryStore:
 
     # ---- plumbing: one SQL text for both databases (`?` placeholders) ----------------------
     def _prepare_sqlite(self) -> None:
-        """WAL journal (kept in the file) and tables, once per store object."""
+        """WAL journal and tables, once per store object (`prepare_sqlite`: the monitor and a
+        reader creating the file at once would otherwise see 'database is locked')."""
         with self._init_lock:
             if self._ready:
                 return
-            path = Path(self.location)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with closing(sqlite3.connect(path, timeout=60, isolation_level=None)) as conn:
-                conn.execute("PRAGMA journal_mode=WAL")
-            with sqlite_transaction(path) as conn:
+
+            def setup(conn: sqlite3.Connection) -> None:
+                conn.execute("BEGIN IMMEDIATE")
                 for ddl in _SCHEMA:
                     conn.execute(ddl)
+                conn.execute("COMMIT")
+
+            prepare_sqlite(Path(self.location), setup)
             self._ready = True
 
     def _run(self, statements: Callable[[Callable[..., list[tuple[Any, ...]]]], T]) -> T:

@@ -50,7 +50,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, closing, contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -153,6 +153,20 @@ def sqlite_transaction(path: Path) -> Iterator[sqlite3.Connection]:
         conn.execute("COMMIT")
 
 
+def prepare_sqlite(path: Path, setup: Callable[[sqlite3.Connection], None]) -> None:
+    """The SQLite database `path` in WAL mode (persistent: stored in the file), then
+    `setup(conn)` (its schema...), under a file lock shared with the other processes: concurrent
+    first connections would otherwise fail with 'database is locked' (switching to WAL does not
+    wait for the busy timeout)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = path.with_name(path.name + ".init-lock")
+    with open(lock_path, "a+b") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        with closing(sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+            setup(conn)
+
+
 def is_postgres_url(location: str) -> bool:
     return location.startswith(("postgresql://", "postgres://"))
 
@@ -190,21 +204,16 @@ class SqliteLedger:
         return cls(Path(directory) / LEDGER_FILE)
 
     def _prepare(self) -> None:
-        """Journal mode, schema and legacy import: once per process, under a file lock shared
-        with the other processes (concurrent first connections would otherwise fail with
-        'database is locked': switching to WAL does not wait for the busy timeout)."""
+        """Journal mode, schema and legacy import: once per process (`prepare_sqlite`)."""
         with self._ready_lock:
             if self.path in self._ready:
                 return
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            lock_path = self.path.with_name(self.path.name + ".init-lock")
-            with open(lock_path, "a+b") as lock_file:
-                fcntl.flock(lock_file, fcntl.LOCK_EX)
-                with closing(sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S,
-                                             isolation_level=None)) as conn:
-                    conn.execute("PRAGMA journal_mode=WAL")  # persistent: stored in the file
-                    conn.executescript(_SCHEMA)
-                    self._import_legacy(conn)
+
+            def setup(conn: sqlite3.Connection) -> None:
+                conn.executescript(_SCHEMA)
+                self._import_legacy(conn)
+
+            prepare_sqlite(self.path, setup)
             self._ready.add(self.path)
 
     @contextmanager
