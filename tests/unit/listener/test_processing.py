@@ -18,20 +18,29 @@ TOPIC = "diffusion/files/coriolis/argo/csv"
 EVENT = (DATA / "demo-event.json").read_bytes()
 
 
-def processor(batch_max_wait: float, batch_max_size: int = 50) -> tuple[Processor, list[int]]:
+def processor(batch_max_wait: float, batch_max_size: int = 50,
+              created_ids: list[list[int]] | None = None) -> tuple[Processor, list[int]]:
     created: list[int] = []
 
     async def create(members: list[Any]) -> None:
         created.append(len(members))
+        if created_ids is not None:
+            created_ids.append([m.item.mid for m in members])
 
     config = settings(batch_max_wait=batch_max_wait, batch_max_size=batch_max_size)
     proc = Processor(
         settings=config, queue=asyncio.Queue(), session=SimpleNamespace(),
-        api=SimpleNamespace(), rejecter=SimpleNamespace(),
+        api=SimpleNamespace(ok=_set_event()), rejecter=SimpleNamespace(),
         batches=BatchPolicy(config.batch_max_size), runs=SimpleNamespace(create=create),
         metrics=SimpleNamespace(events_received=SimpleNamespace(inc=lambda: None)),
         stop=StopSignal())
     return proc, created
+
+
+def _set_event() -> asyncio.Event:
+    event = asyncio.Event()
+    event.set()
+    return event
 
 
 def message(n: int) -> Any:
@@ -64,3 +73,23 @@ def test_an_event_of_a_stream_waits_for_the_next_ones() -> None:
         return created
 
     assert asyncio.run(scenario()) == [1, 3]
+
+
+def test_one_worker_collects_a_stream_at_a_time() -> None:
+    """Two workers on a stream: the second takes nothing while the first collects, so a stream
+    makes full batches one after the other, not smaller ones side by side."""
+
+    async def scenario() -> list[list[int]]:
+        ids: list[list[int]] = []
+        proc, _ = processor(batch_max_wait=30, batch_max_size=3, created_ids=ids)
+        proc.last_taken = float("inf")  # a stream already: every worker collects
+        workers = [asyncio.create_task(proc.worker()) for _ in range(2)]
+        later = asyncio.get_running_loop().call_later
+        for n in range(1, 7):  # one at a time, as a stream comes (each batch ends full)
+            later(0.01 * n, proc.queue.put_nowait, message(n))
+        later(0.1, proc.queue.put_nowait, None)
+        later(0.1, proc.queue.put_nowait, None)
+        await asyncio.wait_for(asyncio.gather(*workers), 30)
+        return ids
+
+    assert asyncio.run(scenario()) == [[1, 2, 3], [4, 5, 6]]
