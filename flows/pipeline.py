@@ -283,9 +283,10 @@ def publish_event(
     """Build, validate, verify, publish and record the notification(s) of one event, its
     data_ids claimed for the whole node meanwhile (`Pipeline.claimed`).
 
-    `validation_key`: key of the validation table artifact; None creates none (the caller
-    reports the returned rows). Raises on the first failing step (nothing published then, except
-    when a later notification of a multi-asset event fails to publish).
+    `validation_key`: key of the validation table artifact when a notification is invalid; the
+    rows of valid ones are returned (`validation_rows`) for the caller to report. Raises on the
+    first failing step (nothing published then, except when a later notification of a
+    multi-asset event fails to publish).
     """
     event = as_event(raw_event)
 

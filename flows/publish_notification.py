@@ -27,6 +27,7 @@ from flows.artifacts import (
     data_link_artifacts,
     failure_artifact,
     notification_artifact,
+    validation_table_artifact,
 )
 from flows.pipeline import (
     NotificationOutcome,
@@ -119,6 +120,8 @@ def _publish(
     notification_artifact(
         topic, done.notifications, key=artifact_key("wnm", label), published=done.sent
     )
+    validation_table_artifact(done.validation_rows, key=artifact_key("validation", label),
+                              ok=True)
     data_link_artifacts(done.notifications, key=artifact_key("data", label))
     return NotificationRunResult(
         event_id=event.id,

@@ -47,7 +47,11 @@ def validate_notifications_task(
     previous: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Validate every notification; returns the report rows (one per check and message).
-    `previous`: `previous_pubtimes` (an update must be later than what it updates)."""
+    `previous`: `previous_pubtimes` (an update must be later than what it updates).
+
+    The validation table artifact (`artifact_key`) is created here only when a notification is
+    invalid, before the run fails; the caller reports valid ones after the publication (an
+    artifact is an API request: not on the way from the event to its notification)."""
     rows: list[dict[str, Any]] = []
     reports = []
     for note in notifications:
@@ -56,8 +60,9 @@ def validate_notifications_task(
             previous_pubtime=(previous or {}).get(note.properties.data_id))
         reports.append(report)
         rows.extend({"notification": note.id, **row} for row in report.rows())
-    if artifact_key is not None:
-        validation_table_artifact(rows, key=artifact_key, ok=all(r.ok for r in reports))
+    ok = all(r.ok for r in reports)
+    if artifact_key is not None and not ok:
+        validation_table_artifact(rows, key=artifact_key, ok=False)
     logger = get_run_logger()
     for note, report in zip(notifications, reports, strict=True):
         if not report.ok:
