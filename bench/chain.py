@@ -115,8 +115,10 @@ def _latencies(events: Sequence[BenchEvent], collector: Collector,
 def run_steady(
     events: Sequence[BenchEvent], conn: MqttConnection, topic: str, collector: Collector,
     rate: float, drain_timeout: float, abort: threading.Event,
+    sent: dict[str, float] | None = None,
 ) -> SteadyResult:
-    sent: dict[str, float] = {}
+    """`sent`: filled with each event's send time (data_id -> wall time)."""
+    sent = {} if sent is None else sent
     errors: list[str] = []
     with Publisher(conn) as pub:
         t0 = time.monotonic()

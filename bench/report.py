@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench import stages
 from bench.compare import side_by_side
 
 
@@ -143,6 +144,8 @@ def _profile(name: str, r: dict[str, Any]) -> list[str]:
              "max s", "failed runs"],
             [[s["events_sent"], s["received"], s["lost"], s["duplicate_data_ids"], lat["p50"],
               lat["p90"], lat["p99"], lat["max"], r.get("steady_runs", {}).get("failed")]])
+        if r.get("steady_timeline"):
+            out += [*stages.markdown(r["steady_timeline"]), ""]
     if "burst" in r:
         b = r["burst"]
         runs = r.get("burst_runs", {})

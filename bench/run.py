@@ -46,7 +46,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import backfill, chain, faults
+from bench import backfill, chain, faults, stages
 from bench.api_requests import SERVER_ENV as COUNT_REQUESTS_SERVER_ENV
 from bench.api_requests import AccessLog, summarize
 from bench.collect import Collector
@@ -279,8 +279,9 @@ def run_profile(profile: str, opts: Options, out_dir: Path,
                 steady_events = factory.batch("steady", count)
                 mark, own = (access.mark() if access else 0), Counter[str]()
                 mon = monitor().start()
+                steady_sent: dict[str, float] = {}
                 steady = chain.run_steady(steady_events, fileserver, topic, collector, opts.rate,
-                                          opts.steady_drain_timeout, abort)
+                                          opts.steady_drain_timeout, abort, steady_sent)
                 result["steady"] = steady.model_dump()
                 result["steady_processes"] = [u.model_dump() for u in mon.stop()]
                 result["steady_runs"] = chain.flow_run_counts(
@@ -289,6 +290,8 @@ def run_profile(profile: str, opts: Options, out_dir: Path,
                 if access is not None:
                     result["steady_requests"] = _phase_requests(
                         access, mark, result["steady_runs"], own)
+                result["steady_timeline"] = stages.steady_timeline(
+                    state, f"{tag}_steady_", steady_events, steady_sent, collector).model_dump()
                 log.info("steady: %d/%d received, p50 %s s", steady.received, steady.events_sent,
                          steady.latency.p50)
 
