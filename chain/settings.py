@@ -137,6 +137,10 @@ class ChainSettings(BaseSettings):
     )
     backfill_batch_size: int = Field(
         default=50, ge=1, description="Events per publish-batch run of a backfill")
+    backfill_yield_seconds: float = Field(
+        default=10.0, ge=0,
+        description="Most seconds a backfill waits, before each of its batches, while runs of "
+        "live events are due, pending or running (flows/live_priority.py; 0: never waits)")
     broker_block: str = Field(default="wis2-broker", description="Name of the MqttBroker block")
     # Discovery metadata (publish-metadata flow): where records are served from, if by this node.
     metadata_dir: Path | None = Field(

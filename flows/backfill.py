@@ -31,6 +31,7 @@ from pydantic import BaseModel
 from chain.deployments import BACKFILL_FLOW
 from chain.settings import ChainSettings
 from flows.artifacts import artifact_key, batch_table_artifact
+from flows.live_priority import LOOK_SECONDS, give_way
 from flows.publish_batch import BatchRunResult, publish_batch
 from wis2.archive import ArchiveEntry, count_archive, read_archive
 from wis2.cloudevent import parse_event
@@ -79,6 +80,11 @@ class Pace:
         self.rate = rate
         self.start = time.monotonic()
         self.sent = 0
+
+    def restart_after(self, waited: float) -> None:
+        """`waited` seconds were given to live events: not caught up afterwards (the rate stays
+        an upper bound from then on)."""
+        self.start += waited
 
     def wait_after(self, sent: int) -> float:
         """Count `sent` notifications; sleep until the average rate is back under the limit."""
@@ -220,6 +226,9 @@ def backfill(
         if good and dry_run:
             _dry_run(counts, good, dataset_name, settings)
         elif good:
+            if (waited := give_way(settings.backfill_yield_seconds)) >= LOOK_SECONDS:
+                logger.info("backfill: %.1f s given to live events", waited)
+            pace.restart_after(waited)
             state = publish_batch(events=[e.event for e in good], dataset=dataset_name,
                                   return_state=True)
             result = state.result(raise_on_failure=False)

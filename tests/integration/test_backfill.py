@@ -12,14 +12,22 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.states import Cancelled, Scheduled
 
+from chain.deployments import PUBLISH_NOTIFICATION_FLOW
 from flows.backfill import BackfillCounts, backfill
+from flows.live_priority import count_live_runs
 from tests.fixtures.gates import GatedFileServer
+from tests.fixtures.waiting import wait_for
 from tests.integration import test_publish_notification
 from tests.integration.test_publish_batch import numbered_event
 from tests.integration.test_publish_notification import (
@@ -27,6 +35,7 @@ from tests.integration.test_publish_notification import (
     read_artifacts,
     read_flow_run,
 )
+from tests.integration.test_wnm_features import flow_logs
 
 pytestmark = pytest.mark.timeout(240)
 chain = test_publish_notification.chain  # the fixtures, shared
@@ -38,6 +47,13 @@ def write_events(directory: Path, events: list[dict[str, Any]]) -> Path:
     for event in events:
         (directory / f"{event['id']}.json").write_text(json.dumps(event), encoding="utf-8")
     return directory
+
+
+@pytest.fixture(autouse=True)
+def no_live_priority(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs of other tests on the session's server are not this file's live events: the
+    backfills here do not wait for them (but `test_a_backfill_gives_way_to_live_runs`)."""
+    monkeypatch.setenv("WIS2_BACKFILL_YIELD_SECONDS", "0")
 
 
 def run_backfill(source: Path, **kwargs: Any) -> tuple[Any, BackfillCounts]:
@@ -139,6 +155,50 @@ def test_rate_limit_holds(tmp_path: Path, on_session_broker: Subscriber) -> None
     state, counts = run_backfill(source, rate=5, batch_size=5)
     assert state.is_completed() and counts.published == 10
     assert time.monotonic() - started >= 2.0
+
+
+# --------------------------------------------------------------------------------------------
+# live events first
+
+
+def live_run(due: datetime) -> UUID:
+    """A run of a live deployment (`publish-notification`), due at `due`; no worker takes it."""
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name(PUBLISH_NOTIFICATION_FLOW)
+        deployment_id = client.create_deployment(flow_id=flow_id,
+                                                 name=f"live-{uuid.uuid4().hex[:8]}")
+        return client.create_flow_run_from_deployment(
+            deployment_id, state=Scheduled(scheduled_time=due)).id
+
+
+def cancel(flow_run_id: UUID) -> None:
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, Cancelled(), force=True)
+
+
+def test_a_backfill_gives_way_to_live_runs(
+    tmp_path: Path, on_session_broker: Subscriber, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a live run is due, each batch waits (at most WIS2_BACKFILL_YIELD_SECONDS) and
+    says so; a run due over a minute ago (a backlog, a stranded run) is not a live event."""
+    before = count_live_runs()
+    stale = live_run(datetime.now(UTC) - timedelta(minutes=2))
+    assert count_live_runs() == before
+    waiting = live_run(datetime.now(UTC))
+    assert count_live_runs() == before + 1
+
+    monkeypatch.setenv("WIS2_BACKFILL_YIELD_SECONDS", "0.6")
+    source = write_events(tmp_path / "beside-live", [numbered_event(i) for i in range(600, 604)])
+    started = time.monotonic()
+    state, counts = run_backfill(source, batch_size=2)
+    assert state.is_completed() and counts.published == 4
+    assert time.monotonic() - started >= 2 * 0.6  # two batches, each after its full wait
+    wait_for(lambda: flow_logs(state.state_details.flow_run_id).count(
+        "s given to live events") == 2, 30, "the backfill's two 'given to live events' lines")
+
+    cancel(waiting)
+    cancel(stale)
+    assert count_live_runs() == before
 
 
 # --------------------------------------------------------------------------------------------
