@@ -229,18 +229,22 @@ def _state_key(state: Any) -> str:
     return state.type.value
 
 
+async def chain_runs(client: PrefectClient) -> AsyncIterator[Any]:
+    """Every run of the chain's flows, read page by page."""
+    offset = 0
+    while True:
+        page = await client.read_flow_runs(flow_filter=_chain_flows(), limit=200, offset=offset)
+        for run in page:
+            yield run
+        if len(page) < 200:
+            return
+        offset += len(page)
+
+
 async def _read_runs(node: NodeState,
                      requests: Counter[str] | None = None) -> list[tuple[list[str], str]]:
-    runs: list[tuple[list[str], str]] = []
     async with _client(node, requests) as client:
-        offset = 0
-        while True:
-            page = await client.read_flow_runs(flow_filter=_chain_flows(), limit=200,
-                                               offset=offset)
-            runs.extend((_event_ids(r.parameters), _state_key(r.state)) for r in page)
-            if len(page) < 200:
-                return runs
-            offset += len(page)
+        return [(_event_ids(r.parameters), _state_key(r.state)) async for r in chain_runs(client)]
 
 
 def rescheduled_after_unavailable(node: NodeState, phase_marker: str) -> int:
@@ -264,17 +268,11 @@ def _runs_whose_states(node: NodeState, phase_marker: str, which: Callable[[Any]
     async def count() -> int:
         found = 0
         async with _client(node) as client:
-            offset = 0
-            while True:
-                page = await client.read_flow_runs(flow_filter=_chain_flows(), limit=200,
-                                                   offset=offset)
-                for run in page:
-                    if any(phase_marker in i for i in _event_ids(run.parameters)):
-                        states = await client.read_flow_run_states(run.id)
-                        found += any(which(s) for s in states)
-                if len(page) < 200:
-                    return found
-                offset += len(page)
+            async for run in chain_runs(client):
+                if any(phase_marker in i for i in _event_ids(run.parameters)):
+                    states = await client.read_flow_run_states(run.id)
+                    found += any(which(s) for s in states)
+        return found
 
     try:
         return asyncio.run(count())

@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from bench.chain import _chain_flows, _client, _event_ids
+from bench.chain import _client, _event_ids, chain_runs
 from bench.collect import Collector
 from bench.events import BenchEvent
 from localnode.node import NodeState
@@ -58,34 +58,28 @@ async def _timelines(node: NodeState, phase_marker: str,
 
     found: list[dict[str, float]] = []
     async with _client(node) as client:
-        offset = 0
-        while True:
-            page = await client.read_flow_runs(flow_filter=_chain_flows(), limit=200,
-                                               offset=offset)
-            for run in page:
-                ids = _event_ids(run.parameters)
-                if len(ids) != 1 or phase_marker not in ids[0] or ids[0] not in sent_by_event:
-                    continue
-                sent = sent_by_event[ids[0]]
-                points: dict[str, float] = {}
-                for state in await client.read_flow_run_states(run.id):
-                    label = f"flow run {state.type.value.title()}"
-                    if label not in points and (at := _seconds(state.timestamp)) is not None:
-                        points[label] = at - sent
-                tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(
-                    id=FlowRunFilterId(any_=[run.id])))
-                for task in tasks:
-                    name = _task_name(task.name)
-                    if (start := _seconds(task.start_time)) is not None:
-                        points.setdefault(f"{name} started", start - sent)
-                    if (end := _seconds(task.end_time)) is not None:
-                        points.setdefault(f"{name} ended", end - sent)
-                if ids[0] in arrival_by_event:
-                    points["notification received"] = arrival_by_event[ids[0]] - sent
-                found.append(points)
-            if len(page) < 200:
-                return found
-            offset += len(page)
+        async for run in chain_runs(client):
+            ids = _event_ids(run.parameters)
+            if len(ids) != 1 or phase_marker not in ids[0] or ids[0] not in sent_by_event:
+                continue
+            sent = sent_by_event[ids[0]]
+            points: dict[str, float] = {}
+            for state in await client.read_flow_run_states(run.id):
+                label = f"flow run {state.type.value.title()}"
+                if label not in points and (at := _seconds(state.timestamp)) is not None:
+                    points[label] = at - sent
+            tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[run.id])))
+            for task in tasks:
+                name = _task_name(task.name)
+                if (start := _seconds(task.start_time)) is not None:
+                    points.setdefault(f"{name} started", start - sent)
+                if (end := _seconds(task.end_time)) is not None:
+                    points.setdefault(f"{name} ended", end - sent)
+            if ids[0] in arrival_by_event:
+                points["notification received"] = arrival_by_event[ids[0]] - sent
+            found.append(points)
+    return found
 
 
 def steady_timeline(node: NodeState, phase_marker: str, events: Sequence[BenchEvent],
