@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from uuid import UUID
 
 from chain.deployments import PUBLISH_BATCH_FLOW, PUBLISH_NOTIFICATION_FLOW
 
@@ -31,10 +32,10 @@ LIVE_WINDOW_SECONDS = 60.0
 LIVE_FLOWS = [PUBLISH_NOTIFICATION_FLOW, PUBLISH_BATCH_FLOW]
 
 
-def count_live_runs() -> int:
-    """Runs of the live deployments due in the last `LIVE_WINDOW_SECONDS` and still Scheduled,
-    Pending or Running; the backfill's own batch runs (sub-flows, no deployment) are not
-    counted."""
+def count_live_runs(deployment_ids: list[UUID] | None = None) -> int:
+    """Runs of the live deployments (or of `deployment_ids` only) due in the last
+    `LIVE_WINDOW_SECONDS` and still Scheduled, Pending or Running; the backfill's own batch runs
+    (sub-flows, no deployment) are not counted."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowFilter,
@@ -49,7 +50,7 @@ def count_live_runs() -> int:
 
     now = datetime.now(UTC)
     runs = FlowRunFilter(
-        deployment_id=FlowRunFilterDeploymentId(is_null_=False),
+        deployment_id=FlowRunFilterDeploymentId(is_null_=False, any_=deployment_ids),
         state=FlowRunFilterState(type=FlowRunFilterStateType(
             any_=[StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING])),
         expected_start_time=FlowRunFilterExpectedStartTime(

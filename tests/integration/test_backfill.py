@@ -161,13 +161,14 @@ def test_rate_limit_holds(tmp_path: Path, on_session_broker: Subscriber) -> None
 # live events first
 
 
-def live_run(due: datetime) -> UUID:
-    """A run of a live deployment (`publish-notification`), due at `due`; no worker takes it."""
+def live_run(due: datetime) -> tuple[UUID, UUID]:
+    """A run of a live deployment (`publish-notification`) of its own, due at `due`; no worker
+    takes it. (deployment id, run id)"""
     with get_client(sync_client=True) as client:
         flow_id = client.create_flow_from_name(PUBLISH_NOTIFICATION_FLOW)
         deployment_id = client.create_deployment(flow_id=flow_id,
                                                  name=f"live-{uuid.uuid4().hex[:8]}")
-        return client.create_flow_run_from_deployment(
+        return deployment_id, client.create_flow_run_from_deployment(
             deployment_id, state=Scheduled(scheduled_time=due)).id
 
 
@@ -181,11 +182,13 @@ def test_a_backfill_gives_way_to_live_runs(
 ) -> None:
     """While a live run is due, each batch waits (at most WIS2_BACKFILL_YIELD_SECONDS) and
     says so; a run due over a minute ago (a backlog, a stranded run) is not a live event."""
-    before = count_live_runs()
-    stale = live_run(datetime.now(UTC) - timedelta(minutes=2))
-    assert count_live_runs() == before
-    waiting = live_run(datetime.now(UTC))
-    assert count_live_runs() == before + 1
+    # counted on this test's own deployments: other tests' runs come and go on the server
+    stale_deployment, stale = live_run(datetime.now(UTC) - timedelta(minutes=2))
+    assert count_live_runs([stale_deployment]) == 0
+    waiting_deployment, waiting = live_run(datetime.now(UTC))
+    mine = [stale_deployment, waiting_deployment]
+    assert count_live_runs(mine) == 1
+    assert count_live_runs() >= 1  # and among all the live runs
 
     monkeypatch.setenv("WIS2_BACKFILL_YIELD_SECONDS", "0.6")
     source = write_events(tmp_path / "beside-live", [numbered_event(i) for i in range(600, 604)])
@@ -198,7 +201,7 @@ def test_a_backfill_gives_way_to_live_runs(
 
     cancel(waiting)
     cancel(stale)
-    assert count_live_runs() == before
+    assert count_live_runs(mine) == 0
 
 
 # --------------------------------------------------------------------------------------------
