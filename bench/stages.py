@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from bench.chain import _client, _event_ids, chain_runs
 from bench.collect import Collector
 from bench.events import BenchEvent
+from bench.stats import percentile
 from localnode.node import NodeState
 
 log = logging.getLogger(__name__)
@@ -103,14 +104,9 @@ def steady_timeline(node: NodeState, phase_marker: str, events: Sequence[BenchEv
         for name, value in points.items():
             by_point[name].append(value)
     summary = [Point(name=name, p50=round(statistics.median(values), 4),
-                     p90=round(_quantile(values, 0.9), 4), runs=len(values))
+                     p90=round(percentile(values, 90) or 0.0, 4), runs=len(values))
                for name, values in by_point.items()]
     return Timeline(runs=len(runs), points=sorted(summary, key=lambda p: p.p50))
-
-
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def markdown(timeline: Mapping[str, Any]) -> list[str]:

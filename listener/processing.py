@@ -78,10 +78,6 @@ class Processor:
             await self.rejecter.internal_error([item], exc)
             return None
 
-    async def handle(self, item: Inbound) -> None:
-        """Take `item` (and the batch behind it), then create its run(s)."""
-        await self.create(await self.take(item))
-
     async def take(self, item: Inbound) -> list[list[Accepted]]:
         """`item` alone when the listener is idle (a run at once, no added latency), else the
         batch collected behind it, grouped by route; nothing when it was dead-lettered."""

@@ -43,6 +43,11 @@ def _set_event() -> asyncio.Event:
     return event
 
 
+async def handle(proc: Processor, item: Any) -> None:
+    """What a worker does with `item` once it has its turn: take it (and a batch), create."""
+    await proc.create(await proc.take(item))
+
+
 def message(n: int) -> Any:
     item = inbound(n)
     item.topic, item.payload = TOPIC, EVENT
@@ -52,9 +57,9 @@ def message(n: int) -> Any:
 def test_an_event_after_a_quiet_spell_gets_its_run_at_once() -> None:
     async def scenario() -> list[int]:
         proc, created = processor(batch_max_wait=0.2)
-        await proc.handle(message(1))
+        await handle(proc, message(1))
         proc.last_taken -= 1.0  # a quiet second
-        await proc.handle(message(2))
+        await handle(proc, message(2))
         return created
 
     assert asyncio.run(scenario()) == [1, 1]
@@ -64,12 +69,12 @@ def test_an_event_of_a_stream_waits_for_the_next_ones() -> None:
     async def scenario() -> list[int]:
         # a batch is full at 3 (it ends then, not at its 30 s limit: no timing involved)
         proc, created = processor(batch_max_wait=30, batch_max_size=3)
-        await proc.handle(message(1))  # idle: alone
+        await handle(proc, message(1))  # idle: alone
         # the next one, taken right after: a stream; two more come while it waits
         later = asyncio.get_running_loop().call_later
         later(0.05, proc.queue.put_nowait, message(3))
         later(0.10, proc.queue.put_nowait, message(4))
-        await proc.handle(message(2))
+        await handle(proc, message(2))
         return created
 
     assert asyncio.run(scenario()) == [1, 3]
