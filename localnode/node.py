@@ -142,6 +142,10 @@ class LocalNode:
     # rescheduled ~30 s after it died; a fixed name, so a restarted worker reclaims its own at
     # once (compose.yml too).
     WORKER_HEARTBEAT_SECONDS = "10"
+    # glibc's allocator in the warm worker: two arenas, not up to 8 per core for its task and
+    # flow threads, each keeping freed memory of its own (the worker's RSS rose ~3 MB per
+    # 10,000 events through the 100,000-event soak with glibc's default; bench/RESULTS.md).
+    WORKER_MALLOC_ENV = {"MALLOC_ARENA_MAX": "2"}
     WORKER_NAME = "wis2-local-worker"
     # Run creations the listener sends at once: PostgreSQL takes concurrent writes (compose.yml
     # too); SQLite serialises them, so the listener's default (1) stays.
@@ -345,7 +349,8 @@ class LocalNode:
         return {**env, "PREFECT_WORKER_HEARTBEAT_SECONDS": self.WORKER_HEARTBEAT_SECONDS,
                 # ~4 minutes of API retries: a run rides out a Prefect server restart
                 "PREFECT_CLIENT_MAX_RETRIES": self.WORKER_CLIENT_MAX_RETRIES,
-                "PREFECT_CLIENT_RETRY_EXTRA_CODES": self.WORKER_CLIENT_RETRY_CODES, **metrics}
+                "PREFECT_CLIENT_RETRY_EXTRA_CODES": self.WORKER_CLIENT_RETRY_CODES,
+                **self.WORKER_MALLOC_ENV, **metrics}
 
     def start_delivery_monitor(self) -> None:
         """The delivery monitor (`delivery/`): the node's broker as publisher, the results

@@ -133,6 +133,8 @@ def test_chain_settings_match_the_benchmarked_ones(resolved: dict) -> None:
     assert worker_env["PREFECT_WORKER_QUERY_SECONDS"] == LocalNode.WORKER_QUERY_SECONDS
     assert worker_env["PREFECT_CLIENT_MAX_RETRIES"] == LocalNode.WORKER_CLIENT_MAX_RETRIES
     assert worker_env["PREFECT_CLIENT_RETRY_EXTRA_CODES"] == LocalNode.WORKER_CLIENT_RETRY_CODES
+    for name, value in LocalNode.WORKER_MALLOC_ENV.items():
+        assert worker_env[name] == value, name
     listener_env = services["listener"]["environment"]
     for env in (worker_env, listener_env):
         assert env["PREFECT_CLIENT_CSRF_SUPPORT_ENABLED"] == LocalNode.CLIENT_CSRF_SUPPORT
@@ -328,3 +330,12 @@ def test_retention_is_on_in_every_prefect_server_process(resolved: dict) -> None
         assert {k: env[k] for k in retention} == retention
     for name, service in resolved["services"].items():
         assert service.get("logging", {}).get("options", {}).get("max-size"), name
+
+
+def test_postgres_autovacuum_is_the_local_nodes(resolved: dict) -> None:
+    """compose's PostgreSQL vacuums the Prefect tables as often as make demo's (the soak's)."""
+    from localnode.postgres import AUTOVACUUM_ARGS
+
+    command = resolved["services"]["postgres"]["command"]
+    assert command[0] == "postgres"
+    assert tuple(command[1:]) == AUTOVACUUM_ARGS
