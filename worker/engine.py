@@ -13,6 +13,15 @@ Prefect 3.9's engine is written for one run per process. Run after run in one pr
   flow of this chain suspends itself or can be resumed meaningfully half-way (its steps are
   cached and claimed; cancel a run, or let it finish), so the worker turns this observer off
   (`suspension_observer(False)`); `WIS2_WORKER_SUSPENSION_OBSERVER=true` keeps Prefect's.
+- **send the flow run's heartbeats** (`PREFECT_FLOWS_HEARTBEAT_FREQUENCY`, 180 s by default, no
+  way to turn them off): a thread per run, a `prefect.flow-run.heartbeat` event at its start
+  (a row of the events table and one per related resource), and at the run's end the engine
+  waits for that thread, which sleeps in steps of 1 s: each run held its worker slot for about
+  half a second more. Those events only serve automations that detect a run which stopped
+  beating; the node runs no automation (its triggers service is off) and the worker's recovery
+  finds the runs of a dead worker by the worker's own heartbeats (worker/recovery.py). The
+  worker turns them off (`flow_heartbeats(False)`); `WIS2_WORKER_FLOW_HEARTBEATS=true` keeps
+  Prefect's.
 - **read the run's deployment twice and its flow once** before each run (Prefect's worker checks
   the deployment still exists, then builds the job configuration from it and the flow).
   `ReadCache` (`WIS2_WORKER_READ_CACHE_SECONDS`, 30 s; 0: off) keeps what the worker read for that
@@ -108,6 +117,25 @@ def suspension_observer(enabled: bool) -> None:
         _PREFECT_OBSERVER = flow_engine.observe_flow_run_suspension
     flow_engine.observe_flow_run_suspension = (  # type: ignore[attr-defined]
         _PREFECT_OBSERVER if enabled else _no_suspension_observer)
+
+
+_PREFECT_HEARTBEATS: Any = None
+
+
+@contextlib.contextmanager
+def _no_heartbeats(engine: Any, join_on_exit: bool = True) -> Iterator[None]:
+    yield
+
+
+def flow_heartbeats(enabled: bool) -> None:
+    """Turn Prefect's flow-run heartbeats on or off for the flow runs of this process."""
+    global _PREFECT_HEARTBEATS
+    import prefect.flow_engine as flow_engine
+
+    if _PREFECT_HEARTBEATS is None:
+        _PREFECT_HEARTBEATS = flow_engine._send_heartbeats
+    flow_engine._send_heartbeats = (  # type: ignore[attr-defined]
+        _PREFECT_HEARTBEATS if enabled else _no_heartbeats)
 
 
 class ReadCache:

@@ -77,7 +77,13 @@ from chain.metrics import FLOW_METRICS
 from chain.retention import Housekeeper
 from chain.settings import get_settings
 from listener.observability import serve_metrics
-from worker.engine import ClientPool, ReadCache, keep_server_result_storage, suspension_observer
+from worker.engine import (
+    ClientPool,
+    ReadCache,
+    flow_heartbeats,
+    keep_server_result_storage,
+    suspension_observer,
+)
 from worker.recovery import ENGINE_ERROR, PoolRecovery, Recovered
 from worker.wakeup import PoolWakeup
 
@@ -112,6 +118,10 @@ class WarmWorkerSettings(BaseSettings):
         default=False, description="Prefect's per-run observer of external suspension requests "
         "(a thread, a client and a websocket per run; worker/engine.py); off: no flow of the "
         "chain suspends")
+    worker_flow_heartbeats: bool = Field(
+        default=False, description="Prefect's flow-run heartbeats (a thread and an event per "
+        "run, the run's end held up to 1 s; worker/engine.py); off: nothing of the node reads "
+        "them (the recovery reads the worker's heartbeats)")
     worker_metrics_port: int | None = Field(default=None, ge=0, le=65535, description="Port of "
         "the worker's /metrics (the flows' wis2_chain_*: they run in its process); unset: none")
     worker_metrics_host: str = Field(default="127.0.0.1", description="Its address")
@@ -246,6 +256,7 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         settings = WarmWorkerSettings()
         self._project_dir = settings.resolved_project_dir()
         suspension_observer(settings.worker_suspension_observer)
+        flow_heartbeats(settings.worker_flow_heartbeats)
         self._reads = ReadCache(settings.worker_read_cache_seconds)
         keep_server_result_storage(settings.worker_read_cache_seconds)
         self._wakeup = PoolWakeup(self._work_pool_name, self._on_scheduled, self._logger) \

@@ -181,6 +181,28 @@ def test_a_run_completes_in_the_worker_process(warm_node: WarmNode, subscriber) 
     texts = [entry.message for entry in logs]
     assert any("Finished in state Completed" in t for t in texts), texts
     assert any(entry.task_run_id is not None for entry in logs), texts
+    # no flow-run heartbeat (WIS2_WORKER_FLOW_HEARTBEATS, off): the engine would send one as the
+    # run starts, before its tasks' events, which the worker sends the same way
+    names = run_events(created.id, until="prefect.task-run.Completed")
+    assert "prefect.flow-run.heartbeat" not in names, names
+
+
+def run_events(flow_run_id: uuid.UUID, until: str, timeout: float = 60) -> list[str]:
+    """The names of the persisted heartbeat and `until` events about the run, once one named
+    `until` is among them."""
+    from prefect.events.filters import EventAnyResourceFilter, EventFilter, EventNameFilter
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            event_filter = EventFilter(  # its `occurred.until` is its creation time
+                any_resource=EventAnyResourceFilter(id=[f"prefect.flow-run.{flow_run_id}"]),
+                event=EventNameFilter(name=["prefect.flow-run.heartbeat", until]))
+            names = [e.event for e in client.read_events(event_filter, limit=50).events]
+            if until in names:
+                return names
+            assert time.monotonic() < deadline, f"no {until} event: {names}"
+            time.sleep(0.5)
 
 
 def test_a_failed_run_leaves_the_worker_running(warm_node: WarmNode, subscriber) -> None:

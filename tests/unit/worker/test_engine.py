@@ -6,13 +6,15 @@ Runs through a real worker and server: tests/integration/test_warm_worker.py.
 
 from __future__ import annotations
 
+import threading
+
 import prefect.flow_engine as flow_engine
 import pytest
 from prefect.context import SyncClientContext
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from chain.expiring import Expiring
-from worker.engine import ClientPool, suspension_observer
+from worker.engine import ClientPool, flow_heartbeats, suspension_observer
 from worker.warm import WarmJobConfiguration
 
 
@@ -58,6 +60,22 @@ def test_the_suspension_observer_is_off_until_asked_for() -> None:
         assert flow_engine.observe_flow_run_suspension is prefects
     finally:
         flow_engine.observe_flow_run_suspension = prefects
+
+
+def test_flow_heartbeats_are_off_until_asked_for() -> None:
+    """Off: no heartbeat thread to start, and none to wait for at the run's end."""
+    prefects = flow_engine._send_heartbeats
+    try:
+        flow_heartbeats(False)
+        off = flow_engine._send_heartbeats
+        assert off is not prefects
+        before = threading.active_count()
+        with off(object()), off(object(), join_on_exit=False):
+            assert threading.active_count() == before
+        flow_heartbeats(True)
+        assert flow_engine._send_heartbeats is prefects
+    finally:
+        flow_engine._send_heartbeats = prefects
 
 
 def test_no_environment_is_computed_for_a_run_in_the_worker_process() -> None:
