@@ -1,7 +1,10 @@
 """Calls to the Prefect API retried with exponential back-off while it is unavailable.
 
 While the API is down nothing is acknowledged, so the broker keeps the rest queued; the other
-workers wait (`ok`) instead of piling on. At most `api_concurrency` calls run at the same time.
+workers wait (`ok`) instead of piling on. A busy answer (503) is first tried again quickly
+(`busy_retries`, from `busy_retry_delay` doubling): on SQLite a run creation that met another
+transaction's write gets one, and a second later (the back-off's first delay) was most of a
+steady event's latency there. At most `api_concurrency` calls run at the same time.
 On a stop request a call still failing gives up and leaves its messages unacknowledged.
 """
 
@@ -15,7 +18,7 @@ from typing import Any
 
 from listener.messages import Inbound
 from listener.observability import Metrics
-from listener.runs import ApiRejected, ApiUnavailable, DeploymentMissing, RunCreated
+from listener.runs import ApiBusy, ApiRejected, ApiUnavailable, DeploymentMissing, RunCreated
 from listener.settings import ListenerSettings
 from listener.stopping import StopSignal
 
@@ -54,6 +57,8 @@ class ApiBackoff:
         items are then left unacknowledged). `ApiRejected` (and `DeploymentMissing` when not
         `retry_missing`) are raised to the caller."""
         delays = backoff_delays(self.settings.retry_min_delay, self.settings.retry_max_delay)
+        quick = backoff_delays(self.settings.busy_retry_delay, self.settings.retry_min_delay)
+        quick_left = self.settings.busy_retries
         attempt = 0
         while True:
             attempt += 1
@@ -68,6 +73,13 @@ class ApiBackoff:
                 if missing and not retry_missing:
                     raise
                 self.metrics.api_errors.inc()
+                if isinstance(exc, ApiBusy) and quick_left > 0 and not self.stop.requested:
+                    quick_left -= 1
+                    wait = next(quick) * random.uniform(1.0, 1.25)
+                    log.debug("Prefect API busy; trying again", extra={
+                        **context, "attempt": attempt, "retry_in": round(wait, 3)})
+                    await self.stop.sleep(wait)
+                    continue
                 if not missing:
                     self.status = f"unavailable: {exc}"
                     self.ok.clear()  # the other workers wait instead of piling on

@@ -35,6 +35,11 @@ class ApiUnavailable(RuntimeError):
     """The API could not take the request now (unreachable, 5xx, 429, missing deployment): retry."""
 
 
+class ApiBusy(ApiUnavailable):
+    """The API answered 503: it is up and asks to try again (on SQLite: a transaction met
+    another's write, `database is locked`; on PostgreSQL also while its database is away)."""
+
+
 class DeploymentMissing(ApiUnavailable):
     """The route's deployment does not exist (yet): its events wait, others go on."""
 
@@ -101,6 +106,8 @@ class RunCreator:
             return await self._client.request(method, path, **kwargs)
         except PrefectHTTPStatusError as exc:
             code = exc.response.status_code
+            if code == 503:
+                raise ApiBusy(_detail(exc.response)) from None
             if code >= 500 or code in (408, 429):
                 raise ApiUnavailable(_detail(exc.response)) from None
             if code in (401, 403):  # wrong credentials: keep the events, do not dead-letter them

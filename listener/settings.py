@@ -156,6 +156,12 @@ class ListenerSettings(BaseSettings, MqttConnection):
         "this after the one before (a stream), waits for more to fill a batch (an event on an "
         "idle listener never waits)",
     )
+    busy_retries: int = Field(
+        default=3, ge=0, description="Quick retries of a call the API answered 503 (busy: on "
+        "SQLite, a transaction that met another's write; the server asks to try again), before "
+        "the back-off below")
+    busy_retry_delay: float = Field(
+        default=0.05, gt=0, description="Delay before the first quick retry (s), doubling")
     retry_min_delay: float = Field(default=1.0, gt=0, description="First API retry delay (s)")
     retry_max_delay: float = Field(default=60.0, gt=0, description="Longest API retry delay (s)")
     api_timeout: float = Field(default=30.0, gt=0, description="Timeout of one API call (s)")

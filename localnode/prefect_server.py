@@ -127,13 +127,17 @@ class PrefectServer(ManagedProcess):
         if redis_url is not None:
             env.update(redis_env(redis_url))
         apply_env(env, extra_env or {})  # None: unset (Prefect's default)
-        argv = [prefect_cli(), "server", "start", "--host", host, "--port", str(self.port)]
+        # SQLite: Prefect's server with write transactions that wait for the lock instead of
+        # failing (localnode/sqlite_server.py)
+        prefect = ([sys.executable, "-m", "localnode.sqlite_server"]
+                   if self.database_url.startswith("sqlite") else [prefect_cli()])
+        argv = [*prefect, "server", "start", "--host", host, "--port", str(self.port)]
         self.services: ManagedProcess | None = None
         if separate_services:
             argv.append("--no-services")
             services_log = self.home / "services.log"
             self.services = ManagedProcess(
-                "prefect-services", [prefect_cli(), "server", "services", "start"],
+                "prefect-services", [*prefect, "server", "services", "start"],
                 log_path=services_log, env=env,
                 ready=lambda: "Starting services" in services_log.read_text(errors="replace"))
         super().__init__("prefect-server", argv, log_path=self.home / "server.log", env=env,

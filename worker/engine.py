@@ -119,6 +119,27 @@ def suspension_observer(enabled: bool) -> None:
         _PREFECT_OBSERVER if enabled else _no_suspension_observer)
 
 
+_NO_RETRIES: dict[int, Any] = {}  # id(settings) -> those settings without client retries
+
+
+@contextlib.contextmanager
+def without_client_retries() -> Iterator[None]:
+    """The API calls of the block are not retried by Prefect's client (it waits 2, 4, 8... s
+    between tries): for a caller that tries again quickly itself. The settings are derived once
+    per settings object (`temporary_settings` would cost ~27 ms of validation each time)."""
+    import prefect.context
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
+
+    ctx = prefect.context.get_settings_context()
+    quick = _NO_RETRIES.get(id(ctx.settings))
+    if quick is None:
+        quick = ctx.settings.copy_with_update(updates={PREFECT_CLIENT_MAX_RETRIES: 0})
+        _NO_RETRIES.clear()  # one entry: the worker's settings
+        _NO_RETRIES[id(ctx.settings)] = quick
+    with prefect.context.SettingsContext(profile=ctx.profile, settings=quick):
+        yield
+
+
 _PREFECT_HEARTBEATS: Any = None
 
 

@@ -83,6 +83,7 @@ from worker.engine import (
     flow_heartbeats,
     keep_server_result_storage,
     suspension_observer,
+    without_client_retries,
 )
 from worker.recovery import ENGINE_ERROR, PoolRecovery, Recovered
 from worker.wakeup import PoolWakeup
@@ -97,6 +98,8 @@ log = logging.getLogger(__name__)
 
 WORKER_TYPE = "wis2-warm"
 DEFAULT_THREADS = 16  # flow runs at once when the worker is started without --limit
+LABEL_QUICK_TRIES = 4  # tries of the run's worker labels without the client's retries,
+LABEL_QUICK_DELAY = 0.05  # from this delay, doubling (then one with them)
 ENDED_KEPT = 1000  # runs remembered as executed here (recovery: own_ended)
 
 
@@ -409,18 +412,26 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
 
     async def _give_worker_labels_to_flow_run(self, flow_run_id: UUID) -> None:
         """The worker's labels tell the recovery which worker holds the run (a Pending run
-        without them is only recovered after WIS2_RECOVERY_UNCLAIMED_TIMEOUT): retried; an API
-        too busy to store them (503 after the retries, seen on SQLite under bursts) must not
-        crash a run that can go on."""
-        for attempt in range(4):
+        without them is only recovered after WIS2_RECOVERY_UNCLAIMED_TIMEOUT).
+
+        Tried quickly first, without the client's retries: on SQLite the PATCH (a read, then a
+        write) is answered 503 whenever another transaction wrote in between, and the client's
+        first retry comes 2 s later, which was most of a steady event's latency there. Then with
+        them (an API restarting); an API still too busy to store them must not crash a run
+        that can go on."""
+        for attempt in range(LABEL_QUICK_TRIES + 1):
             try:
-                await super()._give_worker_labels_to_flow_run(flow_run_id)
+                if attempt < LABEL_QUICK_TRIES:
+                    with without_client_retries():
+                        await super()._give_worker_labels_to_flow_run(flow_run_id)
+                else:
+                    await super()._give_worker_labels_to_flow_run(flow_run_id)
                 return
             except Exception as exc:
-                if attempt == 3:
+                if attempt == LABEL_QUICK_TRIES:
                     log.warning("flow run %s: worker labels not set: %s", flow_run_id, exc)
                     return
-                await anyio.sleep(0.5 * 2 ** attempt)
+                await anyio.sleep(LABEL_QUICK_DELAY * 2 ** attempt)
 
     @staticmethod
     def _entrypoint(flow_run: FlowRun, configuration: WarmJobConfiguration) -> str:

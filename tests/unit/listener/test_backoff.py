@@ -12,6 +12,7 @@ from listener.backoff import ApiBackoff, backoff_delays
 from listener.messages import Inbound
 from listener.observability import Metrics
 from listener.runs import (
+    ApiBusy,
     ApiRejected,
     ApiUnavailable,
     DeploymentMissing,
@@ -90,3 +91,33 @@ def test_api_backoff_gives_up_on_stop_leaving_messages_unacknowledged() -> None:
         assert abandoned == items
 
     asyncio.run(scenario())
+
+
+def test_a_busy_api_is_tried_again_quickly_before_the_backoff() -> None:
+    """503 (on SQLite: a transaction met another's write): `busy_retries` quick tries from
+    `busy_retry_delay`, doubling, then the back-off from `retry_min_delay`."""
+    async def scenario() -> list[float]:
+        stop, waits = StopSignal(), []
+
+        async def sleep(seconds: float) -> None:
+            waits.append(seconds)
+
+        stop.sleep = sleep  # type: ignore[method-assign]
+        s = settings(busy_retries=2, busy_retry_delay=0.05, retry_min_delay=1.0)
+        api = ApiBackoff(s, Metrics(), stop, lambda item: None)
+        answers: list[Exception | RunCreated] = [
+            ApiBusy("HTTP 503"), ApiBusy("HTTP 503"), ApiBusy("HTTP 503"), created()]
+
+        async def call() -> RunCreated:
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        assert await api.call(call, [inbound()], {"event_id": "e"}) is not None
+        return waits
+
+    waits = asyncio.run(scenario())
+    assert len(waits) == 3, waits
+    assert 0.05 <= waits[0] <= 0.0625 and 0.1 <= waits[1] <= 0.125, waits
+    assert 1.0 <= waits[2] <= 1.25, waits  # the back-off's first delay, after the quick ones

@@ -14,7 +14,7 @@ from prefect.context import SyncClientContext
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from chain.expiring import Expiring
-from worker.engine import ClientPool, flow_heartbeats, suspension_observer
+from worker.engine import ClientPool, flow_heartbeats, suspension_observer, without_client_retries
 from worker.warm import WarmJobConfiguration
 
 
@@ -76,6 +76,18 @@ def test_flow_heartbeats_are_off_until_asked_for() -> None:
         assert flow_engine._send_heartbeats is prefects
     finally:
         flow_engine._send_heartbeats = prefects
+
+
+def test_without_client_retries_changes_only_the_retries_of_its_block() -> None:
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
+
+    with temporary_settings({PREFECT_API_URL: "http://api.example:4200/api",
+                             PREFECT_CLIENT_MAX_RETRIES: 7}):
+        for _ in range(2):  # the second time from the settings derived the first
+            with without_client_retries():
+                assert PREFECT_CLIENT_MAX_RETRIES.value() == 0
+                assert PREFECT_API_URL.value() == "http://api.example:4200/api"
+            assert PREFECT_CLIENT_MAX_RETRIES.value() == 7
 
 
 def test_no_environment_is_computed_for_a_run_in_the_worker_process() -> None:
