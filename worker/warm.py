@@ -85,6 +85,7 @@ from worker.engine import (
     suspension_observer,
     without_client_retries,
 )
+from worker.memory import MemoryReport
 from worker.recovery import ENGINE_ERROR, PoolRecovery, Recovered
 from worker.wakeup import PoolWakeup
 
@@ -125,6 +126,9 @@ class WarmWorkerSettings(BaseSettings):
         default=False, description="Prefect's flow-run heartbeats (a thread and an event per "
         "run, the run's end held up to 1 s; worker/engine.py); off: nothing of the node reads "
         "them (the recovery reads the worker's heartbeats)")
+    worker_memory_report_seconds: float = Field(
+        default=0.0, ge=0, description="Log where the worker's memory grew (tracemalloc) this "
+        "often (worker/memory.py); 0: off (it costs CPU and memory: to find a leak)")
     worker_metrics_port: int | None = Field(default=None, ge=0, le=65535, description="Port of "
         "the worker's /metrics (the flows' wis2_chain_*: they run in its process); unset: none")
     worker_metrics_host: str = Field(default="127.0.0.1", description="Its address")
@@ -286,6 +290,9 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         if self._wakeup is not None:
             self._background = [asyncio.create_task(self._wakeup.run()),
                                 asyncio.create_task(self._poll_on_wake())]
+        if settings.worker_memory_report_seconds > 0:
+            self._background.append(asyncio.create_task(
+                MemoryReport().run(settings.worker_memory_report_seconds)))
         # Results retention (chain/retention.py): this host's results, every hour by default.
         self._background.append(asyncio.create_task(Housekeeper(get_settings()).run()))
 
