@@ -146,6 +146,10 @@ class LocalNode:
     # flow threads, each keeping freed memory of its own (the worker's RSS rose ~3 MB per
     # 10,000 events through the 100,000-event soak with glibc's default; bench/RESULTS.md).
     WORKER_MALLOC_ENV = {"MALLOC_ARENA_MAX": "2"}
+    # The broker and dataset blocks kept 30 s by the flows in the warm worker's process
+    # (blocks/loading.py): two API reads fewer per run; a block edited in the UI is used by the
+    # runs that start 30 s later at most (compose.yml too).
+    WORKER_BLOCK_CACHE_SECONDS = "30"
     WORKER_NAME = "wis2-local-worker"
     # Run creations the listener sends at once: PostgreSQL takes concurrent writes (compose.yml
     # too); SQLite serialises them, so the listener's default (1) stays.
@@ -350,6 +354,7 @@ class LocalNode:
                 # ~4 minutes of API retries: a run rides out a Prefect server restart
                 "PREFECT_CLIENT_MAX_RETRIES": self.WORKER_CLIENT_MAX_RETRIES,
                 "PREFECT_CLIENT_RETRY_EXTRA_CODES": self.WORKER_CLIENT_RETRY_CODES,
+                "WIS2_BLOCK_CACHE_SECONDS": self.WORKER_BLOCK_CACHE_SECONDS,
                 **self.WORKER_MALLOC_ENV, **metrics}
 
     def start_delivery_monitor(self) -> None:

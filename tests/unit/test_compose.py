@@ -135,6 +135,7 @@ def test_chain_settings_match_the_benchmarked_ones(resolved: dict) -> None:
     assert worker_env["PREFECT_CLIENT_RETRY_EXTRA_CODES"] == LocalNode.WORKER_CLIENT_RETRY_CODES
     for name, value in LocalNode.WORKER_MALLOC_ENV.items():
         assert worker_env[name] == value, name
+    assert worker_env["WIS2_BLOCK_CACHE_SECONDS"] == LocalNode.WORKER_BLOCK_CACHE_SECONDS
     listener_env = services["listener"]["environment"]
     for env in (worker_env, listener_env):
         assert env["PREFECT_CLIENT_CSRF_SUPPORT_ENABLED"] == LocalNode.CLIENT_CSRF_SUPPORT
