@@ -24,8 +24,10 @@ IGNORED = (tracemalloc.__file__, "<frozen importlib._bootstrap>",
 class MemoryReport:
     """tracemalloc's growth since a baseline, `top` allocation sites at a time."""
 
-    def __init__(self, top: int = 10) -> None:
+    def __init__(self, top: int = 10, logger: logging.Logger | logging.LoggerAdapter | None = None,
+                 ) -> None:
         self.top = top
+        self.log = logger or log  # the worker's: its log file shows Prefect's loggers
         self._baseline: tracemalloc.Snapshot | None = None
 
     def start(self) -> None:
@@ -55,11 +57,11 @@ class MemoryReport:
     async def run(self, seconds: float) -> None:
         """Report every `seconds`, until cancelled."""
         self.start()
-        log.info("memory report every %.0f s (tracemalloc on, %d frames)", seconds, FRAMES)
+        self.log.info("memory report every %.0f s (tracemalloc on, %d frames)", seconds, FRAMES)
         while True:
             await asyncio.sleep(seconds)
             traced, peak = tracemalloc.get_traced_memory()
             lines = await asyncio.to_thread(self.report)
-            log.info("memory: %.1f MiB traced (peak %.1f MiB); growth since the baseline:%s",
+            self.log.info("memory: %.1f MiB traced (peak %.1f MiB); growth since the baseline:%s",
                      traced / 2**20, peak / 2**20,
                      "".join(f"\n  {line}" for line in lines) or " (baseline taken)")

@@ -292,7 +292,7 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
                                 asyncio.create_task(self._poll_on_wake())]
         if settings.worker_memory_report_seconds > 0:
             self._background.append(asyncio.create_task(
-                MemoryReport().run(settings.worker_memory_report_seconds)))
+                MemoryReport(logger=self._logger).run(settings.worker_memory_report_seconds)))
         # Results retention (chain/retention.py): this host's results, every hour by default.
         self._background.append(asyncio.create_task(Housekeeper(get_settings()).run()))
 
