@@ -38,12 +38,12 @@ class MemoryReport:
         return tracemalloc.take_snapshot().filter_traces(
             [tracemalloc.Filter(False, name) for name in IGNORED])
 
-    def report(self) -> list[str]:
-        """The sites that grew most since the baseline (none at the first call: it takes it)."""
+    def report(self) -> list[str] | None:
+        """The sites that grew most since the baseline; None at the first call (it takes it)."""
         snapshot = self._snapshot()
         if self._baseline is None:
             self._baseline = snapshot
-            return []
+            return None
         lines = []
         for stat in snapshot.compare_to(self._baseline, "traceback")[:self.top]:
             if stat.size_diff <= 0:
@@ -62,6 +62,7 @@ class MemoryReport:
             await asyncio.sleep(seconds)
             traced, peak = tracemalloc.get_traced_memory()
             lines = await asyncio.to_thread(self.report)
+            growth = (" (baseline taken)" if lines is None else
+                      "".join(f"\n  {line}" for line in lines) or " nothing grew")
             self.log.info("memory: %.1f MiB traced (peak %.1f MiB); growth since the baseline:%s",
-                     traced / 2**20, peak / 2**20,
-                     "".join(f"\n  {line}" for line in lines) or " (baseline taken)")
+                          traced / 2**20, peak / 2**20, growth)
