@@ -99,7 +99,16 @@ def _close(ctx: Any) -> None:
         log.debug("closing a Prefect client: %s", exc)
 
 
-_PREFECT_OBSERVER: Any = None
+_PREFECTS: dict[str, Any] = {}  # the flow engine's own functions this module replaced
+
+
+def _replace_in_flow_engine(name: str, enabled: bool, off: Any) -> None:
+    """Prefect's `prefect.flow_engine.<name>` when `enabled`, else `off`, for the flow runs of
+    this process."""
+    import prefect.flow_engine as flow_engine
+
+    _PREFECTS.setdefault(name, getattr(flow_engine, name))
+    setattr(flow_engine, name, _PREFECTS[name] if enabled else off)
 
 
 @contextlib.contextmanager
@@ -110,16 +119,20 @@ def _no_suspension_observer(flow_run_id: Any, suspension_request: Any,
 
 def suspension_observer(enabled: bool) -> None:
     """Turn Prefect's per-run suspension observer on or off for the flow runs of this process."""
-    global _PREFECT_OBSERVER
-    import prefect.flow_engine as flow_engine
-
-    if _PREFECT_OBSERVER is None:
-        _PREFECT_OBSERVER = flow_engine.observe_flow_run_suspension
-    flow_engine.observe_flow_run_suspension = (  # type: ignore[attr-defined]
-        _PREFECT_OBSERVER if enabled else _no_suspension_observer)
+    _replace_in_flow_engine("observe_flow_run_suspension", enabled, _no_suspension_observer)
 
 
-_NO_RETRIES: dict[int, Any] = {}  # id(settings) -> those settings without client retries
+@contextlib.contextmanager
+def _no_heartbeats(engine: Any, join_on_exit: bool = True) -> Iterator[None]:
+    yield
+
+
+def flow_heartbeats(enabled: bool) -> None:
+    """Turn Prefect's flow-run heartbeats on or off for the flow runs of this process."""
+    _replace_in_flow_engine("_send_heartbeats", enabled, _no_heartbeats)
+
+
+_NO_RETRIES: list[tuple[Any, Any]] = []  # (settings, the same without client retries): one pair
 
 
 @contextlib.contextmanager
@@ -131,32 +144,11 @@ def without_client_retries() -> Iterator[None]:
     from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
 
     ctx = prefect.context.get_settings_context()
-    quick = _NO_RETRIES.get(id(ctx.settings))
-    if quick is None:
+    if not _NO_RETRIES or _NO_RETRIES[0][0] is not ctx.settings:
         quick = ctx.settings.copy_with_update(updates={PREFECT_CLIENT_MAX_RETRIES: 0})
-        _NO_RETRIES.clear()  # one entry: the worker's settings
-        _NO_RETRIES[id(ctx.settings)] = quick
-    with prefect.context.SettingsContext(profile=ctx.profile, settings=quick):
+        _NO_RETRIES[:] = [(ctx.settings, quick)]
+    with prefect.context.SettingsContext(profile=ctx.profile, settings=_NO_RETRIES[0][1]):
         yield
-
-
-_PREFECT_HEARTBEATS: Any = None
-
-
-@contextlib.contextmanager
-def _no_heartbeats(engine: Any, join_on_exit: bool = True) -> Iterator[None]:
-    yield
-
-
-def flow_heartbeats(enabled: bool) -> None:
-    """Turn Prefect's flow-run heartbeats on or off for the flow runs of this process."""
-    global _PREFECT_HEARTBEATS
-    import prefect.flow_engine as flow_engine
-
-    if _PREFECT_HEARTBEATS is None:
-        _PREFECT_HEARTBEATS = flow_engine._send_heartbeats
-    flow_engine._send_heartbeats = (  # type: ignore[attr-defined]
-        _PREFECT_HEARTBEATS if enabled else _no_heartbeats)
 
 
 class ReadCache:

@@ -48,34 +48,25 @@ def test_a_client_of_a_run_that_raised_is_closed_not_reused(api_url) -> None:
     pool.close()
 
 
-def test_the_suspension_observer_is_off_until_asked_for() -> None:
-    prefects = flow_engine.observe_flow_run_suspension
+@pytest.mark.parametrize("name, switch, args", [
+    ("observe_flow_run_suspension", suspension_observer, ("run-id", object())),
+    ("_send_heartbeats", flow_heartbeats, (object(),)),
+])
+def test_what_the_worker_turns_off_is_off_until_asked_for(name, switch, args) -> None:
+    """Off: a no-op (no thread, no client, no subscription, nothing to wait for at the end);
+    on: Prefect's own again."""
+    prefects = getattr(flow_engine, name)
     try:
-        suspension_observer(False)
-        off = flow_engine.observe_flow_run_suspension
-        assert off is not prefects
-        with off("run-id", object()):  # a no-op: no thread, no client, no subscription
-            pass
-        suspension_observer(True)
-        assert flow_engine.observe_flow_run_suspension is prefects
-    finally:
-        flow_engine.observe_flow_run_suspension = prefects
-
-
-def test_flow_heartbeats_are_off_until_asked_for() -> None:
-    """Off: no heartbeat thread to start, and none to wait for at the run's end."""
-    prefects = flow_engine._send_heartbeats
-    try:
-        flow_heartbeats(False)
-        off = flow_engine._send_heartbeats
+        switch(False)
+        off = getattr(flow_engine, name)
         assert off is not prefects
         before = threading.active_count()
-        with off(object()), off(object(), join_on_exit=False):
+        with off(*args):
             assert threading.active_count() == before
-        flow_heartbeats(True)
-        assert flow_engine._send_heartbeats is prefects
+        switch(True)
+        assert getattr(flow_engine, name) is prefects
     finally:
-        flow_engine._send_heartbeats = prefects
+        setattr(flow_engine, name, prefects)
 
 
 def test_without_client_retries_changes_only_the_retries_of_its_block() -> None:
