@@ -4,8 +4,9 @@ The PostgreSQL node (as `make demo` and compose run it: the node's Prefect serve
 warm worker, listener with batching) takes events at a sustained rate, one in
 `BAD_EVERY` malformed (a dead letter each), with every retention compressed to
 `--soak-retention-seconds` (default 3601 s: Prefect's database vacuum refuses less than an hour)
-so that it acts during the run: the vacuum of flow runs and events (its loop every 60 s), the
-results sweep (every 60 s), the dead letters (checked every 10 s).
+so that it acts during the run: the vacuum of flow runs and events (its loop every 60 s), of
+orphaned logs and stale artifact collections (every sixth of the retention), the results sweep
+(every 60 s), the dead letters (checked every 10 s).
 
 Sampled every `--soak-sample-seconds`: each process's RSS (with its children), the Prefect
 database's size, the results directory's size, the dead letters, the free disk. At the end:
@@ -50,6 +51,11 @@ def soak_env(retention_seconds: int, batch_wait: float = 1.0,
     the listener's batch wait."""
     server = {"PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD": str(retention_seconds),
               "PREFECT_SERVER_SERVICES_DB_VACUUM_LOOP_SECONDS": "60",
+              # orphaned logs and stale artifact collections (the latest artifact of a key whose
+              # artifacts were vacuumed with their runs): daily for a node's 14 days, a sixth of
+              # the compressed retention here (left daily, they grew through the whole soak)
+              "PREFECT_SERVER_SERVICES_DB_VACUUM_ORPHAN_CLEANUP_LOOP_SECONDS":
+                  str(max(60, retention_seconds // 6)),
               "PREFECT_SERVER_EVENTS_RETENTION_PERIOD": f"PT{retention_seconds}S"}
     days = f"{retention_seconds / 86400:.6f}"
     chain = {"WIS2_RESULTS_RETENTION_DAYS": days, "WIS2_HOUSEKEEPING_SECONDS": "60"}
