@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import chain
-from bench.chain import Delivery, _delivery
+from bench.chain import Delivery, delivery_counts
 from bench.collect import Collector
 from bench.events import BenchEvent, EventFactory
 from chain.mqtt import MqttConnection
@@ -67,7 +67,7 @@ def run_backfill(
     drained = collector.wait_for(data_ids, start + timeout, abort)
     elapsed = time.monotonic() - start
     lines = [line for line in (output or "").splitlines() if line.strip()]
-    delivery = _delivery(events, collector, [], {d: 0.0 for d in data_ids})
+    delivery = delivery_counts(events, collector, [], {d: 0.0 for d in data_ids})
     return BackfillResult(
         rate_limit=rate, batch_size=batch_size,
         exit_code=process.returncode, message=lines[-1][:500] if lines else "",

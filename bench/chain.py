@@ -82,8 +82,8 @@ class FlowRunCounts(BaseModel):
     error: str | None = None
 
 
-def _delivery(events: Sequence[BenchEvent], collector: Collector, errors: list[str],
-              sent: dict[str, float]) -> dict:
+def delivery_counts(events: Sequence[BenchEvent], collector: Collector, errors: list[str],
+                    sent: dict[str, float]) -> dict:
     received = dup_ids = dup_msgs = distinct_dups = 0
     for event in events:
         if event.data_id not in sent:
@@ -140,7 +140,7 @@ def run_steady(
     return SteadyResult(
         rate=rate, seconds=round(len(events) / rate, 1),
         latency=summarize(_latencies(events, collector, sent)),
-        waited_seconds=round(waited, 1), **_delivery(events, collector, errors, sent),
+        waited_seconds=round(waited, 1), **delivery_counts(events, collector, errors, sent),
     )
 
 
@@ -176,11 +176,11 @@ def run_burst(
         first_notification_seconds=round(first, 2) if first is not None else None,
         throughput_eps=round(len(arrivals) / span, 3) if span else 0.0,
         latency=summarize(_latencies(events, collector, sent)),
-        **_delivery(events, collector, errors, sent),
+        **delivery_counts(events, collector, errors, sent),
     )
 
 
-def _event_ids(parameters: dict) -> list[str]:
+def event_ids(parameters: dict) -> list[str]:
     """The ids of the events a run handles: `event` (publish-notification) or `events`
     (publish-batch). A run is named after its file only once it starts, so runs are matched to
     events by their parameters."""
@@ -193,7 +193,7 @@ def _event_ids(parameters: dict) -> list[str]:
 
 
 @asynccontextmanager
-async def _client(node: NodeState,
+async def node_client(node: NodeState,
                   requests: Counter[str] | None = None) -> AsyncIterator[PrefectClient]:
     """A Prefect client of the node's API (this process's own settings left as they are);
     `requests` counts its requests by route (bench/api_requests.py), retries included."""
@@ -243,8 +243,8 @@ async def chain_runs(client: PrefectClient) -> AsyncIterator[Any]:
 
 async def _read_runs(node: NodeState,
                      requests: Counter[str] | None = None) -> list[tuple[list[str], str]]:
-    async with _client(node, requests) as client:
-        return [(_event_ids(r.parameters), _state_key(r.state)) async for r in chain_runs(client)]
+    async with node_client(node, requests) as client:
+        return [(event_ids(r.parameters), _state_key(r.state)) async for r in chain_runs(client)]
 
 
 def rescheduled_after_unavailable(node: NodeState, phase_marker: str) -> int:
@@ -267,9 +267,9 @@ def _runs_whose_states(node: NodeState, phase_marker: str, which: Callable[[Any]
 
     async def count() -> int:
         found = 0
-        async with _client(node) as client:
+        async with node_client(node) as client:
             async for run in chain_runs(client):
-                if any(phase_marker in i for i in _event_ids(run.parameters)):
+                if any(phase_marker in i for i in event_ids(run.parameters)):
                     states = await client.read_flow_run_states(run.id)
                     found += any(which(s) for s in states)
         return found
@@ -327,7 +327,7 @@ async def _delete_unstarted(node: NodeState) -> int:
     unstarted = FlowRunFilter(state=FlowRunFilterState(
         type=FlowRunFilterStateType(any_=[StateType.SCHEDULED, StateType.PENDING])))
     deleted = 0
-    async with _client(node) as client:
+    async with node_client(node) as client:
         while True:
             page = await client.read_flow_runs(flow_filter=_chain_flows(),
                                                flow_run_filter=unstarted, limit=200)

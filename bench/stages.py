@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from bench.chain import _client, _event_ids, chain_runs
+from bench.chain import chain_runs, event_ids, node_client
 from bench.collect import Collector
 from bench.events import BenchEvent
 from bench.stats import percentile
@@ -58,9 +58,9 @@ async def _timelines(node: NodeState, phase_marker: str,
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     found: list[dict[str, float]] = []
-    async with _client(node) as client:
+    async with node_client(node) as client:
         async for run in chain_runs(client):
-            ids = _event_ids(run.parameters)
+            ids = event_ids(run.parameters)
             if len(ids) != 1 or phase_marker not in ids[0] or ids[0] not in sent_by_event:
                 continue
             sent = sent_by_event[ids[0]]
