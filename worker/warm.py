@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 import importlib
 import importlib.util
@@ -427,11 +428,9 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         them (an API restarting); an API still too busy to store them must not crash a run
         that can go on."""
         for attempt in range(LABEL_QUICK_TRIES + 1):
+            quick = attempt < LABEL_QUICK_TRIES
             try:
-                if attempt < LABEL_QUICK_TRIES:
-                    with without_client_retries():
-                        await super()._give_worker_labels_to_flow_run(flow_run_id)
-                else:
+                with without_client_retries() if quick else contextlib.nullcontext():
                     await super()._give_worker_labels_to_flow_run(flow_run_id)
                 return
             except Exception as exc:

@@ -161,4 +161,3 @@ def test_the_servers_default_result_storage_is_read_once_per_delay(
     for _ in range(4):
         assert results._read_server_default_result_storage_block_id() is None
     assert reads == ["GET /admin/storage"] * 2
-
