@@ -8,6 +8,7 @@ from pathlib import Path
 from bench import faults, faults_scaled  # noqa: F401 (registers its scenarios)
 from bench.events import FileMix
 from bench.variants import SERVER_DEFAULTS, Variant, parse_variants
+from listener.settings import ListenerSettings
 
 DESCRIPTION = "The end-to-end benchmark of the chain (bench/run.py)."
 DEFAULT_FILE_MIX = "20000:795,500000:200,20000000:5"
@@ -91,7 +92,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
                    help="`prefect worker start --limit`: flow runs at the same time")
     p.add_argument("--pool-limit", type=int, default=0,
                    help="work pool concurrency limit set for the run (0: none)")
-    p.add_argument("--batch-max-size", type=int, default=50,
+    p.add_argument("--batch-max-size", type=int,
+                   default=ListenerSettings.model_fields["batch_max_size"].default,
                    help="WIS2_LISTENER_BATCH_MAX_SIZE: events per batch run (1: no batching)")
     p.add_argument("--listener-setting", action="append", default=[], metavar="NAME=VALUE",
                    help="another listener setting, as WIS2_LISTENER_<NAME>=VALUE (repeatable), "

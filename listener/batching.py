@@ -5,6 +5,13 @@ A worker that takes a message while others are queued behind it collects the val
 the route's `batch_deployment` each. A message on an idle listener gets a run of its own at once.
 A batch deployment found missing is not tried again for `BATCH_RECHECK` seconds (its route's
 bursts get one run per event meanwhile).
+
+Opt-in (`batch_hold_waiting_runs` > 0): while the chain is behind (`Backlog`: that many of the
+listener's runs wait Scheduled, read from the API at most every `BACKLOG_RECHECK` s), a batch
+that is not full at `batch_max_wait` is held until it is, for at most `batch_hold_max` s (a run
+costs the Prefect server and the worker a fixed price whatever its size). The events held stay
+unacknowledged, in the broker's database: off for the node's own broker, which writes that
+database out on every change (docs/concepts/batches.md).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ log = logging.getLogger("listener")
 
 BATCH_RECHECK = 60  # seconds before a missing batch deployment is looked up again
 COLLECT_POLL = 0.005  # seconds between looks at the queue while a batch fills
+BACKLOG_RECHECK = 0.5  # seconds the count of waiting runs is kept
 
 
 class BatchPolicy:
@@ -66,6 +74,34 @@ class BatchPolicy:
         return [members[i:i + size] for i in range(0, len(members), size)]
 
 
+class Backlog:
+    """Whether the chain is behind: at least `threshold` of the listener's runs wait Scheduled
+    (`count`, read at most every `recheck` s; the last count is `waiting`). A count that fails
+    says "not behind" (nothing is held on a guess). `threshold` 0: never behind."""
+
+    def __init__(self, threshold: int, count: Callable[[], Awaitable[int]],
+                 recheck: float = BACKLOG_RECHECK,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.threshold = threshold
+        self.recheck = recheck
+        self.waiting = 0
+        self._count = count
+        self._clock = clock
+        self._read_at = float("-inf")
+
+    async def behind(self) -> bool:
+        if self.threshold <= 0:
+            return False
+        if self._clock() - self._read_at >= self.recheck:
+            self._read_at = self._clock()
+            try:
+                self.waiting = await self._count()
+            except Exception as exc:
+                log.debug("cannot count the waiting runs: %s", exc)
+                self.waiting = 0
+        return self.waiting >= self.threshold
+
+
 def by_route(members: list[Accepted]) -> list[list[Accepted]]:
     """`members` grouped by route (same route object), in order of first appearance."""
     groups: dict[int, list[Accepted]] = {}
@@ -77,19 +113,26 @@ def by_route(members: list[Accepted]) -> list[list[Accepted]]:
 async def collect(
     first: Accepted, queue: asyncio.Queue[Inbound | None],
     accept: Callable[[Inbound], Awaitable[Accepted | None]], *, max_size: int,
-    max_wait: float, stop: StopSignal,
+    max_wait: float, stop: StopSignal, backlog: Backlog | None = None, max_hold: float = 0.0,
 ) -> list[Accepted]:
-    """`first` and the valid messages queued behind it (waiting at most `max_wait` for more),
-    up to `max_size`; `accept` dead-letters the malformed ones on the way (returning None)."""
+    """`first` and the valid messages queued behind it (waiting at most `max_wait` for more,
+    or while `backlog` is behind up to `max_hold`), up to `max_size`; `accept` dead-letters
+    the malformed ones on the way (returning None)."""
     taken = [first]
-    deadline = time.monotonic() + max_wait
+    start = time.monotonic()
+    deadline = start + max_wait
     while len(taken) < max_size and not stop.requested:
         try:
             item = queue.get_nowait()
         except asyncio.QueueEmpty:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                break
+                held_until = start + max_hold
+                if (backlog is None or time.monotonic() >= held_until
+                        or not await backlog.behind()):
+                    break
+                deadline = min(held_until, time.monotonic() + backlog.recheck)
+                continue
             await asyncio.sleep(min(COLLECT_POLL, remaining))
             continue
         if item is None:  # the stop signal is for a worker: hand it back

@@ -97,6 +97,11 @@ class Metrics:
             "Age of the oldest received message not acknowledged yet", registry=r)
         self.in_flight = Gauge(
             "wis2_listener_in_flight", "Messages received and not acknowledged yet", registry=r)
+        self.runs_waiting = Gauge(
+            "wis2_listener_runs_waiting",
+            "The listener's flow runs waiting Scheduled, as last counted while a batch filled "
+            "(counted only with WIS2_LISTENER_BATCH_HOLD_WAITING_RUNS set)",
+            registry=r)
         self.broker_connected = Gauge(
             "wis2_listener_broker_connected", "1 when connected to the broker", registry=r)
         self.disk_free_bytes = Gauge(

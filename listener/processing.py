@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from listener.backoff import ApiBackoff
-from listener.batching import BatchPolicy, by_route, collect
+from listener.batching import Backlog, BatchPolicy, by_route, collect
 from listener.creation import RunCreation
 from listener.messages import Accepted, Inbound, Rejection, check_message
 from listener.observability import Metrics
@@ -48,6 +48,7 @@ class Processor:
     runs: RunCreation
     metrics: Metrics
     stop: StopSignal
+    backlog: Backlog | None = None  # None: batches never held past batch_max_wait
     last_taken: float = field(default=float("-inf"))  # monotonic time of the last message taken
     taking: asyncio.Lock = field(default_factory=asyncio.Lock)  # the turn to take and collect
 
@@ -90,7 +91,8 @@ class Processor:
         try:
             return by_route(await collect(
                 accepted, self.queue, self.accept, max_size=self.batches.collect_size,
-                max_wait=self.settings.batch_max_wait, stop=self.stop))
+                max_wait=self.settings.batch_max_wait, stop=self.stop, backlog=self.backlog,
+                max_hold=self.settings.batch_hold_max))
         except Exception:  # a bug while collecting: the first event goes on alone
             log.exception("unexpected error collecting a batch")
             return [[accepted]]

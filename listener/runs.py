@@ -48,6 +48,9 @@ class ApiRejected(RuntimeError):
     """The API refused the request itself (4xx): retrying would not help."""
 
 
+RUN_TAG = "wis2-listener"  # every run the listener creates
+
+
 @dataclass(frozen=True)
 class RunCreated:
     run_id: UUID
@@ -131,6 +134,22 @@ class RunCreator:
             self._deployments[name] = UUID(response.json()["id"])
         return self._deployments[name]
 
+    async def waiting_runs(self) -> int:
+        """The listener's runs (any replica's, of the deployments this one has created runs
+        of) that wait Scheduled and are due: created, not yet taken by a worker (a run
+        scheduled for later, e.g. a retry's, is not counted)."""
+        from prefect.types._datetime import now
+
+        if not self._deployments:
+            return 0
+        body = {"flow_runs": {"tags": {"all_": [RUN_TAG]},
+                              "deployment_id": {"any_": [str(i) for i in
+                                                         self._deployments.values()]},
+                              "state": {"type": {"any_": ["SCHEDULED"]}},
+                              "expected_start_time": {"before_": now("UTC").isoformat()}}}
+        response = await self._call("POST", "/flow_runs/count", json=body)
+        return int(response.json())
+
     async def create(self, event: CloudEvent, route: Route) -> RunCreated:
         """A run of the route's deployment for one event."""
         return await self._create(route.deployment, run_parameters(event, route),
@@ -188,7 +207,7 @@ def _run_body(parameters: dict[str, Any], key: str) -> dict[str, Any]:
     return DeploymentFlowRunCreate(
         parameters=parameters,
         state=to_state_create(Scheduled()),
-        tags=["wis2-listener"],
+        tags=[RUN_TAG],
         idempotency_key=key,
         # The listener has parsed every event already (bad ones went to the dead letters):
         # the server need not check them against the deployment's parameter schema again,

@@ -20,7 +20,7 @@ from typing import Any
 
 from chain.diskspace import DiskSettings, DiskWatch
 from listener.backoff import ApiBackoff
-from listener.batching import BatchPolicy
+from listener.batching import Backlog, BatchPolicy
 from listener.creation import RunCreation
 from listener.deadletters import DeadLetterStore
 from listener.messages import Inbound
@@ -100,7 +100,9 @@ class Listener:
                 [r.model_dump() for r in s.routes]), "max_in_flight": s.max_in_flight,
             "concurrency": s.concurrency, "deadletter_dir": str(s.deadletter_dir),
             "batch_max_size": s.batch_max_size, "batch_max_wait": s.batch_max_wait,
-            "api_concurrency": s.api_concurrency, "batch_runs_per_call": s.batch_runs_per_call})
+            "api_concurrency": s.api_concurrency, "batch_runs_per_call": s.batch_runs_per_call,
+            "batch_hold_waiting_runs": s.batch_hold_waiting_runs,
+            "batch_hold_max": s.batch_hold_max})
         if 1 < s.batch_max_size and s.max_in_flight < s.batch_max_size * s.concurrency:
             log.warning("max_in_flight (MQTT Receive Maximum) is below batch_max_size x "
                         "concurrency: batches cannot fill during bursts", extra={
@@ -122,10 +124,12 @@ class Listener:
             async with RunCreator(timeout=s.api_timeout) as creator:
                 runs = RunCreation(creator, self.api, self.session, self.rejecter, self.batches,
                                    self.metrics)
+                backlog = Backlog(s.batch_hold_waiting_runs, creator.waiting_runs)
+                self.metrics.runs_waiting.set_function(lambda: backlog.waiting)
                 processor = Processor(
                     settings=s, queue=self.queue, session=self.session, api=self.api,
                     rejecter=self.rejecter, batches=self.batches, runs=runs,
-                    metrics=self.metrics, stop=self.stop)
+                    metrics=self.metrics, stop=self.stop, backlog=backlog)
                 self.session.start(
                     lambda item: loop.call_soon_threadsafe(self.queue.put_nowait, item))
                 workers = [asyncio.create_task(processor.worker())

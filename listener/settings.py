@@ -156,6 +156,16 @@ class ListenerSettings(BaseSettings, MqttConnection):
         "this after the one before (a stream), waits for more to fill a batch (an event on an "
         "idle listener never waits)",
     )
+    batch_hold_waiting_runs: int = Field(
+        default=0, ge=0,
+        description="While at least this many of the listener's runs wait Scheduled (due, "
+        "not yet taken by a worker: the chain is behind), a batch is held past "
+        "batch_max_wait until it is full (batch_max_size), for at most batch_hold_max "
+        "seconds: fewer, larger runs. 0 (the default): never held; the events held stay "
+        "in the broker's database, which the node's durable broker writes out on every "
+        "change (docs/concepts/batches.md)")
+    batch_hold_max: float = Field(
+        default=5.0, ge=0, description="Longest a batch is held for the above (s)")
     busy_retries: int = Field(
         default=3, ge=0, description="Quick retries of a call the API answered 503 (busy: on "
         "SQLite, a transaction that met another's write; the server asks to try again), before "

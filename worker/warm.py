@@ -50,6 +50,7 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import datetime
 import importlib
 import importlib.util
 import inspect
@@ -63,7 +64,10 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 import anyio.to_thread
+import httpx
 from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.responses import WorkerFlowRunResponse
+from prefect.types._datetime import now
 from prefect.workers.base import (
     BaseJobConfiguration,
     BaseVariables,
@@ -127,6 +131,10 @@ class WarmWorkerSettings(BaseSettings):
         default=False, description="Prefect's flow-run heartbeats (a thread and an event per "
         "run, the run's end held up to 1 s; worker/engine.py); off: nothing of the node reads "
         "them (the recovery reads the worker's heartbeats)")
+    worker_poll_limited: bool = Field(
+        default=True, description="A poll asks for as many Scheduled runs as the worker has "
+        "free slots (worker/warm.py `_poll_limit`); false: Prefect's poll (up to 200 runs, "
+        "each with its parameters, whatever the free slots)")
     worker_memory_report_seconds: float = Field(
         default=0.0, ge=0, description="Log where the worker's memory grew (tracemalloc) this "
         "often (worker/memory.py); 0: off (it costs CPU and memory: to find a leak)")
@@ -265,6 +273,7 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         self._project_dir = settings.resolved_project_dir()
         suspension_observer(settings.worker_suspension_observer)
         flow_heartbeats(settings.worker_flow_heartbeats)
+        self._poll_limited = settings.worker_poll_limited
         self._reads = ReadCache(settings.worker_read_cache_seconds)
         keep_server_result_storage(settings.worker_read_cache_seconds)
         self._wakeup = PoolWakeup(self._work_pool_name, self._on_scheduled, self._logger) \
@@ -396,6 +405,39 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
                 raise
             self._api_unavailable("polling the pool", exc)
             return []
+
+    def _poll_limit(self) -> int | None:
+        """Runs one poll asks for: the free run slots, plus the runs still being submitted
+        (claimed here, perhaps not yet Pending on the server, so returned again and skipped);
+        at least 1 (a poll also tells the server the pool's queues are polled). None without
+        `--limit` or with WIS2_WORKER_POLL_LIMITED=false: Prefect's default (the API's limit,
+        200)."""
+        if self._limiter is None or not self._poll_limited:
+            return None
+        return max(1, int(self._limiter.available_tokens) + len(self._submitting_flow_run_ids))
+
+    async def _get_scheduled_flow_runs(self) -> list[WorkerFlowRunResponse]:
+        """Prefect's poll without a limit returns up to 200 Scheduled runs, each with its
+        parameters (a batch run of 50 events: ~65 kB), and the worker submits only as many as it
+        has free slots: under a backlog every poll moved megabytes of JSON that the server
+        serialised and the worker parsed, to start one or two runs. This poll asks for what can
+        be submitted (`_poll_limit`), highest-priority queue first as Prefect's."""
+        limit = self._poll_limit()
+        if limit is None:
+            return await super()._get_scheduled_flow_runs()
+
+        scheduled_before = now("UTC") + datetime.timedelta(seconds=int(self._prefetch_seconds))
+        body: dict[str, Any] = {"scheduled_before": str(scheduled_before), "limit": limit,
+                                "work_queue_names": list(self._work_queues)}
+        try:
+            response = await self.client.request(
+                "POST", "/work_pools/{name}/get_scheduled_flow_runs",
+                path_params={"name": self._work_pool_name}, json=body)
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code == 404:  # the pool is created at the next heartbeat
+                return []
+            raise
+        return WorkerFlowRunResponse.model_validate_list(response.json())
 
     async def _sync_and_initialize(self) -> None:
         """The heartbeat (and pool sync): once the worker has synced, an unavailable API is

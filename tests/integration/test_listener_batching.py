@@ -269,3 +269,36 @@ def test_bulk_creation_keeps_each_batch_runs_idempotency_key(prefect_api: Prefec
     runs = {run.id: sorted(e["id"] for e in run_events(run)) for run in batch.runs()}
     assert runs == {run_id: sorted(e.id for e in some) for run_id, some in zip(
         ids[2], batches, strict=True)}
+
+
+def test_a_batch_is_held_until_full_while_runs_wait(
+    prefect_api: PrefectServer, mqtt_broker: RunningBroker, make_listener
+) -> None:
+    """Three of the listener's runs wait Scheduled (their deployments have no worker: the chain
+    is behind) and the threshold is 3: a batch is not cut at `batch_max_wait` (0 here) but held,
+    its events unacknowledged, until it is full; the count is on /metrics. The events come in
+    two groups, the second published only once the first is seen held (nothing raced)."""
+    single = Deployment(prefect_api.api_url)
+    batch = Deployment(prefect_api.api_url, flow="publish-batch")
+    size = 30
+    listener = make_listener(prefect_api.api_url, single.full_name, batch.full_name,
+                             batch_max_wait=0, batch_max_size=size, batch_hold_waiting_runs=3,
+                             batch_hold_max=3600).start(60)
+    for i in range(3):  # an idle listener: a run of its own each, left waiting
+        publish(mqtt_broker, [(TOPIC, file_event("waiting", i))])
+        wait_for(lambda i=i: len(single.runs()) == i + 1, 30, "a single run", listener.debug)
+
+    publish(mqtt_broker, [(TOPIC, file_event("held", i)) for i in range(10)])
+    held = wait_for(lambda: (m := listener.metrics())["wis2_listener_events_received_total"]
+                    == 13 and m["wis2_listener_in_flight"] >= 9 and m, 30,
+                    "the burst received", listener.debug)
+    assert held["wis2_listener_runs_waiting"] >= 3
+    assert batch.runs() == [], "the batch was cut before it was full"
+    missing = size - int(held["wis2_listener_in_flight"])  # one may have gone alone, first
+    publish(mqtt_broker, [(TOPIC, file_event("fill", i)) for i in range(missing)])
+    runs = wait_for(lambda: batch.runs() or None, 30, "the batch run", listener.debug)
+    assert [len(run_events(r)) for r in runs] == [size]
+    expected = {f"held-{i:04d}" for i in range(10)} | {f"fill-{i:04d}" for i in range(missing)}
+    assert expected <= set(single.event_ids()) | set(batch.event_ids())
+    wait_for(lambda: listener.metrics()["wis2_listener_in_flight"] == 0, 10, "all acked",
+             listener.debug)

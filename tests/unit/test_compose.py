@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from listener.settings import ListenerSettings
 from tests.fixtures.paths import REPO
 
 COMPOSE = REPO / "compose.yml"
@@ -141,7 +142,8 @@ def test_chain_settings_match_the_benchmarked_ones(resolved: dict) -> None:
         assert env["PREFECT_CLIENT_CSRF_SUPPORT_ENABLED"] == LocalNode.CLIENT_CSRF_SUPPORT
     for name, value in PROFILE_LISTENER_SETTINGS["postgres"].items():
         assert listener_env[f"WIS2_LISTENER_{name}"] == value
-    assert listener_env["WIS2_LISTENER_BATCH_MAX_SIZE"] == "50"
+    assert listener_env["WIS2_LISTENER_BATCH_MAX_SIZE"] == str(
+        ListenerSettings.model_fields["batch_max_size"].default)
 
 
 def test_server_settings_are_the_local_nodes(resolved: dict) -> None:

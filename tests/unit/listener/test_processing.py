@@ -8,7 +8,7 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
-from listener.batching import BatchPolicy
+from listener.batching import Backlog, BatchPolicy
 from listener.processing import Processor
 from listener.stopping import StopSignal
 from tests.fixtures.paths import DATA
@@ -19,7 +19,10 @@ EVENT = (DATA / "demo-event.json").read_bytes()
 
 
 def processor(batch_max_wait: float, batch_max_size: int = 50,
-              created_ids: list[list[int]] | None = None) -> tuple[Processor, list[int]]:
+              created_ids: list[list[int]] | None = None, waiting: int | None = None,
+              batch_hold_max: float = 30.0, hold_waiting_runs: int = 0,
+              ) -> tuple[Processor, list[int]]:
+    """`waiting`: the listener's runs the API says wait Scheduled (None: no backlog check)."""
     created: list[int] = []
 
     async def create(members: list[Any]) -> None:
@@ -27,13 +30,19 @@ def processor(batch_max_wait: float, batch_max_size: int = 50,
         if created_ids is not None:
             created_ids.append([m.item.mid for m in members])
 
-    config = settings(batch_max_wait=batch_max_wait, batch_max_size=batch_max_size)
+    config = settings(batch_max_wait=batch_max_wait, batch_max_size=batch_max_size,
+                      batch_hold_max=batch_hold_max, batch_hold_waiting_runs=hold_waiting_runs)
+
+    async def count() -> int:
+        assert waiting is not None
+        return waiting
     proc = Processor(
         settings=config, queue=asyncio.Queue(), session=SimpleNamespace(),
         api=SimpleNamespace(ok=_set_event()), rejecter=SimpleNamespace(),
         batches=BatchPolicy(config.batch_max_size), runs=SimpleNamespace(create=create),
         metrics=SimpleNamespace(events_received=SimpleNamespace(inc=lambda: None)),
-        stop=StopSignal())
+        stop=StopSignal(),
+        backlog=None if waiting is None else Backlog(config.batch_hold_waiting_runs, count))
     return proc, created
 
 
@@ -98,3 +107,56 @@ def test_one_worker_collects_a_stream_at_a_time() -> None:
         return ids
 
     assert asyncio.run(scenario()) == [[1, 2, 3], [4, 5, 6]]
+
+
+def test_a_batch_is_held_until_full_while_the_chain_is_behind() -> None:
+    """Eight runs wait Scheduled (the threshold set): the batch is not cut at batch_max_wait
+    but filled; with fewer waiting it goes as it is."""
+
+    async def scenario(waiting: int) -> list[int]:
+        proc, created = processor(batch_max_wait=0, batch_max_size=3, waiting=waiting,
+                                  hold_waiting_runs=8)
+        proc.queue.put_nowait(message(2))  # a burst: one queued behind the first
+        asyncio.get_running_loop().call_later(0.05, proc.queue.put_nowait, message(3))
+        await handle(proc, message(1))
+        return created
+
+    assert asyncio.run(scenario(waiting=8)) == [3]
+    assert asyncio.run(scenario(waiting=7)) == [2]
+
+
+def test_a_held_batch_goes_at_batch_hold_max() -> None:
+    async def scenario() -> list[int]:
+        proc, created = processor(batch_max_wait=0, batch_max_size=3, waiting=100,
+                                  batch_hold_max=0.05, hold_waiting_runs=8)
+        proc.queue.put_nowait(message(2))
+        await handle(proc, message(1))  # nothing more comes: it goes with two
+        return created
+
+    assert asyncio.run(scenario()) == [2]
+
+
+def test_the_backlog_count_is_kept_a_moment_and_a_failed_count_holds_nothing() -> None:
+    now = [0.0]
+    answers: list[int | Exception] = [9, 3, RuntimeError("API down")]
+    asked: list[int] = []
+
+    async def count() -> int:
+        asked.append(1)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def scenario() -> list[bool]:
+        backlog = Backlog(8, count, recheck=0.5, clock=lambda: now[0])
+        seen = [await backlog.behind(), await backlog.behind()]  # one count: 9
+        now[0] = 0.5
+        seen.append(await backlog.behind())  # 3
+        now[0] = 1.0
+        seen.append(await backlog.behind())  # failed: not behind
+        seen.append(await Backlog(0, count).behind())  # threshold 0: never asks
+        return seen
+
+    assert asyncio.run(scenario()) == [True, True, False, False, False]
+    assert len(asked) == 3
