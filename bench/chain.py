@@ -194,7 +194,7 @@ def event_ids(parameters: dict) -> list[str]:
 
 @asynccontextmanager
 async def node_client(node: NodeState,
-                  requests: Counter[str] | None = None) -> AsyncIterator[PrefectClient]:
+                      requests: Counter[str] | None = None) -> AsyncIterator[PrefectClient]:
     """A Prefect client of the node's API (this process's own settings left as they are);
     `requests` counts its requests by route (bench/api_requests.py), retries included."""
     from prefect.client.orchestration import get_client

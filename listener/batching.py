@@ -85,6 +85,7 @@ class Backlog:
         self.threshold = threshold
         self.recheck = recheck
         self.waiting = 0
+        self.held = 0  # events of the batch held now (0: none)
         self._count = count
         self._clock = clock
         self._read_at = float("-inf")
@@ -121,24 +122,31 @@ async def collect(
     taken = [first]
     start = time.monotonic()
     deadline = start + max_wait
-    while len(taken) < max_size and not stop.requested:
-        try:
-            item = queue.get_nowait()
-        except asyncio.QueueEmpty:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                held_until = start + max_hold
-                if (backlog is None or time.monotonic() >= held_until
-                        or not await backlog.behind()):
-                    break
-                deadline = min(held_until, time.monotonic() + backlog.recheck)
+    held_until = start + max_hold
+    try:
+        while len(taken) < max_size and not stop.requested:
+            try:
+                item = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    if (backlog is None or time.monotonic() >= held_until
+                            or not await backlog.behind()):
+                        break
+                    backlog.held = len(taken)
+                    deadline = min(held_until, time.monotonic() + backlog.recheck)
+                    continue
+                await asyncio.sleep(min(COLLECT_POLL, remaining))
                 continue
-            await asyncio.sleep(min(COLLECT_POLL, remaining))
-            continue
-        if item is None:  # the stop signal is for a worker: hand it back
-            queue.put_nowait(None)
-            break
-        accepted = await accept(item)
-        if accepted is not None:
-            taken.append(accepted)
+            if item is None:  # the stop signal is for a worker: hand it back
+                queue.put_nowait(None)
+                break
+            accepted = await accept(item)
+            if accepted is not None:
+                taken.append(accepted)
+                if backlog is not None and backlog.held:
+                    backlog.held = len(taken)
+    finally:
+        if backlog is not None:
+            backlog.held = 0
     return taken

@@ -102,6 +102,9 @@ class Metrics:
             "The listener's flow runs waiting Scheduled, as last counted while a batch filled "
             "(counted only with WIS2_LISTENER_BATCH_HOLD_WAITING_RUNS set)",
             registry=r)
+        self.batch_held_events = Gauge(
+            "wis2_listener_batch_held_events",
+            "Events of the batch held now until it is full (0: none held)", registry=r)
         self.broker_connected = Gauge(
             "wis2_listener_broker_connected", "1 when connected to the broker", registry=r)
         self.disk_free_bytes = Gauge(

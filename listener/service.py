@@ -126,6 +126,7 @@ class Listener:
                                    self.metrics)
                 backlog = Backlog(s.batch_hold_waiting_runs, creator.waiting_runs)
                 self.metrics.runs_waiting.set_function(lambda: backlog.waiting)
+                self.metrics.batch_held_events.set_function(lambda: backlog.held)
                 processor = Processor(
                     settings=s, queue=self.queue, session=self.session, api=self.api,
                     rejecter=self.rejecter, batches=self.batches, runs=runs,
