@@ -15,10 +15,8 @@ import logging
 import re
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from functools import lru_cache
 from typing import Any, Literal
 
-from jsonschema import Draft202012Validator
 from pydantic import BaseModel
 
 from wis2.multihash import DIGEST_LENGTHS
@@ -26,6 +24,7 @@ from wis2.notification import MAX_INLINE_CONTENT_CHARS, MAX_MESSAGE_BYTES, decod
 from wis2.relations import LINK_RELATIONS
 from wis2.stations import wsi_problem
 from wis2.topics import centre_id_of_topic, publication_topic_problem
+from wis2.wnm_schema import run_ets, schema_errors, wnm_validator
 
 log = logging.getLogger(__name__)
 
@@ -136,31 +135,6 @@ def load_json_document(document: Mapping[str, Any] | str | bytes) -> tuple[Any, 
         return None, f"not UTF-8 text (byte {exc.start})"
     except json.JSONDecodeError as exc:
         return None, f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-
-
-@lru_cache
-def _wnm_validator() -> Draft202012Validator:
-    from pywis_pubsub.schema import MESSAGE_SCHEMA
-
-    if not MESSAGE_SCHEMA.exists():
-        raise RuntimeError(
-            f"WNM schema missing at {MESSAGE_SCHEMA}: run `wis2-chain bundles install`"
-        )
-    schema = json.loads(MESSAGE_SCHEMA.read_text(encoding="utf-8"))
-    return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
-
-
-def schema_errors(validator: Draft202012Validator, document: Any) -> list[str]:
-    """Each schema error as `<JSON path>: <message>`; a failed oneOf/anyOf lists its branches'
-    errors so the message names the missing or wrong field."""
-    messages = []
-    for error in validator.iter_errors(document):
-        message = f"{error.json_path}: {error.message}"
-        if error.context:
-            details = dict.fromkeys(f"{sub.json_path}: {sub.message}" for sub in error.context)
-            message += " (" + "; ".join(list(details)[:8]) + ")"
-        messages.append(message)
-    return messages
 
 
 def _check_integrity(
@@ -331,9 +305,9 @@ def validate_notification(
         return report
     strict: Severity = "error" if profile == "publish" else "warning"
 
-    errors = schema_errors(_wnm_validator(), document)
+    errors = schema_errors(wnm_validator(), document)
     report.add("schema", not errors, "; ".join(errors) or "valid against the WNM schema")
-    _run_ets(report, document)
+    _run_ets(report, document, schema_valid=not errors)
 
     props = document.get("properties")
     props = props if isinstance(props, Mapping) else {}
@@ -375,11 +349,10 @@ def validate_notification(
     return report
 
 
-def _run_ets(report: ValidationReport, document: Mapping[str, Any]) -> None:
-    from pywis_pubsub.ets import WNMTestSuite
-
+def _run_ets(report: ValidationReport, document: Mapping[str, Any], *,
+             schema_valid: bool) -> None:
     try:
-        results = WNMTestSuite(dict(document)).run_tests(fail_on_schema_validation=True)
+        results = run_ets(document, schema_valid=schema_valid)
     except ValueError as exc:
         log.debug("WNM ETS stopped: %s", exc)
         report.add("ets", False, "ETS not run: the message fails the WNM schema (see 'schema')")

@@ -440,3 +440,60 @@ def test_a_link_security_object_is_checked_by_the_schema() -> None:
     assert validate_notification(message, topic=ARGO_TOPIC).ok
     message["links"][0]["security"] = {"bearer": {"type": "http"}}
     assert "schema" in _failed(validate_notification(message, topic=ARGO_TOPIC))
+
+
+def _pywis_pubsub_ets(message: dict[str, Any]) -> list[tuple[str, str]] | str:
+    """pywis-pubsub's own ETS on `message`: each test's id and code, or why it stopped."""
+    from pywis_pubsub.ets import WNMTestSuite
+
+    try:
+        results = WNMTestSuite(copy.deepcopy(message)).run_tests(fail_on_schema_validation=True)
+    except ValueError:
+        return "stopped: the message fails the WNM schema"
+    return [(t["id"], t["code"]) for t in results["ets-report"]["tests"]]
+
+
+def _ets_rows(report: ValidationReport) -> list[tuple[str, bool]]:
+    return [(c.id, c.passed) for c in report.checks if c.id == "ets" or c.id.startswith("ets:")]
+
+
+_ETS_CASES = {
+    **{p.name: json.loads(p.read_text()) for p in sorted(WNM_EXAMPLES.glob("*.json"))},
+    "original-chain": json.loads(ORIGINAL_DATA.read_text()),
+    "good": _good(),
+    "not-a-uuid": _mutate(id="not-a-uuid"),  # fails the schema with and without formats
+    "pubtime-not-a-date": _mutate(properties__pubtime="yesterday"),  # a format error only
+    "no-links": _mutate(links=_DELETE),
+    "no-data-id": _mutate(properties__data_id=_DELETE),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_ETS_CASES))
+def test_the_ets_answers_as_pywis_pubsubs_own(name: str) -> None:
+    """The ETS run with its schema test answered from the schema loaded once (it reads and
+    builds the schema per message in pywis-pubsub) passes and fails exactly what pywis-pubsub's
+    own suite does."""
+    message = _ETS_CASES[name]
+    own = _pywis_pubsub_ets(message)
+    rows = _ets_rows(validate_notification(copy.deepcopy(message), profile="spec"))
+    if isinstance(own, str):
+        assert rows == [("ets", False)], rows
+    else:
+        assert rows == [("ets:" + test_id.rsplit("/", 1)[-1], code != "FAILED")
+                        for test_id, code in own]
+
+
+def test_the_wnm_schema_has_no_format_under_a_not() -> None:
+    """What lets the ETS's schema test be skipped when the format-checking "schema" check
+    passed: checking formats can only add errors, unless a `not` holds a `format`."""
+    from wis2.wnm_schema import wnm_schema
+
+    def formats_under_not(node: Any, negated: bool = False) -> bool:
+        if isinstance(node, dict):
+            return (negated and "format" in node) or any(
+                formats_under_not(value, negated or key == "not") for key, value in node.items())
+        if isinstance(node, list):
+            return any(formats_under_not(item, negated) for item in node)
+        return False
+
+    assert not formats_under_not(wnm_schema())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from prefect.filesystems import LocalFileSystem
 from prefect.results import ResultStore
 from prefect.transactions import transaction
@@ -34,3 +35,29 @@ def test_the_cache_store_and_a_task_transaction_read_each_other(tmp_path: Path) 
     assert CacheStore(store=store(tmp_path)).lookup("wnm-published-b") == txn._staged_value
     record = json.loads((tmp_path / "results" / "wnm-build-a").read_text())
     assert record["metadata"]["storage_key"].endswith("wnm-build-a")
+
+
+def test_the_results_directory_forms_prefects_paths_without_the_file_system(
+    tmp_path: Path,
+) -> None:
+    """`ResultsDirectory` (the results directory without a realpath per access) resolves keys
+    to Prefect's own paths, refuses what leaves the directory as Prefect does, and its records
+    and Prefect's `LocalFileSystem`'s are one cache."""
+    from flows.tasks.cache_store import ResultsDirectory
+
+    base = tmp_path / "results"
+    base.mkdir()
+    ours = ResultsDirectory(basepath=str(base))
+    prefects = LocalFileSystem(basepath=str(base))
+    for key in ("wnm-build-a", "claims/x", str(base / "wnm-published-b"), "a/../b", "", None):
+        assert ours._resolve_path(key) == prefects._resolve_path(key)
+    for outside in ("../elsewhere", "/etc/passwd", "a/../../b"):
+        with pytest.raises(ValueError, match="outside of the base path"):
+            prefects._resolve_path(outside)
+        with pytest.raises(ValueError, match="outside of the base path"):
+            ours._resolve_path(outside)
+    note = notification()
+    CacheStore(store=ResultStore(result_storage=ours)).save("wnm-build-c", [note])
+    assert CacheStore(store=store(tmp_path)).lookup("wnm-build-c") == [note]
+    CacheStore(store=store(tmp_path)).save("wnm-build-d", [note])
+    assert CacheStore(store=ResultStore(result_storage=ours)).lookup("wnm-build-d") == [note]
