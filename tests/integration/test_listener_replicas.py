@@ -14,9 +14,9 @@ session holds, and gets no new turn.
 "The middle" is made: replica 1 reaches the Prefect API through a gate (tests/fixtures/gates.py)
 that holds its run creations, so when it is killed it certainly holds events it received and
 has not acknowledged. (Letting its first creation through raced the burst: its ~30 events of
-the 60 could all fit in one batch, and no second creation came to be held.) We count notifications on
-`origin/a/wis2/#`, not runs: a redelivered event may form another batch run; the flows'
-idempotency must make that harmless.
+the 60 could all fit in one batch, and no second creation came to be held.) We count
+notifications on `origin/a/wis2/#`, not runs: a redelivered event may form another batch run;
+the flows' idempotency must make that harmless.
 """
 
 from __future__ import annotations
