@@ -27,6 +27,15 @@ Prefect 3.9's engine is written for one run per process. Run after run in one pr
   `ReadCache` (`WIS2_WORKER_READ_CACHE_SECONDS`, 30 s; 0: off) keeps what the worker read for that
   long (a flow, whose name never changes, for good): an edited or deleted deployment is seen by
   the runs submitted after that delay.
+- **walk each run's parameters for futures and states** (`FlowRunEngine._resolve_parameters`,
+  Prefect's `visit_collection` over every nested value, each visit a Python call with its
+  context): a batch run's 50 events were a sixth of the worker's CPU in a burst, to find
+  nothing, since a deployment run's parameters come from the API as JSON, which holds no
+  future, state or annotation. `walk_json_parameters(False)` checks in one plain loop that
+  they are JSON data (dicts with string keys, lists, strings, numbers, booleans, null, of
+  exactly those types) and then skips the walk, which would have returned them unchanged; any
+  other value (a subflow called with Python objects) is walked as by Prefect.
+  `WIS2_WORKER_WALK_JSON_PARAMETERS=true` keeps Prefect's walk for every run.
 - **read the server's default result storage** (`GET /admin/storage`) three times per run
   (Prefect's result stores look it up whenever a flow or task needs its default storage):
   `keep_server_result_storage` keeps the answer for `WIS2_WORKER_READ_CACHE_SECONDS` too (a
@@ -130,6 +139,54 @@ def _no_heartbeats(engine: Any, join_on_exit: bool = True) -> Iterator[None]:
 def flow_heartbeats(enabled: bool) -> None:
     """Turn Prefect's flow-run heartbeats on or off for the flow runs of this process."""
     _replace_in_flow_engine("_send_heartbeats", enabled, _no_heartbeats)
+
+
+_JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def is_json_data(value: Any) -> bool:
+    """Whether `value` is JSON data: dicts with string keys, lists, strings, numbers, booleans
+    and None, of exactly those types (no subclass, no tuple: Prefect's annotations are tuples),
+    each container once (as parsed from JSON; a container met twice, perhaps inside itself, is
+    left to Prefect's walk)."""
+    stack, seen = [value], set()
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is dict or kind is list:
+            if id(item) in seen:
+                return False
+            seen.add(id(item))
+            if kind is dict:
+                if any(type(key) is not str for key in item):
+                    return False
+                stack.extend(item.values())
+            else:
+                stack.extend(item)
+        elif kind not in _JSON_SCALARS:
+            return False
+    return True
+
+
+def _resolve_parameters_unless_json(engine: Any) -> None:
+    """Prefect's `FlowRunEngine._resolve_parameters`, skipped for JSON data (which it would
+    return unchanged: `visit_collection` keeps every value its visit does not replace, and
+    `resolve_to_final_result` replaces only futures and states)."""
+    if engine.parameters and is_json_data(engine.parameters):
+        engine.parameters = dict(engine.parameters)
+        return
+    _PREFECTS["FlowRunEngine._resolve_parameters"](engine)
+
+
+def walk_json_parameters(enabled: bool) -> None:
+    """Prefect's walk over a flow run's parameters for every run of this process (`enabled`), or
+    only for parameters that are not JSON data."""
+    from prefect.flow_engine import FlowRunEngine
+
+    name = "FlowRunEngine._resolve_parameters"
+    _PREFECTS.setdefault(name, FlowRunEngine._resolve_parameters)
+    FlowRunEngine._resolve_parameters = (  # type: ignore[method-assign]
+        _PREFECTS[name] if enabled else _resolve_parameters_unless_json)
 
 
 _NO_RETRIES: list[tuple[Any, Any]] = []  # (settings, the same without client retries): one pair

@@ -88,6 +88,7 @@ from worker.engine import (
     flow_heartbeats,
     keep_server_result_storage,
     suspension_observer,
+    walk_json_parameters,
     without_client_retries,
 )
 from worker.memory import MemoryReport
@@ -131,6 +132,10 @@ class WarmWorkerSettings(BaseSettings):
         default=False, description="Prefect's flow-run heartbeats (a thread and an event per "
         "run, the run's end held up to 1 s; worker/engine.py); off: nothing of the node reads "
         "them (the recovery reads the worker's heartbeats)")
+    worker_walk_json_parameters: bool = Field(
+        default=False, description="Prefect's walk over every run's parameters for futures and "
+        "states (worker/engine.py); off: skipped for JSON parameters, as a deployment run's are "
+        "(it would find nothing)")
     worker_poll_limited: bool = Field(
         default=True, description="A poll asks for as many Scheduled runs as the worker has "
         "free slots (worker/warm.py `_poll_limit`); false: Prefect's poll (up to 200 runs, "
@@ -273,6 +278,7 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         self._project_dir = settings.resolved_project_dir()
         suspension_observer(settings.worker_suspension_observer)
         flow_heartbeats(settings.worker_flow_heartbeats)
+        walk_json_parameters(settings.worker_walk_json_parameters)
         self._poll_limited = settings.worker_poll_limited
         self._reads = ReadCache(settings.worker_read_cache_seconds)
         keep_server_result_storage(settings.worker_read_cache_seconds)

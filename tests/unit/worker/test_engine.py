@@ -6,6 +6,7 @@ Runs through a real worker and server: tests/integration/test_warm_worker.py.
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import prefect.flow_engine as flow_engine
@@ -161,3 +162,64 @@ def test_the_servers_default_result_storage_is_read_once_per_delay(
     for _ in range(4):
         assert results._read_server_default_result_storage_block_id() is None
     assert reads == ["GET /admin/storage"] * 2
+
+
+def test_json_data_is_told_from_what_prefect_must_walk() -> None:
+    from prefect.states import Completed
+    from prefect.utilities.annotations import quote
+
+    from worker.engine import is_json_data
+
+    event = {"id": "e1", "data": {"assets": {"a": {"href": "x", "file:size": 3}},
+                                  "bbox": [1.5, -2, None], "ok": True}}
+    assert is_json_data({"events": [event, copy.deepcopy(event)], "dataset": None})
+    cyclic: list = []
+    cyclic.append(cyclic)
+
+    class Mapping(dict):
+        pass
+
+    for value in ({"event": quote(event)}, {"event": (1, 2)}, {"event": Completed(data=1)},
+                  {"event": Mapping()}, {1: "x"}, {"event": cyclic}, {"event": b"x"},
+                  {"event": {"nested": [object()]}}, {"events": [event, event]}):
+        assert not is_json_data(value), value
+
+
+def test_a_runs_json_parameters_are_not_walked_and_others_are(monkeypatch) -> None:
+    """Off (the worker's default): JSON parameters skip Prefect's walk and come out equal; a
+    State among them is still resolved by Prefect's walk. On: Prefect's walk for all."""
+    from prefect import flow
+    from prefect.flow_engine import FlowRunEngine
+    from prefect.states import Completed
+
+    from worker.engine import walk_json_parameters
+
+    @flow
+    def f(events: list, dataset: str | None = None) -> None:
+        pass
+
+    walks: list[str] = []
+    prefects = flow_engine.visit_collection
+
+    def counted(expr, *args, **kwargs):
+        walks.append(kwargs.get("context", {}).get("parameter_name", "?"))
+        return prefects(expr, *args, **kwargs)
+
+    monkeypatch.setattr(flow_engine, "visit_collection", counted)
+    events = [{"id": "e1", "data": {"bbox": [1.0, 2.0], "ok": True}}]
+    try:
+        walk_json_parameters(False)
+        engine = FlowRunEngine(flow=f, parameters={"events": events, "dataset": "argo"})
+        engine._resolve_parameters()
+        assert engine.parameters == {"events": events, "dataset": "argo"} and walks == []
+        engine = FlowRunEngine(flow=f, parameters={"events": [Completed(data=7)]})
+        engine._resolve_parameters()
+        assert engine.parameters == {"events": [7]} and walks == ["events"]
+        walk_json_parameters(True)
+        walks.clear()
+        engine = FlowRunEngine(flow=f, parameters={"events": events, "dataset": "argo"})
+        engine._resolve_parameters()
+        assert engine.parameters == {"events": events, "dataset": "argo"}
+        assert walks == ["events", "dataset"]
+    finally:
+        walk_json_parameters(True)
