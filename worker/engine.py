@@ -47,6 +47,7 @@ Measured side by side in `bench/RESULTS.md` (the per-run API requests, CPU and l
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -113,11 +114,13 @@ _PREFECTS: dict[str, Any] = {}  # the flow engine's own functions this module re
 
 def _replace_in_flow_engine(name: str, enabled: bool, off: Any) -> None:
     """Prefect's `prefect.flow_engine.<name>` when `enabled`, else `off`, for the flow runs of
-    this process."""
+    this process; `name` may be dotted (`FlowRunEngine._resolve_parameters`: a method)."""
     import prefect.flow_engine as flow_engine
 
-    _PREFECTS.setdefault(name, getattr(flow_engine, name))
-    setattr(flow_engine, name, _PREFECTS[name] if enabled else off)
+    *path, attribute = name.split(".")
+    owner = functools.reduce(getattr, path, flow_engine)
+    _PREFECTS.setdefault(name, getattr(owner, attribute))
+    setattr(owner, attribute, _PREFECTS[name] if enabled else off)
 
 
 @contextlib.contextmanager
@@ -142,6 +145,7 @@ def flow_heartbeats(enabled: bool) -> None:
 
 
 _JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
+_RESOLVE_PARAMETERS = "FlowRunEngine._resolve_parameters"
 
 
 def is_json_data(value: Any) -> bool:
@@ -175,18 +179,13 @@ def _resolve_parameters_unless_json(engine: Any) -> None:
     if engine.parameters and is_json_data(engine.parameters):
         engine.parameters = dict(engine.parameters)
         return
-    _PREFECTS["FlowRunEngine._resolve_parameters"](engine)
+    _PREFECTS[_RESOLVE_PARAMETERS](engine)
 
 
 def walk_json_parameters(enabled: bool) -> None:
     """Prefect's walk over a flow run's parameters for every run of this process (`enabled`), or
     only for parameters that are not JSON data."""
-    from prefect.flow_engine import FlowRunEngine
-
-    name = "FlowRunEngine._resolve_parameters"
-    _PREFECTS.setdefault(name, FlowRunEngine._resolve_parameters)
-    FlowRunEngine._resolve_parameters = (  # type: ignore[method-assign]
-        _PREFECTS[name] if enabled else _resolve_parameters_unless_json)
+    _replace_in_flow_engine(_RESOLVE_PARAMETERS, enabled, _resolve_parameters_unless_json)
 
 
 _NO_RETRIES: list[tuple[Any, Any]] = []  # (settings, the same without client retries): one pair
