@@ -22,7 +22,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 from pydantic import BaseModel
 
-from chain.deployments import PUBLISH_BATCH_FLOW, PUBLISH_NOTIFICATION
+from chain.deployments import PUBLISH_BATCH_FLOW, PUBLISH_NOTIFICATION, batch_run_name
 from chain.failures import UNAVAILABLE, is_infrastructure
 from chain.settings import ChainSettings
 from flows.artifacts import artifact_key, batch_failure_artifact, batch_table_artifact
@@ -71,8 +71,7 @@ class BatchRunResult(BaseModel):
 def batch_label(events: Any) -> str:
     """``batch-<n>-events-<first file>``."""
     events = events if isinstance(events, list) else []
-    first = file_label(events[0]) if events else "none"
-    return f"batch-{len(events)}-events-{first}"
+    return batch_run_name(len(events), file_label(events[0]) if events else "none")
 
 
 def run_name() -> str:

@@ -25,6 +25,7 @@ from uuid import UUID
 
 import httpx
 
+from chain.deployments import batch_run_name
 from listener.settings import Route
 from wis2.cloudevent import CloudEvent
 
@@ -153,13 +154,14 @@ class RunCreator:
     async def create(self, event: CloudEvent, route: Route) -> RunCreated:
         """A run of the route's deployment for one event."""
         return await self._create(route.deployment, run_parameters(event, route),
-                                  idempotency_key(event, route.deployment))
+                                  idempotency_key(event, route.deployment), event.file_label())
 
     async def create_batch(self, events: Sequence[CloudEvent], route: Route) -> RunCreated:
         """One run of the route's batch deployment for several events."""
         assert route.batch_deployment is not None
         return await self._create(route.batch_deployment, batch_parameters(events, route),
-                                  batch_idempotency_key(events, route.batch_deployment))
+                                  batch_idempotency_key(events, route.batch_deployment),
+                                  batch_name(events))
 
     async def create_batches(self, batches: Sequence[Sequence[CloudEvent]],
                              route: Route) -> list[RunCreated | str]:
@@ -169,7 +171,8 @@ class RunCreator:
         deployment = route.batch_deployment
         assert deployment is not None
         bodies = [_run_body(batch_parameters(events, route),
-                            batch_idempotency_key(events, deployment)) for events in batches]
+                            batch_idempotency_key(events, deployment), batch_name(events))
+                  for events in batches]
         response = await self._post(deployment, "/deployments/{id}/create_flow_run/bulk",
                                     bodies)
         results = response.json().get("results", [])
@@ -181,10 +184,10 @@ class RunCreator:
                 else str(r.get("error") or "not created") for r in results]
 
     async def _create(
-        self, deployment: str, parameters: dict[str, Any], key: str
+        self, deployment: str, parameters: dict[str, Any], key: str, name: str
     ) -> RunCreated:
         response = await self._post(deployment, "/deployments/{id}/create_flow_run",
-                                    _run_body(parameters, key))
+                                    _run_body(parameters, key, name))
         run = response.json()
         return RunCreated(run_id=UUID(run["id"]), name=run.get("name", ""),
                           created=response.status_code == 201)
@@ -200,11 +203,18 @@ class RunCreator:
             raise
 
 
-def _run_body(parameters: dict[str, Any], key: str) -> dict[str, Any]:
+def batch_name(events: Sequence[CloudEvent]) -> str:
+    return batch_run_name(len(events), events[0].file_label())
+
+
+def _run_body(parameters: dict[str, Any], key: str, name: str) -> dict[str, Any]:
+    """A run's creation: named as its flow names it (`flow_run_name`), so that the worker need
+    not rename it; parameters, idempotency key and tag."""
     from prefect.client.schemas.actions import DeploymentFlowRunCreate
     from prefect.states import Scheduled, to_state_create
 
     return DeploymentFlowRunCreate(
+        name=name,
         parameters=parameters,
         state=to_state_create(Scheduled()),
         tags=[RUN_TAG],

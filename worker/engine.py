@@ -36,6 +36,12 @@ Prefect 3.9's engine is written for one run per process. Run after run in one pr
   exactly those types) and then skips the walk, which would have returned them unchanged; any
   other value (a subflow called with Python objects) is walked as by Prefect.
   `WIS2_WORKER_WALK_JSON_PARAMETERS=true` keeps Prefect's walk for every run.
+- **PATCH each run three times as it starts**: Prefect's worker writes the run's
+  `infrastructure_pid`, the engine its flow version and retry policy, then its name (the
+  flow's `flow_run_name`). `merge_run_patches` writes the pid with the engine's PATCH and skips
+  the rename when the run already has that name (the listener names its runs at creation), so
+  one PATCH is left of three for the listener's runs; `WIS2_WORKER_MERGE_RUN_PATCHES=false`
+  keeps Prefect's.
 - **read the server's default result storage** (`GET /admin/storage`) three times per run
   (Prefect's result stores look it up whenever a flow or task needs its default storage):
   `keep_server_result_storage` keeps the answer for `WIS2_WORKER_READ_CACHE_SECONDS` too (a
@@ -61,12 +67,14 @@ log = logging.getLogger(__name__)
 
 
 class ClientPool:
-    """Prefect sync API clients kept open between runs; each run takes one, gives it back."""
+    """Prefect sync API clients kept open between runs; each run takes one, gives it back.
+    With `infrastructure_pid`, each client merges the run's PATCHes (`merge_run_patches`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, infrastructure_pid: str | None = None) -> None:
         self._lock = threading.Lock()
         self._free: list[Any] = []  # prefect.context.SyncClientContext, client open
         self._closed = False
+        self._pid = infrastructure_pid
 
     @contextlib.contextmanager
     def client_context(self) -> Iterator[Any]:
@@ -79,6 +87,8 @@ class ClientPool:
         if ctx is None:
             ctx = SyncClientContext()  # the settings of the calling context (the worker's)
             ctx.client.__enter__()
+            if self._pid is not None:
+                merge_run_patches(ctx.client, self._pid)
         token = SyncClientContext.__var__.set(ctx)
         healthy = False
         try:
@@ -100,6 +110,49 @@ class ClientPool:
             free, self._free = self._free, []
         for ctx in free:
             _close(ctx)
+
+
+def merge_run_patches(client: Any, infrastructure_pid: str) -> None:
+    """Make `client` (a sync API client that serves one run at a time) spare the run two of its
+    PATCHes: the engine's write of the run's flow version and retry policy carries the run's
+    `infrastructure_pid` too (Prefect's worker writes it in a PATCH of its own, which
+    `is_merged_pid_patch` then recognises), and the engine's rename of the run is skipped when the
+    run, as the engine has just read it, already has that name (the listener names its runs at
+    creation as their flows do: `chain/deployments.py`). Any other call goes through unchanged."""
+    read, update, rename = client.read_flow_run, client.update_flow_run, client.set_flow_run_name
+    names: dict[Any, str] = {}  # the run last read through this client: its name
+
+    def read_flow_run(flow_run_id: Any, *args: Any, **kwargs: Any) -> Any:
+        run = read(flow_run_id, *args, **kwargs)
+        names.clear()
+        names[flow_run_id] = run.name
+        return run
+
+    def update_flow_run(*args: Any, **kwargs: Any) -> Any:
+        if not args and kwargs.keys() == _ENGINE_PATCH:
+            kwargs["infrastructure_pid"] = infrastructure_pid
+        return update(*args, **kwargs)
+
+    def set_flow_run_name(flow_run_id: Any, name: str) -> Any:
+        if names.get(flow_run_id) == name:
+            log.debug("flow run %s already named %r: not renamed", flow_run_id, name)
+            return None
+        return rename(flow_run_id, name)
+
+    client.read_flow_run = read_flow_run
+    client.update_flow_run = update_flow_run
+    client.set_flow_run_name = set_flow_run_name
+
+
+# the engine's PATCH of a run it starts (`FlowRunEngine.initialize_run`), by keyword
+_ENGINE_PATCH = frozenset({"flow_run_id", "flow_version", "empirical_policy"})
+
+
+def is_merged_pid_patch(kwargs: dict[str, Any], infrastructure_pid: str) -> bool:
+    """Whether a worker's `update_flow_run(**kwargs)` is Prefect's worker writing the run's
+    `infrastructure_pid` alone, as the engine's merged PATCH does (`merge_run_patches`)."""
+    return kwargs.keys() == {"flow_run_id", "infrastructure_pid"} \
+        and kwargs["infrastructure_pid"] == infrastructure_pid
 
 
 def _close(ctx: Any) -> None:

@@ -86,6 +86,7 @@ from worker.engine import (
     ClientPool,
     ReadCache,
     flow_heartbeats,
+    is_merged_pid_patch,
     keep_server_result_storage,
     suspension_observer,
     walk_json_parameters,
@@ -136,6 +137,11 @@ class WarmWorkerSettings(BaseSettings):
         default=False, description="Prefect's walk over every run's parameters for futures and "
         "states (worker/engine.py); off: skipped for JSON parameters, as a deployment run's are "
         "(it would find nothing)")
+    worker_merge_run_patches: bool = Field(
+        default=True, description="A run's start costs one PATCH of the run instead of three "
+        "(its infrastructure pid written with the engine's, the engine's rename skipped when the "
+        "run already has the name: worker/engine.py), and the worker's labels are set beside the "
+        "run's start, not before it; false: Prefect's PATCHes, in Prefect's order")
     worker_poll_limited: bool = Field(
         default=True, description="A poll asks for as many Scheduled runs as the worker has "
         "free slots (worker/warm.py `_poll_limit`); false: Prefect's poll (up to 200 runs, "
@@ -272,9 +278,11 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._flows = FlowCache()
-        self._clients = ClientPool()
-        self._threads = anyio.CapacityLimiter(self._limit or DEFAULT_THREADS)
         settings = WarmWorkerSettings()
+        self._pid = str(os.getpid())  # the "infrastructure" of every run of this worker
+        self._merge_patches = settings.worker_merge_run_patches
+        self._clients = ClientPool(self._pid if self._merge_patches else None)
+        self._threads = anyio.CapacityLimiter(self._limit or DEFAULT_THREADS)
         self._project_dir = settings.resolved_project_dir()
         suspension_observer(settings.worker_suspension_observer)
         flow_heartbeats(settings.worker_flow_heartbeats)
@@ -286,6 +294,7 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
             if settings.worker_wakeup else None
         self._wake = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
+        self._labelling: set[asyncio.Task[None]] = set()  # labels set beside runs' starts
         self._executing: set[UUID] = set()  # runs this process is executing (recovery skips)
         # runs whose execution here ended (the last ENDED_KEPT): one still Pending or Running
         # on the server never got its final state there (recovery reclaims it)
@@ -300,6 +309,8 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
     async def setup(self) -> None:
         await super().setup()
         self._reads.install(self.client)
+        if self._merge_patches:
+            self._skip_merged_pid_patches()
         settings = WarmWorkerSettings()
         self._metrics = serve_metrics(settings.worker_metrics_host, settings.worker_metrics_port,
                                       FLOW_METRICS, "wis2-warm")
@@ -317,10 +328,25 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         self._background = []
+        await asyncio.gather(*self._labelling, return_exceptions=True)  # short: let them end
         if self._metrics is not None:
             self._metrics.stop()
         await super().teardown(*exc_info)
         self._clients.close()
+
+    def _skip_merged_pid_patches(self) -> None:
+        """Prefect's worker writes a started run's `infrastructure_pid` in a PATCH of its own;
+        the runs this worker executes have it written by their engine's PATCH
+        (`merge_run_patches`): that PATCH is skipped."""
+        update = self.client.update_flow_run
+
+        async def update_flow_run(*args: Any, **kwargs: Any) -> Any:
+            if not args and is_merged_pid_patch(kwargs, self._pid) \
+                    and kwargs["flow_run_id"] in self._executing:
+                return None
+            return await update(*args, **kwargs)
+
+        self.client.update_flow_run = update_flow_run  # type: ignore[method-assign]
 
     def _on_scheduled(self, flow_run_resource: str) -> None:
         log.debug("event stream: %s scheduled in pool %s", flow_run_resource or "(connected)",
@@ -348,7 +374,7 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         task_status: anyio.abc.TaskStatus[int] | None = None,
     ) -> WarmWorkerResult:
         run_logger = self.get_flow_run_logger(flow_run)
-        identifier = str(os.getpid())
+        identifier = self._pid
         ignored = sorted(k for k, v in (configuration.env or {}).items()
                          if os.environ.get(k) != v and not k.startswith("PREFECT__"))
         if ignored:
@@ -468,7 +494,18 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
 
     async def _give_worker_labels_to_flow_run(self, flow_run_id: UUID) -> None:
         """The worker's labels tell the recovery which worker holds the run (a Pending run
-        without them is only recovered after WIS2_RECOVERY_UNCLAIMED_TIMEOUT).
+        without them is only recovered after WIS2_RECOVERY_UNCLAIMED_TIMEOUT). Nothing of the
+        run's start needs them (its Pending state claimed it): with WIS2_WORKER_MERGE_RUN_PATCHES
+        they are set beside it, not before it (a PATCH less before the flow starts)."""
+        if not self._merge_patches:
+            await self._set_worker_labels(flow_run_id)
+            return
+        task = asyncio.create_task(self._set_worker_labels(flow_run_id))
+        self._labelling.add(task)
+        task.add_done_callback(self._labelling.discard)
+
+    async def _set_worker_labels(self, flow_run_id: UUID) -> None:
+        """Prefect's labels PATCH.
 
         Tried quickly first, without the client's retries: on SQLite the PATCH (a read, then a
         write) is answered 503 whenever another transaction wrote in between, and the client's

@@ -45,10 +45,10 @@ class WarmNode:
         self.env, self.worker, self.log = env, worker, log
         self.deployment_id, self.sleep_deployment_id = deployment_id, sleep_deployment_id
 
-    def create_run(self, event: dict[str, Any]) -> FlowRun:
+    def create_run(self, event: dict[str, Any], name: str | None = None) -> FlowRun:
         with get_client(sync_client=True) as client:
             return client.create_flow_run_from_deployment(
-                self.deployment_id, parameters={"event": event})
+                self.deployment_id, parameters={"event": event}, name=name)
 
     def create_sleep_run(self, seconds: float, gate: Path | None = None) -> FlowRun:
         parameters: dict[str, object] = {"seconds": seconds}
@@ -185,6 +185,33 @@ def test_a_run_completes_in_the_worker_process(warm_node: WarmNode, subscriber) 
     # run starts, before its tasks' events, which the worker sends the same way
     names = run_events(created.id, until="prefect.task-run.Completed")
     assert "prefect.flow-run.heartbeat" not in names, names
+
+
+def test_a_run_keeps_the_name_it_was_created_with_or_gets_its_flows(warm_node: WarmNode) -> None:
+    """A run created with the name its flow gives it (as the listener creates them) and one
+    with Prefect's random name: both end named after their file, with the worker's pid (written
+    with the engine's PATCH, WIS2_WORKER_MERGE_RUN_PATCHES) and its labels (set beside the
+    run's start)."""
+    label = BUFR_ASSET.rsplit("/", 1)[-1]
+    named = warm_node.create_run(event("named"), name=label)
+    unnamed = warm_node.create_run(event("unnamed"))
+    assert unnamed.name != label
+
+    runs = warm_node.wait_final([named.id, unnamed.id])
+
+    for run in runs:
+        assert run.state.is_completed(), f"{run.state_name}: {run.state.message}"
+        assert run.name == label, run.name
+        assert run.infrastructure_pid == str(warm_node.worker.pid)
+    deadline = time.monotonic() + 30  # the labels' PATCH is not awaited by the run's start
+    with get_client(sync_client=True) as client:
+        while True:
+            labels = [client.read_flow_run(run.id).labels or {} for run in runs]
+            if all(lb.get("prefect.worker.name") for lb in labels) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    for lb in labels:
+        assert lb.get("prefect.worker.type") == "wis2-warm" and lb.get("prefect.worker.name"), lb
 
 
 def run_events(flow_run_id: uuid.UUID, until: str, timeout: float = 60) -> list[str]:

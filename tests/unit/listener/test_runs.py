@@ -9,6 +9,8 @@ import uuid
 
 import httpx
 
+from flows.pipeline import file_label
+from flows.publish_batch import batch_label
 from listener.messages import check_message
 from listener.runs import (
     RunCreator,
@@ -50,6 +52,10 @@ class RecordingClient:
         request = httpx.Request(method, "http://api" + path)
         if path.startswith("/deployments/name/"):
             return httpx.Response(200, json={"id": str(uuid.uuid4())}, request=request)
+        if path.endswith("/bulk"):
+            return httpx.Response(200, json={"results": [
+                {"status": "CREATED", "flow_run_id": str(uuid.uuid4())} for _ in kwargs["json"]]},
+                request=request)
         return httpx.Response(201, json={"id": str(uuid.uuid4()), "name": "quiet-fox"},
                               request=request)
 
@@ -72,3 +78,24 @@ def test_run_creation_skips_the_servers_schema_check() -> None:
     assert body["idempotency_key"] == idempotency_key(event, route.deployment)
     assert body["parameters"] == run_parameters(event, route)
     assert body["state"]["type"] == "SCHEDULED"
+    # named as its flow names it (flows/publish_notification.py run_name): not renamed later
+    assert body["name"] == file_label(body["parameters"]["event"]) == event.file_label()
+
+
+def test_a_batch_run_is_created_with_the_name_its_flow_gives_it() -> None:
+    events = []
+    for i in range(3):
+        data = json.loads(BUFR_EVENT.read_text())
+        data["id"] = f"e{i}"
+        events.append(check_message(settings(), "diffusion/files/x", json.dumps(data).encode())[1])
+    route = Route(topic_filter="diffusion/files/#", batch_deployment="publish-batch/default")
+    creator = RunCreator()
+    creator._client = client = RecordingClient()
+
+    asyncio.run(creator.create_batch(events, route))
+    asyncio.run(creator.create_batches([events[:2], events[2:]], route))
+
+    single, bulk = client.requests[1][2]["json"], client.requests[-1][2]["json"]
+    assert single["name"] == batch_label(single["parameters"]["events"])
+    assert single["name"].startswith("batch-3-events-")
+    assert [b["name"] for b in bulk] == [batch_label(b["parameters"]["events"]) for b in bulk]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import threading
+import types
+import uuid
 
 import prefect.flow_engine as flow_engine
 import pytest
@@ -15,7 +17,14 @@ from prefect.context import SyncClientContext
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from chain.expiring import Expiring
-from worker.engine import ClientPool, flow_heartbeats, suspension_observer, without_client_retries
+from worker.engine import (
+    ClientPool,
+    flow_heartbeats,
+    is_merged_pid_patch,
+    merge_run_patches,
+    suspension_observer,
+    without_client_retries,
+)
 from worker.warm import WarmJobConfiguration
 
 
@@ -223,3 +232,63 @@ def test_a_runs_json_parameters_are_not_walked_and_others_are(monkeypatch) -> No
         assert walks == ["events", "dataset"]
     finally:
         walk_json_parameters(True)
+
+
+class RecordingClient:
+    """Stands in for the engine's sync client: each call recorded; a run read has `name`."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.calls = name, []
+
+    def read_flow_run(self, flow_run_id):
+        self.calls.append(("read", flow_run_id))
+        return types.SimpleNamespace(id=flow_run_id, name=self.name)
+
+    def update_flow_run(self, **kwargs):
+        self.calls.append(("update", kwargs))
+
+    def set_flow_run_name(self, flow_run_id, name):
+        self.calls.append(("rename", flow_run_id, name))
+
+
+def test_the_engines_patch_carries_the_pid_and_a_rename_to_the_same_name_is_skipped() -> None:
+    """As the engine calls them (`FlowRunEngine.initialize_run`, `setup_run_context`): its PATCH
+    of version and policy gets the worker's pid; after its read of the run, renaming it to the
+    name it has is skipped, to another name is not; other PATCHes go through unchanged."""
+    client = RecordingClient(name="IOPX01_LFVX_251403.BU")
+    merge_run_patches(client, "4242")
+    run_id, policy = uuid.uuid4(), object()
+
+    client.update_flow_run(flow_run_id=run_id, flow_version="abc", empirical_policy=policy)
+    client.read_flow_run(run_id)
+    client.set_flow_run_name(flow_run_id=run_id, name="IOPX01_LFVX_251403.BU")
+    client.set_flow_run_name(flow_run_id=run_id, name="another-name")
+    client.update_flow_run(flow_run_id=run_id, name="x")
+    client.set_flow_run_name(flow_run_id=uuid.uuid4(), name="IOPX01_LFVX_251403.BU")
+
+    assert client.calls[0] == ("update", {"flow_run_id": run_id, "flow_version": "abc",
+                                          "empirical_policy": policy,
+                                          "infrastructure_pid": "4242"})
+    assert client.calls[1:] == [
+        ("read", run_id),
+        ("rename", run_id, "another-name"),  # the same name: skipped
+        ("update", {"flow_run_id": run_id, "name": "x"}),
+        ("rename", client.calls[-1][1], "IOPX01_LFVX_251403.BU"),  # a run not read: renamed
+    ]
+
+
+def test_the_workers_pid_patch_is_recognised_only_alone_and_with_this_pid() -> None:
+    run_id = uuid.uuid4()
+    assert is_merged_pid_patch({"flow_run_id": run_id, "infrastructure_pid": "4242"}, "4242")
+    assert not is_merged_pid_patch({"flow_run_id": run_id, "infrastructure_pid": "7"}, "4242")
+    assert not is_merged_pid_patch({"flow_run_id": run_id, "infrastructure_pid": "4242",
+                                    "name": "x"}, "4242")
+
+
+def test_a_pooled_client_merges_the_patches_only_when_asked(api_url) -> None:
+    for pid, merged in (("4242", True), (None, False)):
+        pool = ClientPool(pid)
+        with pool.client_context() as ctx:
+            patched = "update_flow_run" in vars(ctx.client)  # replaced on the instance
+        pool.close()
+        assert patched is merged
