@@ -38,7 +38,7 @@ Prefect 3.9's engine is written for one run per process. Run after run in one pr
   `WIS2_WORKER_WALK_JSON_PARAMETERS=true` keeps Prefect's walk for every run.
 - **PATCH each run three times as it starts**: Prefect's worker writes the run's
   `infrastructure_pid`, the engine its flow version and retry policy, then its name (the
-  flow's `flow_run_name`). `merge_run_patches` writes the pid with the engine's PATCH and skips
+  flow's `flow_run_name`). `MergedPatches` writes the pid with the engine's PATCH and skips
   the rename when the run already has that name (the listener names its runs at creation), so
   one PATCH is left of three for the listener's runs; `WIS2_WORKER_MERGE_RUN_PATCHES=false`
   keeps Prefect's.
@@ -68,18 +68,20 @@ log = logging.getLogger(__name__)
 
 class ClientPool:
     """Prefect sync API clients kept open between runs; each run takes one, gives it back.
-    With `infrastructure_pid`, each client merges the run's PATCHes (`merge_run_patches`)."""
+    With `infrastructure_pid`, each client merges the run's PATCHes (`MergedPatches`)."""
 
     def __init__(self, infrastructure_pid: str | None = None) -> None:
         self._lock = threading.Lock()
         self._free: list[Any] = []  # prefect.context.SyncClientContext, client open
         self._closed = False
         self._pid = infrastructure_pid
+        self._patches: dict[int, MergedPatches] = {}  # by id() of a client context
 
     @contextlib.contextmanager
-    def client_context(self) -> Iterator[Any]:
+    def client_context(self, flow_run: Any = None) -> Iterator[Any]:
         """A `SyncClientContext` current for the block (the engine's `get_or_create` finds it
-        and neither opens nor closes a client); a client that failed is not reused."""
+        and neither opens nor closes a client), for `flow_run`; a client that failed is not
+        reused."""
         from prefect.context import SyncClientContext
 
         with self._lock:
@@ -88,7 +90,9 @@ class ClientPool:
             ctx = SyncClientContext()  # the settings of the calling context (the worker's)
             ctx.client.__enter__()
             if self._pid is not None:
-                merge_run_patches(ctx.client, self._pid)
+                self._patches[id(ctx)] = MergedPatches(ctx.client, self._pid)
+        if flow_run is not None and id(ctx) in self._patches:
+            self._patches[id(ctx)].running(flow_run)
         token = SyncClientContext.__var__.set(ctx)
         healthy = False
         try:
@@ -100,6 +104,8 @@ class ClientPool:
                 keep = healthy and not self._closed
                 if keep:
                     self._free.append(ctx)
+                else:
+                    self._patches.pop(id(ctx), None)
             if not keep:
                 _close(ctx)
 
@@ -108,40 +114,48 @@ class ClientPool:
         with self._lock:
             self._closed = True
             free, self._free = self._free, []
+            self._patches.clear()
         for ctx in free:
             _close(ctx)
 
 
-def merge_run_patches(client: Any, infrastructure_pid: str) -> None:
-    """Make `client` (a sync API client that serves one run at a time) spare the run two of its
-    PATCHes: the engine's write of the run's flow version and retry policy carries the run's
-    `infrastructure_pid` too (Prefect's worker writes it in a PATCH of its own, which
-    `is_merged_pid_patch` then recognises), and the engine's rename of the run is skipped when the
-    run, as the engine has just read it, already has that name (the listener names its runs at
-    creation as their flows do: `chain/deployments.py`). Any other call goes through unchanged."""
-    read, update, rename = client.read_flow_run, client.update_flow_run, client.set_flow_run_name
-    names: dict[Any, str] = {}  # the run last read through this client: its name
+class MergedPatches:
+    """Spares a run two of the PATCHes its start costs, on `client` (a sync API client that
+    serves one run at a time): the engine's write of the run's flow version and retry policy
+    carries the run's `infrastructure_pid` too (Prefect's worker writes it in a PATCH of its
+    own, which `is_merged_pid_patch` then recognises), and the engine's rename of the run is
+    skipped when the run, as the worker polled it (`running`) or the engine read it, already
+    has that name (the listener names its runs at creation as their flows do:
+    `chain/deployments.py`). Any other call goes through unchanged."""
 
-    def read_flow_run(flow_run_id: Any, *args: Any, **kwargs: Any) -> Any:
-        run = read(flow_run_id, *args, **kwargs)
-        names.clear()
-        names[flow_run_id] = run.name
+    def __init__(self, client: Any, infrastructure_pid: str) -> None:
+        self._pid = infrastructure_pid
+        self._names: dict[Any, str] = {}  # the run this client serves: its name
+        self._read, self._update = client.read_flow_run, client.update_flow_run
+        self._rename = client.set_flow_run_name
+        client.read_flow_run = self.read_flow_run
+        client.update_flow_run = self.update_flow_run
+        client.set_flow_run_name = self.set_flow_run_name
+
+    def running(self, flow_run: Any) -> None:
+        """The client now serves `flow_run` (as polled: its name)."""
+        self._names = {flow_run.id: flow_run.name}
+
+    def read_flow_run(self, flow_run_id: Any, *args: Any, **kwargs: Any) -> Any:
+        run = self._read(flow_run_id, *args, **kwargs)
+        self._names = {flow_run_id: run.name}
         return run
 
-    def update_flow_run(*args: Any, **kwargs: Any) -> Any:
+    def update_flow_run(self, *args: Any, **kwargs: Any) -> Any:
         if not args and kwargs.keys() == _ENGINE_PATCH:
-            kwargs["infrastructure_pid"] = infrastructure_pid
-        return update(*args, **kwargs)
+            kwargs["infrastructure_pid"] = self._pid
+        return self._update(*args, **kwargs)
 
-    def set_flow_run_name(flow_run_id: Any, name: str) -> Any:
-        if names.get(flow_run_id) == name:
+    def set_flow_run_name(self, flow_run_id: Any, name: str) -> Any:
+        if self._names.get(flow_run_id) == name:
             log.debug("flow run %s already named %r: not renamed", flow_run_id, name)
             return None
-        return rename(flow_run_id, name)
-
-    client.read_flow_run = read_flow_run
-    client.update_flow_run = update_flow_run
-    client.set_flow_run_name = set_flow_run_name
+        return self._rename(flow_run_id, name)
 
 
 # the engine's PATCH of a run it starts (`FlowRunEngine.initialize_run`), by keyword
@@ -150,7 +164,7 @@ _ENGINE_PATCH = frozenset({"flow_run_id", "flow_version", "empirical_policy"})
 
 def is_merged_pid_patch(kwargs: dict[str, Any], infrastructure_pid: str) -> bool:
     """Whether a worker's `update_flow_run(**kwargs)` is Prefect's worker writing the run's
-    `infrastructure_pid` alone, as the engine's merged PATCH does (`merge_run_patches`)."""
+    `infrastructure_pid` alone, as the engine's merged PATCH does (`MergedPatches`)."""
     return kwargs.keys() == {"flow_run_id", "infrastructure_pid"} \
         and kwargs["infrastructure_pid"] == infrastructure_pid
 

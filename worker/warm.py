@@ -55,8 +55,10 @@ import importlib
 import importlib.util
 import inspect
 import logging
+import math
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -122,6 +124,11 @@ class WarmWorkerSettings(BaseSettings):
     worker_wakeup: bool = Field(
         default=True, description="Also listen to the server's event stream and poll at once "
         "when a run is scheduled in the pool (worker/wakeup.py); false: the poll alone")
+    worker_stream_poll_seconds: float = Field(
+        default=10.0, ge=0, description="While the event stream is connected (it wakes the "
+        "worker for every run scheduled in its pool), the regular poll runs at most this often; "
+        "a run's end polls at once when the last poll filled the worker's free slots (a backlog). "
+        "0: every PREFECT_WORKER_QUERY_SECONDS, as without the stream")
     worker_read_cache_seconds: float = Field(
         default=30.0, ge=0, description="Seconds the worker keeps the deployments, flows and "
         "default result storage it reads to submit runs (worker/engine.py); 0: read each time")
@@ -293,6 +300,9 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         self._wakeup = PoolWakeup(self._work_pool_name, self._on_scheduled, self._logger) \
             if settings.worker_wakeup else None
         self._wake = asyncio.Event()
+        self._stream_poll_seconds = settings.worker_stream_poll_seconds
+        self._last_poll = -math.inf  # time.monotonic() of the last poll's answer
+        self._more_waiting = False  # the last poll filled the free slots: more may wait
         self._background: list[asyncio.Task[None]] = []
         self._labelling: set[asyncio.Task[None]] = set()  # labels set beside runs' starts
         self._executing: set[UUID] = set()  # runs this process is executing (recovery skips)
@@ -337,7 +347,7 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
     def _skip_merged_pid_patches(self) -> None:
         """Prefect's worker writes a started run's `infrastructure_pid` in a PATCH of its own;
         the runs this worker executes have it written by their engine's PATCH
-        (`merge_run_patches`): that PATCH is skipped."""
+        (`MergedPatches`): that PATCH is skipped."""
         update = self.client.update_flow_run
 
         async def update_flow_run(*args: Any, **kwargs: Any) -> Any:
@@ -389,6 +399,8 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         finally:
             self._ended.append(flow_run.id)
             self._executing.discard(flow_run.id)
+            if self._more_waiting:  # a backlog: fill the slot now, not at the next poll
+                self._wake.set()
 
     async def _run(self, flow_run: FlowRun, configuration: WarmJobConfiguration,
                    run_logger: Any, identifier: str) -> WarmWorkerResult:
@@ -429,6 +441,8 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         # a poll or heartbeat waiting over WIS2_RECOVERY_SLOW_CALL s is in the client's retries:
         # the API is unavailable (for the other workers' heartbeats too), seen by the recovery
         # from then on (`worker.api_outages`)
+        if self._stream_polls():
+            return []
         try:
             with self._recovery.outages.call():
                 return await super().get_and_submit_flow_runs()
@@ -437,6 +451,18 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
                 raise
             self._api_unavailable("polling the pool", exc)
             return []
+
+    def _stream_polls(self) -> bool:
+        """Whether the regular poll is left out this time: the event stream is connected (it
+        wakes the worker for each run scheduled in the pool), the last poll was less than
+        WIS2_WORKER_STREAM_POLL_SECONDS ago, and it did not fill the free slots (a run's end
+        polls then). The poll every PREFECT_WORKER_QUERY_SECONDS cost the server a request (and
+        the pool's `last_polled` write) per second, most of them finding nothing; it stays the
+        fallback for what the stream does not announce: runs that become due later (a retry's
+        delay, a schedule), an event lost with a reconnection."""
+        return (self._wakeup is not None and self._wakeup.connected.is_set()
+                and not self._more_waiting
+                and time.monotonic() - self._last_poll < self._stream_poll_seconds)
 
     def _poll_limit(self) -> int | None:
         """Runs one poll asks for: the free run slots, plus the runs still being submitted
@@ -456,7 +482,9 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         be submitted (`_poll_limit`), highest-priority queue first as Prefect's."""
         limit = self._poll_limit()
         if limit is None:
-            return await super()._get_scheduled_flow_runs()
+            runs = await super()._get_scheduled_flow_runs()
+            self._polled(runs, limit)
+            return runs
 
         scheduled_before = now("UTC") + datetime.timedelta(seconds=int(self._prefetch_seconds))
         body: dict[str, Any] = {"scheduled_before": str(scheduled_before), "limit": limit,
@@ -469,7 +497,13 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
             if exc.response.status_code == 404:  # the pool is created at the next heartbeat
                 return []
             raise
-        return WorkerFlowRunResponse.model_validate_list(response.json())
+        runs = WorkerFlowRunResponse.model_validate_list(response.json())
+        self._polled(runs, limit)
+        return runs
+
+    def _polled(self, runs: list[WorkerFlowRunResponse], limit: int | None) -> None:
+        self._last_poll = time.monotonic()
+        self._more_waiting = bool(runs) and (limit is None or len(runs) >= limit)
 
     async def _sync_and_initialize(self) -> None:
         """The heartbeat (and pool sync): once the worker has synced, an unavailable API is
@@ -541,7 +575,7 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         from prefect.logging.loggers import flow_run_logger
 
         flow = self._flows.get(entrypoint, self._project_dir)
-        with self._clients.client_context():
+        with self._clients.client_context(flow_run):
             state = run_flow(flow, flow_run=flow_run, return_type="state",
                              error_logger=flow_run_logger(flow_run=flow_run))
         if inspect.isawaitable(state):  # an async flow: its own event loop in this thread

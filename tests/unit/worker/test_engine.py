@@ -19,9 +19,9 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from chain.expiring import Expiring
 from worker.engine import (
     ClientPool,
+    MergedPatches,
     flow_heartbeats,
     is_merged_pid_patch,
-    merge_run_patches,
     suspension_observer,
     without_client_retries,
 )
@@ -252,28 +252,30 @@ class RecordingClient:
 
 
 def test_the_engines_patch_carries_the_pid_and_a_rename_to_the_same_name_is_skipped() -> None:
-    """As the engine calls them (`FlowRunEngine.initialize_run`, `setup_run_context`): its PATCH
-    of version and policy gets the worker's pid; after its read of the run, renaming it to the
-    name it has is skipped, to another name is not; other PATCHes go through unchanged."""
-    client = RecordingClient(name="IOPX01_LFVX_251403.BU")
-    merge_run_patches(client, "4242")
-    run_id, policy = uuid.uuid4(), object()
+    """As the engine calls them (`FlowRunEngine.initialize_run`, `begin_run`,
+    `setup_run_context`): its PATCH of version and policy gets the worker's pid; renaming the
+    run to the name it had when polled is skipped, to another name is not; after a read, the
+    name read counts; other PATCHes go through unchanged."""
+    client = RecordingClient(name="read-name")
+    patches = MergedPatches(client, "4242")
+    run_id, other_id, policy = uuid.uuid4(), uuid.uuid4(), object()
+    patches.running(types.SimpleNamespace(id=run_id, name="IOPX01_LFVX_251403.BU"))
 
     client.update_flow_run(flow_run_id=run_id, flow_version="abc", empirical_policy=policy)
-    client.read_flow_run(run_id)
-    client.set_flow_run_name(flow_run_id=run_id, name="IOPX01_LFVX_251403.BU")
+    client.set_flow_run_name(flow_run_id=run_id, name="IOPX01_LFVX_251403.BU")  # skipped
     client.set_flow_run_name(flow_run_id=run_id, name="another-name")
+    client.set_flow_run_name(flow_run_id=other_id, name="IOPX01_LFVX_251403.BU")
+    client.read_flow_run(run_id)
+    client.set_flow_run_name(flow_run_id=run_id, name="read-name")  # skipped
     client.update_flow_run(flow_run_id=run_id, name="x")
-    client.set_flow_run_name(flow_run_id=uuid.uuid4(), name="IOPX01_LFVX_251403.BU")
 
-    assert client.calls[0] == ("update", {"flow_run_id": run_id, "flow_version": "abc",
-                                          "empirical_policy": policy,
-                                          "infrastructure_pid": "4242"})
-    assert client.calls[1:] == [
+    assert client.calls == [
+        ("update", {"flow_run_id": run_id, "flow_version": "abc", "empirical_policy": policy,
+                    "infrastructure_pid": "4242"}),
+        ("rename", run_id, "another-name"),
+        ("rename", other_id, "IOPX01_LFVX_251403.BU"),  # another run: renamed
         ("read", run_id),
-        ("rename", run_id, "another-name"),  # the same name: skipped
         ("update", {"flow_run_id": run_id, "name": "x"}),
-        ("rename", client.calls[-1][1], "IOPX01_LFVX_251403.BU"),  # a run not read: renamed
     ]
 
 
