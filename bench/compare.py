@@ -53,6 +53,16 @@ def cpu_per_1000(phase: str, names: tuple[str, ...] | str) -> Callable[[dict[str
     return get
 
 
+def cpu_per_run(phase: str, names: tuple[str, ...] | str) -> Callable[[dict[str, Any]], Any]:
+    """CPU seconds of the group (summed) during `phase` per flow run of the phase."""
+    def get(r: dict[str, Any]) -> float | None:
+        usages, runs = _group(r, phase, names), _get(r, f"{phase}_runs", "total")
+        if not usages or not runs:
+            return None
+        return round(sum(u["cpu_seconds"] for u in usages) / runs, 3)
+    return get
+
+
 def peak_rss(phase: str, names: tuple[str, ...] | str) -> Callable[[dict[str, Any]], Any]:
     """Peak RSS MB of the group's largest process tree during `phase` (several workers: the
     largest worker's, not their sum)."""
@@ -71,6 +81,9 @@ ROWS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
     ("steady p99 s", _path("steady", "latency", "p99")),
     ("steady missing", _path("steady", "lost")),
     ("steady API requests per flow run", _path("steady_requests", "per_flow_run")),
+    ("server CPU s per steady flow run", cpu_per_run("steady", SERVER)),
+    ("Prefect floor: server CPU s per bare run", _path("prefect_floor", "server_cpu_per_run")),
+    ("Prefect floor: bare run p50 s", _path("prefect_floor", "run_seconds", "p50")),
     ("burst time to drain s", _path("burst", "drain_seconds")),
     ("burst chain events/s", _path("burst", "throughput_eps")),
     ("burst missing", _path("burst", "lost")),

@@ -25,6 +25,7 @@ class Options(argparse.Namespace):
     burst: int
     drain_timeout: float
     floor_events: int | None
+    prefect_floor_runs: int
     pool_limit: int
     worker: str
     worker_limit: int
@@ -85,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
                    help="seconds the burst may take to drain; what arrived by then is reported")
     p.add_argument("--floor-events", type=int, default=None,
                    help="events through the in-process floor (default: --burst)")
+    p.add_argument("--prefect-floor-runs", type=int, default=50,
+                   help="flow runs of 5 no-op tasks run with Prefect's engine against the node's "
+                   "server, no worker or listener (bench/prefect_floor.py); 0: not measured")
     p.add_argument("--worker", choices=["warm", "process"], default="warm",
                    help="warm: the wis2-warm worker (flow runs in-process); process: Prefect's "
                    "process worker (one Python process per run)")
@@ -196,6 +200,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         opts.intake = min(opts.intake, 5)
         opts.steady_drain_timeout, opts.drain_timeout = 60.0, 60.0
         opts.floor_events = 5
+        opts.prefect_floor_runs = min(opts.prefect_floor_runs, 3)
         opts.backfill = min(opts.backfill, 5)
         opts.backfill_timeout = min(opts.backfill_timeout, 180.0)
         opts.fault_events = min(opts.fault_events, 6)

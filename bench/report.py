@@ -219,6 +219,18 @@ def _profile(name: str, r: dict[str, Any]) -> list[str]:
               _ratio(r.get("chain_to_floor_ratio"))]])
         if f.get("errors"):
             out += ["Floor errors: " + "; ".join(f["errors"][:5]), ""]
+    if "prefect_floor" in r:
+        f = r["prefect_floor"]
+        out += [f"### Prefect's floor: flow runs of {f['tasks_per_run']} no-op tasks, no worker "
+                "(bench/prefect_floor.py)", ""]
+        if f.get("error"):
+            out += [f"Not measured: {f['error']}", ""]
+        else:
+            rs = f["run_seconds"]
+            out += _table(["runs", "run p50 s", "run p90 s", "run p99 s",
+                           "server CPU s per run", "idle server CPU s per s"],
+                          [[f["runs"], rs["p50"], rs["p90"], rs["p99"],
+                            f["server_cpu_per_run"], f["idle_server_cpu_per_second"]]])
     if isinstance(r.get("chain"), str):
         out += [f"Chain: {r['chain']}", ""]
     out += _requests(r)

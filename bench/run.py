@@ -57,6 +57,7 @@ from bench.load import CpuHogs
 from bench.machine import describe
 from bench.node import PROFILE_LISTENER_SETTINGS, BenchNode, ScaledBenchNode
 from bench.options import Options, parse_args
+from bench.prefect_floor import run_prefect_floor
 from bench.procmon import ProcessMonitor
 from bench.report import markdown
 from bench.variants import Variant, result_key
@@ -253,6 +254,16 @@ def run_profile(profile: str, opts: Options, out_dir: Path,
             if not chain_ready:
                 result["chain"] = f"not measured: {result['startup_error']}"
                 return result
+
+            # 1b. Prefect's own floor: bare flow runs of no-op tasks, on the idle node's server
+            if opts.prefect_floor_runs > 0 and not opts.faults_only:
+                server_pids = [pid for name, pid in _pids(node).items()
+                               if name.startswith("prefect-")]
+                prefect_floor = run_prefect_floor(node.child_env(), server_pids,
+                                                  opts.prefect_floor_runs)
+                result["prefect_floor"] = prefect_floor.model_dump()
+                log.info("Prefect floor: %.3f server CPU s per bare run",
+                         prefect_floor.server_cpu_per_run)
             topic = settings.event_topic
             fileserver = state.connection("fileserver")
 

@@ -32,12 +32,16 @@ What it does differently from the `process` worker (by design, because runs shar
   in progress to finish.
 - **Wake-up** (`worker/wakeup.py`): besides polling every PREFECT_WORKER_QUERY_SECONDS, the
   worker listens to the server's event stream and polls at once when a run is scheduled in its
-  pool (`WIS2_WORKER_WAKEUP=false`: the poll alone); a lost stream only means the poll.
+  pool (`WIS2_WORKER_WAKEUP=false`: the poll alone); a lost stream only means the poll. While
+  the stream is connected the regular poll runs every WIS2_WORKER_STREAM_POLL_SECONDS (10),
+  and at a run's end after a poll that filled the free slots (a backlog).
 - **Engine** (`worker/engine.py`): each run executes with Prefect's `run_flow`, on an API client
   kept open from one run to the next, and without Prefect's per-run suspension observer (no flow
   of the chain suspends itself; `WIS2_WORKER_SUSPENSION_OBSERVER=true` keeps it). A run goes from
-  Pending to Running with no `Submitting` state in between. The deployments and flows it reads,
-  and the server's default result storage, are kept `WIS2_WORKER_READ_CACHE_SECONDS` (30).
+  Pending to Running with no `Submitting` state in between, one PATCH of the run before its
+  flow starts instead of three or four (`WIS2_WORKER_MERGE_RUN_PATCHES`). The deployments and
+  flows it reads, and the server's default result storage, are kept
+  `WIS2_WORKER_READ_CACHE_SECONDS` (30).
 - **Recovery** (`worker/recovery.py`): while it polls its pool, the worker reschedules the runs
   stranded by a dead worker of the pool (Pending or Running, no heartbeat from their worker), and
   at start those it had claimed itself under the same `--name` before it was killed; a run

@@ -50,6 +50,11 @@ def test_tiny_bench_run(tmp_path: Path):
         pytest.skip("listener not written yet: only the floor was measured")
 
     assert run["startup_error"] is None
+    prefect_floor = run["prefect_floor"]  # flow runs of no-op tasks, no worker
+    assert prefect_floor["error"] is None, prefect_floor
+    assert prefect_floor["runs"] == 3 and prefect_floor["tasks_per_run"] == 5
+    assert prefect_floor["run_seconds"]["p50"] > 0 and prefect_floor["server_cpu_seconds"] != 0
+    assert "### Prefect's floor" in done.stdout
     steady, burst = run["steady"], run["burst"]
     assert steady["events_sent"] == 5
     assert steady["received"] == 5, steady

@@ -40,7 +40,7 @@ def test_worker_labels_are_tried_quickly_without_the_clients_retries(monkeypatch
         monkeypatch.setattr(warm, "LABEL_QUICK_DELAY", 0.001)
         worker = object.__new__(warm.WarmWorker)
         with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 7}):
-            anyio.run(worker._give_worker_labels_to_flow_run, uuid.uuid4())  # never raises
+            anyio.run(worker._set_worker_labels, uuid.uuid4())  # never raises
         assert seen == expected
 
 
@@ -95,3 +95,67 @@ def test_a_poll_asks_for_the_runs_it_can_submit(monkeypatch) -> None:
     worker._limiter, worker._poll_limited = None, True  # no --limit
     assert anyio.run(worker._get_scheduled_flow_runs) == ["prefect's poll"]
     assert len(bodies) == 3
+
+
+def test_the_labels_are_set_beside_the_runs_start_unless_turned_off(monkeypatch) -> None:
+    """WIS2_WORKER_MERGE_RUN_PATCHES: the labels' PATCH does not hold the run's start (it
+    returns before the PATCH is answered, which still happens); off: awaited, as Prefect's."""
+    import asyncio
+    import uuid
+
+    from prefect.workers.base import BaseWorker
+
+    import worker.warm as warm
+
+    answered: list[bool] = []
+
+    async def slow(self, flow_run_id) -> None:
+        await asyncio.sleep(0.01)
+        answered.append(True)
+
+    monkeypatch.setattr(BaseWorker, "_give_worker_labels_to_flow_run", slow)
+
+    async def start(merge: bool) -> tuple[int, int]:
+        worker = object.__new__(warm.WarmWorker)
+        worker._merge_patches, worker._labelling = merge, set()
+        await worker._give_worker_labels_to_flow_run(uuid.uuid4())
+        before = len(answered)
+        await asyncio.gather(*worker._labelling)
+        return before, len(answered)
+
+    assert asyncio.run(start(True)) == (0, 1)  # returned before the answer, answered after
+    answered.clear()
+    assert asyncio.run(start(False)) == (1, 1)
+
+
+def test_the_regular_poll_is_left_to_the_stream_only_while_it_is_connected(monkeypatch) -> None:
+    """With the event stream connected, the regular poll runs every
+    WIS2_WORKER_STREAM_POLL_SECONDS; every time when the stream is down, when it is 0, or when
+    the last poll filled the free slots (a backlog: more runs may wait)."""
+    import asyncio
+
+    import worker.warm as warm
+
+    clock = [1000.0]
+    monkeypatch.setattr(warm.time, "monotonic", lambda: clock[0])
+    worker = object.__new__(warm.WarmWorker)
+    worker._wakeup = type("Stream", (), {"connected": asyncio.Event()})()
+    worker._stream_poll_seconds, worker._last_poll, worker._more_waiting = 10.0, -1e9, False
+
+    assert not worker._stream_polls()  # never polled
+    worker._polled(["run"], limit=8)
+    assert not worker._stream_polls()  # the stream is down
+    worker._wakeup.connected.set()
+    assert worker._stream_polls()
+    clock[0] += 9.9
+    assert worker._stream_polls()
+    clock[0] += 0.2
+    assert not worker._stream_polls()  # 10 s since the last poll
+    worker._polled(["run"] * 8, limit=8)
+    assert worker._more_waiting and not worker._stream_polls()  # it filled the free slots
+    worker._polled([], limit=8)
+    assert worker._stream_polls()
+    worker._stream_poll_seconds = 0.0
+    assert not worker._stream_polls()
+    worker._stream_poll_seconds, worker._wakeup = 10.0, None  # WIS2_WORKER_WAKEUP=false
+    assert not worker._stream_polls()
