@@ -3,7 +3,9 @@ listener, no worker, no deployment and no work of the chain (`--prefect-floor-ru
 
 A child process (`python -m bench.prefect_floor`, the node's Prefect settings) runs a flow of
 `tasks` no-op tasks (as many as a single-event run of publish-notification has) with Prefect's
-own engine, `runs` times one after another, after a few runs to warm up. Each run is what any
+own engine, `runs` times one after another, after a few runs to warm up; without the flow-run
+heartbeats, as the `wis2-warm` worker runs flows (worker/engine.py: with them, each run waits
+up to a second at its end). Each run is what any
 Prefect flow run costs: its creation, its Pending, Running and Completed states, its logs, and
 three events per task run that the server records. The parent counts the server's CPU seconds
 over the measured runs (and until its event queue has settled), less what the idle server spends
@@ -90,6 +92,10 @@ def run_prefect_floor(env: dict[str, str], server_pids: Sequence[int], runs: int
 
 def _child(runs: int, tasks: int) -> None:
     from prefect import flow, task
+
+    from worker.engine import flow_heartbeats
+
+    flow_heartbeats(False)  # as the warm worker runs flows (else each run waits up to 1 s)
 
     @task
     def noop(i: int) -> int:
