@@ -42,6 +42,15 @@ Prefect 3.9's engine is written for one run per process. Run after run in one pr
   the rename when the run already has that name (the listener names its runs at creation), so
   one PATCH is left of three for the listener's runs; `WIS2_WORKER_MERGE_RUN_PATCHES=false`
   keeps Prefect's.
+- **resolve every path of the results directory with the file system** (Prefect's
+  `LocalFileSystem._resolve_path`: two `realpath`s a call, several calls per cached task): the
+  single-event tasks' took 15 ms of a steady run. `results_paths_as_text` forms them as
+  `flows.tasks.cache_store.ResultsDirectory` does (the base resolved once; symbolic links inside
+  the results directory not followed: the chain makes none); `WIS2_WORKER_RESULTS_PATHS_AS_TEXT=
+  false` keeps Prefect's.
+- **print each log line through a Rich console** (Prefect's console handler: ~1.5 ms a line, 25
+  ms of a steady run). `plain_console_logs` writes them as a plain stream handler, same format
+  and stream; `WIS2_WORKER_PLAIN_CONSOLE_LOGS=false` keeps Rich's.
 - **read the server's default result storage** (`GET /admin/storage`) three times per run
   (Prefect's result stores look it up whenever a flow or task needs its default storage):
   `keep_server_result_storage` keeps the answer for `WIS2_WORKER_READ_CACHE_SECONDS` too (a
@@ -58,6 +67,7 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -253,6 +263,56 @@ def walk_json_parameters(enabled: bool) -> None:
     """Prefect's walk over a flow run's parameters for every run of this process (`enabled`), or
     only for parameters that are not JSON data."""
     _replace_in_flow_engine(_RESOLVE_PARAMETERS, enabled, _resolve_parameters_unless_json)
+
+
+_BASES: dict[str, Path] = {}  # a LocalFileSystem's basepath: its realpath, resolved once
+
+
+def _resolve_path_as_text(storage: Any, path: str) -> Path:
+    """`LocalFileSystem._resolve_path`, its base path resolved once per process and the path
+    joined to it as text (`flows.tasks.cache_store.path_in_base`)."""
+    from flows.tasks.cache_store import path_in_base
+
+    key = storage.basepath or "."
+    base = _BASES.get(key)
+    if base is None:
+        base = _BASES[key] = Path(key).expanduser().resolve()
+    return path_in_base(base, path)
+
+
+def results_paths_as_text(enabled: bool) -> None:
+    """Every `LocalFileSystem` of this process (the single-event tasks' results directory) forms
+    its paths as `ResultsDirectory` does (`enabled`), or with Prefect's two `realpath`s a call."""
+    from prefect.filesystems import LocalFileSystem
+
+    _PREFECTS.setdefault("LocalFileSystem._resolve_path", LocalFileSystem._resolve_path)
+    LocalFileSystem._resolve_path = (  # type: ignore[method-assign]
+        _resolve_path_as_text if enabled else _PREFECTS["LocalFileSystem._resolve_path"])
+
+
+def _plain_emit(handler: logging.StreamHandler[Any], record: logging.LogRecord) -> None:
+    logging.StreamHandler.emit(handler, record)
+
+
+def plain_console_logs(enabled: bool) -> int:
+    """Prefect's console handlers of this process write each line as a plain `StreamHandler`
+    does, with the same formatter (`enabled`), instead of printing it through a Rich console
+    (highlighting and wrapping, ~1.5 ms a line: a tenth of a steady run's time in the worker).
+    Returns the handlers changed."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *(item for item in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(item, logging.Logger))]
+    changed = 0
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, PrefectConsoleHandler):
+                if enabled:
+                    handler.emit = functools.partial(_plain_emit, handler)  # type: ignore
+                else:
+                    handler.__dict__.pop("emit", None)
+                changed += 1
+    return changed
 
 
 _NO_RETRIES: list[tuple[Any, Any]] = []  # (settings, the same without client retries): one pair

@@ -94,6 +94,8 @@ from worker.engine import (
     flow_heartbeats,
     is_merged_pid_patch,
     keep_server_result_storage,
+    plain_console_logs,
+    results_paths_as_text,
     suspension_observer,
     walk_json_parameters,
     without_client_retries,
@@ -153,6 +155,12 @@ class WarmWorkerSettings(BaseSettings):
         "(its infrastructure pid written with the engine's, the engine's rename skipped when the "
         "run already has the name: worker/engine.py), and the worker's labels are set beside the "
         "run's start, not before it; false: Prefect's PATCHes, in Prefect's order")
+    worker_results_paths_as_text: bool = Field(
+        default=True, description="The results directory's paths formed as text, its base "
+        "resolved once (worker/engine.py); false: Prefect's two realpaths per access")
+    worker_plain_console_logs: bool = Field(
+        default=True, description="The worker's console log lines written plain, same format "
+        "(worker/engine.py); false: printed through Prefect's Rich console")
     worker_poll_limited: bool = Field(
         default=True, description="A poll asks for as many Scheduled runs as the worker has "
         "free slots (worker/warm.py `_poll_limit`); false: Prefect's poll (up to 200 runs, "
@@ -298,6 +306,8 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         suspension_observer(settings.worker_suspension_observer)
         flow_heartbeats(settings.worker_flow_heartbeats)
         walk_json_parameters(settings.worker_walk_json_parameters)
+        results_paths_as_text(settings.worker_results_paths_as_text)
+        plain_console_logs(settings.worker_plain_console_logs)
         self._poll_limited = settings.worker_poll_limited
         self._reads = ReadCache(settings.worker_read_cache_seconds)
         keep_server_result_storage(settings.worker_read_cache_seconds)

@@ -32,7 +32,8 @@ from wis2.notification import Notification
 
 from .caching import publish_cache_key
 
-__all__ = ["MISSING", "CacheStore", "ResultsDirectory", "acknowledged", "publish_key"]
+__all__ = ["MISSING", "CacheStore", "ResultsDirectory", "acknowledged", "path_in_base",
+           "publish_key"]
 
 MISSING: Any = object()  # `CacheStore.lookup`: nothing cached under the key
 
@@ -87,16 +88,22 @@ class ResultsDirectory(LocalFileSystem):
     def _resolve_path(self, path: str) -> Path:
         if self._base is None:
             self._base = Path(self.basepath or ".").expanduser().resolve()
-        if path is None:
-            return self._base
-        resolved = Path(path).expanduser()
-        if not resolved.is_absolute():
-            resolved = self._base / resolved
-        resolved = Path(os.path.normpath(resolved))
-        if resolved != self._base and self._base not in resolved.parents:
-            raise ValueError(
-                f"Provided path {resolved} is outside of the base path {self._base}.")
-        return resolved
+        return path_in_base(self._base, path)
+
+
+def path_in_base(base: Path, path: str | None) -> Path:
+    """`path` (relative to `base`, a resolved directory, or absolute) joined and normalised as
+    text, as Prefect's `LocalFileSystem._resolve_path` forms it without the `realpath`s;
+    refused, as Prefect refuses it, when it leaves `base`."""
+    if path is None:
+        return base
+    resolved = Path(path).expanduser()
+    if not resolved.is_absolute():
+        resolved = base / resolved
+    resolved = Path(os.path.normpath(resolved))
+    if resolved != base and base not in resolved.parents:
+        raise ValueError(f"Provided path {resolved} is outside of the base path {base}.")
+    return resolved
 
 
 def publish_key(note: Notification, topic: str) -> str:

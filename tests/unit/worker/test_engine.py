@@ -294,3 +294,53 @@ def test_a_pooled_client_merges_the_patches_only_when_asked(api_url) -> None:
             patched = "update_flow_run" in vars(ctx.client)  # replaced on the instance
         pool.close()
         assert patched is merged
+
+
+def test_the_results_paths_are_prefects_formed_as_text(tmp_path) -> None:
+    """The same paths as Prefect's `LocalFileSystem._resolve_path` (base a symbolic link
+    included), the same refusal of a path outside the base; Prefect's again when turned off."""
+    from prefect.filesystems import LocalFileSystem
+
+    from worker.engine import results_paths_as_text
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    storage = LocalFileSystem(basepath=str(tmp_path / "link"))
+    prefects = LocalFileSystem._resolve_path
+    keys = [None, "abc", "a/b/../c", str(tmp_path / "real" / "x")]
+    expected = [prefects(storage, key) for key in keys]
+    try:
+        results_paths_as_text(True)
+        assert LocalFileSystem._resolve_path is not prefects
+        assert [storage._resolve_path(key) for key in keys] == expected
+        for outside in ("../elsewhere", str(tmp_path / "other")):
+            with pytest.raises(ValueError, match="outside of the base path"):
+                storage._resolve_path(outside)
+        results_paths_as_text(False)
+        assert LocalFileSystem._resolve_path is prefects
+    finally:
+        LocalFileSystem._resolve_path = prefects
+
+
+def test_prefects_console_handlers_write_plain_lines_when_asked() -> None:
+    import io
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    from worker.engine import plain_console_logs
+
+    stream = io.StringIO()
+    handler = PrefectConsoleHandler(stream=stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s | %(message)s"))
+    logger = logging.getLogger("wis2-test-plain-console")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        assert plain_console_logs(True) >= 1
+        logger.warning("a [bold]line[/] of %d", 1)
+        assert stream.getvalue() == "WARNING | a [bold]line[/] of 1\n"  # as written, no markup
+        assert plain_console_logs(False) >= 1
+        assert "emit" not in vars(handler)  # Prefect's Rich console again
+    finally:
+        logger.removeHandler(handler)
