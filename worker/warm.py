@@ -34,7 +34,7 @@ What it does differently from the `process` worker (by design, because runs shar
   worker listens to the server's event stream and polls at once when a run is scheduled in its
   pool (`WIS2_WORKER_WAKEUP=false`: the poll alone); a lost stream only means the poll. While
   the stream is connected the regular poll runs every WIS2_WORKER_STREAM_POLL_SECONDS (10),
-  and at a run's end after a poll that filled the free slots (a backlog).
+  and at a run's end after a poll that found more runs than free slots (a backlog).
 - **Engine** (`worker/engine.py`): each run executes with Prefect's `run_flow`, on an API client
   kept open from one run to the next, and without Prefect's per-run suspension observer (no flow
   of the chain suspends itself; `WIS2_WORKER_SUSPENSION_OBSERVER=true` keeps it). A run goes from
@@ -116,6 +116,7 @@ WORKER_TYPE = "wis2-warm"
 DEFAULT_THREADS = 16  # flow runs at once when the worker is started without --limit
 LABEL_QUICK_TRIES = 4  # tries of the run's worker labels without the client's retries,
 LABEL_QUICK_DELAY = 0.05  # from this delay, doubling (then one with them)
+RECHECK_DELAY = 0.25  # s: a wake-up poll that found no new run is tried once more after it
 ENDED_KEPT = 1000  # runs remembered as executed here (recovery: own_ended)
 
 
@@ -133,7 +134,7 @@ class WarmWorkerSettings(BaseSettings):
     worker_stream_poll_seconds: float = Field(
         default=10.0, ge=0, description="While the event stream is connected (it wakes the "
         "worker for every run scheduled in its pool), the regular poll runs at most this often; "
-        "a run's end polls at once when the last poll filled the worker's free slots (a backlog). "
+        "a run's end polls at once when the last poll found more runs than free slots (a backlog). "
         "0: every PREFECT_WORKER_QUERY_SECONDS, as without the stream")
     worker_read_cache_seconds: float = Field(
         default=30.0, ge=0, description="Seconds the worker keeps the deployments, flows and "
@@ -316,7 +317,9 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         self._wake = asyncio.Event()
         self._stream_poll_seconds = settings.worker_stream_poll_seconds
         self._last_poll = -math.inf  # time.monotonic() of the last poll's answer
-        self._more_waiting = False  # the last poll filled the free slots: more may wait
+        self._more_waiting = False  # the last poll found more runs than free slots
+        self._last_new = 0  # runs new to this worker in the last poll's answer
+        self._announced = False  # the stream announced a run since the last wake-up poll
         self._background: list[asyncio.Task[None]] = []
         self._labelling: set[asyncio.Task[None]] = set()  # labels set beside runs' starts
         self._executing: set[UUID] = set()  # runs this process is executing (recovery skips)
@@ -375,6 +378,8 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
     def _on_scheduled(self, flow_run_resource: str) -> None:
         log.debug("event stream: %s scheduled in pool %s", flow_run_resource or "(connected)",
                   self._work_pool_name)
+        if flow_run_resource:
+            self._announced = True
         self._wake.set()
 
     async def _poll_on_wake(self) -> None:
@@ -384,10 +389,16 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         while True:
             await self._wake.wait()
             self._wake.clear()
+            announced, self._announced = self._announced, False
             while self._limiter is not None and self._limiter.available_tokens < 1:
                 await asyncio.sleep(0.05)
             try:
                 await super().get_and_submit_flow_runs()
+                if announced and not self._last_new and not self._wake.is_set():
+                    # an event may reach the worker before the run's creation is committed:
+                    # once more shortly, rather than at the next regular poll
+                    await asyncio.sleep(RECHECK_DELAY)
+                    await super().get_and_submit_flow_runs()
             except Exception as exc:  # the regular poll goes on and reports its own errors
                 log.debug("poll on event failed: %s", exc, exc_info=True)
 
@@ -516,8 +527,15 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         return runs
 
     def _polled(self, runs: list[WorkerFlowRunResponse], limit: int | None) -> None:
+        """What a poll's answer says (before its runs are submitted): how many runs are new
+        (not being submitted already), and whether more may wait in the pool than the worker
+        takes now (the server cut its answer at the limit, or it returned more new runs than
+        free slots: a run's end polls again)."""
         self._last_poll = time.monotonic()
-        self._more_waiting = bool(runs) and (limit is None or len(runs) >= limit)
+        self._last_new = sum(1 for r in runs if r.flow_run.id not in self._submitting_flow_run_ids)
+        free = None if self._limiter is None else int(self._limiter.available_tokens)
+        self._more_waiting = (limit is not None and len(runs) >= limit) or (
+            free is not None and self._last_new > free)
 
     async def _sync_and_initialize(self) -> None:
         """The heartbeat (and pool sync): once the worker has synced, an unavailable API is

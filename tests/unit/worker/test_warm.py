@@ -48,6 +48,7 @@ def test_a_poll_asks_for_the_runs_it_can_submit(monkeypatch) -> None:
     """The poll asks the server for the free slots (and the runs still being submitted), not
     Prefect's 200 runs with their parameters; at least one; Prefect's poll without --limit or
     when turned off."""
+    import types
     import uuid
 
     import anyio
@@ -86,14 +87,16 @@ def test_a_poll_asks_for_the_runs_it_can_submit(monkeypatch) -> None:
     assert [b["limit"] for b in bodies] == [5, 2, 1]
     assert all(b["work_queue_names"] == ["q"] and b["scheduled_before"] for b in bodies)
 
+    polled = types.SimpleNamespace(flow_run=types.SimpleNamespace(id=uuid.uuid4()))
+
     async def prefects(self) -> list:
-        return ["prefect's poll"]
+        return [polled]
 
     monkeypatch.setattr(BaseWorker, "_get_scheduled_flow_runs", prefects)
     worker._poll_limited = False  # WIS2_WORKER_POLL_LIMITED=false
-    assert anyio.run(worker._get_scheduled_flow_runs) == ["prefect's poll"]
+    assert anyio.run(worker._get_scheduled_flow_runs) == [polled]
     worker._limiter, worker._poll_limited = None, True  # no --limit
-    assert anyio.run(worker._get_scheduled_flow_runs) == ["prefect's poll"]
+    assert anyio.run(worker._get_scheduled_flow_runs) == [polled]
     assert len(bodies) == 3
 
 
@@ -133,6 +136,8 @@ def test_the_regular_poll_is_left_to_the_stream_only_while_it_is_connected(monke
     WIS2_WORKER_STREAM_POLL_SECONDS; every time when the stream is down, when it is 0, or when
     the last poll filled the free slots (a backlog: more runs may wait)."""
     import asyncio
+    import types
+    import uuid
 
     import worker.warm as warm
 
@@ -141,9 +146,15 @@ def test_the_regular_poll_is_left_to_the_stream_only_while_it_is_connected(monke
     worker = object.__new__(warm.WarmWorker)
     worker._wakeup = type("Stream", (), {"connected": asyncio.Event()})()
     worker._stream_poll_seconds, worker._last_poll, worker._more_waiting = 10.0, -1e9, False
+    worker._submitting_flow_run_ids = set()
+    worker._limiter = types.SimpleNamespace(available_tokens=8)  # free run slots
+
+    def runs(n: int) -> list:
+        return [types.SimpleNamespace(flow_run=types.SimpleNamespace(id=uuid.uuid4()))
+                for _ in range(n)]
 
     assert not worker._stream_polls()  # never polled
-    worker._polled(["run"], limit=8)
+    worker._polled(runs(1), limit=8)
     assert not worker._stream_polls()  # the stream is down
     worker._wakeup.connected.set()
     assert worker._stream_polls()
@@ -151,10 +162,19 @@ def test_the_regular_poll_is_left_to_the_stream_only_while_it_is_connected(monke
     assert worker._stream_polls()
     clock[0] += 0.2
     assert not worker._stream_polls()  # 10 s since the last poll
-    worker._polled(["run"] * 8, limit=8)
-    assert worker._more_waiting and not worker._stream_polls()  # it filled the free slots
+    worker._polled(runs(8), limit=8)
+    assert worker._more_waiting and not worker._stream_polls()  # the answer was cut at 8
     worker._polled([], limit=8)
     assert worker._stream_polls()
+    # 1 slot free, 2 runs being submitted (Pending by now, so not returned): the limit of 3 is
+    # not reached, but 2 new runs for 1 slot: one waits, the next run's end polls for it
+    worker._limiter.available_tokens = 1
+    worker._submitting_flow_run_ids = {uuid.uuid4(), uuid.uuid4()}
+    worker._polled(runs(2), limit=3)
+    assert worker._last_new == 2 and worker._more_waiting and not worker._stream_polls()
+    worker._polled([*runs(1), types.SimpleNamespace(flow_run=types.SimpleNamespace(
+        id=next(iter(worker._submitting_flow_run_ids))))], limit=3)
+    assert worker._last_new == 1 and not worker._more_waiting  # one new run, one free slot
     worker._stream_poll_seconds = 0.0
     assert not worker._stream_polls()
     worker._stream_poll_seconds, worker._wakeup = 10.0, None  # WIS2_WORKER_WAKEUP=false
