@@ -24,12 +24,18 @@ from tests.fixtures.paths import BUFR_EVENT
 from tests.unit.listener.helpers import settings
 
 
-def test_batch_keys_and_parameters() -> None:
+def three_events() -> list:
+    """Three accepted events (ids e0, e1, e2) of the same file."""
     events = []
     for i in range(3):
         data = json.loads(BUFR_EVENT.read_text())
         data["id"] = f"e{i}"
         events.append(check_message(settings(), "diffusion/files/x", json.dumps(data).encode())[1])
+    return events
+
+
+def test_batch_keys_and_parameters() -> None:
+    events = three_events()
     route = Route(topic_filter="diffusion/files/#")
     key = batch_idempotency_key(events, "publish-batch/default")
     assert key == batch_idempotency_key(events[::-1], "publish-batch/default")  # order-free
@@ -83,11 +89,7 @@ def test_run_creation_skips_the_servers_schema_check() -> None:
 
 
 def test_a_batch_run_is_created_with_the_name_its_flow_gives_it() -> None:
-    events = []
-    for i in range(3):
-        data = json.loads(BUFR_EVENT.read_text())
-        data["id"] = f"e{i}"
-        events.append(check_message(settings(), "diffusion/files/x", json.dumps(data).encode())[1])
+    events = three_events()
     route = Route(topic_filter="diffusion/files/#", batch_deployment="publish-batch/default")
     creator = RunCreator()
     creator._client = client = RecordingClient()
