@@ -67,7 +67,6 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -186,16 +185,17 @@ def _close(ctx: Any) -> None:
         log.debug("closing a Prefect client: %s", exc)
 
 
-_PREFECTS: dict[str, Any] = {}  # the flow engine's own functions this module replaced
+_PREFECTS: dict[str, Any] = {}  # Prefect's own functions this module replaced, by name
 
 
-def _replace_in_flow_engine(name: str, enabled: bool, off: Any) -> None:
-    """Prefect's `prefect.flow_engine.<name>` when `enabled`, else `off`, for the flow runs of
-    this process; `name` may be dotted (`FlowRunEngine._resolve_parameters`: a method)."""
-    import prefect.flow_engine as flow_engine
+def _replace_in_prefect(name: str, enabled: bool, off: Any,
+                        module: str = "prefect.flow_engine") -> None:
+    """Prefect's own `<module>.<name>` when `enabled`, else `off` in its place, for this
+    process; `name` may be dotted (`FlowRunEngine._resolve_parameters`: a method)."""
+    import importlib
 
     *path, attribute = name.split(".")
-    owner = functools.reduce(getattr, path, flow_engine)
+    owner = functools.reduce(getattr, path, importlib.import_module(module))
     _PREFECTS.setdefault(name, getattr(owner, attribute))
     setattr(owner, attribute, _PREFECTS[name] if enabled else off)
 
@@ -208,7 +208,7 @@ def _no_suspension_observer(flow_run_id: Any, suspension_request: Any,
 
 def suspension_observer(enabled: bool) -> None:
     """Turn Prefect's per-run suspension observer on or off for the flow runs of this process."""
-    _replace_in_flow_engine("observe_flow_run_suspension", enabled, _no_suspension_observer)
+    _replace_in_prefect("observe_flow_run_suspension", enabled, _no_suspension_observer)
 
 
 @contextlib.contextmanager
@@ -218,7 +218,7 @@ def _no_heartbeats(engine: Any, join_on_exit: bool = True) -> Iterator[None]:
 
 def flow_heartbeats(enabled: bool) -> None:
     """Turn Prefect's flow-run heartbeats on or off for the flow runs of this process."""
-    _replace_in_flow_engine("_send_heartbeats", enabled, _no_heartbeats)
+    _replace_in_prefect("_send_heartbeats", enabled, _no_heartbeats)
 
 
 _JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
@@ -262,32 +262,16 @@ def _resolve_parameters_unless_json(engine: Any) -> None:
 def walk_json_parameters(enabled: bool) -> None:
     """Prefect's walk over a flow run's parameters for every run of this process (`enabled`), or
     only for parameters that are not JSON data."""
-    _replace_in_flow_engine(_RESOLVE_PARAMETERS, enabled, _resolve_parameters_unless_json)
-
-
-_BASES: dict[str, Path] = {}  # a LocalFileSystem's basepath: its realpath, resolved once
-
-
-def _resolve_path_as_text(storage: Any, path: str) -> Path:
-    """`LocalFileSystem._resolve_path`, its base path resolved once per process and the path
-    joined to it as text (`flows.tasks.cache_store.path_in_base`)."""
-    from flows.tasks.cache_store import path_in_base
-
-    key = storage.basepath or "."
-    base = _BASES.get(key)
-    if base is None:
-        base = _BASES[key] = Path(key).expanduser().resolve()
-    return path_in_base(base, path)
+    _replace_in_prefect(_RESOLVE_PARAMETERS, enabled, _resolve_parameters_unless_json)
 
 
 def results_paths_as_text(enabled: bool) -> None:
     """Every `LocalFileSystem` of this process (the single-event tasks' results directory) forms
     its paths as `ResultsDirectory` does (`enabled`), or with Prefect's two `realpath`s a call."""
-    from prefect.filesystems import LocalFileSystem
+    from flows.tasks.cache_store import resolve_as_text
 
-    _PREFECTS.setdefault("LocalFileSystem._resolve_path", LocalFileSystem._resolve_path)
-    LocalFileSystem._resolve_path = (  # type: ignore[method-assign]
-        _resolve_path_as_text if enabled else _PREFECTS["LocalFileSystem._resolve_path"])
+    _replace_in_prefect("LocalFileSystem._resolve_path", not enabled, resolve_as_text,
+                        module="prefect.filesystems")  # Prefect's unless enabled
 
 
 def _plain_emit(handler: logging.StreamHandler[Any], record: logging.LogRecord) -> None:

@@ -480,11 +480,11 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
     def _stream_polls(self) -> bool:
         """Whether the regular poll is left out this time: the event stream is connected (it
         wakes the worker for each run scheduled in the pool), the last poll was less than
-        WIS2_WORKER_STREAM_POLL_SECONDS ago, and it did not fill the free slots (a run's end
-        polls then). The poll every PREFECT_WORKER_QUERY_SECONDS cost the server a request (and
-        the pool's `last_polled` write) per second, most of them finding nothing; it stays the
-        fallback for what the stream does not announce: runs that become due later (a retry's
-        delay, a schedule), an event lost with a reconnection."""
+        WIS2_WORKER_STREAM_POLL_SECONDS ago, and no run it found is left waiting for a free slot
+        (a run's end polls then: `_polled`). The poll every PREFECT_WORKER_QUERY_SECONDS cost
+        the server a request (and the pool's `last_polled` write) per second, most of them
+        finding nothing; it stays the fallback for what the stream does not announce: runs that
+        become due later (a retry's delay, a schedule), an event lost with a reconnection."""
         return (self._wakeup is not None and self._wakeup.connected.is_set()
                 and not self._more_waiting
                 and time.monotonic() - self._last_poll < self._stream_poll_seconds)

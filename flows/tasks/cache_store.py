@@ -26,14 +26,13 @@ from prefect import Task
 from prefect.context import get_run_context
 from prefect.filesystems import LocalFileSystem
 from prefect.results import ResultStore, get_result_store
-from pydantic import PrivateAttr
 
 from wis2.notification import Notification
 
 from .caching import publish_cache_key
 
 __all__ = ["MISSING", "CacheStore", "ResultsDirectory", "acknowledged", "path_in_base",
-           "publish_key"]
+           "publish_key", "resolve_as_text"]
 
 MISSING: Any = object()  # `CacheStore.lookup`: nothing cached under the key
 
@@ -74,7 +73,7 @@ class ResultsDirectory(LocalFileSystem):
 
     Prefect's `LocalFileSystem._resolve_path` resolves its base path and the key (two
     `realpath`s, a `stat` per path component) on every read and write, and `ResultStore.write`
-    calls it four times. Here the base path is resolved once; a key is joined to it and
+    calls it four times. Here the base path is resolved once per process; a key is joined to it and
     normalised as text, and refused, as Prefect refuses it, when that leaves the base path. The
     paths, records and their `storage_key`s are Prefect's (symbolic links inside the results
     directory are not followed: the chain makes none). Never saved as a block: it only stands
@@ -83,12 +82,22 @@ class ResultsDirectory(LocalFileSystem):
 
     _block_type_name = "WIS2 Results Directory"
     _block_type_slug = "wis2-results-directory"
-    _base: Path | None = PrivateAttr(default=None)
-
     def _resolve_path(self, path: str) -> Path:
-        if self._base is None:
-            self._base = Path(self.basepath or ".").expanduser().resolve()
-        return path_in_base(self._base, path)
+        return resolve_as_text(self, path)
+
+
+_BASES: dict[str, Path] = {}  # a LocalFileSystem's basepath: its realpath, resolved once
+
+
+def resolve_as_text(storage: LocalFileSystem, path: str | None) -> Path:
+    """Prefect's `LocalFileSystem._resolve_path` of `storage` without the file system: its base
+    path resolved once per process, `path` joined to it as text (`path_in_base`). The warm
+    worker makes it every `LocalFileSystem`'s (`worker.engine.results_paths_as_text`)."""
+    key = storage.basepath or "."
+    base = _BASES.get(key)
+    if base is None:
+        base = _BASES[key] = Path(key).expanduser().resolve()
+    return path_in_base(base, path)
 
 
 def path_in_base(base: Path, path: str | None) -> Path:
