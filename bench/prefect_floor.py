@@ -9,8 +9,9 @@ up to a second at its end). Each run is what any
 Prefect flow run costs: its creation, its Pending, Running and Completed states, its logs, and
 three events per task run that the server records. The parent counts the server's CPU seconds
 over the measured runs (and until its event queue has settled), less what the idle server spends
-in as long, and the runs' wall-clock times. Set against a chain run, it says how much of the
-chain's cost per run is Prefect's, whatever the worker does.
+in as long, and the runs' wall-clock times; the child counts its own CPU seconds over the same
+runs (Prefect's engine and its API client, in every thread of the process). Set against a chain
+run, it says how much of the chain's cost per run is Prefect's, whatever the worker does.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class PrefectFloorResult(BaseModel):
     run_seconds: LatencySummary  # wall clock of each run, in the child (its engine's whole run)
     server_cpu_seconds: float  # over the measured runs and the settling, less the idle rate's
     server_cpu_per_run: float
+    engine_cpu_per_run: float = 0.0  # the flow's own process (Prefect's engine, its client)
     idle_server_cpu_per_second: float
     error: str | None = None
 
@@ -76,7 +78,8 @@ def run_prefect_floor(env: dict[str, str], server_pids: Sequence[int], runs: int
         cpu = _cpu(server_pids) - cpu_before - idle_rate * (time.monotonic() - began)
         if child.returncode != 0:
             raise RuntimeError(f"exit {child.returncode}: {err.strip()[-500:]}")
-        seconds = json.loads(out.strip().splitlines()[-1])["run_seconds"]
+        measured = json.loads(out.strip().splitlines()[-1])
+        seconds, engine_cpu = measured["run_seconds"], measured["cpu_seconds"]
     except Exception as exc:
         child.kill()
         child.wait()
@@ -87,6 +90,7 @@ def run_prefect_floor(env: dict[str, str], server_pids: Sequence[int], runs: int
     return PrefectFloorResult(
         runs=len(seconds), tasks_per_run=tasks, run_seconds=summarize(seconds),
         server_cpu_seconds=round(cpu, 2), server_cpu_per_run=round(cpu / max(1, len(seconds)), 4),
+        engine_cpu_per_run=round(engine_cpu / max(1, len(seconds)), 4),
         idle_server_cpu_per_second=round(idle_rate, 4))
 
 
@@ -110,11 +114,13 @@ def _child(runs: int, tasks: int) -> None:
     print("ready", flush=True)
     sys.stdin.readline()
     seconds = []
+    cpu_before = time.process_time()  # every thread of the process: the engine's and its client's
     for _ in range(runs):
         began = time.perf_counter()
         bare(tasks)
         seconds.append(time.perf_counter() - began)
-    print(json.dumps({"run_seconds": seconds}), flush=True)
+    cpu = time.process_time() - cpu_before
+    print(json.dumps({"run_seconds": seconds, "cpu_seconds": cpu}), flush=True)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ can be missed.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import psutil
 from pydantic import BaseModel
@@ -162,3 +164,16 @@ def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.2)
             return True
         time.sleep(step)
     return predicate()
+
+
+def burst_cpu(usages: list[dict[str, Any]], events: int,
+              cores: int | None = None) -> dict[str, Any] | None:
+    """The CPU seconds every monitored process spent (`usages`, ProcessUsage dumps), per 1,000
+    of `events`, and the least time the machine's cores allow for that work: a phase that used
+    that CPU cannot have taken less, whatever its processes waited for."""
+    cores = cores or os.cpu_count() or 1
+    if not usages or not events:
+        return None
+    cpu = round(sum(u["cpu_seconds"] for u in usages), 1)
+    return {"cpu_seconds": cpu, "per_1000_events": round(cpu * 1000 / events, 1),
+            "cores": cores, "least_drain_seconds": round(cpu / cores, 1)}

@@ -163,6 +163,12 @@ def _profile(name: str, r: dict[str, Any]) -> list[str]:
         if runs.get("by_state"):
             states = ", ".join(f"{k} {v}" for k, v in runs["by_state"].items())
             out += [f"Burst flow runs by state at the end of the wait: {states}.", ""]
+        bound = r.get("burst_cpu")
+        if bound:
+            out += [f"The burst's CPU: {bound['cpu_seconds']} s in every process of the node and "
+                    f"the bench ({bound['per_1000_events']} s per 1,000 events); on "
+                    f"{bound['cores']} cores no drain can take less than "
+                    f"{bound['least_drain_seconds']} s.", ""]
     if "intake" in r:
         i = r["intake"]
         took = _f(i["intake_seconds"], 2) if i["completed"] else "not completed"
@@ -228,9 +234,11 @@ def _profile(name: str, r: dict[str, Any]) -> list[str]:
         else:
             rs = f["run_seconds"]
             out += _table(["runs", "run p50 s", "run p90 s", "run p99 s",
-                           "server CPU s per run", "idle server CPU s per s"],
+                           "server CPU s per run", "engine CPU s per run (the flow's process)",
+                           "idle server CPU s per s"],
                           [[f["runs"], rs["p50"], rs["p90"], rs["p99"],
-                            f["server_cpu_per_run"], f["idle_server_cpu_per_second"]]])
+                            f["server_cpu_per_run"], f.get("engine_cpu_per_run"),
+                            f["idle_server_cpu_per_second"]]])
     if isinstance(r.get("chain"), str):
         out += [f"Chain: {r['chain']}", ""]
     out += _requests(r)

@@ -58,7 +58,7 @@ from bench.machine import describe
 from bench.node import PROFILE_LISTENER_SETTINGS, BenchNode, ScaledBenchNode
 from bench.options import Options, parse_args
 from bench.prefect_floor import run_prefect_floor
-from bench.procmon import ProcessMonitor
+from bench.procmon import ProcessMonitor, burst_cpu
 from bench.report import markdown
 from bench.variants import Variant, result_key
 from chain.processes import free_port
@@ -315,6 +315,8 @@ def run_profile(profile: str, opts: Options, out_dir: Path,
                                         opts.drain_timeout, abort)
                 result["burst"] = burst.model_dump()
                 result["burst_processes"] = [u.model_dump() for u in mon.stop()]
+                result["burst_cpu"] = burst_cpu(result["burst_processes"],
+                                                burst.events_sent)
                 result["burst_runs"] = chain.flow_run_counts(
                     state, f"{tag}_burst_", settle=30 if burst.drained else 0,
                     requests=own).model_dump()

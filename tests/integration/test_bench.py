@@ -54,6 +54,7 @@ def test_tiny_bench_run(tmp_path: Path):
     assert prefect_floor["error"] is None, prefect_floor
     assert prefect_floor["runs"] == 3 and prefect_floor["tasks_per_run"] == 5
     assert prefect_floor["run_seconds"]["p50"] > 0 and prefect_floor["server_cpu_seconds"] != 0
+    assert prefect_floor["engine_cpu_per_run"] > 0  # the flow's own process
     assert "### Prefect's floor" in done.stdout
     steady, burst = run["steady"], run["burst"]
     assert steady["events_sent"] == 5
@@ -70,6 +71,11 @@ def test_tiny_bench_run(tmp_path: Path):
     assert run["burst_runs"]["events_covered"] == 5
     worker = next(u for u in run["burst_processes"] if u["name"] == "worker")
     assert worker["cpu_seconds"] > 0 and worker["peak_rss_mb"] > 0
+    every = run["burst_cpu"]  # every process's CPU in the burst, and what the cores allow
+    assert every["cpu_seconds"] >= sum(u["cpu_seconds"] for u in run["burst_processes"]) - 0.1
+    assert every["cores"] == results["machine"]["nproc"]
+    assert every["least_drain_seconds"] == round(every["cpu_seconds"] / every["cores"], 1)
+    assert "no drain can take less than" in done.stdout
     assert run["chain_config"] == {"worker": "warm", "worker_limit": 8, "batch_max_size": 50,
                                    "listener_settings": {}}
     intake = run["intake"]

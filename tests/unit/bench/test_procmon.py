@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from bench.procmon import tree_sample
+from bench.procmon import burst_cpu, tree_sample
 from bench.report import _processes
 
 
@@ -30,3 +30,12 @@ def test_the_report_gives_the_largest_one_process_of_each_tree() -> None:
     assert lines[4] == "| postgres | 2.00 | 500.00 | 21 | 140.50 |"
     older = {k: v for k, v in usage.items() if k != "peak_single_rss_mb"}  # earlier results
     assert _processes({"burst_processes": [older]})[4].endswith("| 21 | - |")
+
+
+def test_a_bursts_cpu_sums_every_process_and_gives_the_least_time_the_cores_allow() -> None:
+    usages = [{"name": "worker", "cpu_seconds": 7.5},
+              {"name": "prefect-server", "cpu_seconds": 9.0},
+              {"name": "mosquitto", "cpu_seconds": 1.9}]
+    assert burst_cpu(usages, 2000, cores=2) == {
+        "cpu_seconds": 18.4, "per_1000_events": 9.2, "cores": 2, "least_drain_seconds": 9.2}
+    assert burst_cpu([], 2000) is None and burst_cpu(usages, 0) is None
