@@ -28,6 +28,8 @@ from localnode.node import NodeState
 
 log = logging.getLogger(__name__)
 
+SLOWEST = 3  # runs of the tail shown beside the medians
+
 
 class Point(BaseModel):
     name: str
@@ -39,6 +41,8 @@ class Point(BaseModel):
 class Timeline(BaseModel):
     runs: int  # single-event runs of the phase read
     points: list[Point]  # in the order of their medians
+    # the runs whose notification arrived last (the latency's tail): each point's seconds
+    slowest: list[dict[str, float]] = []
     error: str | None = None
 
 
@@ -99,6 +103,12 @@ def steady_timeline(node: NodeState, phase_marker: str, events: Sequence[BenchEv
     except Exception as exc:  # reported, never fails the bench
         log.warning("cannot read the steady runs' timelines: %s", exc)
         return Timeline(runs=0, points=[], error=str(exc))
+    return summarize_runs(runs)
+
+
+def summarize_runs(runs: Sequence[Mapping[str, float]]) -> Timeline:
+    """The median and p90 of each point over `runs` (each a point's seconds after its event
+    was sent), and the `SLOWEST` runs by their notification's arrival."""
     by_point: dict[str, list[float]] = defaultdict(list)
     for points in runs:
         for name, value in points.items():
@@ -106,16 +116,27 @@ def steady_timeline(node: NodeState, phase_marker: str, events: Sequence[BenchEv
     summary = [Point(name=name, p50=round(statistics.median(values), 4),
                      p90=round(percentile(values, 90) or 0.0, 4), runs=len(values))
                for name, values in by_point.items()]
-    return Timeline(runs=len(runs), points=sorted(summary, key=lambda p: p.p50))
+    late = sorted((points for points in runs if "notification received" in points),
+                  key=lambda points: -points["notification received"])[:SLOWEST]
+    return Timeline(runs=len(runs), points=sorted(summary, key=lambda p: p.p50),
+                    slowest=[{k: round(v, 4) for k, v in points.items()} for points in late])
 
 
 def markdown(timeline: Mapping[str, Any]) -> list[str]:
     """The timeline as a table (each point's median and p90, seconds after the event was sent)."""
     if timeline.get("error"):
         return [f"- steady timeline: not read ({timeline['error']})"]
+    slowest = timeline.get("slowest") or []
     lines = [f"Steady phase, the timeline of {timeline['runs']} single-event runs (seconds after "
-             "the event was sent):", "", "| point | p50 | p90 | runs |",
-             "| --- | ---: | ---: | ---: |"]
-    lines += [f"| {p['name']} | {p['p50']:.3f} | {p['p90']:.3f} | {p['runs']} |"
-              for p in timeline["points"]]
+             "the event was sent; then the runs whose notification arrived last):", "",
+             "| point | p50 | p90 | runs |" + "".join(f" slowest {i + 1} |"
+                                                   for i in range(len(slowest))),
+             "| --- | ---: | ---: | ---: |" + " ---: |" * len(slowest)]
+    for p in timeline["points"]:
+        tail = "".join(f" {_at(run.get(p['name']))} |" for run in slowest)
+        lines.append(f"| {p['name']} | {p['p50']:.3f} | {p['p90']:.3f} | {p['runs']} |{tail}")
     return lines
+
+
+def _at(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.3f}"
