@@ -69,7 +69,8 @@ class Claim:
 
 
 def claim_key(data_id: str) -> int:
-    """A data_id as a signed 64-bit integer (PostgreSQL advisory lock key, lock file name)."""
+    """A data_id as a signed 64-bit integer (PostgreSQL advisory lock key; the byte a claim on
+    a SQLite ledger locks)."""
     return int.from_bytes(hashlib.sha256(data_id.encode("utf-8")).digest()[:8], "big",
                           signed=True)
 

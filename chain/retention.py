@@ -8,8 +8,8 @@ already announced, and under which id, is the publication ledger's to say (it is
 and a replayed event gets the same notification id again (a UUID derived from the event).
 
 - Results in files (`WIS2_RESULTS_DIR`): the result files (`wnm-build-*`, `wnm-published-*`,
-  top level only) older than `WIS2_RESULTS_RETENTION_DAYS` are deleted. The ledger, its claim
-  lock files and the copies of the metadata records in the same directory are not touched.
+  top level only) older than `WIS2_RESULTS_RETENTION_DAYS` are deleted. The ledger, its claims
+  file and the copies of the metadata records in the same directory are not touched.
 - Results in Redis (`WIS2_RESULTS_URL`): the result keys without an expiry get one of
   `WIS2_RESULTS_RETENTION_DAYS` (Redis stays `noeviction`: nothing vanishes before its time).
 

@@ -57,8 +57,8 @@ class ChainSettings(BaseSettings):
     )
     results_dir: Path = Field(
         default=Path.home() / ".wis2-chain" / "results",
-        description="Where cached task results, the SQLite publication ledger and its claim "
-        "lock files are persisted (one worker host)",
+        description="Where cached task results, the SQLite publication ledger and its claims "
+        "file (claims.lock) are persisted (one worker host)",
     )
     results_retention_days: float = Field(
         default=14.0, gt=0,
