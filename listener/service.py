@@ -103,11 +103,10 @@ class Listener:
             "api_concurrency": s.api_concurrency, "batch_runs_per_call": s.batch_runs_per_call,
             "batch_hold_waiting_runs": s.batch_hold_waiting_runs,
             "batch_hold_max": s.batch_hold_max})
-        if 1 < s.batch_max_size and s.max_in_flight < s.batch_max_size * s.concurrency:
-            log.warning("max_in_flight (MQTT Receive Maximum) is below batch_max_size x "
-                        "concurrency: batches cannot fill during bursts", extra={
-                            "max_in_flight": s.max_in_flight, "batch_max_size": s.batch_max_size,
-                            "concurrency": s.concurrency})
+        if 1 < s.batch_max_size and s.max_in_flight < s.batch_max_size:
+            log.warning("max_in_flight (MQTT Receive Maximum) is below batch_max_size: "
+                        "batches cannot fill during bursts", extra={
+                            "max_in_flight": s.max_in_flight, "batch_max_size": s.batch_max_size})
 
     async def run(self) -> int:
         s = self.settings

