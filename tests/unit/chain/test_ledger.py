@@ -144,19 +144,26 @@ def test_claims_of_different_files_never_wait_for_each_other(tmp_path: Path) -> 
     held = [f"wis2/x/held-{i}" for i in range(500)]
     others = [f"wis2/x/other-{i}" for i in range(500)]
     with SqliteLedger.in_dir(tmp_path).claim(held, timeout=1):
-        errors: list[BaseException] = []
+        assert claim_in_another_thread(SqliteLedger.in_dir(tmp_path), others, 0.5) == []
 
-        def other_batch() -> None:
-            try:
-                with SqliteLedger.in_dir(tmp_path).claim(others, timeout=0.5):
-                    pass
-            except BaseException as exc:
-                errors.append(exc)
 
-        thread = threading.Thread(target=other_batch)
-        thread.start()
-        thread.join(30)
-        assert errors == []
+def claim_in_another_thread(ledger: SqliteLedger, data_ids: list[str],
+                            timeout: float) -> list[BaseException]:
+    """Claim `data_ids` in a thread of its own (a claim never waits for its own thread's);
+    what the claim raised."""
+    errors: list[BaseException] = []
+
+    def claim() -> None:
+        try:
+            with ledger.claim(data_ids, timeout=timeout):
+                pass
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=claim)
+    thread.start()
+    thread.join(30)
+    return errors
 
 
 def _open_files() -> int:
@@ -173,19 +180,10 @@ def test_a_claim_holds_one_file_descriptor_whatever_its_size(tmp_path: Path) -> 
     before = _open_files()
     with ledger.claim(data_ids, timeout=1):
         assert _open_files() - before == 1
-        refused: list[BaseException] = []
-
-        def another_thread() -> None:  # each data_id still held, the last one too
-            try:
-                with ledger.claim(["wis2/x/file-1999"], timeout=0.1):
-                    pass
-            except ClaimTimeout as exc:
-                refused.append(exc)
-
-        thread = threading.Thread(target=another_thread)
-        thread.start()
-        thread.join(30)
-        assert len(refused) == 1 and "file-1999" in str(refused[0])
+        # each data_id still held, the last one too
+        refused = claim_in_another_thread(ledger, ["wis2/x/file-1999"], 0.1)
+        assert len(refused) == 1 and isinstance(refused[0], ClaimTimeout)
+        assert "file-1999" in str(refused[0])
     assert _open_files() == before
     assert sorted(p.name for p in tmp_path.iterdir() if "claim" in p.name) == ["claims.lock"]
     assert (tmp_path / "claims.lock").stat().st_size == 0
