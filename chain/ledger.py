@@ -332,9 +332,9 @@ class ByteLocks:
     (Linux open file description locks, `F_OFD_SETLK`): they exclude any other holder, another
     thread of this process as much as another process, and the kernel releases them all when
     the file is closed or the process dies (even SIGKILL). The file never grows (a lock may lie
-    past its end) and nothing is created or removed per lock: where the claims were lock files
-    (one descriptor per data_id held: batches of 200 on 8 slots took the worker past the 1,024
-    descriptors `select()`, and so paho-mqtt's loop, can watch; its broker connections broke)."""
+    past its end), nothing is created or removed per lock, and a claim of any size holds one
+    descriptor (a lock file per data_id took a worker running batches of 200 past the 1,024
+    descriptors that `select()`, and so paho-mqtt's loop, can watch)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
