@@ -23,9 +23,9 @@ import sys
 import time
 from collections.abc import Sequence
 
-import psutil
 from pydantic import BaseModel
 
+from bench.procmon import tree_sample
 from bench.stats import LatencySummary, summarize
 
 WARM_UP_RUNS = 3
@@ -44,14 +44,8 @@ class PrefectFloorResult(BaseModel):
 
 
 def _cpu(pids: Sequence[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            times = psutil.Process(pid).cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
+    """The CPU seconds of the processes `pids` (each alone, not its children) until now."""
+    return sum(tree_sample(pid, tree=False)[0] for pid in pids)
 
 
 def run_prefect_floor(env: dict[str, str], server_pids: Sequence[int], runs: int,
